@@ -1,0 +1,276 @@
+"""Typed, read-only experiment config: one YAML per experiment, `--set a.b=c` overrides on top.
+
+Unknown keys are errors naming the key's path (`train.bta: unknown key`), so a typo never silently
+falls back to a default. Each stage hashes only the sections that change its output, which is how a
+finished stage knows it can be skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key's path."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = ""  # JSONL / Parquet / datasets dir / hub name; local path or pyarrow filesystem URI
+    format: str = "auto"  # auto | standard | conversational | implicit_prompt | unpaired | scored
+    columns: dict[str, str] = field(default_factory=dict)  # our name -> the user's column name
+    chat_template: str | None = None  # Jinja template for tokenizers that have none
+    eval_fraction: float = 0.05  # held out by id hash, so the split is stable when rows are added
+    pairing: str = "best_vs_worst"  # how scored completions become pairs
+    min_score_gap: float = 0.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = ""  # hub id or directory: the policy starts here
+    ref_path: str | None = None  # the reference; None means the same weights as `path`
+    trust_remote_code: bool = False  # off unless the user turns it on: remote code runs on every worker
+    dtype: str = "float32"  # weights' dtype for scoring and sampling; training keeps fp32 master weights
+
+
+@dataclass(frozen=True)
+class TokenizeConfig:
+    max_prompt_length: int = 256  # prompts are cut from the left: the end of a prompt matters most
+    max_length: int = 512  # prompt + response; responses are cut to fit
+    strict: bool | list[str] = False  # True: any rejection is fatal; a list: those reasons are
+    batch_size: int = 512
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    num_actors: int = 1  # reference-model replicas in the Ray Data actor pool
+    batch_size: int = 16  # pairs per forward pass
+    use_gpu: bool = False
+    gpus_per_actor: float = 1.0  # a fraction packs several small reference models on one GPU
+    cpus_per_actor: float = 1.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    loss: str | dict[str, float] = "dpo"  # a name from pipeline.losses.LOSSES, or name -> weight
+    beta: float = 0.1  # DPO's KL strength: the paper's default
+    label_smoothing: float = 0.0
+    gamma: float = 0.5
+    alpha: float = 1.0
+    learning_rate: float = 5e-7
+    max_steps: int | None = None  # wins over epochs when set
+    epochs: int = 1
+    batch_size: int = 32  # pairs per optimizer step, over all workers
+    micro_batch_size: int = 8  # pairs per forward pass per worker; the rest is gradient accumulation
+    warmup_steps: int = 0
+    lr_schedule: str = "cosine"  # cosine | linear | constant, after warmup
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0  # keep below the node's CPUs: Ray Data needs slots to feed workers
+    torch_threads: int = 0  # 0: leave torch's default
+    logging_steps: int = 1
+    checkpoint_steps: int = 0  # 0: checkpoint only at the end
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    engine: str = "hf"  # hf | vllm | auto
+    num_prompts: int = 64  # held-out prompts sampled per model and temperature
+    samples_per_prompt: int = 1
+    temperatures: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    max_tokens: int = 64
+    top_p: float = 1.0
+    reward: str | None = None  # a task reward by name (e.g. "vader"), None where the task has none
+    judge: str = "vader"  # pairwise judge by name
+    bootstrap_samples: int = 2000
+    use_gpu: bool = False
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str | None = None  # None: the RAY_ADDRESS env var if set, else an embedded local Ray
+    num_cpus: int | None = None  # for the embedded local Ray only
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The built-in task (see pipeline/demo.py): makes data.path and model.path before the pipeline runs."""
+
+    enabled: bool = False
+    num_reviews: int = 4000  # SFT corpus for the reference model
+    vocab_size: int = 1024
+    n_layer: int = 2
+    n_embd: int = 128
+    n_head: int = 4
+    sft_steps: int = 400
+    sft_learning_rate: float = 3e-3
+    sft_batch_size: int = 32
+    num_prompts: int = 512  # prompts sampled from the SFT model to build preference pairs
+    samples_per_prompt: int = 4  # as in the paper's IMDb experiment
+    max_new_tokens: int = 40
+    min_reward_gap: float = 0.1
+
+
+@dataclass(frozen=True)
+class Config:
+    run_dir: str = "runs/default"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **sections: Any) -> "Config":
+        return dataclasses.replace(self, **sections)
+
+
+# Which sections decide each stage's output. A change anywhere here reruns the stage and what follows.
+STAGE_SECTIONS = {
+    "tokenize": ("data", "tokenize", "model.path", "model.trust_remote_code"),
+    "score": ("model",),
+    "train": ("model", "train"),
+    "evaluate": ("model", "evaluate"),
+}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML file (or start from defaults), apply `a.b=value` overrides, validate, freeze."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).read_text()
+        raw = yaml.safe_load(text) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form a.b=value")
+        _set_path(raw, key.strip().split("."), yaml.safe_load(value))
+    run_dir = str(raw.get("run_dir", Config.run_dir)).rstrip("/")
+    raw = _interpolate(raw, {"${run_dir}": run_dir})
+    return _build(Config, {**raw, "run_dir": run_dir}, prefix="")
+
+
+def _interpolate(node: Any, values: dict[str, str]) -> Any:
+    """Replace `${run_dir}` in string values, so paths inside a run follow --set run_dir=..."""
+    if isinstance(node, dict):
+        return {k: _interpolate(v, values) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_interpolate(v, values) for v in node]
+    if isinstance(node, str):
+        for key, value in values.items():
+            node = node.replace(key, value)
+    return node
+
+
+def _set_path(tree: dict, keys: list[str], value: Any) -> None:
+    for key in keys[:-1]:
+        node = tree.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {'.'.join(keys)}: {key} is not a section")
+        tree = node
+    tree[keys[-1]] = value
+
+
+def _build(cls, raw: Any, *, prefix: str):
+    where = prefix.rstrip(".") or "the config"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (known: {', '.join(sorted(names))})")
+    values = {}
+    for name in names & set(raw):
+        values[name] = _coerce(hints[name], raw[name], path=f"{prefix}{name}")
+    return cls(**values)
+
+
+def _coerce(hint, value, *, path: str):
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, prefix=f"{path}.")
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None:
+            if type(None) in options:
+                return None
+            raise ConfigError(f"{path}: must not be null")
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(option, value, path=path)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[-1] if len(errors) == 1 else f"{path}: {value!r} fits none of {hint}")
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [_coerce(item, v, path=f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        key_type, item = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return {_coerce(key_type, k, path=path): _coerce(item, v, path=f"{path}.{k}") for k, v in value.items()}
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported type {hint}")
+
+
+def section_hash(config: Config, keys: tuple[str, ...]) -> str:
+    """A stable hash of the named sections (or dotted fields) of the config."""
+    tree = config.to_dict()
+    picked = {}
+    for key in keys:
+        node: Any = tree
+        for part in key.split("."):
+            node = node[part]
+        picked[key] = node
+    blob = json.dumps(picked, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def stage_hash(config: Config, stage: str) -> str:
+    return section_hash(config, STAGE_SECTIONS[stage])
+
+
+def loss_names(config: Config) -> list[str]:
+    loss = config.train.loss
+    return [loss] if isinstance(loss, str) else list(loss)

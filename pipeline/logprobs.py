@@ -1,0 +1,90 @@
+"""The one function that turns a model and token ids into sequence log-probs.
+
+The score stage (reference model) and the train stage (policy) both call `pair_logps`, so at step 0,
+when policy == reference, every implicit reward is zero and the DPO loss is log 2. Any disagreement in
+tokenization, masking or shifting between stages shows up there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class PairBatch:
+    """Chosen and rejected sequences of B pairs stacked into one padded batch of 2B rows.
+
+    Rows [0, B) are prompt + chosen, rows [B, 2B) are prompt + rejected. Right padding.
+    """
+
+    input_ids: torch.Tensor  # (2B, T) long
+    attention_mask: torch.Tensor  # (2B, T) long
+    response_mask: torch.Tensor  # (2B, T) bool: True where the token belongs to the response
+
+    @property
+    def num_pairs(self) -> int:
+        return self.input_ids.shape[0] // 2
+
+    def to(self, device: str | torch.device) -> "PairBatch":
+        return PairBatch(*(t.to(device, non_blocking=True) for t in (self.input_ids, self.attention_mask, self.response_mask)))
+
+
+def collate_pairs(
+    prompt_ids: Sequence[Sequence[int]],
+    chosen_ids: Sequence[Sequence[int]],
+    rejected_ids: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+) -> PairBatch:
+    """Stack B pairs into one right-padded batch (see PairBatch)."""
+    prompts = [np.asarray(p, dtype=np.int64) for p in prompt_ids]
+    responses = [np.asarray(r, dtype=np.int64) for r in list(chosen_ids) + list(rejected_ids)]
+    prompts = prompts + prompts
+    width = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    n = len(responses)
+    input_ids = np.full((n, width), pad_id, dtype=np.int64)
+    attention = np.zeros((n, width), dtype=np.int64)
+    response = np.zeros((n, width), dtype=bool)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        input_ids[i, : len(p)] = p
+        input_ids[i, len(p) : len(p) + len(r)] = r
+        attention[i, : len(p) + len(r)] = 1
+        response[i, len(p) : len(p) + len(r)] = True
+    return PairBatch(torch.from_numpy(input_ids), torch.from_numpy(attention), torch.from_numpy(response))
+
+
+def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """log pi(token_t | tokens_<t) for t >= 1, in float32.
+
+    logits: (N, T, V) from the model on input_ids (N, T). Returns (N, T - 1): entry t - 1 is the
+    log-prob of input_ids[:, t]. Computed as gathered logit minus logsumexp, which never builds a
+    float32 (N, T, V) log-softmax tensor beside the logits.
+    """
+    logits = logits[:, :-1]
+    targets = input_ids[:, 1:]
+    picked = torch.gather(logits, 2, targets.unsqueeze(-1)).squeeze(-1).float()
+    return picked - torch.logsumexp(logits.float(), dim=-1)
+
+
+def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor):
+    """Sum of response-token log-probs per row, and the number of response tokens.
+
+    Prompt tokens are masked out; the first response token is scored from the last prompt position
+    (the shift by one). Returns (logps (N,) float32, counts (N,) long).
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (N, T, V)
+    per_token = token_logps(logits, input_ids)  # (N, T-1)
+    mask = response_mask[:, 1:]
+    logps = (per_token * mask).sum(-1)
+    return logps, mask.sum(-1)
+
+
+def pair_logps(model, batch: PairBatch):
+    """Sequence log-probs of chosen and rejected responses: (chosen (B,), rejected (B,), chosen_len, rejected_len)."""
+    logps, counts = sequence_logps(model, batch.input_ids, batch.attention_mask, batch.response_mask)
+    b = batch.num_pairs
+    return logps[:b], logps[b:], counts[:b], counts[b:]

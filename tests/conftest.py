@@ -1,0 +1,43 @@
+"""Shared fixtures: a tiny tokenizer and GPT-2 built offline, saved as a Hugging Face directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+CORPUS = [
+    "the movie was great and the acting was wonderful",
+    "the movie was terrible and the plot was boring",
+    "a truly delightful film with a lovely cast",
+    "an awful, dull film that I hated",
+    "not bad at all, quite good really",
+    "the ending was sad but beautiful",
+]
+
+
+def make_tiny_model_dir(path: Path, *, seed: int = 0) -> Path:
+    from pipeline.modeling import TinyShape, build_tiny_model, save_pretrained, train_tokenizer
+
+    tokenizer = train_tokenizer(CORPUS * 20, vocab_size=300)
+    model = build_tiny_model(tokenizer, TinyShape(n_layer=2, n_embd=64, n_head=2, n_positions=128), seed=seed)
+    save_pretrained(model, tokenizer, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny_model"))
+
+
+def write_pairs(path: Path, n: int, *, seed: int = 0) -> Path:
+    """n distinct preference pairs as JSONL, made from the corpus."""
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            a, b = rng.sample(CORPUS, 2)
+            f.write(json.dumps({"prompt": f"review {i}:", "chosen": " " + a, "rejected": " " + b}) + "\n")
+    return path
