@@ -1,0 +1,345 @@
+"""The engine contract, checked against the model itself: a hand-written greedy loop and a teacher-forced pass.
+
+Every engine importable here runs the same suite (vLLM only where it is installed and CUDA exists).
+The checkpoint is a tiny GPT-2 trained for a few seconds on a handful of sentences, enough for greedy
+decoding to reproduce them and stop at EOS.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pytest
+import torch
+
+from pipeline.engines import (
+    Completion,
+    Engine,
+    HFEngine,
+    SamplingParams,
+    make_engine,
+    prompt_stream_keys,
+    sample_from_uniforms,
+    stream_seed,
+)
+from pipeline.logprobs import token_logps
+from pipeline.modeling import TinyShape, build_tiny_model, load_model, load_tokenizer, save_pretrained, train_tokenizer
+
+pytestmark = pytest.mark.unit
+
+SENTENCES = [
+    "the cat sat on the mat.",
+    "a dog ran in the park.",
+    "birds sing in the morning.",
+    "the sun is warm today.",
+]
+HAS_VLLM = importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+ENGINE_KINDS = [
+    "hf",
+    pytest.param("vllm", marks=pytest.mark.skipif(not HAS_VLLM, reason="vllm not installed or no CUDA device")),
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine they lose a lot."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    """A tiny GPT-2 trained until greedy decoding reproduces SENTENCES, each followed by EOS."""
+    tokenizer = train_tokenizer(SENTENCES * 20, vocab_size=300)
+    model = build_tiny_model(tokenizer, TinyShape(n_layer=2, n_embd=64, n_head=2, n_positions=128), seed=0)
+    rows = [tokenizer(s)["input_ids"] + [tokenizer.eos_token_id] for s in SENTENCES]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+    labels = torch.full((len(rows), width), -100)
+    for i, r in enumerate(rows):
+        input_ids[i, : len(r)] = torch.tensor(r)
+        labels[i, : len(r)] = torch.tensor(r)
+    attention_mask = (labels != -100).long()
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(100):
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.5, f"tiny model did not fit its sentences (loss {loss.item():.3f})"
+    path = tmp_path_factory.mktemp("tiny_engine_model")
+    save_pretrained(model, tokenizer, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(checkpoint):
+    return load_tokenizer(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def reference_model(checkpoint):
+    return load_model(checkpoint).eval()
+
+
+@pytest.fixture(scope="module", params=ENGINE_KINDS)
+def engine(request, checkpoint):
+    kwargs = {"dtype": "float32"}
+    if request.param == "vllm":
+        kwargs.update(gpu_memory_utilization=0.3, enforce_eager=True)
+    else:
+        kwargs.update(device="cpu", batch_size=4)
+    eng = make_engine(request.param, checkpoint, **kwargs)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer) -> list[list[int]]:
+    """Prompts of different lengths, all cut from the training sentences."""
+    return [tokenizer(t)["input_ids"] for t in ("the cat", "a dog ran in", "birds", "the sun is warm")]
+
+
+def greedy_reference(model, prompt: list[int], *, max_tokens: int, eos_id: int) -> list[int]:
+    """Greedy decoding by hand: argmax of a full forward pass, one token at a time, no cache, no padding."""
+    ids = list(prompt)
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            next_id = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+            out.append(next_id)
+            ids.append(next_id)
+            if next_id == eos_id:
+                break
+    return out
+
+
+def teacher_forced_logps(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
+    """Raw-model log-prob of each completion token given everything before it (one forward pass)."""
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        per_token = token_logps(model(input_ids=ids).logits, ids)[0]  # (T - 1,)
+    return per_token[len(prompt) - 1 :]
+
+
+def assert_same_samples(a: list[list[Completion]], b: list[list[Completion]]) -> None:
+    """Same tokens, text and finish reasons; log-probs equal up to the float noise of another batch shape."""
+    assert [[(c.token_ids, c.text, c.finish_reason) for c in s] for s in a] == [[(c.token_ids, c.text, c.finish_reason) for c in s] for s in b]
+    for sa, sb in zip(a, b):
+        for ca, cb in zip(sa, sb):
+            torch.testing.assert_close(torch.tensor(ca.logprobs), torch.tensor(cb.logprobs), atol=1e-5, rtol=0)
+
+
+def test_engine_satisfies_protocol(engine):
+    assert isinstance(engine, Engine)
+    assert engine.name in ("hf", "vllm")
+
+
+def test_schema(engine, prompts, tokenizer):
+    params = SamplingParams(n=3, temperature=1.0, max_tokens=12, seed=0)
+    out = engine.generate(prompts, params)
+    assert len(out) == len(prompts)
+    eos = tokenizer.eos_token_id
+    for samples in out:
+        assert len(samples) == 3
+        for c in samples:
+            assert isinstance(c, Completion)
+            assert len(c.token_ids) == len(c.logprobs) >= 1
+            assert all(isinstance(t, int) for t in c.token_ids)
+            assert all(lp <= 0.0 and math.isfinite(lp) for lp in c.logprobs)
+            assert c.finish_reason in ("stop", "length")
+            if c.finish_reason == "stop":
+                assert c.token_ids[-1] == eos and eos not in c.token_ids[:-1]
+            else:
+                assert len(c.token_ids) == 12 and eos not in c.token_ids
+            assert c.text == tokenizer.decode(c.token_ids, skip_special_tokens=True)
+
+
+def test_empty_prompt_list(engine):
+    assert engine.generate([], SamplingParams()) == []
+
+
+def test_same_seed_reproduces(engine, prompts):
+    params = SamplingParams(n=4, temperature=1.0, top_p=0.95, max_tokens=16, seed=7)
+    first = engine.generate(prompts, params)
+    second = engine.generate(prompts, params)
+    assert first == second
+
+
+def test_different_seeds_differ(engine, prompts):
+    # A high temperature flattens the tiny model's confident distribution so samples really vary.
+    tokens = lambda seed: [[c.token_ids for c in s] for s in engine.generate(prompts, SamplingParams(n=4, temperature=2.0, max_tokens=16, seed=seed))]
+    a, b = tokens(0), tokens(1)
+    assert a != b
+    # The n samples of one prompt are distinct draws, not copies.
+    assert any(len({tuple(t) for t in samples}) > 1 for samples in a)
+
+
+def test_greedy_matches_hand_written_argmax_loop(engine, prompts, reference_model, tokenizer):
+    out = engine.generate(prompts, SamplingParams(n=2, temperature=0.0, max_tokens=20))
+    for prompt, samples in zip(prompts, out):
+        expected = greedy_reference(reference_model, prompt, max_tokens=20, eos_id=tokenizer.eos_token_id)
+        assert samples[0].token_ids == expected
+        assert samples[1] == samples[0]  # greedy: n identical copies
+
+
+@pytest.mark.parametrize("temperature, top_p", [(0.0, 1.0), (0.7, 0.9), (1.5, 1.0)])
+def test_logprobs_are_raw_model_logprobs(engine, prompts, reference_model, temperature, top_p):
+    """What the KL estimate relies on: log-probs at temperature 1, whatever temperature sampled them."""
+    out = engine.generate(prompts, SamplingParams(n=2, temperature=temperature, top_p=top_p, max_tokens=16, seed=3))
+    for prompt, samples in zip(prompts, out):
+        for c in samples:
+            expected = teacher_forced_logps(reference_model, prompt, c.token_ids)
+            torch.testing.assert_close(torch.tensor(c.logprobs), expected, atol=1e-4, rtol=0)
+
+
+def test_max_tokens_gives_length(engine, prompts):
+    out = engine.generate(prompts, SamplingParams(n=2, temperature=0.0, max_tokens=2))
+    for samples in out:
+        for c in samples:
+            assert len(c.token_ids) == 2 and c.finish_reason == "length"
+
+
+def test_eos_included_once_when_model_stops(engine, tokenizer):
+    eos = tokenizer.eos_token_id
+    prompt = tokenizer("the cat sat on")["input_ids"]
+    [[c]] = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=30))
+    assert c.finish_reason == "stop"
+    assert c.token_ids[-1] == eos and c.token_ids.count(eos) == 1
+    assert len(c.logprobs) == len(c.token_ids)
+    assert c.text == " the mat."  # what it was trained on, EOS not in the text
+
+
+def test_batched_greedy_equals_one_prompt_at_a_time(engine, prompts):
+    params = SamplingParams(temperature=0.0, max_tokens=20)
+    together = engine.generate(prompts, params)
+    assert_same_samples(together, [engine.generate([p], params)[0] for p in prompts])
+
+
+# --- HF-specific guarantees --------------------------------------------------------------------
+
+
+def test_hf_samples_do_not_depend_on_batch_size(checkpoint, prompts):
+    params = SamplingParams(n=3, temperature=1.0, top_p=0.9, max_tokens=16, seed=11)
+    one = HFEngine(checkpoint, batch_size=1)
+    many = HFEngine(checkpoint, batch_size=64)
+    try:
+        a, b = one.generate(prompts, params), many.generate(prompts, params)
+    finally:
+        one.close()
+        many.close()
+    assert_same_samples(a, b)
+
+
+def test_hf_samples_do_not_depend_on_neighbours_position_or_call(checkpoint, prompts):
+    params = SamplingParams(n=2, temperature=1.5, max_tokens=16, seed=5)
+    engine = HFEngine(checkpoint, batch_size=3)
+    try:
+        together = engine.generate(prompts, params)
+        reversed_ = engine.generate(prompts[::-1], params)[::-1]
+        alone = [engine.generate([p], params)[0] for p in prompts]
+        repeated = engine.generate([prompts[0]] * 3, SamplingParams(n=1, temperature=2.0, max_tokens=16, seed=5))
+    finally:
+        engine.close()
+    assert_same_samples(together, reversed_)
+    assert_same_samples(together, alone)
+    # Repeats of one prompt in a call are independent draws, not copies.
+    assert len({tuple(s[0].token_ids) for s in repeated}) > 1
+
+
+def test_hf_rejects_prompt_longer_than_context(checkpoint):
+    engine = HFEngine(checkpoint)
+    try:
+        with pytest.raises(ValueError, match="positions"):
+            engine.generate([[1] * 120], SamplingParams(max_tokens=16))
+        with pytest.raises(ValueError, match="empty"):
+            engine.generate([[]], SamplingParams())
+    finally:
+        engine.close()
+
+
+# --- pure pieces -----------------------------------------------------------------------------------
+
+
+def test_sample_from_uniforms_inverts_the_nucleus_cdf():
+    # probs (0.5, 0.3, 0.2, 0.0); top_p = 0.6 keeps {0, 1}: renormalised (0.625, 0.375), cdf (0.625, 1.0).
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2, 1e-30]])).repeat(4, 1)
+    uniforms = torch.tensor([0.0, 0.62, 0.63, 0.999])
+    tokens = sample_from_uniforms(logits, uniforms, temperature=1.0, top_p=0.6)
+    assert tokens.tolist() == [0, 0, 1, 1]
+    # Without top-p: cdf (0.5, 0.8, 1.0); temperature 1 leaves it alone.
+    tokens = sample_from_uniforms(logits, torch.tensor([0.49, 0.51, 0.79, 0.81]), temperature=1.0, top_p=1.0)
+    assert tokens.tolist() == [0, 1, 1, 2]
+
+
+def test_sample_from_uniforms_never_picks_zero_probability_tokens():
+    logits = torch.tensor([[float("-inf"), 0.0, float("-inf")]]).repeat(3, 1)
+    tokens = sample_from_uniforms(logits, torch.tensor([0.0, 0.5, 1.0 - 2**-53]), temperature=0.3, top_p=0.5)
+    assert tokens.tolist() == [1, 1, 1]
+
+
+def test_sample_from_uniforms_matches_the_distribution():
+    torch.manual_seed(0)
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    draws = sample_from_uniforms(logits.repeat(20000, 1), torch.rand(20000, dtype=torch.float64), temperature=0.5, top_p=1.0)
+    expected = torch.softmax(logits[0] / 0.5, dim=-1)
+    observed = torch.bincount(draws, minlength=4).double() / 20000
+    torch.testing.assert_close(observed, expected.double(), atol=0.01, rtol=0)
+
+
+def test_stream_seed_is_stable_and_keyed():
+    assert stream_seed(0, 1, 2) == stream_seed(0, 1, 2)
+    assert len({stream_seed(0, 1, 2), stream_seed(0, 2, 1), stream_seed(1, 1, 2), stream_seed(0, 1)}) == 4
+    assert 0 <= stream_seed(2**40, 2**64 - 1, 99) < 2**63
+
+
+def test_prompt_stream_keys_follow_content_and_count_repeats():
+    keys = prompt_stream_keys([[1, 2], [3], [1, 2], (1, 2)])
+    assert keys[0][1] == 0 and keys[2][1] == 1 and keys[3][1] == 2  # repeats counted, list or tuple alike
+    assert keys[0][0] == keys[2][0] != keys[1][0]
+    assert prompt_stream_keys([[3]]) == [keys[1]]  # position in the call does not matter
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"n": 0}, "n must"), ({"temperature": -1.0}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"max_tokens": 0}, "max_tokens"), ({"seed": -1}, "seed")],
+)
+def test_sampling_params_validate(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)
+
+
+def test_make_engine_kinds(checkpoint):
+    with pytest.raises(ValueError, match="unknown engine kind"):
+        make_engine("tgi", checkpoint)
+    if importlib.util.find_spec("vllm") is None:
+        with pytest.raises(ImportError, match="vllm"):
+            make_engine("vllm", checkpoint)
+    if not HAS_VLLM:
+        engine = make_engine("auto", checkpoint)
+        try:
+            assert isinstance(engine, HFEngine)
+        finally:
+            engine.close()
+
+
+def test_hf_engine_ignores_checkpoint_sampling_defaults(checkpoint, prompts, reference_model, tokenizer, tmp_path):
+    """A generation_config.json asking for penalties must not change what the engine decodes."""
+    from transformers import GenerationConfig
+
+    import shutil
+
+    shutil.copytree(checkpoint, tmp_path / "ckpt")
+    GenerationConfig(repetition_penalty=5.0, no_repeat_ngram_size=1, eos_token_id=tokenizer.eos_token_id).save_pretrained(tmp_path / "ckpt")
+    engine = HFEngine(str(tmp_path / "ckpt"))
+    try:
+        out = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=20))
+    finally:
+        engine.close()
+    for prompt, [c] in zip(prompts, out):
+        assert c.token_ids == greedy_reference(reference_model, prompt, max_tokens=20, eos_id=tokenizer.eos_token_id)
