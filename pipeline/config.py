@@ -165,9 +165,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form a.b=value")
         _set_path(raw, key.strip().split("."), yaml.safe_load(value))
-    run_dir = str(raw.get("run_dir", Config.run_dir)).rstrip("/")
+    run_dir = _absolute(str(raw.get("run_dir", Config.run_dir)).rstrip("/"))
     raw = _interpolate(raw, {"${run_dir}": run_dir})
-    return _build(Config, {**raw, "run_dir": run_dir}, prefix="")
+    config = _build(Config, {**raw, "run_dir": run_dir}, prefix="")
+    # Ray workers do not share the driver's working directory: local paths must be absolute.
+    model = config.model
+    return config.replace(
+        data=dataclasses.replace(config.data, path=_absolute(config.data.path, must_exist=True)),
+        model=dataclasses.replace(
+            model,
+            path=_absolute(model.path, must_exist=True),
+            ref_path=model.ref_path and _absolute(model.ref_path, must_exist=True),
+        ),
+    )
+
+
+def _absolute(path: str, *, must_exist: bool = False) -> str:
+    """An absolute local path; URIs and hub ids (which do not exist locally) are left alone."""
+    if not path or "://" in path or (must_exist and not Path(path).exists()):
+        return path
+    return str(Path(path).absolute())
 
 
 def _interpolate(node: Any, values: dict[str, str]) -> Any:

@@ -33,17 +33,12 @@ class PairBatch:
         return PairBatch(*(t.to(device, non_blocking=True) for t in (self.input_ids, self.attention_mask, self.response_mask)))
 
 
-def collate_pairs(
-    prompt_ids: Sequence[Sequence[int]],
-    chosen_ids: Sequence[Sequence[int]],
-    rejected_ids: Sequence[Sequence[int]],
-    *,
-    pad_id: int,
-) -> PairBatch:
-    """Stack B pairs into one right-padded batch (see PairBatch)."""
+def collate_sequences(
+    prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], *, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (input_ids, attention_mask, response_mask) for N prompt + response sequences, each (N, T)."""
     prompts = [np.asarray(p, dtype=np.int64) for p in prompt_ids]
-    responses = [np.asarray(r, dtype=np.int64) for r in list(chosen_ids) + list(rejected_ids)]
-    prompts = prompts + prompts
+    responses = [np.asarray(r, dtype=np.int64) for r in response_ids]
     width = max(len(p) + len(r) for p, r in zip(prompts, responses))
     n = len(responses)
     input_ids = np.full((n, width), pad_id, dtype=np.int64)
@@ -54,7 +49,19 @@ def collate_pairs(
         input_ids[i, len(p) : len(p) + len(r)] = r
         attention[i, : len(p) + len(r)] = 1
         response[i, len(p) : len(p) + len(r)] = True
-    return PairBatch(torch.from_numpy(input_ids), torch.from_numpy(attention), torch.from_numpy(response))
+    return torch.from_numpy(input_ids), torch.from_numpy(attention), torch.from_numpy(response)
+
+
+def collate_pairs(
+    prompt_ids: Sequence[Sequence[int]],
+    chosen_ids: Sequence[Sequence[int]],
+    rejected_ids: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+) -> PairBatch:
+    """Stack B pairs into one right-padded batch (see PairBatch)."""
+    prompts = list(prompt_ids)
+    return PairBatch(*collate_sequences(prompts + prompts, list(chosen_ids) + list(rejected_ids), pad_id=pad_id))
 
 
 def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:

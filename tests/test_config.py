@@ -43,7 +43,7 @@ def test_overrides_and_interpolation(tmp_path):
     path.write_text("run_dir: runs/a\ndata:\n  path: ${run_dir}/pairs.jsonl\ntrain:\n  beta: 0.1\n")
     config = load_config(path, ["train.beta=0.5", "run_dir=runs/b", "train.loss={dpo: 1.0, sft: 0.1}"])
     assert config.train.beta == 0.5
-    assert config.data.path == "runs/b/pairs.jsonl"
+    assert config.data.path == str(Path("runs/b/pairs.jsonl").absolute())  # workers have another cwd
     assert config.train.loss == {"dpo": 1.0, "sft": 0.1}
 
 

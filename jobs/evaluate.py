@@ -1,0 +1,15 @@
+"""Run the evaluate stage: `ray job submit --working-dir . -- python jobs/evaluate.py --config X`.
+
+Under `ray job submit`, RAY_ADDRESS points at the cluster and the stage runs there; run directly,
+it starts an embedded local Ray.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pipeline.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["evaluate", *sys.argv[1:]]))

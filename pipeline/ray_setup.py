@@ -1,0 +1,37 @@
+"""Connecting to Ray: a cluster when one is named, an embedded local Ray otherwise."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from pipeline.config import RayConfig
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(config: RayConfig) -> None:
+    """Join the cluster in `config.address` or RAY_ADDRESS; else start a local Ray with `num_cpus`.
+
+    Under `ray job submit` RAY_ADDRESS is set, so the same command runs on a laptop and on a cluster.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = config.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=config.num_cpus, log_to_driver=True)
+    _quiet_ray_data()
+    log.info("Ray resources: %s", ray.cluster_resources())
+
+
+def _quiet_ray_data() -> None:
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # shards and training order are deterministic
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False

@@ -1,0 +1,39 @@
+"""The sampler: a Ray actor that owns an inference engine (vLLM on GPUs, transformers otherwise).
+
+The actor keeps the model loaded across calls, so one actor serves every temperature of a model.
+Engines live in pipeline.engines and are imported inside the actor, so the driver never loads them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class Sampler:
+    """Actor body: `generate` returns, per prompt, n completions as plain dicts (text, token_ids, logprobs)."""
+
+    def __init__(self, kind: str, model_path: str, *, use_gpu: bool, dtype: str, trust_remote_code: bool):
+        from pipeline.engines import make_engine
+
+        self.engine = make_engine(
+            kind, model_path, device="cuda" if use_gpu else "cpu", dtype=dtype, trust_remote_code=trust_remote_code
+        )
+
+    def engine_name(self) -> str:
+        return self.engine.name
+
+    def generate(self, prompt_ids: Sequence[Sequence[int]], params: dict) -> list[list[dict]]:
+        from dataclasses import asdict
+
+        from pipeline.engines import SamplingParams
+
+        results = self.engine.generate(prompt_ids, SamplingParams(**params))
+        return [[asdict(c) for c in completions] for completions in results]
+
+
+def start_sampler(kind: str, model_path: str, *, use_gpu: bool = False, dtype: str = "float32", trust_remote_code: bool = False):
+    """Start a sampler actor holding `model_path`; kill it with ray.kill when done to free its GPU."""
+    import ray
+
+    actor_class = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(Sampler)
+    return actor_class.remote(kind, model_path, use_gpu=use_gpu, dtype=dtype, trust_remote_code=trust_remote_code)

@@ -1,0 +1,159 @@
+"""Stage tests on a local Ray with a tiny model: row accounting, skip on rerun, --force, crash safety,
+and the step-0 invariant (policy == reference gives zero rewards and a loss of log 2)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from pipeline import evaluate, score, tokenize, train
+from pipeline.config import load_config
+from pipeline.storage import RunDir, read_parquet_dir
+from tests.conftest import write_pairs
+
+pytestmark = pytest.mark.stage
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    from pipeline.config import RayConfig
+    from pipeline.ray_setup import init_ray
+
+    init_ray(RayConfig(num_cpus=2))
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory, tiny_model_dir, ray_local):
+    root = tmp_path_factory.mktemp("stages")
+    data = write_pairs(root / "pairs.jsonl", 60)
+    with open(data, "a") as f:  # rows the stage must account for, not lose
+        f.write("{not json\n")
+        f.write(json.dumps({"prompt": "p", "chosen": " same", "rejected": " same"}) + "\n")
+        f.write(json.dumps({"prompt": "review 0:", "chosen": "x"}) + "\n")
+    overrides = [
+        f"run_dir={root / 'run'}",
+        f"data.path={data}",
+        f"model.path={tiny_model_dir}",
+        "data.eval_fraction=0.25",
+        "tokenize.max_prompt_length=16",
+        "tokenize.max_length=64",
+        "score.batch_size=8",
+        "train.learning_rate=0.0",  # policy stays equal to the reference: the step-0 invariant
+        "train.max_steps=2",
+        "train.batch_size=8",
+        "train.micro_batch_size=4",
+        "train.cpus_per_worker=0.5",
+        "evaluate.num_prompts=4",
+        "evaluate.temperatures=[0.0, 1.0]",
+        "evaluate.max_tokens=6",
+        "evaluate.reward=vader",
+        "evaluate.bootstrap_samples=100",
+    ]
+    return load_config(None, overrides)
+
+
+@pytest.fixture(scope="module")
+def finished(config):
+    """Run the four stages once; the tests below read what they wrote."""
+    return {
+        "tokenize": tokenize.run(config),
+        "score": score.run(config),
+        "train": train.run(config),
+        "evaluate": evaluate.run(config),
+    }
+
+
+def test_every_row_is_accounted_for(finished):
+    tok = finished["tokenize"]
+    assert tok["rows_in"] == 63
+    assert tok["rows_in"] == tok["rows_out"] + sum(tok["dropped"].values())
+    assert tok["dropped"] == {"identical_responses": 1, "malformed_json": 1, "missing_field": 1}
+    assert tok["rows_train"] + tok["rows_eval"] == tok["rows_out"] == 60
+
+
+def test_rejected_rows_are_kept_with_source_and_reason(finished, config):
+    lines = RunDir(config.run_dir).read_text("tokenize/rejected.jsonl").splitlines()
+    rejected = [json.loads(line) for line in lines]
+    assert sorted(r["reason"] for r in rejected) == ["identical_responses", "malformed_json", "missing_field"]
+    assert all(r["source"].endswith((":61", ":62", ":63")) for r in rejected)
+
+
+def test_rows_survive_scoring(finished, config):
+    run_dir = RunDir(config.run_dir)
+    assert finished["score"]["rows_train"] == finished["tokenize"]["rows_train"]
+    assert finished["score"]["rows_eval"] == finished["tokenize"]["rows_eval"]
+    scored = read_parquet_dir(run_dir, "score/train")
+    tokenized = read_parquet_dir(run_dir, "tokenize/train")
+    assert scored["id"].to_pylist() == tokenized["id"].to_pylist()
+    assert all(v < 0 for v in scored["ref_chosen_logp"].to_pylist())
+
+
+def test_policy_equal_to_reference_gives_log2_and_zero_rewards(finished, config):
+    """Tokenizer, masking, scorer and trainer agree: at lr 0 every implicit reward is 0."""
+    lines = RunDir(config.run_dir).read_text("train/metrics.jsonl").splitlines()
+    metrics = [json.loads(line) for line in lines]
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert abs(m["loss"] - math.log(2)) < 1e-5
+        for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+            assert abs(m[key]) < 1e-5
+        assert m["logps/chosen"] < 0 and m["grad_norm"] > 0 and m["tokens_per_s"] > 0
+
+
+def test_final_policy_loads_with_transformers(finished, config):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(RunDir(config.run_dir).path("train", "final"))
+    assert model.config.n_layer == 2
+
+
+def test_summary_has_a_row_per_model_and_temperature(finished, config):
+    summary = RunDir(config.run_dir).read_json("evaluate/summary.json")
+    keys = {"model", "temperature", "n", "reward_mean", "kl_mean", "win_rate", "win_rate_ci_low", "win_rate_ci_high"}
+    assert {(r["model"], r["temperature"]) for r in summary["rows"]} == {
+        ("policy", 0.0), ("policy", 1.0), ("reference", 0.0), ("reference", 1.0)
+    }
+    for row in summary["rows"]:
+        assert keys <= set(row)
+        # Policy == reference here, so KL estimates are zero up to float noise.
+        assert abs(row["kl_mean"]) < 1e-3
+    for name in ("report.md", "reward_vs_kl.png", "training_curves.png", "win_rate_vs_temperature.png"):
+        assert RunDir(config.run_dir).exists("evaluate", name)
+
+
+def test_rerun_skips_finished_stages(finished, config):
+    again = tokenize.run(config), score.run(config), train.run(config), evaluate.run(config)
+    for stage, manifest in zip(("tokenize", "score", "train", "evaluate"), again):
+        assert manifest["manifest_hash"] == finished[stage]["manifest_hash"], stage
+
+
+def test_force_redoes_a_stage(finished, config):
+    redone = tokenize.run(config, force=True)
+    assert redone["manifest_hash"] != finished["tokenize"]["manifest_hash"]  # a new attempt, new timestamp
+    assert redone["rows_out"] == finished["tokenize"]["rows_out"]
+    # Shards are deterministic: the same input gives the same pairs in the same order.
+    ids = read_parquet_dir(RunDir(config.run_dir), "tokenize/train")["id"].to_pylist()
+    assert ids == sorted(ids)
+    # The score stage's upstream changed, so it is no longer finished.
+    run_dir = RunDir(config.run_dir)
+    assert not run_dir.is_finished("score", config_hash=finished["score"]["config_hash"], upstream_hash=redone["manifest_hash"])
+
+
+def test_a_stage_killed_before_commit_is_redone(finished, config):
+    run_dir = RunDir(config.run_dir)
+    tokenize.run(config)
+    before = score.run(config)
+    # An attempt that dies midway: it has removed the old manifest and written half its shards.
+    attempt = run_dir.begin("score")
+    attempt.write_text("train/part-00000.parquet", "half a file")
+    assert run_dir.manifest("score") is None
+    assert not run_dir.is_finished("score", config_hash=before["config_hash"], upstream_hash=before["upstream_hash"])
+    after = score.run(config)
+    assert after["rows_train"] == before["rows_train"]
+    assert read_parquet_dir(run_dir, "score/train").num_rows == before["rows_train"]
