@@ -156,6 +156,9 @@ class StageWriter:
         if self.run.exists(self.stage):
             fs.delete_dir(final)
         _move_dir(fs, self.path(), final)
+        staging_root = self.run.path(".staging")
+        if not fs.get_file_info(pafs.FileSelector(staging_root, allow_not_found=True)):
+            fs.delete_dir(staging_root)  # nothing else in flight: leave no empty folder behind
         manifest = {
             "stage": self.stage,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

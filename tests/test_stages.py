@@ -36,6 +36,8 @@ def config(tmp_path_factory, tiny_model_dir, ray_local):
         f.write("{not json\n")
         f.write(json.dumps({"prompt": "p", "chosen": " same", "rejected": " same"}) + "\n")
         f.write(json.dumps({"prompt": "review 0:", "chosen": "x"}) + "\n")
+        with open(data) as again:
+            f.write(again.readline())  # the first pair once more: a duplicate
     overrides = [
         f"run_dir={root / 'run'}",
         f"data.path={data}",
@@ -71,17 +73,19 @@ def finished(config):
 
 def test_every_row_is_accounted_for(finished):
     tok = finished["tokenize"]
-    assert tok["rows_in"] == 63
+    assert tok["rows_in"] == 64
     assert tok["rows_in"] == tok["rows_out"] + sum(tok["dropped"].values())
-    assert tok["dropped"] == {"identical_responses": 1, "malformed_json": 1, "missing_field": 1}
+    assert tok["dropped"] == {"duplicate_pair": 1, "identical_responses": 1, "malformed_json": 1, "missing_field": 1}
+    assert tok["audit"]["duplicates"] == 1
     assert tok["rows_train"] + tok["rows_eval"] == tok["rows_out"] == 60
 
 
 def test_rejected_rows_are_kept_with_source_and_reason(finished, config):
     lines = RunDir(config.run_dir).read_text("tokenize/rejected.jsonl").splitlines()
     rejected = [json.loads(line) for line in lines]
-    assert sorted(r["reason"] for r in rejected) == ["identical_responses", "malformed_json", "missing_field"]
-    assert all(r["source"].endswith((":61", ":62", ":63")) for r in rejected)
+    assert sorted(r["reason"] for r in rejected) == ["duplicate_pair", "identical_responses", "malformed_json", "missing_field"]
+    assert sorted(r["source"].rsplit(":", 1)[1] for r in rejected) == ["61", "62", "63", "64"]
+    assert next(r for r in rejected if r["reason"] == "malformed_json")["raw"] == "{not json"
 
 
 def test_rows_survive_scoring(finished, config):
@@ -133,8 +137,17 @@ def test_rerun_skips_finished_stages(finished, config):
         assert manifest["manifest_hash"] == finished[stage]["manifest_hash"], stage
 
 
+def shard_bytes(config) -> dict[str, bytes]:
+    from pathlib import Path
+
+    root = Path(RunDir(config.run_dir).path("tokenize"))
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.parquet"))}
+
+
 def test_force_redoes_a_stage(finished, config):
+    before = shard_bytes(config)
     redone = tokenize.run(config, force=True)
+    assert shard_bytes(config) == before  # same input and config: byte-identical shards
     assert redone["manifest_hash"] != finished["tokenize"]["manifest_hash"]  # a new attempt, new timestamp
     assert redone["rows_out"] == finished["tokenize"]["rows_out"]
     # Shards are deterministic: the same input gives the same pairs in the same order.
@@ -157,3 +170,12 @@ def test_a_stage_killed_before_commit_is_redone(finished, config):
     after = score.run(config)
     assert after["rows_train"] == before["rows_train"]
     assert read_parquet_dir(run_dir, "score/train").num_rows == before["rows_train"]
+
+
+def test_inspect_prints_the_audit_with_decoded_rows(finished, config, capsys):
+    from pipeline.inspection import print_tokenize_audit
+
+    print_tokenize_audit(config)
+    out = capsys.readouterr().out
+    assert "dropped: duplicate_pair" in out and "chosen longer than rejected" in out
+    assert "review" in out  # decoded example rows

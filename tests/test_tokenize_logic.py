@@ -1,0 +1,50 @@
+"""The tokenize stage's whole-set logic, without Ray: duplicates, order, the held-out split."""
+
+import pyarrow as pa
+import pytest
+
+from pipeline.tokenization import OUTCOME_SCHEMA
+from pipeline.tokenize import check_strict, finish_outcomes, is_eval
+
+pytestmark = pytest.mark.unit
+
+
+def outcomes(rows: list[dict]) -> pa.Table:
+    base = {"source": "f:1", "prompt_ids": [1], "chosen_ids": [2], "rejected_ids": [3], "label": None,
+            "prompt_truncated": False, "response_truncated": False, "boundary_mismatch": False, "reason": None, "raw": None}
+    return pa.Table.from_pylist([{**base, **r} for r in rows], schema=OUTCOME_SCHEMA)
+
+
+def test_later_copies_of_a_pair_are_rejected_as_duplicates():
+    good, rejected = finish_outcomes(outcomes([
+        {"id": "b", "source": "f:1"}, {"id": "a", "source": "f:2"}, {"id": "b", "source": "f:3"},
+        {"id": None, "source": "f:4", "reason": "empty_prompt", "raw": "{}"},
+    ]))
+    assert good["id"].to_pylist() == ["a", "b"]  # sorted by content id: stable and well mixed
+    assert good["source"].to_pylist() == ["f:2", "f:1"]  # the first copy is kept
+    assert sorted(zip(rejected["source"].to_pylist(), rejected["reason"].to_pylist())) == [
+        ("f:3", "duplicate_pair"), ("f:4", "empty_prompt")]
+
+
+def test_split_is_stable_when_rows_are_added():
+    prompts = [[i, i + 1, i * 7 % 13] for i in range(400)]
+    first = is_eval(pa.array(prompts), 0.2)
+    grown = is_eval(pa.array(prompts + [[9000 + i] for i in range(300)]), 0.2)
+    assert (grown[:400] == first).all()
+    assert 0.1 < first.mean() < 0.3
+
+
+def test_pairs_of_one_prompt_stay_on_one_side():
+    split = is_eval(pa.array([[5, 6, 7]] * 10 + [[8, 9]] * 10), 0.5)
+    assert len(set(split[:10])) == 1 and len(set(split[10:])) == 1
+
+
+def test_strict_makes_chosen_reasons_fatal():
+    from collections import Counter
+
+    check_strict(False, Counter({"empty_prompt": 2}))
+    check_strict(["too_long"], Counter({"empty_prompt": 2}))
+    with pytest.raises(ValueError, match="empty_prompt: 2"):
+        check_strict(True, Counter({"empty_prompt": 2}))
+    with pytest.raises(ValueError, match="too_long: 1"):
+        check_strict(["too_long"], Counter({"too_long": 1, "empty_prompt": 2}))
