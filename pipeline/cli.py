@@ -2,6 +2,7 @@
 
     dpo run --config configs/demo.yaml                 every stage (the demo's preparation first)
     dpo tokenize|score|train|evaluate --config X       one stage
+    dpo sweep --config X --set train.beta=[0.05,0.5]   several policies from one score stage
     dpo inspect tokenize --config X                    the tokenize audit as a table
     --set a.b=value                                    override any config key (repeatable)
     --force                                            redo the named stage(s) even if finished
@@ -18,7 +19,7 @@ STAGES = ("tokenize", "score", "train", "evaluate")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpo", description="Direct Preference Optimization as Ray stages.")
-    parser.add_argument("command", choices=("run", *STAGES, "inspect"))
+    parser.add_argument("command", choices=("run", *STAGES, "sweep", "inspect"))
     parser.add_argument("target", nargs="?", help="for inspect: the stage to show (tokenize)")
     parser.add_argument("--config", required=True, help="experiment YAML (see configs/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -74,6 +75,12 @@ def _main(argv: list[str] | None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     from pipeline.config import load_config
 
+    if args.command == "sweep":
+        from pipeline import sweep
+
+        sweep.run(args.config, args.overrides, force=args.force)
+        print(f"report: {load_config(args.config, sweep.split_overrides(args.overrides)[0]).run_dir}/sweep/evaluate/report.md")
+        return 0
     config = load_config(args.config, args.overrides)
     if args.command == "inspect":
         from pipeline.inspection import print_tokenize_audit

@@ -93,7 +93,8 @@ class EvaluateConfig:
     max_tokens: int = 64
     top_p: float = 1.0
     reward: str | None = None  # a task reward by name (e.g. "vader"), None where the task has none
-    judge: str = "vader"  # pairwise judge by name
+    judge: str = "vader"  # pairwise judge: vader, or api (any OpenAI-compatible chat endpoint)
+    judge_api: dict[str, Any] = field(default_factory=dict)  # ApiJudgeConfig keys (pipeline/api_judge.py)
     bootstrap_samples: int = 2000
     use_gpu: bool = False
     seed: int = 0
@@ -224,6 +225,8 @@ def _build(cls, raw: Any, *, prefix: str):
 
 
 def _coerce(hint, value, *, path: str):
+    if hint is Any:
+        return value  # checked by the code that owns the section (e.g. ApiJudgeConfig)
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, prefix=f"{path}.")
     origin = typing.get_origin(hint)
@@ -257,6 +260,12 @@ def _coerce(hint, value, *, path: str):
             raise ConfigError(f"{path}: expected true or false, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads `1e-6` (no dot) as a string; it is the usual way to write a learning rate.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         return float(value)
@@ -271,9 +280,19 @@ def _coerce(hint, value, *, path: str):
     raise ConfigError(f"{path}: unsupported type {hint}")
 
 
+# Where and how fast a stage runs, not what it computes: changing these never reruns a finished stage.
+RESOURCE_FIELDS = (
+    "score.num_actors", "score.cpus_per_actor", "score.gpus_per_actor",
+    "train.cpus_per_worker", "train.torch_threads",
+)
+
+
 def section_hash(config: Config, keys: tuple[str, ...]) -> str:
-    """A stable hash of the named sections (or dotted fields) of the config."""
+    """A stable hash of the named sections (or dotted fields) of the config, resource fields left out."""
     tree = config.to_dict()
+    for field_path in RESOURCE_FIELDS:
+        section, name = field_path.split(".")
+        tree[section].pop(name, None)
     picked = {}
     for key in keys:
         node: Any = tree

@@ -56,7 +56,7 @@ def prepare(config: Config, *, force: bool = False) -> dict:
     if "://" in config.run_dir:
         raise ValueError("the demo writes its model locally: use a local run_dir for it")
     d = config.demo
-    config_hash = section_hash(config, ("demo", "train.num_workers", "train.cpus_per_worker", "train.torch_threads"))
+    config_hash = section_hash(config, ("demo", "train.num_workers"))
     if not force and run_dir.is_finished(STAGE, config_hash=config_hash, upstream_hash=None):
         log.info("demo: data and reference model ready (%s), skipping", run_dir.uri_of(STAGE))
         return run_dir.manifest(STAGE)

@@ -13,6 +13,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -38,12 +39,16 @@ def make_reward(name: str | None) -> Callable[[list[str]], np.ndarray] | None:
     raise ValueError(f"evaluate.reward: unknown reward {name!r} (known: vader, or null)")
 
 
-def make_judge(name: str):
-    if name == "vader":
+def make_judge(ev: EvaluateConfig):
+    if ev.judge == "vader":
         from pipeline.judges import VaderJudge
 
         return VaderJudge()
-    raise ValueError(f"evaluate.judge: unknown judge {name!r} (known: vader)")
+    if ev.judge == "api":
+        from pipeline.api_judge import make_api_judge
+
+        return make_api_judge(ev.judge_api, where="evaluate.judge_api")
+    raise ValueError(f"evaluate.judge: unknown judge {ev.judge!r} (known: vader, api)")
 
 
 def held_out_prompts(run_dir: RunDir, limit: int) -> list[list[int]]:
@@ -100,6 +105,7 @@ def implicit_reward_accuracy(policy_chosen, policy_rejected, ref_chosen, ref_rej
 
 def summarize(samples: pa.Table, judgments: pa.Table, temperatures: list[float], *, n_boot: int, seed: int) -> list[dict]:
     """One row per (model, temperature): n, reward_mean, kl_mean, win_rate with its 95% interval."""
+    from pipeline.length_control import length_controlled_win_rate
     from pipeline.stats import win_rate
 
     rows = []
@@ -119,43 +125,67 @@ def summarize(samples: pa.Table, judgments: pa.Table, temperatures: list[float],
                 "win_rate": None,
                 "win_rate_ci_low": None,
                 "win_rate_ci_high": None,
+                "lc_win_rate": None,
+                "lc_win_rate_ci_low": None,
+                "lc_win_rate_ci_high": None,
+                "length_slope": None,
             }
             if len(judged):
                 row.update(win_rate(judged.score.to_numpy(), n_boot=n_boot, seed=seed))
+                # DPO is known to lengthen answers: the judge's preference with length regressed out.
+                lc = length_controlled_win_rate(judged.score.to_numpy(), judged.length_diff.to_numpy(dtype=float), n_boot=n_boot, seed=seed)
+                row.update({k: lc[k] for k in ("lc_win_rate", "lc_win_rate_ci_low", "lc_win_rate_ci_high", "length_slope")})
             rows.append(row)
     return rows
 
 
+@dataclass(frozen=True)
+class Policy:
+    """A trained policy to evaluate: where its run lives (model in train/final) and its beta."""
+
+    name: str
+    run_dir: RunDir
+    beta: float
+
+
 def run(config: Config, *, force: bool = False) -> dict:
     """Evaluate `<run_dir>/train/final` against the reference into `<run_dir>/evaluate/`."""
-    from pipeline.judges import judge_both_orders
-    from pipeline.modeling import load_tokenizer
-    from pipeline.report import plot_reward_vs_kl, plot_training_curves, plot_win_rate_vs_temperature, write_report_md
-    from pipeline.score import reference_path
-
     run_dir = RunDir(config.run_dir)
     upstream = run_dir.manifest("train")
     if upstream is None:
         raise RuntimeError(f"evaluate needs a finished train stage under {run_dir.uri_of('train')}; run `dpo train` first")
+    return evaluate_policies(
+        config, [Policy("policy", run_dir, config.train.beta)], data_dir=run_dir, out_dir=run_dir,
+        upstream_hash=upstream["manifest_hash"], force=force,
+    )
+
+
+def evaluate_policies(config: Config, policies: list[Policy], *, data_dir: RunDir, out_dir: RunDir, upstream_hash: str, force: bool) -> dict:
+    """Sample every policy and the reference, judge each policy against the reference, write the report.
+
+    data_dir holds the tokenize/score stages (held-out prompts and pairs); the report goes to
+    `<out_dir>/evaluate/`.
+    """
+    from pipeline.score import reference_path
+
     config_hash = stage_hash(config, STAGE)
-    if not force and run_dir.is_finished(STAGE, config_hash=config_hash, upstream_hash=upstream["manifest_hash"]):
-        log.info("evaluate: finished already (%s), skipping", run_dir.uri_of(STAGE))
-        return run_dir.manifest(STAGE)
+    if not force and out_dir.is_finished(STAGE, config_hash=config_hash, upstream_hash=upstream_hash):
+        log.info("evaluate: finished already (%s), skipping", out_dir.uri_of(STAGE))
+        return out_dir.manifest(STAGE)
+
+    from pipeline.modeling import load_tokenizer
 
     ev = config.evaluate
-    reward_fn, judge = make_reward(ev.reward), make_judge(ev.judge)
+    reward_fn, judge = make_reward(ev.reward), make_judge(ev)
     tokenizer = load_tokenizer(reference_path(config), trust_remote_code=config.model.trust_remote_code)
-    prompts = held_out_prompts(run_dir, ev.num_prompts)
+    prompts = held_out_prompts(data_dir, ev.num_prompts)
     prompt_texts = tokenizer.batch_decode(prompts, skip_special_tokens=True)
     with tempfile.TemporaryDirectory() as tmp:
-        policy_path = _local_copy(run_dir, "train/final", tmp)
-        models = {"policy": policy_path, "reference": reference_path(config)}
-        sampled = {
-            name: sample_model(path, prompts, ev, dtype=config.model.dtype, trust_remote_code=config.model.trust_remote_code)
-            for name, path in models.items()
-        }
+        paths = {p.name: _local_copy(p.run_dir, "train/final", os.path.join(tmp, p.name)) for p in policies}
+        paths["reference"] = reference_path(config)
         rows = []
-        for model, by_temp in sampled.items():
+        for model, path in paths.items():
+            by_temp = sample_model(path, prompts, ev, dtype=config.model.dtype, trust_remote_code=config.model.trust_remote_code)
             for t, per_prompt in by_temp.items():
                 for p, completions in enumerate(per_prompt):
                     for s, c in enumerate(completions):
@@ -175,55 +205,75 @@ def run(config: Config, *, force: bool = False) -> dict:
             r["kl"] = r["logp"] - float(lp)
             r["reward"] = None if rw is None else float(rw)
         samples = pa.Table.from_pylist(rows, schema=SAMPLES)
+        judgments = judge_against_reference(judge, rows, [p.name for p in policies], ev.temperatures)
 
-        judgments = []
-        for t in ev.temperatures:
-            pol = [r for r in rows if r["model"] == "policy" and r["temperature"] == t]
-            ref = [r for r in rows if r["model"] == "reference" and r["temperature"] == t]
-            result = judge_both_orders(judge, [r["prompt"] for r in pol], [r["completion"] for r in pol], [r["completion"] for r in ref])
-            for r, a, b, score in zip(pol, result.verdicts_ab, result.verdicts_ba, result.scores):
-                judgments.append({"model": "policy", "baseline": "reference", "temperature": float(t), "prompt_index": r["prompt_index"],
-                                  "verdict_first": a, "verdict_second": b, "score": float(score)})
-        judgments = pa.Table.from_pylist(judgments, schema=JUDGMENTS)
-
-        accuracy = None
-        if run_dir.manifest("score") is not None and upstream.get("upstream_stage") == "score":
-            held = read_parquet_dir(run_dir, "score/eval")
+        accuracy = {}
+        if data_dir.manifest("score") is not None:
+            held = read_parquet_dir(data_dir, "score/eval")
             if held.num_rows:
-                pc_, pr_ = sequence_logps_remote(policy_path, held, config=config)
-                accuracy = implicit_reward_accuracy(pc_, pr_, held["ref_chosen_logp"].to_numpy(), held["ref_rejected_logp"].to_numpy(), beta=config.train.beta)
+                for p in policies:
+                    chosen, rejected = sequence_logps_remote(paths[p.name], held, config=config)
+                    accuracy[p.name] = implicit_reward_accuracy(
+                        chosen, rejected, held["ref_chosen_logp"].to_numpy(), held["ref_rejected_logp"].to_numpy(), beta=p.beta)
 
     summary_rows = summarize(samples, judgments, ev.temperatures, n_boot=ev.bootstrap_samples, seed=ev.seed)
     unparsed = int(sum(v == "unparsed" for col in ("verdict_first", "verdict_second") for v in judgments[col].to_pylist()))
-    summary = {"rows": summary_rows, "implicit_reward_accuracy": accuracy, "judge": ev.judge, "reward": ev.reward,
-               "engine": ev.engine, "unparsed_verdicts": unparsed, "num_prompts": len(prompts)}
-
-    writer = run_dir.begin(STAGE)
+    summary = {
+        "rows": summary_rows,
+        "implicit_reward_accuracy": accuracy.get(policies[0].name) if len(policies) == 1 else accuracy,
+        "judge": ev.judge, "reward": ev.reward, "engine": ev.engine,
+        "unparsed_verdicts": unparsed, "num_prompts": len(prompts),
+    }
+    writer = out_dir.begin(STAGE)
     writer.write_table("samples.parquet", samples, SAMPLES)
     writer.write_table("judgments.parquet", judgments, JUDGMENTS)
     writer.write_json("summary.json", summary)
-    metrics = [json.loads(line) for line in run_dir.read_text("train/metrics.jsonl").splitlines() if line.strip()]
+    _write_report(config, writer, policies, summary_rows, accuracy, unparsed, len(prompts))
+    manifest = writer.commit({"config_hash": config_hash, "upstream_hash": upstream_hash,
+                              "rows_in": len(prompts), "rows_out": samples.num_rows, "dropped": {}})
+    log.info("evaluate: report in %s", out_dir.uri_of(STAGE, "report.md"))
+    return manifest
+
+
+def judge_against_reference(judge, rows: list[dict], policies: list[str], temperatures: list[float]) -> pa.Table:
+    """Each policy's sample against the reference's sample of the same prompt, index and temperature."""
+    from pipeline.judges import judge_both_orders
+
+    reference = {(r["temperature"], r["prompt_index"], r["sample_index"]): r for r in rows if r["model"] == "reference"}
+    out = []
+    for name in policies:
+        for t in temperatures:
+            mine = [r for r in rows if r["model"] == name and r["temperature"] == t]
+            theirs = [reference[(r["temperature"], r["prompt_index"], r["sample_index"])] for r in mine]
+            result = judge_both_orders(judge, [r["prompt"] for r in mine], [r["completion"] for r in mine], [r["completion"] for r in theirs])
+            for r, ref, a, b, score in zip(mine, theirs, result.verdicts_ab, result.verdicts_ba, result.scores):
+                out.append({"model": name, "baseline": "reference", "temperature": float(t), "prompt_index": r["prompt_index"],
+                            "verdict_first": a, "verdict_second": b, "score": float(score),
+                            "length_diff": len(r["completion_ids"]) - len(ref["completion_ids"])})
+    return pa.Table.from_pylist(out, schema=JUDGMENTS)
+
+
+def _write_report(config: Config, writer, policies: list[Policy], summary_rows, accuracy, unparsed: int, num_prompts: int) -> None:
+    from pipeline.report import plot_reward_vs_kl, plot_training_curves, plot_win_rate_vs_temperature, write_report_md
+
+    ev = config.evaluate
+    figures = {"Reward vs KL": "reward_vs_kl.png", "Win rate vs temperature": "win_rate_vs_temperature.png"}
     with tempfile.TemporaryDirectory() as tmp:
-        figures = {
-            "Training curves": "training_curves.png",
-            "Reward vs KL": "reward_vs_kl.png",
-            "Win rate vs temperature": "win_rate_vs_temperature.png",
-        }
-        plot_training_curves(metrics, os.path.join(tmp, figures["Training curves"]))
         plot_reward_vs_kl(summary_rows, os.path.join(tmp, figures["Reward vs KL"]))
         plot_win_rate_vs_temperature(summary_rows, os.path.join(tmp, figures["Win rate vs temperature"]))
-        notes = [f"Judge: {ev.judge}; reward: {ev.reward}; {len(prompts)} held-out prompts x {ev.samples_per_prompt} samples.",
+        for p in policies:
+            name = "training_curves.png" if len(policies) == 1 else f"training_curves_{p.name}.png"
+            lines = p.run_dir.read_text("train/metrics.jsonl").splitlines()
+            plot_training_curves([json.loads(line) for line in lines if line.strip()], os.path.join(tmp, name))
+            figures[f"Training curves ({p.name})"] = name
+        notes = [f"Judge: {ev.judge}; reward: {ev.reward}; {num_prompts} held-out prompts x {ev.samples_per_prompt} samples.",
                  f"Unparsed judge verdicts: {unparsed}."]
-        if accuracy:
-            notes.append(f"Implicit-reward accuracy on {accuracy['pairs']} held-out pairs: {accuracy['accuracy']:.3f}.")
+        for name, acc in accuracy.items():
+            notes.append(f"Implicit-reward accuracy of {name} on {acc['pairs']} held-out pairs: {acc['accuracy']:.3f}.")
         write_report_md(os.path.join(tmp, "report.md"), title=f"Evaluation of {config.run_dir}", summary_rows=summary_rows, figures=figures, notes=notes)
         for name in [*figures.values(), "report.md"]:
-            with open(os.path.join(tmp, name), "rb") as f, run_dir.fs.open_output_stream(writer.path(name)) as out:
+            with open(os.path.join(tmp, name), "rb") as f, writer.run.fs.open_output_stream(writer.path(name)) as out:
                 out.write(f.read())
-    manifest = writer.commit({"config_hash": config_hash, "upstream_hash": upstream["manifest_hash"],
-                              "rows_in": len(prompts), "rows_out": samples.num_rows, "dropped": {}})
-    log.info("evaluate: report in %s", run_dir.uri_of(STAGE, "report.md"))
-    return manifest
 
 
 def _local_copy(run_dir: RunDir, rel: str, tmp: str) -> str:
@@ -232,6 +282,6 @@ def _local_copy(run_dir: RunDir, rel: str, tmp: str) -> str:
         return run_dir.path(rel)
     import pyarrow.fs as pafs
 
-    dest = os.path.join(tmp, os.path.basename(rel))
+    dest = tmp
     pafs.copy_files(run_dir.path(rel), dest, source_filesystem=run_dir.fs, destination_filesystem=pafs.LocalFileSystem())
     return dest

@@ -56,5 +56,6 @@ JUDGMENTS = pa.schema(
         ("verdict_first", pa.string()),  # model's completion shown first
         ("verdict_second", pa.string()),  # model's completion shown second
         ("score", pa.float64()),  # 1 win, 0.5 tie or inconsistent, 0 loss
+        ("length_diff", pa.int32()),  # model's completion tokens minus the baseline's
     ]
 )

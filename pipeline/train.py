@@ -238,17 +238,21 @@ def train_loop(loop_config: dict) -> None:
                 ray.train.report(metrics)
 
 
-def run(config: Config, *, force: bool = False) -> dict:
-    """Train on `<run_dir>/{score|tokenize}/train` into `<run_dir>/train/` (final/ and metrics.jsonl)."""
+def run(config: Config, *, force: bool = False, data_dir: str | None = None) -> dict:
+    """Train on `<data_dir>/{score|tokenize}/train` into `<run_dir>/train/` (final/ and metrics.jsonl).
+
+    data_dir defaults to run_dir; a sweep points many runs at one data_dir, so they share one score stage.
+    """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     run_dir = RunDir(config.run_dir)
+    data = RunDir(data_dir) if data_dir else run_dir
     source = upstream_stage(config)
-    upstream = run_dir.manifest(source)
+    upstream = data.manifest(source)
     if upstream is None:
-        raise RuntimeError(f"train needs a finished {source} stage under {run_dir.uri_of(source)}; run `dpo {source}` first")
+        raise RuntimeError(f"train needs a finished {source} stage under {data.uri_of(source)}; run `dpo {source}` first")
     config_hash = stage_hash(config, STAGE)
     if not force and run_dir.is_finished(STAGE, config_hash=config_hash, upstream_hash=upstream["manifest_hash"]):
         log.info("train: finished already (%s), skipping", run_dir.uri_of(STAGE))
@@ -295,7 +299,7 @@ def run(config: Config, *, force: bool = False) -> dict:
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=0),
         ),
-        datasets={"train": ray.data.read_parquet(run_dir.uri_of(source, "train"))},
+        datasets={"train": ray.data.read_parquet(data.uri_of(source, "train"))},
     )
     result = trainer.fit()
     if result.checkpoint is None:

@@ -43,6 +43,7 @@ def test_overrides_and_interpolation(tmp_path):
     path.write_text("run_dir: runs/a\ndata:\n  path: ${run_dir}/pairs.jsonl\ntrain:\n  beta: 0.1\n")
     config = load_config(path, ["train.beta=0.5", "run_dir=runs/b", "train.loss={dpo: 1.0, sft: 0.1}"])
     assert config.train.beta == 0.5
+    assert load_config(None, ["train.learning_rate=1e-6"]).train.learning_rate == 1e-6  # YAML 1.1 reads a string
     assert config.data.path == str(Path("runs/b/pairs.jsonl").absolute())  # workers have another cwd
     assert config.train.loss == {"dpo": 1.0, "sft": 0.1}
 
@@ -58,3 +59,20 @@ def test_stage_hash_follows_only_its_sections():
     assert stage_hash(base, "tokenize") == stage_hash(load_config(None, ["train.beta=0.3"]), "tokenize")
     assert stage_hash(base, "train") != stage_hash(load_config(None, ["train.beta=0.3"]), "train")
     assert stage_hash(base, "tokenize") != stage_hash(load_config(None, ["tokenize.max_length=99"]), "tokenize")
+
+
+def test_resource_settings_do_not_invalidate_finished_stages():
+    base = load_config(None)
+    moved = load_config(None, ["train.cpus_per_worker=0.5", "train.torch_threads=1", "score.num_actors=4"])
+    for stage in ("tokenize", "score", "train", "evaluate"):
+        assert stage_hash(base, stage) == stage_hash(moved, stage)
+
+
+def test_api_judge_section_is_checked_by_its_owner():
+    from pipeline.evaluate import make_judge
+
+    config = load_config(None, ["evaluate.judge=api", "evaluate.judge_api={base_url: 'http://127.0.0.1:9', model: m}"])
+    assert make_judge(config.evaluate).name == "api:m"
+    bad = load_config(None, ["evaluate.judge=api", "evaluate.judge_api={base_url: x, modle: m}"])
+    with pytest.raises(ValueError, match=r"evaluate\.judge_api\.modle: unknown key"):
+        make_judge(bad.evaluate)

@@ -57,3 +57,16 @@ def test_unknown_key_fails_before_any_work(run_dir):
     done = dpo("tokenize", "--config", "configs/demo_smoke.yaml", "--set", "train.bta=0.1")
     assert done.returncode != 0
     assert "train.bta: unknown key" in done.stderr
+
+
+def test_sweep_reuses_one_score_stage_and_yields_a_policy_per_setting(run_dir):
+    score_manifest = (run_dir / "score" / "manifest.json").read_text()
+    done = dpo("sweep", "--config", "configs/demo_smoke.yaml", "--set", f"run_dir={run_dir}",
+               "--set", "train.loss=[dpo,sft]", "--set", "train.cpus_per_worker=0.5")
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert (run_dir / "score" / "manifest.json").read_text() == score_manifest  # untouched: not recomputed
+    for member in ("loss-dpo", "loss-sft"):
+        assert (run_dir / "sweep" / member / "train" / "final" / "model.safetensors").exists()
+    summary = json.loads((run_dir / "sweep" / "evaluate" / "summary.json").read_text())
+    assert {r["model"] for r in summary["rows"]} == {"loss-dpo", "loss-sft", "reference"}
+    assert set(summary["implicit_reward_accuracy"]) == {"loss-dpo", "loss-sft"}
