@@ -59,9 +59,9 @@ def _last_hidden(output) -> torch.Tensor:
 def response_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor):
     """Final hidden states at the positions that predict response tokens, packed without padding.
 
-    Returns (hidden (M, H), targets (M,) long, rows (M,) long), M = response tokens in the batch: entry k is
-    the hidden state at position t - 1 of row rows[k], whose next token targets[k] = input_ids[row, t] is a
-    response token. Same shift and mask as `pipeline.logprobs.sequence_logps`.
+    Returns (hidden (M, H), targets (M,) long), M = response tokens in the batch, in row-major order of
+    `response_mask[:, 1:]`: entry k is the hidden state at position t - 1 of some row, whose next token
+    targets[k] = input_ids[row, t] is a response token. Same shift and mask as `sequence_logps`.
     """
     bare = _unwrap(model)
     decoder = _decoder(bare)
@@ -79,8 +79,7 @@ def response_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch
         handle.remove()
     hidden = captured[-1]  # (N, T, H)
     mask = response_mask[:, 1:].bool()  # (N, T-1): token t is a response token
-    rows = mask.nonzero(as_tuple=True)[0]
-    return hidden[:, :-1][mask], input_ids[:, 1:][mask], rows
+    return hidden[:, :-1][mask], input_ids[:, 1:][mask]
 
 
 def _logit_transform(bare):
@@ -131,7 +130,7 @@ def chunked_sequence_logps(
     bare = _unwrap(model)
     head = bare.get_output_embeddings()
     transform = _logit_transform(bare)
-    hidden, targets, rows = response_hidden_states(model, input_ids, attention_mask, response_mask)  # (M, H), (M,), (M,)
+    hidden, targets = response_hidden_states(model, input_ids, attention_mask, response_mask)  # (M, H), (M,)
     recompute = use_checkpoint and torch.is_grad_enabled()
     pieces = []
     for start in range(0, hidden.shape[0], chunk_size):
@@ -141,9 +140,11 @@ def chunked_sequence_logps(
         else:
             pieces.append(_chunk_token_logps(head, transform, h, t))
     per_token = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)  # (M,)
-    logps = per_token.new_zeros(input_ids.shape[0]).index_add(0, rows, per_token)  # (N,)
-    counts = response_mask[:, 1:].sum(-1)
-    return logps, counts
+    # Back onto the (N, T-1) grid and summed along it, as sequence_logps sums: the same float32 addition
+    # order, so the sums differ only by the per-token rounding.
+    mask = response_mask[:, 1:].bool()
+    grid = per_token.new_zeros(mask.shape).masked_scatter(mask, per_token)  # (N, T-1)
+    return grid.sum(-1), mask.sum(-1)
 
 
 def chunked_pair_logps(model, batch: PairBatch, *, chunk_size: int = 1024, use_checkpoint: bool = True):

@@ -79,6 +79,9 @@ class TrainConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0  # keep below the node's CPUs: Ray Data needs slots to feed workers
     torch_threads: int = 0  # 0: leave torch's default
+    chunked_logprobs: bool = False  # response positions only, lm_head chunk by chunk: no (N, T, V) fp32 logits
+    logprob_chunk_size: int = 1024
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
     logging_steps: int = 1
     checkpoint_steps: int = 0  # 0: checkpoint only at the end
     seed: int = 0

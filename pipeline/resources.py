@@ -158,7 +158,8 @@ def _shortfall(request: Request, nodes: list[dict[str, float]], *, where: str) -
         if largest + _EPS < amount:
             has = f"has {_n(total)} {_plural(resource, total)}" if total + _EPS < amount else (
                 f"has no node with {_n(amount)} {_plural(resource, amount)} (the largest has {_n(largest)})")
-            return f"{request.keys[resource]} asks for {_n(amount)} {_plural(resource, amount)} per {request.unit} but {where} {has}"
+            asks = f"{request.keys[resource]} asks for {_n(amount)} {_plural(resource, amount)} per {request.unit}"
+            return f"{asks} but {where} {has}"
     fits = sum(_bundles_per_node(request.bundle, node) for node in nodes)
     if fits >= request.count:
         return None

@@ -9,6 +9,7 @@ directories (safetensors) plus optimizer state, resumable from the last one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -21,7 +22,7 @@ from contextlib import nullcontext
 import torch
 
 from pipeline.config import Config, TrainConfig, loss_names, stage_hash
-from pipeline.logprobs import collate_pairs, collate_sequences, pair_logps, sequence_logps
+from pipeline.logprobs import collate_pairs, collate_sequences, sequence_logps
 from pipeline.storage import RunDir
 
 log = logging.getLogger(__name__)
@@ -91,23 +92,31 @@ def micro_batch_loss(model, batch: dict, *, train: TrainConfig, pad_id: int, dev
     from pipeline.losses import PairLogps, compute_loss
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    seq_logps = sequence_logps
+    if train.chunked_logprobs:
+        from pipeline.chunked_logprobs import chunked_sequence_logps
+
+        seq_logps = functools.partial(chunked_sequence_logps, chunk_size=train.logprob_chunk_size)
     if reads_only_chosen(train.loss):
         # Preferred-FT never looks at the rejected response: don't pay a forward pass for it.
-        ids, attention, response = (t.to(device) for t in collate_sequences(batch["prompt_ids"], batch["chosen_ids"], pad_id=pad_id))
+        ids, attention, response = collate_sequences(batch["prompt_ids"], batch["chosen_ids"], pad_id=pad_id)
+        tokens = int(attention.sum())  # counted on the CPU: no device sync per micro-batch
         with autocast:
-            chosen, chosen_len = sequence_logps(model, ids, attention, response)
+            chosen, chosen_len = seq_logps(model, ids.to(device), attention.to(device), response.to(device))
         rejected, rejected_len = torch.zeros_like(chosen), torch.ones_like(chosen_len)
-        tokens = int(attention.sum())
     else:
-        pairs = collate_pairs(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"], pad_id=pad_id).to(device)
-        with autocast:
-            chosen, rejected, chosen_len, rejected_len = pair_logps(model, pairs)
+        pairs = collate_pairs(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"], pad_id=pad_id)
         tokens = int(pairs.attention_mask.sum())
+        pairs = pairs.to(device)
+        with autocast:
+            logps, counts = seq_logps(model, pairs.input_ids, pairs.attention_mask, pairs.response_mask)
+        b = pairs.num_pairs
+        chosen, rejected, chosen_len, rejected_len = logps[:b], logps[b:], counts[:b], counts[b:]
     ref = {}
     if with_reference:
         ref = dict(
-            ref_chosen_logps=torch.as_tensor(batch["ref_chosen_logp"], device=device, dtype=torch.float32),
-            ref_rejected_logps=torch.as_tensor(batch["ref_rejected_logp"], device=device, dtype=torch.float32),
+            ref_chosen_logps=torch.tensor(batch["ref_chosen_logp"], device=device, dtype=torch.float32),
+            ref_rejected_logps=torch.tensor(batch["ref_rejected_logp"], device=device, dtype=torch.float32),
         )
     logps = PairLogps(
         policy_chosen_logps=chosen, policy_rejected_logps=rejected,
@@ -156,6 +165,8 @@ def train_loop(loop_config: dict) -> None:
         model = load_model(source, dtype=torch.float32, trust_remote_code=loop_config["trust_remote_code"])
         tokenizer = load_tokenizer(source, trust_remote_code=loop_config["trust_remote_code"])
         _disable_dropout(model)
+        if train.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         model = ray.train.torch.prepare_model(model)
         optimizer = torch.optim.AdamW(

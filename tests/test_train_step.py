@@ -61,3 +61,12 @@ def test_learning_rate_warms_up_then_decays():
     assert lr_factor(5, total=10, warmup=0, schedule="constant") == 1.0
     with pytest.raises(ValueError, match="lr_schedule"):
         lr_factor(0, total=1, warmup=0, schedule="step")
+
+
+def test_chunked_log_probs_give_the_same_gradient(tiny_model_dir):
+    model = load_model(str(tiny_model_dir))
+    batch = batch_of(4)
+    plain = grads_after(model, [batch], train=TrainConfig(loss="dpo"), pairs_per_step=4)
+    chunked = grads_after(model, [batch], train=TrainConfig(loss="dpo", chunked_logprobs=True, logprob_chunk_size=7), pairs_per_step=4)
+    for a, b in zip(plain, chunked):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)

@@ -1,0 +1,198 @@
+"""Score-stage throughput: the forward-only reference pass, against our own train step and TRL's precompute.
+
+    python benchmarks/score.py --shape tiny|gpt162m|llama1b [--compare trl] [--pairs N] [--chunked]
+
+Rows: `pipeline.score.score_pairs` as the score stage runs it (inference_mode, micro-batches of similar
+length), the same loop in the data's own order (no length bucketing), and with --chunked the chunked
+log-probs. Weights are bf16 on CUDA (the score stage loads `model.dtype`), float32 on CPU. The train-step
+row (our step, same shape, from benchmarks/train_step.py) gives the score/train ratio. Tokens = non-pad
+tokens of chosen and rejected sequences, prompt included. MFU counts 2 x params FLOPs per token.
+With --compare trl, TRL's `precompute_ref_log_probs` pass is timed on the same pairs. The last line is
+`speedup_vs_trl: <float>` (`nan` when TRL is not measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import math
+import tempfile
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+import common
+import train_step
+from common import Row
+
+
+def pairs_table(rows: dict[str, list]) -> pa.Table:
+    ids = pa.list_(pa.int32())
+    return pa.table({k: pa.array(rows[k], type=ids) for k in ("prompt_ids", "chosen_ids", "rejected_ids")})
+
+
+def score_unsorted(model, table: pa.Table, *, pad_id: int, micro_batch: int, device: str) -> np.ndarray:
+    """score_pairs' loop without its length sort: micro-batches in the data's order, padded to their longest."""
+    from pipeline.logprobs import collate_pairs
+
+    prompts, chosen, rejected = (table[k].to_pylist() for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
+    import pipeline.score
+
+    out = []
+    with torch.inference_mode():
+        for start in range(0, table.num_rows, micro_batch):
+            sl = slice(start, start + micro_batch)
+            c, r, _, _ = pipeline.score.pair_logps(model, collate_pairs(prompts[sl], chosen[sl], rejected[sl], pad_id=pad_id).to(device))
+            out.append(torch.stack([c, r], 1).double().cpu().numpy())
+    return np.concatenate(out)
+
+
+@contextlib.contextmanager
+def chunked_scoring(enabled: bool, chunk_size: int):
+    """Route score_pairs through the chunked log-probs (until the score config has a switch for it)."""
+    import pipeline.score
+    from pipeline.chunked_logprobs import chunked_pair_logps
+
+    if not enabled:
+        yield
+        return
+    original = pipeline.score.pair_logps
+    pipeline.score.pair_logps = functools.partial(chunked_pair_logps, chunk_size=chunk_size)
+    try:
+        yield
+    finally:
+        pipeline.score.pair_logps = original
+
+
+def measure_score(
+    model, table, warm_table, device, *, micro_batch: int, sort: bool, chunked: bool, chunk_size: int, repeats: int
+) -> tuple[float, str]:
+    """Best of `repeats` timed passes over `table` after one pass over `warm_table`: (tokens/s, peak memory)."""
+    from pipeline.score import score_pairs
+
+    fn = score_pairs if sort else score_unsorted
+    tokens = sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(*(table[k].to_pylist() for k in ("prompt_ids", "chosen_ids", "rejected_ids"))))
+    with chunked_scoring(chunked, chunk_size):
+        fn(model, warm_table, pad_id=common.PAD_ID, micro_batch=micro_batch, device=str(device))
+        common.reset_peak_memory(device)
+        elapsed = math.inf
+        for _ in range(repeats):
+            start = common.now(device)
+            fn(model, table, pad_id=common.PAD_ID, micro_batch=micro_batch, device=str(device))
+            elapsed = min(elapsed, common.now(device) - start)
+    return tokens / elapsed, common.peak_memory(device)
+
+
+def measure_trl_precompute(shape, rows, warm_rows, device, *, micro_batch: int, dtype: torch.dtype, bf16: bool) -> tuple[float, str]:
+    """Time TRL's own `_precompute_ref_logps` (its reference pass, caching included) on the same pairs."""
+    from trl import DPOTrainer
+
+    common.quiet_hf()
+    timings: list[float] = []
+    original = DPOTrainer._precompute_ref_logps
+
+    def timed(self, dataset, name, batch_size):
+        start = common.now(device)
+        out = original(self, dataset, name, batch_size)
+        timings.append(common.now(device) - start)
+        return out
+
+    DPOTrainer._precompute_ref_logps = timed
+    model = common.build_model(shape, device, dtype=dtype)
+    tokenizer = common.word_tokenizer(shape.vocab)
+    try:
+        for data in (warm_rows, rows):  # the first trainer warms the device up; the second is timed
+            common.reset_peak_memory(device)
+            with tempfile.TemporaryDirectory() as out:
+                config = common.trl_config(out, pairs=micro_batch, steps=1, device=device, bf16=bf16, gradient_checkpointing=False)
+                DPOTrainer(model=model, args=config, train_dataset=common.trl_dataset(data), processing_class=tokenizer)
+    finally:
+        DPOTrainer._precompute_ref_logps = original
+    memory = common.peak_memory(device)
+    del model
+    common.free_memory(device)
+    return common.pair_tokens(rows, range(len(rows["prompt_ids"]))) / timings[-1], memory
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=sorted(common.SHAPES), default="tiny")
+    p.add_argument("--compare", choices=["trl"], default=None)
+    p.add_argument("--pairs", type=int, default=0, help="pairs scored in the timed pass; 0: 8 micro-batches")
+    p.add_argument("--micro-batch", type=int, default=0, help="pairs per forward; 0: the shape's default")
+    p.add_argument("--repeats", type=int, default=3, help="timed passes per row; the best is reported")
+    p.add_argument("--chunked", action="store_true", help="add a row with chunked log-probs")
+    p.add_argument("--chunk-size", type=int, default=1024)
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--train-steps", type=int, default=5, help="timed steps of the train-step row (for the ratio)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0: 1 on a busy CPU, else default")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    shape, device = common.SHAPES[args.shape], common.pick_device(args.device)
+    label = common.device_label(device)
+    threads = common.configure_threads(args.threads, device)
+    print(common.describe_machine(device))
+    print(threads)
+    micro = args.micro_batch or shape.score_micro_batch
+    n = args.pairs or 8 * micro
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    rows_data = common.make_pairs(shape, n, seed=args.seed)
+    warm_data = common.make_pairs(shape, 2 * micro, seed=args.seed + 1)
+    table, warm_table = pairs_table(rows_data), pairs_table(warm_data)
+    print(f"shape {shape.name}: {n} pairs in micro-batches of {micro}, ~{shape.tokens_per_pair} tokens/pair, weights {dtype}")
+
+    rows: list[Row] = []
+    model = common.build_model(shape, device, dtype=dtype).eval()
+    params = common.num_params(model)
+    variants = [("raydpo score_pairs (length-bucketed)", dict(sort=True, chunked=False)),
+                ("raydpo unsorted micro-batches", dict(sort=False, chunked=False))]
+    if args.chunked:
+        variants.append(("raydpo score_pairs + chunked logprobs", dict(sort=True, chunked=True)))
+    for name, options in variants:
+        rate, memory = measure_score(model, table, warm_table, device, micro_batch=micro, chunk_size=args.chunk_size,
+                                     repeats=args.repeats, **options)
+        rows.append(Row(name, rate, common.mfu(rate, params, device, flops_per_token_per_param=2.0), memory, label))
+        print(f"  {name}: {rate:,.0f} tokens/s", flush=True)
+    del model
+    common.free_memory(device)
+
+    train_batches = common.numpy_batches(common.make_pairs(shape, (args.warmup + args.train_steps) * shape.pairs_per_step, seed=args.seed), shape.pairs_per_step)
+    train_rates = []
+    for chunked in ([False, True] if args.chunked else [False]):
+        rate, memory, _ = train_step.measure_train(shape, train_batches, device, steps=args.train_steps, warmup=args.warmup,
+                                                   chunked=chunked, chunk_size=args.chunk_size)
+        train_rates.append(rate)
+        rows.append(Row("train step (ours)" + (" + chunked logprobs" if chunked else ""), rate,
+                        common.mfu(rate, params, device), memory, label, note="for the ratio; MFU at 6 x params"))
+
+    if args.compare == "trl":
+        if not common.trl_available():
+            rows.append(Row("trl precompute_ref_log_probs: trl not installed", None, device=label))
+        else:
+            settings = [("fp32 weights" + (", bf16 autocast" if device.type == "cuda" else ""), torch.float32, device.type == "cuda")]
+            if device.type == "cuda":
+                settings.append(("bf16 weights", torch.bfloat16, True))
+            for name, trl_dtype, bf16 in settings:
+                try:
+                    rate, memory = measure_trl_precompute(shape, rows_data, warm_data, device, micro_batch=micro, dtype=trl_dtype, bf16=bf16)
+                    rows.append(Row(f"trl precompute_ref_log_probs ({name})", rate,
+                                    common.mfu(rate, params, device, flops_per_token_per_param=2.0), memory, label))
+                except Exception as exc:
+                    rows.append(Row(f"trl precompute_ref_log_probs ({name}): failed", None, device=label, note=f"{type(exc).__name__}: {exc}"[:120]))
+
+    common.print_table(rows, title=f"score (forward only), shape {shape.name}")
+    ours, theirs = common.best(rows, "raydpo"), common.best(rows, "trl")
+    print(f"score/train tokens/s ratio: {ours.tokens_per_s / max(train_rates):.2f} (target >= 2.5)")
+    print(f"speedup_vs_trl: {ours.tokens_per_s / theirs.tokens_per_s if theirs else math.nan}")
+
+
+if __name__ == "__main__":
+    main()

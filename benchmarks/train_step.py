@@ -1,0 +1,291 @@
+"""Train-step throughput with reference log-probs precomputed: our step against a plain loop and TRL.
+
+    python benchmarks/train_step.py --shape tiny|gpt162m|llama1b [--compare trl] [--steps N] [--warmup N]
+                                    [--chunked] [--grad-checkpointing] [--compile]
+
+Our step is `pipeline.train.micro_batch_loss` + backward + grad clipping + AdamW (fused on CUDA), bf16
+autocast over float32 master weights on CUDA, float32 on CPU; the model is built from a config (random
+weights). Rows: a plain loop (full logits -> float32 log_softmax -> gather), our step, and each option
+asked for alone and all together. Tokens = non-pad tokens of the chosen and rejected sequences, prompt
+included. The last line is `speedup_vs_trl: <float>` (best raydpo row over best TRL row, `nan` when no
+TRL figure applies).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import math
+import tempfile
+
+import torch
+
+import common
+from common import Row
+
+OPTIONS = ("chunked", "grad_checkpointing", "compile")
+
+
+def decoder_layers(model):
+    base = model.get_decoder()
+    for name in ("layers", "h"):
+        if hasattr(base, name):
+            return getattr(base, name)
+    raise ValueError(f"{type(model).__name__}: no decoder layer list")
+
+
+def prepare_model(shape: common.Shape, device: torch.device, *, grad_checkpointing: bool, compile: bool):
+    model = common.build_model(shape, device).train()
+    if grad_checkpointing:
+        # transformers 5 renames it activation_checkpointing_enable; the old name warns.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if compile:
+        # Regional compilation: each decoder block once (they share code), so compile time stays short and
+        # hooks around the decoder (the chunked path's) keep working.
+        for layer in decoder_layers(model):
+            layer.compile()
+    return model
+
+
+@contextlib.contextmanager
+def chunked_logprobs(enabled: bool, chunk_size: int):
+    """Route micro_batch_loss through the chunked log-probs.
+
+    Until TrainConfig grows `chunked_logprobs`, the benchmark swaps the name micro_batch_loss calls.
+    """
+    import pipeline.train
+    from pipeline.chunked_logprobs import chunked_pair_logps
+
+    if not enabled:
+        yield
+        return
+    original = pipeline.train.pair_logps
+    pipeline.train.pair_logps = functools.partial(chunked_pair_logps, chunk_size=chunk_size)
+    try:
+        yield
+    finally:
+        pipeline.train.pair_logps = original
+
+
+def plain_loop_loss(model, batch: dict, *, device: torch.device, beta: float, scale: float):
+    """The textbook step: full logits, float32 log_softmax over the vocabulary, gather, mask, DPO loss."""
+    from pipeline.logprobs import collate_pairs
+    from pipeline.losses import PairLogps, compute_loss
+
+    pairs = collate_pairs(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"], pad_id=common.PAD_ID).to(device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    with autocast:
+        logits = model(input_ids=pairs.input_ids, attention_mask=pairs.attention_mask).logits  # (2B, T, V)
+    logp = torch.log_softmax(logits.float(), dim=-1)[:, :-1]  # (2B, T-1, V) float32
+    per_token = logp.gather(-1, pairs.input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    mask = pairs.response_mask[:, 1:]
+    seq = (per_token * mask).sum(-1)
+    b = pairs.num_pairs
+    out = compute_loss("dpo", PairLogps(
+        policy_chosen_logps=seq[:b], policy_rejected_logps=seq[b:],
+        ref_chosen_logps=torch.as_tensor(batch["ref_chosen_logp"], device=device, dtype=torch.float32),
+        ref_rejected_logps=torch.as_tensor(batch["ref_rejected_logp"], device=device, dtype=torch.float32),
+    ), beta=beta)
+    return out.losses.sum() * scale, int(pairs.attention_mask.sum())
+
+
+def measure_train(
+    shape: common.Shape,
+    batches: list[dict],
+    device: torch.device,
+    *,
+    steps: int,
+    warmup: int,
+    plain: bool = False,
+    chunked: bool = False,
+    grad_checkpointing: bool = False,
+    compile: bool = False,
+    chunk_size: int = 1024,
+) -> tuple[float, str, int]:
+    """Time `steps` optimizer steps after `warmup`: (tokens/s, peak memory, model parameters)."""
+    from pipeline.config import TrainConfig
+    from pipeline.train import micro_batch_loss
+
+    common.free_memory(device)
+    model = prepare_model(shape, device, grad_checkpointing=grad_checkpointing, compile=compile)
+    params = common.num_params(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.type == "cuda")
+    pairs = len(batches[0]["prompt_ids"])
+    train = TrainConfig(loss="dpo", beta=0.1, batch_size=pairs, micro_batch_size=pairs, max_grad_norm=1.0)
+    tokens, start = 0, None
+    with chunked_logprobs(chunked, chunk_size):
+        for i in range(warmup + steps):
+            if i == warmup:
+                common.reset_peak_memory(device)
+                start = common.now(device)
+            batch = batches[i % len(batches)]
+            if plain:
+                loss, batch_tokens = plain_loop_loss(model, batch, device=device, beta=train.beta, scale=1.0 / pairs)
+            else:
+                loss, _, batch_tokens = micro_batch_loss(
+                    model, batch, train=train, pad_id=common.PAD_ID, device=device, with_reference=True, scale=1.0 / pairs
+                )
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if i >= warmup:
+                tokens += batch_tokens
+    elapsed = common.now(device) - start
+    memory = common.peak_memory(device)
+    del model, optimizer
+    common.free_memory(device)
+    return tokens / elapsed, memory, params
+
+
+def variants(args) -> list[tuple[str, dict]]:
+    """(row name, options) for every row asked for: each option alone, then all of them together."""
+    chosen = [o for o in OPTIONS if getattr(args, o)]
+    out = [("plain loop (full logits, fp32 log_softmax)", {"plain": True}), ("raydpo micro_batch_loss", {})]
+    label = {"chunked": "chunked logprobs", "grad_checkpointing": "grad checkpointing", "compile": "torch.compile"}
+    for option in chosen:
+        out.append((f"raydpo + {label[option]}", {option: True}))
+    if len(chosen) > 1:
+        out.append(("raydpo + " + " + ".join(label[o] for o in chosen), {o: True for o in chosen}))
+    return out
+
+
+class _StepTimer:
+    """TrainerCallback timing each optimizer step end to end (data, forward, backward, optimizer)."""
+
+    def __init__(self, device):
+        from transformers import TrainerCallback
+
+        timer = self
+
+        class Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                timer.ends = [common.now(device)]
+
+            def on_step_end(self, args, state, control, **kwargs):
+                timer.ends.append(common.now(device))
+
+        self.callback = Callback()
+        self.ends: list[float] = []
+
+
+def measure_trl_train(shape, rows, device, *, steps: int, warmup: int, **overrides) -> tuple[float, str]:
+    """TRL's DPOTrainer on the same pairs, model shape, batch and dtype, reference log-probs precomputed."""
+    from transformers import PrinterCallback
+    from trl import DPOTrainer
+
+    common.quiet_hf()
+    common.free_memory(device)
+    model = common.build_model(shape, device)
+    model.config.use_cache = False
+    timer = _StepTimer(device)
+    with tempfile.TemporaryDirectory() as out:
+        config = common.trl_config(out, pairs=shape.pairs_per_step, steps=warmup + steps, device=device, **overrides)
+        trainer = DPOTrainer(
+            model=model, args=config, train_dataset=common.trl_dataset(rows),
+            processing_class=common.word_tokenizer(shape.vocab), callbacks=[timer.callback],
+        )
+        # Count the tokens of every training batch TRL collates (in order: the sampler is sequential).
+        counts: list[int] = []
+        collate = trainer.data_collator
+
+        def counting_collator(examples):
+            batch = collate(examples)
+            counts.append(int(batch["attention_mask"].sum()))
+            return batch
+
+        trainer.data_collator = counting_collator
+        trainer.remove_callback(PrinterCallback)
+        common.reset_peak_memory(device)
+        trainer.train()
+    memory = common.peak_memory(device)
+    elapsed = timer.ends[warmup + steps] - timer.ends[warmup]
+    tokens = sum(counts[warmup : warmup + steps])
+    del trainer, model
+    common.free_memory(device)
+    return tokens / elapsed, memory
+
+
+def trl_settings(device: torch.device) -> list[tuple[str, dict]]:
+    """TRL settings to try; the best one is TRL's figure. TRL defaults to gradient checkpointing on."""
+    out = [("gc off", {"gradient_checkpointing": False}), ("gc on (TRL default)", {"gradient_checkpointing": True})]
+    if device.type == "cuda" and common.liger_available():
+        out.append(("gc off, liger", {"gradient_checkpointing": False, "use_liger_kernel": True}))
+    return out
+
+
+def trl_rows(shape, rows, device, *, steps: int, warmup: int, label: str, params: int) -> list[Row]:
+    if not common.trl_available():
+        out = [Row("trl DPOTrainer: trl not installed", None, device=common.device_label(device))]
+        gpu = common.gpu_name(device) or ""
+        published = common.TRL_PUBLISHED_TRAIN_TOKENS_PER_S.get(shape.name)
+        if published and common.TRL_PUBLISHED_GPU in gpu:
+            out.append(Row("trl best", published, common.mfu(published, params, device), device=gpu,
+                           note="published figure, not measured in this run"))
+        return out
+    out = []
+    for name, overrides in trl_settings(device):
+        try:
+            rate, memory = measure_trl_train(shape, rows, device, steps=steps, warmup=warmup, **overrides)
+            out.append(Row(f"trl DPOTrainer ({name})", rate, common.mfu(rate, params, device), memory, label))
+        except Exception as exc:  # one failing setting should not hide the others
+            out.append(Row(f"trl DPOTrainer ({name}): failed", None, device=label, note=f"{type(exc).__name__}: {exc}"[:120]))
+    return out
+
+
+def speedup(rows: list[Row]) -> float:
+    ours, theirs = common.best(rows, "raydpo"), common.best(rows, "trl")
+    if ours is None or theirs is None:
+        return math.nan
+    return ours.tokens_per_s / theirs.tokens_per_s
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=sorted(common.SHAPES), default="tiny")
+    p.add_argument("--compare", choices=["trl"], default=None)
+    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (allocator, kernels, compilation)")
+    p.add_argument("--chunked", action="store_true", help="add a row with chunked log-probs")
+    p.add_argument("--grad-checkpointing", action="store_true", help="add a row with activation checkpointing")
+    p.add_argument("--compile", action="store_true", help="add a row with torch.compile (per decoder block)")
+    p.add_argument("--chunk-size", type=int, default=1024, help="response tokens per logits chunk")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0: 1 on a busy CPU, else default")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    shape, device = common.SHAPES[args.shape], common.pick_device(args.device)
+    label = common.device_label(device)
+    threads = common.configure_threads(args.threads, device)
+    print(common.describe_machine(device))
+    print(threads)
+    rows_data = common.make_pairs(shape, (args.warmup + args.steps) * shape.pairs_per_step, seed=args.seed)
+    batches = common.numpy_batches(rows_data, shape.pairs_per_step)
+    print(f"shape {shape.name}: {shape.pairs_per_step} pairs/step, ~{shape.tokens_per_pair} tokens/pair, "
+          f"{args.warmup} warmup + {args.steps} timed steps")
+
+    rows: list[Row] = []
+    params = 0
+    for name, options in variants(args):
+        rate, memory, params = measure_train(
+            shape, batches, device, steps=args.steps, warmup=args.warmup, chunk_size=args.chunk_size, **options
+        )
+        rows.append(Row(name, rate, common.mfu(rate, params, device), memory, label))
+        print(f"  {name}: {rate:,.0f} tokens/s", flush=True)
+    print(f"model: {params / 1e6:.1f}M parameters; MFU = 6 x params x tokens/s / peak")
+    if args.compare == "trl":
+        rows += trl_rows(shape, rows_data, device, steps=args.steps, warmup=args.warmup, label=label, params=params)
+    common.print_table(rows, title=f"train step, shape {shape.name}")
+    print(f"speedup_vs_trl: {speedup(rows)}")
+
+
+if __name__ == "__main__":
+    main()
