@@ -7,7 +7,9 @@ it starts an embedded local Ray.
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Replace (not prepend) the script's own folder: jobs/tokenize.py would otherwise hide the standard
+# library's tokenize module from everything this process imports.
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from pipeline.cli import main  # noqa: E402
 

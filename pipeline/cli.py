@@ -36,6 +36,10 @@ def run_stages(config, stages, *, force: bool) -> dict:
     if "tokenize" in stages and not config.demo.enabled:
         _check_input(config.data.path)  # a missing file is an error before Ray starts, not after
     init_ray(config.ray)
+    from pipeline.resources import check_resources
+
+    # A request this cluster can never satisfy fails now, naming the resource, instead of hanging.
+    check_resources(config, stages=[s for s in stages if s != "score" or train.needs_reference(config)])
     modules = {"tokenize": tokenize, "score": score, "train": train, "evaluate": evaluate}
     manifests = {}
     if config.demo.enabled and "tokenize" in stages:
@@ -62,10 +66,11 @@ def _check_input(path: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     from pipeline.config import ConfigError
     from pipeline.formats import InputError
+    from pipeline.resources import ResourceError
 
     try:
         return _main(argv)
-    except (ConfigError, InputError) as err:
+    except (ConfigError, InputError, ResourceError) as err:
         print(f"dpo: error: {err}", file=sys.stderr)
         return 2
 
