@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import math
 import tempfile
 
@@ -49,26 +48,6 @@ def prepare_model(shape: common.Shape, device: torch.device, *, grad_checkpointi
         for layer in decoder_layers(model):
             layer.compile()
     return model
-
-
-@contextlib.contextmanager
-def chunked_logprobs(enabled: bool, chunk_size: int):
-    """Route micro_batch_loss through the chunked log-probs.
-
-    Until TrainConfig grows `chunked_logprobs`, the benchmark swaps the name micro_batch_loss calls.
-    """
-    import pipeline.train
-    from pipeline.chunked_logprobs import chunked_pair_logps
-
-    if not enabled:
-        yield
-        return
-    original = pipeline.train.pair_logps
-    pipeline.train.pair_logps = functools.partial(chunked_pair_logps, chunk_size=chunk_size)
-    try:
-        yield
-    finally:
-        pipeline.train.pair_logps = original
 
 
 def plain_loop_loss(model, batch: dict, *, device: torch.device, beta: float, scale: float):
@@ -105,6 +84,7 @@ def measure_train(
     grad_checkpointing: bool = False,
     compile: bool = False,
     chunk_size: int = 1024,
+    profile: bool = False,
 ) -> tuple[float, str, int]:
     """Time `steps` optimizer steps after `warmup`: (tokens/s, peak memory, model parameters)."""
     from pipeline.config import TrainConfig
@@ -115,31 +95,45 @@ def measure_train(
     params = common.num_params(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.type == "cuda")
     pairs = len(batches[0]["prompt_ids"])
-    train = TrainConfig(loss="dpo", beta=0.1, batch_size=pairs, micro_batch_size=pairs, max_grad_norm=1.0)
+    train = TrainConfig(loss="dpo", beta=0.1, batch_size=pairs, micro_batch_size=pairs, max_grad_norm=1.0,
+                        chunked_logprobs=chunked, logprob_chunk_size=chunk_size)
     tokens, start = 0, None
-    with chunked_logprobs(chunked, chunk_size):
-        for i in range(warmup + steps):
-            if i == warmup:
-                common.reset_peak_memory(device)
-                start = common.now(device)
-            batch = batches[i % len(batches)]
-            if plain:
-                loss, batch_tokens = plain_loop_loss(model, batch, device=device, beta=train.beta, scale=1.0 / pairs)
-            else:
-                loss, _, batch_tokens = micro_batch_loss(
-                    model, batch, train=train, pad_id=common.PAD_ID, device=device, with_reference=True, scale=1.0 / pairs
-                )
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if i >= warmup:
-                tokens += batch_tokens
+    profiler = _profiler(device) if profile else contextlib.nullcontext()
+    for i in range(warmup + steps):
+        if i == warmup:
+            common.reset_peak_memory(device)
+            start = common.now(device)
+            if profile:
+                profiler.__enter__()
+        batch = batches[i % len(batches)]
+        if plain:
+            loss, batch_tokens = plain_loop_loss(model, batch, device=device, beta=train.beta, scale=1.0 / pairs)
+        else:
+            loss, _, batch_tokens = micro_batch_loss(
+                model, batch, train=train, pad_id=common.PAD_ID, device=device, with_reference=True, scale=1.0 / pairs
+            )
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), train.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if i >= warmup:
+            tokens += batch_tokens
     elapsed = common.now(device) - start
+    if profile:
+        profiler.__exit__(None, None, None)
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(profiler.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70))
     memory = common.peak_memory(device)
     del model, optimizer
     common.free_memory(device)
     return tokens / elapsed, memory, params
+
+
+def _profiler(device: torch.device):
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    return profile(activities=activities)
 
 
 def variants(args) -> list[tuple[str, dict]]:
@@ -257,6 +251,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0: 1 on a busy CPU, else default")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true", help="print the top kernels of each row's timed steps")
     return p.parse_args(argv)
 
 
@@ -276,7 +271,8 @@ def main(argv=None) -> None:
     params = 0
     for name, options in variants(args):
         rate, memory, params = measure_train(
-            shape, batches, device, steps=args.steps, warmup=args.warmup, chunk_size=args.chunk_size, **options
+            shape, batches, device, steps=args.steps, warmup=args.warmup, chunk_size=args.chunk_size,
+            profile=args.profile, **options
         )
         rows.append(Row(name, rate, common.mfu(rate, params, device), memory, label))
         print(f"  {name}: {rate:,.0f} tokens/s", flush=True)
