@@ -61,7 +61,7 @@ SHAPES = {
 }
 
 
-def model_config(shape: Shape):
+def model_config(shape: Shape, *, attn: str = "sdpa"):
     """A transformers config for `shape`, dropout off (the trainer turns it off too)."""
     if shape.arch == "llama":
         from transformers import LlamaConfig
@@ -70,7 +70,7 @@ def model_config(shape: Shape):
             vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.mlp,
             num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
             max_position_embeddings=shape.max_positions, tie_word_embeddings=False, use_cache=False,
-            pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID, attn_implementation="sdpa",
+            pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID, attn_implementation=attn,
         )
     if shape.arch == "gpt2":
         from transformers import GPT2Config
@@ -79,18 +79,18 @@ def model_config(shape: Shape):
             vocab_size=shape.vocab, n_positions=shape.max_positions, n_embd=shape.hidden, n_layer=shape.layers,
             n_head=shape.heads, n_inner=shape.mlp, tie_word_embeddings=False, use_cache=False,
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-            pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID, attn_implementation="sdpa",
+            pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID, attn_implementation=attn,
         )
     raise ValueError(f"unknown arch {shape.arch!r}")
 
 
-def build_model(shape: Shape, device: torch.device, *, dtype: torch.dtype = torch.float32, seed: int = 0):
+def build_model(shape: Shape, device: torch.device, *, dtype: torch.dtype = torch.float32, seed: int = 0, attn: str = "sdpa"):
     """Randomly initialised causal LM of `shape` on `device`; float32 master weights unless told."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     with torch.device(device):  # initialise on the device: a 1.1B model's CPU init takes longer than its benchmark
-        model = AutoModelForCausalLM.from_config(model_config(shape), dtype=dtype)
+        model = AutoModelForCausalLM.from_config(model_config(shape, attn=attn), dtype=dtype)
     return model.to(device)
 
 

@@ -23,19 +23,11 @@ import torch
 import common
 from common import Row
 
-OPTIONS = ("chunked", "grad_checkpointing", "compile")
+OPTIONS = ("packing", "chunked", "grad_checkpointing", "compile")
 
 
-def decoder_layers(model):
-    base = model.get_decoder()
-    for name in ("layers", "h"):
-        if hasattr(base, name):
-            return getattr(base, name)
-    raise ValueError(f"{type(model).__name__}: no decoder layer list")
-
-
-def prepare_model(shape: common.Shape, device: torch.device, *, grad_checkpointing: bool, compile: bool):
-    model = common.build_model(shape, device).train()
+def prepare_model(shape: common.Shape, device: torch.device, *, grad_checkpointing: bool, compile: bool, attn: str = "sdpa"):
+    model = common.build_model(shape, device, attn=attn).train()
     if grad_checkpointing:
         # transformers 5 renames it activation_checkpointing_enable; the old name warns.
         if hasattr(model, "activation_checkpointing_enable"):
@@ -43,10 +35,9 @@ def prepare_model(shape: common.Shape, device: torch.device, *, grad_checkpointi
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if compile:
-        # Regional compilation: each decoder block once (they share code), so compile time stays short and
-        # hooks around the decoder (the chunked path's) keep working.
-        for layer in decoder_layers(model):
-            layer.compile()
+        from pipeline.modeling import compile_decoder_layers
+
+        compile_decoder_layers(model)  # what train.compile does
     return model
 
 
@@ -83,6 +74,8 @@ def measure_train(
     chunked: bool = False,
     grad_checkpointing: bool = False,
     compile: bool = False,
+    packing: bool = False,
+    packed_attn: str = "sdpa",
     chunk_size: int = 1024,
     profile: bool = False,
 ) -> tuple[float, str, int]:
@@ -91,12 +84,13 @@ def measure_train(
     from pipeline.train import micro_batch_loss
 
     common.free_memory(device)
-    model = prepare_model(shape, device, grad_checkpointing=grad_checkpointing, compile=compile)
+    model = prepare_model(shape, device, grad_checkpointing=grad_checkpointing, compile=compile,
+                          attn=packed_attn if packing else "sdpa")
     params = common.num_params(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.type == "cuda")
     pairs = len(batches[0]["prompt_ids"])
     train = TrainConfig(loss="dpo", beta=0.1, batch_size=pairs, micro_batch_size=pairs, max_grad_norm=1.0,
-                        chunked_logprobs=chunked, logprob_chunk_size=chunk_size)
+                        chunked_logprobs=chunked, logprob_chunk_size=chunk_size, packing=packing)
     tokens, start = 0, None
     profiler = _profiler(device) if profile else contextlib.nullcontext()
     for i in range(warmup + steps):
@@ -140,11 +134,14 @@ def variants(args) -> list[tuple[str, dict]]:
     """(row name, options) for every row asked for: each option alone, then all of them together."""
     chosen = [o for o in OPTIONS if getattr(args, o)]
     out = [("plain loop (full logits, fp32 log_softmax)", {"plain": True}), ("raydpo micro_batch_loss", {})]
-    label = {"chunked": "chunked logprobs", "grad_checkpointing": "grad checkpointing", "compile": "torch.compile"}
+    label = {"packing": f"packing ({args.packed_attn})", "chunked": "chunked logprobs", "grad_checkpointing": "grad checkpointing", "compile": "torch.compile"}
     for option in chosen:
         out.append((f"raydpo + {label[option]}", {option: True}))
-    if len(chosen) > 1:
-        out.append(("raydpo + " + " + ".join(label[o] for o in chosen), {o: True for o in chosen}))
+    combos = [chosen]
+    if "grad_checkpointing" in chosen and len(chosen) > 2:
+        combos.insert(0, [o for o in chosen if o != "grad_checkpointing"])  # the fastest set, then the leanest
+    for combo in combos if len(chosen) > 1 else []:
+        out.append(("raydpo + " + " + ".join(label[o] for o in combo), {o: True for o in combo}))
     return out
 
 
@@ -247,6 +244,8 @@ def parse_args(argv=None):
     p.add_argument("--chunked", action="store_true", help="add a row with chunked log-probs")
     p.add_argument("--grad-checkpointing", action="store_true", help="add a row with activation checkpointing")
     p.add_argument("--compile", action="store_true", help="add a row with torch.compile (per decoder block)")
+    p.add_argument("--packing", action="store_true", help="add a row with padding-free packed sequences")
+    p.add_argument("--packed-attn", default="sdpa", help="attention for packed rows: sdpa | flex_attention | flash_attention_2")
     p.add_argument("--chunk-size", type=int, default=1024, help="response tokens per logits chunk")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0: 1 on a busy CPU, else default")
@@ -272,7 +271,7 @@ def main(argv=None) -> None:
     for name, options in variants(args):
         rate, memory, params = measure_train(
             shape, batches, device, steps=args.steps, warmup=args.warmup, chunk_size=args.chunk_size,
-            profile=args.profile, **options
+            packed_attn=args.packed_attn, profile=args.profile, **options
         )
         rows.append(Row(name, rate, common.mfu(rate, params, device), memory, label))
         print(f"  {name}: {rate:,.0f} tokens/s", flush=True)

@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pipeline.logprobs import PairBatch
 
-__all__ = ["chunked_pair_logps", "chunked_sequence_logps", "response_hidden_states"]
+__all__ = ["chunked_pair_logps", "chunked_sequence_logps", "chunked_token_logps", "response_hidden_states"]
 
 
 def _unwrap(model):
@@ -56,23 +56,27 @@ def _last_hidden(output) -> torch.Tensor:
     return output.last_hidden_state
 
 
-def response_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor):
+def response_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, response_mask: torch.Tensor, *, position_ids: torch.Tensor | None = None):
     """Final hidden states at the positions that predict response tokens, packed without padding.
 
     Returns (hidden (M, H), targets (M,) long), M = response tokens in the batch, in row-major order of
     `response_mask[:, 1:]`: entry k is the hidden state at position t - 1 of some row, whose next token
     targets[k] = input_ids[row, t] is a response token. Same shift and mask as `sequence_logps`.
+    `position_ids` (with no attention mask) is how a packed row is passed (`pipeline.packing`).
     """
     bare = _unwrap(model)
     decoder = _decoder(bare)
     captured: list[torch.Tensor] = []
     handle = decoder.register_forward_hook(lambda module, args, output: captured.append(_last_hidden(output)))
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    if position_ids is not None:
+        inputs["position_ids"] = position_ids
     try:
         if "logits_to_keep" in inspect.signature(bare.forward).parameters:
             # Through the (possibly DDP-wrapped) model: its head makes logits for one position only.
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+            model(**inputs, logits_to_keep=1)
         elif model is bare:
-            decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            decoder(**inputs)
         else:
             raise ValueError(f"{type(bare).__name__} has no logits_to_keep: pass the unwrapped model")
     finally:
@@ -125,12 +129,23 @@ def chunked_sequence_logps(
     gradients on and `use_checkpoint`, backward recomputes each chunk instead of keeping its logits.
     `model` may be a Hugging Face causal LM or one wrapped in DDP / torch.compile.
     """
+    hidden, targets = response_hidden_states(model, input_ids, attention_mask, response_mask)  # (M, H), (M,)
+    per_token = chunked_token_logps(model, hidden, targets, chunk_size=chunk_size, use_checkpoint=use_checkpoint)  # (M,)
+    # Back onto the (N, T-1) grid and summed along it, as sequence_logps sums: the same float32 addition
+    # order, so the sums differ only by the per-token rounding.
+    mask = response_mask[:, 1:].bool()
+    grid = per_token.new_zeros(mask.shape).masked_scatter(mask, per_token)  # (N, T-1)
+    return grid.sum(-1), mask.sum(-1)
+
+
+def chunked_token_logps(model, hidden: torch.Tensor, targets: torch.Tensor, *, chunk_size: int = 1024, use_checkpoint: bool = True) -> torch.Tensor:
+    """log p(targets) from final hidden states (M, H) through the model's output layer, `chunk_size` rows
+    at a time: (M,) float32. With gradients on and `use_checkpoint`, backward recomputes each chunk."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     bare = _unwrap(model)
     head = bare.get_output_embeddings()
     transform = _logit_transform(bare)
-    hidden, targets = response_hidden_states(model, input_ids, attention_mask, response_mask)  # (M, H), (M,)
     recompute = use_checkpoint and torch.is_grad_enabled()
     pieces = []
     for start in range(0, hidden.shape[0], chunk_size):
@@ -139,12 +154,7 @@ def chunked_sequence_logps(
             pieces.append(checkpoint(_chunk_token_logps, head, transform, h, t, use_reentrant=False))
         else:
             pieces.append(_chunk_token_logps(head, transform, h, t))
-    per_token = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)  # (M,)
-    # Back onto the (N, T-1) grid and summed along it, as sequence_logps sums: the same float32 addition
-    # order, so the sums differ only by the per-token rounding.
-    mask = response_mask[:, 1:].bool()
-    grid = per_token.new_zeros(mask.shape).masked_scatter(mask, per_token)  # (N, T-1)
-    return grid.sum(-1), mask.sum(-1)
+    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
 
 
 def chunked_pair_logps(model, batch: PairBatch, *, chunk_size: int = 1024, use_checkpoint: bool = True):

@@ -83,12 +83,32 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_model(path: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu", trust_remote_code: bool = False):
+def load_model(
+    path: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu", trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+):
     """Load a causal LM from a hub id or a directory, in `dtype`, on `device`."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
     return model.to(device)
+
+
+def compile_decoder_layers(model) -> None:
+    """`torch.compile` each decoder block in place (regional compilation).
+
+    The blocks share code, so one compilation serves them all and start-up stays short; the model's own
+    forward, its hooks (the chunked log-probs' hook on the decoder) and DDP wrapping are untouched. Fusing
+    the element-wise work between matrix products (norms, rotary embeddings, activations, autocast casts)
+    made the 1.1B train step 1.5x faster on an H100 (benchmarks/README.md).
+    """
+    base = model.get_decoder()
+    layers = next((getattr(base, name) for name in ("layers", "h") if hasattr(base, name)), None)
+    if layers is None:
+        raise ValueError(f"train.compile: {type(model).__name__} has no decoder layer list (layers or h) to compile")
+    for layer in layers:
+        layer.compile()
 
 
 def pick_device(use_gpu: bool) -> str:

@@ -22,7 +22,7 @@ from contextlib import nullcontext
 import torch
 
 from pipeline.config import Config, TrainConfig, loss_names, stage_hash
-from pipeline.logprobs import collate_pairs, collate_sequences, sequence_logps
+from pipeline.logprobs import collate_sequences, sequence_logps
 from pipeline.storage import RunDir
 
 log = logging.getLogger(__name__)
@@ -87,30 +87,48 @@ def reads_only_chosen(loss: str | dict) -> bool:
     return (loss if isinstance(loss, str) else "+".join(loss)) == "sft"
 
 
+PACK_MULTIPLE = 128  # packed rows are padded to a multiple of this: few distinct shapes for compiled kernels
+
+
+def policy_sequence_logps(model, prompts, responses, *, train: TrainConfig, pad_id: int, device):
+    """Response log-prob sums and token counts of N prompt + response sequences under the policy, and the
+    number of real (non-pad) tokens, counted on the CPU: no device sync. Packed or padded, chunked or not,
+    as `train` says; every combination gives the same numbers (tests/test_packing.py, test_chunked_logprobs.py)."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    chunk = train.logprob_chunk_size if train.chunked_logprobs else None
+    if train.packing:
+        from pipeline.packing import pack_sequences, packed_sequence_logps
+
+        packed = pack_sequences(prompts, responses, pad_id=pad_id, multiple_of=PACK_MULTIPLE)
+        with autocast:
+            logps, counts = packed_sequence_logps(model, packed.to(device), chunk_size=chunk)
+        return logps, counts, packed.num_tokens
+    ids, attention, response = collate_sequences(prompts, responses, pad_id=pad_id)
+    tokens = int(attention.sum())
+    seq_logps = sequence_logps
+    if chunk is not None:
+        from pipeline.chunked_logprobs import chunked_sequence_logps
+
+        seq_logps = functools.partial(chunked_sequence_logps, chunk_size=chunk)
+    with autocast:
+        logps, counts = seq_logps(model, ids.to(device), attention.to(device), response.to(device))
+    return logps, counts, tokens
+
+
 def micro_batch_loss(model, batch: dict, *, train: TrainConfig, pad_id: int, device, with_reference: bool, scale: float):
     """Forward one micro-batch, return (loss to backprop, sums of the step's metrics, token count)."""
     from pipeline.losses import PairLogps, compute_loss
 
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    seq_logps = sequence_logps
-    if train.chunked_logprobs:
-        from pipeline.chunked_logprobs import chunked_sequence_logps
-
-        seq_logps = functools.partial(chunked_sequence_logps, chunk_size=train.logprob_chunk_size)
+    b = len(batch["prompt_ids"])
     if reads_only_chosen(train.loss):
         # Preferred-FT never looks at the rejected response: don't pay a forward pass for it.
-        ids, attention, response = collate_sequences(batch["prompt_ids"], batch["chosen_ids"], pad_id=pad_id)
-        tokens = int(attention.sum())  # counted on the CPU: no device sync per micro-batch
-        with autocast:
-            chosen, chosen_len = seq_logps(model, ids.to(device), attention.to(device), response.to(device))
-        rejected, rejected_len = torch.zeros_like(chosen), torch.ones_like(chosen_len)
+        logps, counts, tokens = policy_sequence_logps(model, batch["prompt_ids"], batch["chosen_ids"], train=train, pad_id=pad_id, device=device)
+        chosen, rejected, chosen_len, rejected_len = logps, torch.zeros_like(logps), counts, torch.ones_like(counts)
     else:
-        pairs = collate_pairs(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"], pad_id=pad_id)
-        tokens = int(pairs.attention_mask.sum())
-        pairs = pairs.to(device)
-        with autocast:
-            logps, counts = seq_logps(model, pairs.input_ids, pairs.attention_mask, pairs.response_mask)
-        b = pairs.num_pairs
+        prompts = list(batch["prompt_ids"])
+        logps, counts, tokens = policy_sequence_logps(
+            model, prompts + prompts, list(batch["chosen_ids"]) + list(batch["rejected_ids"]), train=train, pad_id=pad_id, device=device
+        )
         chosen, rejected, chosen_len, rejected_len = logps[:b], logps[b:], counts[:b], counts[b:]
     ref = {}
     if with_reference:
@@ -148,7 +166,7 @@ def train_loop(loop_config: dict) -> None:
     import ray.train.torch
 
     from pipeline.checkpoints import load_training_state, save_training_state
-    from pipeline.modeling import load_model, load_tokenizer, save_pretrained
+    from pipeline.modeling import compile_decoder_layers, load_model, load_tokenizer, save_pretrained
 
     train = TrainConfig(**loop_config["train"])
     if train.torch_threads:
@@ -162,11 +180,16 @@ def train_loop(loop_config: dict) -> None:
     start_step, history = 0, []
     with (checkpoint.as_directory() if checkpoint else nullcontext(None)) as ckpt_dir:
         source = ckpt_dir or loop_config["model_path"]
-        model = load_model(source, dtype=torch.float32, trust_remote_code=loop_config["trust_remote_code"])
+        model = load_model(
+            source, dtype=torch.float32, trust_remote_code=loop_config["trust_remote_code"],
+            attn_implementation=loop_config.get("attn_implementation"),
+        )
         tokenizer = load_tokenizer(source, trust_remote_code=loop_config["trust_remote_code"])
         _disable_dropout(model)
         if train.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if train.compile:
+            compile_decoder_layers(model)
         model.train()
         model = ray.train.torch.prepare_model(model)
         optimizer = torch.optim.AdamW(
@@ -296,6 +319,7 @@ def run(config: Config, *, force: bool = False, data_dir: str | None = None) -> 
             "train": dataclasses.asdict(train),
             "model_path": config.model.path,
             "trust_remote_code": config.model.trust_remote_code,
+            "attn_implementation": config.model.attn_implementation,
             "total_steps": steps,
             "with_reference": source == "score",
         },
