@@ -324,6 +324,25 @@ def best(rows: list[Row], prefix: str) -> Row | None:
     return max(candidates, key=lambda r: r.tokens_per_s) if candidates else None
 
 
+# --- the command line every benchmark shares ----------------------------------------------------------
+
+
+def add_common_args(parser) -> None:
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0: 1 on a busy CPU, else default")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def start(args) -> tuple[Shape, torch.device, str]:
+    """Shape, device and device label from the shared arguments; prints the machine first."""
+    shape, device = SHAPES[args.shape], pick_device(args.device)
+    threads = configure_threads(args.threads, device)
+    print(describe_machine(device))
+    print(threads)
+    return shape, device, device_label(device)
+
+
 # --- TRL, for the comparison rows (an optional benchmark dependency) ------------------------------------
 
 

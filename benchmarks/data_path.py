@@ -20,7 +20,6 @@ import tempfile
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 import common
 import train_step
@@ -52,53 +51,19 @@ def write_shards(rows: dict[str, list], directory: str, *, shards: int) -> None:
 
 def run_loop(shape, batches, device, *, steps: int, warmup: int) -> tuple[float, float, str]:
     """Train on an iterable of numpy micro-batches: (tokens/s after warmup, seconds to first batch, peak memory)."""
-    from pipeline.config import TrainConfig
-    from pipeline.train import micro_batch_loss
-
-    common.free_memory(device)
-    model = train_step.prepare_model(shape, device, grad_checkpointing=False, compile=False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.type == "cuda")
-    pairs = shape.pairs_per_step
-    train = TrainConfig(loss="dpo", batch_size=pairs, micro_batch_size=pairs)
-    stream = iter(batches)
-    begin = common.now(device)
-    first_batch = None
-    tokens, start = 0, None
-    for i in range(warmup + steps):
-        if i == warmup:
-            common.reset_peak_memory(device)
-            start = common.now(device)
-        batch = next(stream)
-        if first_batch is None:
-            first_batch = common.now(device) - begin
-        loss, _, batch_tokens = micro_batch_loss(
-            model, batch, train=train, pad_id=common.PAD_ID, device=device, with_reference=True, scale=1.0 / pairs
-        )
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), train.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if i >= warmup:
-            tokens += batch_tokens
-    elapsed = common.now(device) - start
-    memory = common.peak_memory(device)
-    del model, optimizer
-    common.free_memory(device)
-    return tokens / elapsed, first_batch, memory
+    measured = train_step.measure_train(shape, batches, device, steps=steps, warmup=warmup)
+    return measured.tokens_per_s, measured.first_batch_s, measured.memory
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", choices=sorted(common.SHAPES), default="tiny")
+    common.add_common_args(p)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--prefetch", type=int, default=2, help="Ray Data prefetch_batches")
     p.add_argument("--shards", type=int, default=4)
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds of both feeds; the best of each is kept")
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs given to the local Ray")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0: 1 on a busy CPU, else default")
-    p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 
@@ -106,11 +71,7 @@ def main(argv=None) -> None:
     import ray
 
     args = parse_args(argv)
-    shape, device = common.SHAPES[args.shape], common.pick_device(args.device)
-    label = common.device_label(device)
-    threads = common.configure_threads(args.threads, device)
-    print(common.describe_machine(device))
-    print(threads)
+    shape, device, label = common.start(args)
     micro = shape.pairs_per_step
     n = (args.warmup + args.steps) * micro
     rows_data = common.make_pairs(shape, n, seed=args.seed)

@@ -118,7 +118,7 @@ def measure_trl_precompute(shape, rows, warm_rows, device, *, micro_batch: int, 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", choices=sorted(common.SHAPES), default="tiny")
+    common.add_common_args(p)
     p.add_argument("--compare", choices=["trl"], default=None)
     p.add_argument("--pairs", type=int, default=0, help="pairs scored in the timed pass; 0: 8 micro-batches")
     p.add_argument("--micro-batch", type=int, default=0, help="pairs per forward; 0: the shape's default")
@@ -128,19 +128,12 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--train-steps", type=int, default=5, help="timed steps of the train-step row (for the ratio)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0: 1 on a busy CPU, else default")
-    p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    shape, device = common.SHAPES[args.shape], common.pick_device(args.device)
-    label = common.device_label(device)
-    threads = common.configure_threads(args.threads, device)
-    print(common.describe_machine(device))
-    print(threads)
+    shape, device, label = common.start(args)
     micro = args.micro_batch or shape.score_micro_batch
     n = args.pairs or 8 * micro
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -167,7 +160,7 @@ def main(argv=None) -> None:
     train_batches = common.numpy_batches(common.make_pairs(shape, (args.warmup + args.train_steps) * shape.pairs_per_step, seed=args.seed), shape.pairs_per_step)
     train_rates = []
     for chunked in ([False, True] if args.chunked else [False]):
-        rate, memory, _ = train_step.measure_train(shape, train_batches, device, steps=args.train_steps, warmup=args.warmup,
+        rate, memory, _, _ = train_step.measure_train(shape, train_batches, device, steps=args.train_steps, warmup=args.warmup,
                                                    chunked=chunked, chunk_size=args.chunk_size)
         train_rates.append(rate)
         rows.append(Row("train step (ours)" + (" + chunked logprobs" if chunked else ""), rate,

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import math
 import tempfile
+from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 
@@ -63,9 +66,16 @@ def plain_loop_loss(model, batch: dict, *, device: torch.device, beta: float, sc
     return out.losses.sum() * scale, int(pairs.attention_mask.sum())
 
 
+class Measured(NamedTuple):
+    tokens_per_s: float
+    memory: str  # peak memory, formatted
+    params: int
+    first_batch_s: float  # seconds from the loop's start to its first batch (the data path's start-up)
+
+
 def measure_train(
     shape: common.Shape,
-    batches: list[dict],
+    batches: Iterable[dict],
     device: torch.device,
     *,
     steps: int,
@@ -78,8 +88,9 @@ def measure_train(
     packed_attn: str = "sdpa",
     chunk_size: int = 1024,
     profile: bool = False,
-) -> tuple[float, str, int]:
-    """Time `steps` optimizer steps after `warmup`: (tokens/s, peak memory, model parameters)."""
+) -> Measured:
+    """Time `steps` optimizer steps after `warmup` over `batches` (a list is cycled; an iterator, such as
+    Ray Data's, is read once and must hold warmup + steps batches)."""
     from pipeline.config import TrainConfig
     from pipeline.train import micro_batch_loss
 
@@ -91,15 +102,19 @@ def measure_train(
     pairs = len(batches[0]["prompt_ids"])
     train = TrainConfig(loss="dpo", beta=0.1, batch_size=pairs, micro_batch_size=pairs, max_grad_norm=1.0,
                         chunked_logprobs=chunked, logprob_chunk_size=chunk_size, packing=packing)
-    tokens, start = 0, None
+    tokens, start, first_batch = 0, None, None
     profiler = _profiler(device) if profile else contextlib.nullcontext()
+    stream = itertools.cycle(batches) if isinstance(batches, list) else iter(batches)
+    begin = common.now(device)
     for i in range(warmup + steps):
         if i == warmup:
             common.reset_peak_memory(device)
             start = common.now(device)
             if profile:
                 profiler.__enter__()
-        batch = batches[i % len(batches)]
+        batch = next(stream)
+        if first_batch is None:
+            first_batch = common.now(device) - begin
         if plain:
             loss, batch_tokens = plain_loop_loss(model, batch, device=device, beta=train.beta, scale=1.0 / pairs)
         else:
@@ -120,7 +135,7 @@ def measure_train(
     memory = common.peak_memory(device)
     del model, optimizer
     common.free_memory(device)
-    return tokens / elapsed, memory, params
+    return Measured(tokens / elapsed, memory, params, first_batch)
 
 
 def _profiler(device: torch.device):
@@ -237,7 +252,7 @@ def speedup(rows: list[Row]) -> float:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", choices=sorted(common.SHAPES), default="tiny")
+    common.add_common_args(p)
     p.add_argument("--compare", choices=["trl"], default=None)
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (allocator, kernels, compilation)")
@@ -247,20 +262,13 @@ def parse_args(argv=None):
     p.add_argument("--packing", action="store_true", help="add a row with padding-free packed sequences")
     p.add_argument("--packed-attn", default="sdpa", help="attention for packed rows: sdpa | flex_attention | flash_attention_2")
     p.add_argument("--chunk-size", type=int, default=1024, help="response tokens per logits chunk")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0: 1 on a busy CPU, else default")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true", help="print the top kernels of each row's timed steps")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    shape, device = common.SHAPES[args.shape], common.pick_device(args.device)
-    label = common.device_label(device)
-    threads = common.configure_threads(args.threads, device)
-    print(common.describe_machine(device))
-    print(threads)
+    shape, device, label = common.start(args)
     rows_data = common.make_pairs(shape, (args.warmup + args.steps) * shape.pairs_per_step, seed=args.seed)
     batches = common.numpy_batches(rows_data, shape.pairs_per_step)
     print(f"shape {shape.name}: {shape.pairs_per_step} pairs/step, ~{shape.tokens_per_pair} tokens/pair, "
@@ -269,7 +277,7 @@ def main(argv=None) -> None:
     rows: list[Row] = []
     params = 0
     for name, options in variants(args):
-        rate, memory, params = measure_train(
+        rate, memory, params, _ = measure_train(
             shape, batches, device, steps=args.steps, warmup=args.warmup, chunk_size=args.chunk_size,
             packed_attn=args.packed_attn, profile=args.profile, **options
         )
