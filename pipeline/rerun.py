@@ -28,7 +28,7 @@ STAGES = ("tokenize", "score", "train", "evaluate")
 class Plan:
     """What to execute: `run` in order, redoing those in `force`; `current` were finished before."""
 
-    stages: tuple[str, ...]  # the stages of this run's pipeline, in order (score absent if no reference)
+    stages: tuple[str, ...]  # the stages asked for, in order (score absent if no reference, none past --to-stage)
     current: tuple[str, ...]  # finished and up to date now
     run: tuple[str, ...]
     force: frozenset[str]
@@ -101,17 +101,17 @@ def make_plan(stages: tuple[str, ...], current: tuple[str, ...], *, from_stage: 
             raise ConfigError(
                 f"--only {only}: the stage before it, {missing[0]}, is not finished for this config "
                 f"(no manifest, or its config or input changed); run `dpo run --to-stage {only}` first")
-        return Plan(stages, current, (only,), frozenset({only}))
+        return Plan((only,), current, (only,), frozenset({only}))
     wanted = stages[:last]
     if force:
-        return Plan(stages, current, wanted, frozenset(wanted))
+        return Plan(wanted, current, wanted, frozenset(wanted))
     if from_stage:
         start = stages.index(from_stage)
         if start >= last:
             raise ConfigError(f"--from-stage {from_stage} comes after --to-stage {to_stage}")
         before = tuple(s for s in stages[:start] if s not in current)
-        return Plan(stages, current, before + wanted[start:], frozenset(wanted[start:]))
-    return Plan(stages, current, tuple(s for s in wanted if s not in current), frozenset())
+        return Plan(wanted, current, before + wanted[start:], frozenset(wanted[start:]))
+    return Plan(wanted, current, tuple(s for s in wanted if s not in current), frozenset())
 
 
 def plan_run(config: Config, **flags) -> Plan:

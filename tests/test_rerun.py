@@ -63,6 +63,7 @@ def test_the_nothing_to_do_line_names_the_stages():
     line = make_plan(STAGES, STAGES).describe("s3://b/run")
     assert line == ("run s3://b/run: every stage finished (tokenize, score, train, evaluate); nothing to do. "
                     "Use --from-stage to redo.")
+    assert "every stage finished (tokenize, score, train);" in make_plan(STAGES, STAGES, to_stage="train").describe("r")
     assert make_plan(STAGES, ("tokenize",)).describe("r") == "run r: running score, train, evaluate; finished already: tokenize"
 
 
