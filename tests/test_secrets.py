@@ -1,8 +1,9 @@
 """The judge's API key never lands in a run: not in manifests, logs, reports, caches, JSONL or Parquet bytes.
 
-One small `dpo run` on the tiny model, evaluated by the API judge against the scripted loopback server of
-tests/test_api_judge.py, with the key planted in the environment; then every file under the run directory
-(checkpoints and Ray Train's own state included) and the command's output are searched for it.
+One small `dpo run` on the tiny model (sft: no score stage, to keep it short), evaluated by the API judge
+against the scripted loopback server of tests/test_api_judge.py, with the key planted in the environment;
+then every file under the run directory (checkpoints and Ray Train's own state included) and the command's
+output are searched for it.
 """
 
 from __future__ import annotations
@@ -32,10 +33,9 @@ def test_the_judge_key_is_used_but_never_written(tmp_path, tiny_model_dir):
         "data": {"path": str(write_pairs(tmp_path / "pairs.jsonl", 24)), "eval_fraction": 0.25},
         "model": {"path": str(tiny_model_dir)},
         "tokenize": {"max_prompt_length": 16, "max_length": 40},
-        "score": {"batch_size": 32, "cpus_per_actor": 0.5},
-        "train": {"learning_rate": 1e-3, "max_steps": 2, "checkpoint_steps": 1, "batch_size": 4,
+        "train": {"loss": "sft", "learning_rate": 1e-3, "max_steps": 2, "checkpoint_steps": 1, "batch_size": 4,
                   "micro_batch_size": 4, "cpus_per_worker": 0.5},
-        "evaluate": {"num_prompts": 3, "temperatures": [0.0, 1.0], "max_tokens": 6, "bootstrap_samples": 50,
+        "evaluate": {"num_prompts": 3, "temperatures": [1.0], "max_tokens": 6, "bootstrap_samples": 50,
                      "judge": "api",
                      "judge_api": {"base_url": server.url, "model": "judge-model", "api_key_env": KEY_ENV,
                                    "prompt_template": TEMPLATE, "max_retries": 1, "backoff_base_s": 0.01,
