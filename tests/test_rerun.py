@@ -140,3 +140,15 @@ def test_submission_id_is_stable_and_changes_with_the_work(config):
     assert submission_id(load_config(None, [*base, "run_dir=/elsewhere"]), "train") != submission_id(config, "train")
     with pytest.raises(ConfigError, match="--stage sample"):
         submission_id(config, "sample")
+
+
+def test_a_job_api_address_in_ray_address_is_a_clear_error(monkeypatch):
+    import ray
+
+    from pipeline.config import RayConfig
+    from pipeline.ray_setup import init_ray
+
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    with pytest.raises(ConfigError, match="job API address: use it with `ray job submit`"):
+        init_ray(RayConfig())
+    assert not ray.is_initialized()
