@@ -289,9 +289,12 @@ def test_a_stopped_job_resumes_on_s3_and_matches_the_uninterrupted_run(head, con
 
     assert submit(head, job_id, config_file, run_dir).returncode == 0
     deadline = time.monotonic() + 300
+    polls = 0
     while not any("/step-" in p for p in s3_files("stopped/train.work")):
         assert time.monotonic() < deadline, "no checkpoint on S3 within 5 minutes"
-        assert status(head, job_id) not in TERMINAL, follow(head, job_id, timeout=1)[1][-4000:]
+        polls += 1
+        if polls % 25 == 0:  # `ray job status` is a second or more: not on every poll, or the stop lands late
+            assert status(head, job_id) not in TERMINAL, follow(head, job_id, timeout=1)[1][-4000:]
         time.sleep(0.2)
     stopped = head.ray("job", "stop", "--address", head.address, job_id)
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
@@ -309,6 +312,7 @@ def test_a_stopped_job_resumes_on_s3_and_matches_the_uninterrupted_run(head, con
     assert "finished already: tokenize, score" in logs
     resumed = re.search(r"train: resuming at step (\d+) from checkpoint \S*stopped/train.work/\S+/step-(\d+)", logs)
     assert resumed and int(resumed.group(1)) == int(resumed.group(2)) >= 4, logs[-6000:]
+    print(f"stopped and resumed at step {resumed.group(1)} of {STEPS}")
 
     first, second = metrics("straight"), metrics("stopped")
     assert [m["step"] for m in second] == list(range(1, STEPS + 1))  # the history before the stop came back
