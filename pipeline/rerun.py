@@ -55,7 +55,8 @@ def pipeline_stages(config: Config) -> tuple[str, ...]:
 
 def current_stages(config: Config, stages: tuple[str, ...]) -> tuple[str, ...]:
     """The leading stages whose manifests match this config and their upstream (read-only, no Ray)."""
-    from pipeline.demo import STAGE as DEMO, demo_hash
+    from pipeline.demo import STAGE as DEMO
+    from pipeline.demo import demo_hash
 
     run_dir = RunDir(config.run_dir)
     if config.demo.enabled and not run_dir.is_finished(DEMO, config_hash=demo_hash(config), upstream_hash=None):

@@ -147,7 +147,7 @@ def s3():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_ports(1)[0], verbose=False)
     server.start()
     env = {
-        "AWS_ENDPOINT_URL": "http://127.0.0.1:%d" % server.get_host_and_port()[1],
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.get_host_and_port()[1]}",
         "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
     }
     with pytest.MonkeyPatch.context() as mp:
@@ -303,7 +303,8 @@ def test_a_stopped_job_resumes_on_s3_and_matches_the_uninterrupted_run(head, con
     assert not s3_files("stopped/train/manifest.json"), "training finished before the stop landed"
 
     # The id is still taken; `ray job delete` frees it, and the same submission resumes the work.
-    assert "already exists" in (lambda r: r.stdout + r.stderr)(submit(head, job_id, config_file, run_dir))
+    again = submit(head, job_id, config_file, run_dir)
+    assert "already exists" in again.stdout + again.stderr
     deleted = head.ray("job", "delete", "--address", head.address, job_id)
     assert deleted.returncode == 0, deleted.stdout + deleted.stderr
     assert submit(head, job_id, config_file, run_dir).returncode == 0
