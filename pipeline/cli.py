@@ -4,8 +4,10 @@
     dpo tokenize|score|train|evaluate --config X       one stage
     dpo sweep --config X --set train.beta=[0.05,0.5]   several policies from one score stage
     dpo inspect tokenize --config X                    the tokenize audit as a table
+    dpo submission-id --config X [--stage S]           the `ray job submit --submission-id` of this work
     --set a.b=value                                    override any config key (repeatable)
     --force                                            redo the named stage(s) even if finished
+    run --from-stage S | --only S | --to-stage S       redo S and what follows | redo S alone | stop after S
 """
 
 from __future__ import annotations
@@ -14,22 +16,27 @@ import argparse
 import logging
 import sys
 
-STAGES = ("tokenize", "score", "train", "evaluate")
+from pipeline.rerun import STAGES
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpo", description="Direct Preference Optimization as Ray stages.")
-    parser.add_argument("command", choices=("run", *STAGES, "sweep", "inspect"))
+    parser.add_argument("command", choices=("run", *STAGES, "sweep", "inspect", "submission-id"))
     parser.add_argument("target", nargs="?", help="for inspect: the stage to show (tokenize)")
     parser.add_argument("--config", required=True, help="experiment YAML (see configs/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set train.beta=0.5 (repeatable)")
     parser.add_argument("--force", action="store_true", help="redo finished stages instead of skipping them")
+    parser.add_argument("--from-stage", choices=STAGES, help="run: redo this stage and every stage after it")
+    parser.add_argument("--only", choices=STAGES, help="run: redo this stage alone (the stages before it must be finished)")
+    parser.add_argument("--to-stage", choices=STAGES, help="run: stop after this stage")
+    parser.add_argument("--stage", default="run", choices=("run", *STAGES),
+                        help="submission-id: the id of a job running this stage (default: the whole run)")
     return parser
 
 
-def run_stages(config, stages, *, force: bool) -> dict:
-    """Run `stages` in order; a stage the losses don't need (score for reference-free) is skipped."""
+def run_stages(config, stages, *, force: bool | frozenset[str]) -> dict:
+    """Run `stages` in order, redoing those in `force` (True: all); score is skipped for reference-free losses."""
     from pipeline import demo, evaluate, score, tokenize, train
     from pipeline.ray_setup import init_ray
 
@@ -41,14 +48,15 @@ def run_stages(config, stages, *, force: bool) -> dict:
     # A request this cluster can never satisfy fails now, naming the resource, instead of hanging.
     check_resources(config, stages=[s for s in stages if s != "score" or train.needs_reference(config)])
     modules = {"tokenize": tokenize, "score": score, "train": train, "evaluate": evaluate}
+    forced = frozenset(stages) if force is True else frozenset(force or ())
     manifests = {}
     if config.demo.enabled and "tokenize" in stages:
-        manifests["demo"] = demo.prepare(config, force=force)
+        manifests["demo"] = demo.prepare(config, force=force is True)  # redone only by --force itself
     for stage in stages:
         if stage == "score" and not train.needs_reference(config):
             logging.info("score: skipped, the configured loss needs no reference model")
             continue
-        manifests[stage] = modules[stage].run(config, force=force)
+        manifests[stage] = modules[stage].run(config, force=stage in forced)
     return manifests
 
 
@@ -78,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    from pipeline.config import load_config
+    from pipeline.config import ConfigError, load_config
 
     if args.command == "sweep":
         from pipeline import sweep
@@ -87,6 +95,13 @@ def _main(argv: list[str] | None) -> int:
         print(f"report: {load_config(args.config, sweep.split_overrides(args.overrides)[0]).run_dir}/sweep/evaluate/report.md")
         return 0
     config = load_config(args.config, args.overrides)
+    if args.command != "run" and (args.from_stage or args.only or args.to_stage):
+        raise ConfigError("--from-stage, --only and --to-stage go with `dpo run`")
+    if args.command == "submission-id":
+        from pipeline.rerun import submission_id
+
+        print(submission_id(config, args.stage))
+        return 0
     if args.command == "inspect":
         from pipeline.inspection import print_tokenize_audit
 
@@ -94,8 +109,16 @@ def _main(argv: list[str] | None) -> int:
             raise SystemExit("dpo inspect: only `dpo inspect tokenize` is available")
         print_tokenize_audit(config)
         return 0
-    stages = STAGES if args.command == "run" else (args.command,)
-    manifests = run_stages(config, stages, force=args.force)
+    if args.command == "run":
+        from pipeline.rerun import plan_run
+
+        plan = plan_run(config, from_stage=args.from_stage, only=args.only, to_stage=args.to_stage, force=args.force)
+        print(plan.describe(config.run_dir), flush=True)
+        if not plan.run:
+            return 0  # nothing to do: no Ray started
+        manifests = run_stages(config, plan.run, force=True if args.force else plan.force)  # --force: the demo too
+    else:
+        manifests = run_stages(config, (args.command,), force=args.force)
     from pipeline.storage import RunDir
 
     run_dir = RunDir(config.run_dir)

@@ -46,6 +46,11 @@ def sft_config(config: Config, base_model: str, sft_data: str) -> Config:
     )
 
 
+def demo_hash(config: Config) -> str:
+    """What the demo's data and reference model depend on."""
+    return section_hash(config, ("demo", "train.num_workers"))
+
+
 def prepare(config: Config, *, force: bool = False) -> dict:
     """Make the demo's reference model and preference pairs under <run_dir>/demo (skipped when done)."""
     from pipeline import demo_task, tokenize, train
@@ -56,7 +61,7 @@ def prepare(config: Config, *, force: bool = False) -> dict:
     if "://" in config.run_dir:
         raise ValueError("the demo writes its model locally: use a local run_dir for it")
     d = config.demo
-    config_hash = section_hash(config, ("demo", "train.num_workers"))
+    config_hash = demo_hash(config)
     if not force and run_dir.is_finished(STAGE, config_hash=config_hash, upstream_hash=None):
         log.info("demo: data and reference model ready (%s), skipping", run_dir.uri_of(STAGE))
         return run_dir.manifest(STAGE)

@@ -20,6 +20,13 @@ def init_ray(config: RayConfig) -> None:
     if ray.is_initialized():
         return
     address = config.address or os.environ.get("RAY_ADDRESS")
+    if address and address.startswith(("http://", "https://")):
+        from pipeline.config import ConfigError
+
+        # The usual slip after `export RAY_ADDRESS=http://127.0.0.1:8265` for `ray job submit`.
+        raise ConfigError(
+            f"RAY_ADDRESS={address} is a job API address: use it with `ray job submit`, which runs this "
+            "command on the cluster; to run it here, unset RAY_ADDRESS (or set ray.address to host:6379)")
     if address:
         ray.init(address=address, log_to_driver=True)
     else:

@@ -197,6 +197,8 @@ def train_loop(loop_config: dict) -> None:
         )
         if ckpt_dir:
             start_step, history = load_training_state(ckpt_dir, optimizer)
+            if rank == 0:
+                print(f"train: resuming at step {start_step} from checkpoint {checkpoint.path}", flush=True)
     bare = model.module if hasattr(model, "module") else model
 
     steps, accum = loop_config["total_steps"], accumulation(train)

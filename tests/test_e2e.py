@@ -46,7 +46,7 @@ def test_rerun_is_a_no_op_and_one_stage_can_be_forced(run_dir):
     before = json.loads((run_dir / "train" / "manifest.json").read_text())
     again = dpo("run", "--config", "configs/demo_smoke.yaml", "--set", f"run_dir={run_dir}")
     assert again.returncode == 0, again.stderr[-4000:]
-    assert "finished already" in again.stderr
+    assert "every stage finished (tokenize, score, train, evaluate); nothing to do" in again.stdout
     assert json.loads((run_dir / "train" / "manifest.json").read_text()) == before
     forced = dpo("evaluate", "--config", "configs/demo_smoke.yaml", "--set", f"run_dir={run_dir}", "--force")
     assert forced.returncode == 0, forced.stderr[-4000:]
