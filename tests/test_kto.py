@@ -103,7 +103,10 @@ def hand_logp(model, prompt: list[int], completion: list[int]) -> float:
 
 def kto_rows(n: int, *, seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
-    rand = lambda k: torch.randint(3, 250, (k,), generator=g).tolist()  # noqa: E731
+
+    def rand(k: int) -> list[int]:
+        return torch.randint(3, 250, (k,), generator=g).tolist()
+
     return {
         "prompt_ids": [rand(2 + i % 3) for i in range(n)],
         "chosen_ids": [rand(1 + i % 4) for i in range(n)],

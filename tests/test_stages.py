@@ -192,9 +192,9 @@ def write_unpaired(path, n: int, *, desirable: int) -> None:
     from tests.conftest import CORPUS
 
     rng = random.Random(1)
+    rows = [{"prompt": f"review {i}:", "completion": " " + rng.choice(CORPUS), "label": i < desirable} for i in range(n)]
     with open(path, "w") as f:
-        for i in range(n):
-            f.write(json.dumps({"prompt": f"review {i}:", "completion": " " + rng.choice(CORPUS), "label": i < desirable}) + "\n")
+        f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +217,7 @@ def kto_run(tmp_path_factory, tiny_model_dir, ray_local):
         "train.learning_rate=0.0",  # policy == reference: every log-ratio is 0 and so is z
         "train.max_steps=2",
         "train.batch_size=16",  # every step is the whole split, so its class counts are known
-        "train.micro_batch_size=4",
+        "train.micro_batch_size=8",  # two micro-batches per step share the step's z
         "train.cpus_per_worker=0.5",
     ])
     return config, {"tokenize": tokenize.run(config), "score": score.run(config), "train": train.run(config)}
