@@ -67,6 +67,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     gamma: float = 0.5
     alpha: float = 1.0
+    desirable_weight: float = 1.0  # KTO's lambda_D; keep lambda_D n_D / (lambda_U n_U) in [1, 4/3] (the paper)
+    undesirable_weight: float = 1.0  # KTO's lambda_U
     learning_rate: float = 5e-7
     max_steps: int | None = None  # wins over epochs when set
     epochs: int = 1

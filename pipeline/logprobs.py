@@ -7,7 +7,8 @@ tokenization, masking or shifting between stages shows up there.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,3 +96,15 @@ def pair_logps(model, batch: PairBatch):
     logps, counts = sequence_logps(model, batch.input_ids, batch.attention_mask, batch.response_mask)
     b = batch.num_pairs
     return logps[:b], logps[b:], counts[:b], counts[b:]
+
+
+def sequence_logps_fn(*, chunked: bool, chunk_size: int) -> Callable:
+    """`sequence_logps`, or its chunked twin (response positions only, lm_head chunk by chunk) when `chunked`.
+
+    Both have the signature (model, input_ids, attention_mask, response_mask) -> (logps, counts).
+    """
+    if not chunked:
+        return sequence_logps
+    from pipeline.chunked_logprobs import chunked_sequence_logps
+
+    return functools.partial(chunked_sequence_logps, chunk_size=chunk_size)

@@ -38,6 +38,7 @@ __all__ = [
     "hinge_loss",
     "ipo_loss",
     "kto_loss",
+    "kto_reference_point",
     "orpo_loss",
     "robust_loss",
     "rpo_loss",
@@ -325,6 +326,18 @@ def unlikelihood_loss(batch: PairLogps, *, beta: float, alpha: float = 1.0) -> L
 # unpaired
 
 
+def kto_reference_point(kl_policy_logps: torch.Tensor, kl_ref_logps: torch.Tensor) -> torch.Tensor:
+    """KTO's z = max(0, mean(kl_policy - kl_ref)), detached: a () tensor in log-ratio units (nats).
+
+    The mean log-ratio of mismatched prompt/completion pairs estimates KL(policy || ref) (Ethayarajh
+    et al. 2024, Sec. 4.1); clamped at 0 because a KL is never negative, and detached so the policy
+    cannot lower its loss by moving the reference point. Shapes: (M,), (M,) -> ().
+    """
+    if kl_policy_logps.numel() == 0:
+        raise ValueError("kto needs at least one mismatched pair (kl_policy_logps is empty) to estimate its reference point")
+    return (kl_policy_logps - kl_ref_logps).mean().clamp(min=0).detach()
+
+
 def kto_loss(
     batch: KtoLogps, *, beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0
 ) -> LossOutput:
@@ -340,9 +353,11 @@ def kto_loss(
     Shapes: (N,) in; loss is the mean over all N examples; chosen_rewards = beta r of the desirable
     examples (N_D,), rejected_rewards = beta r of the undesirable ones (N_U,): lengths may differ.
     """
+    if desirable_weight < 0 or undesirable_weight < 0:
+        raise ValueError(f"kto needs desirable_weight, undesirable_weight >= 0, got {desirable_weight}, {undesirable_weight}")
     labels = batch.labels.to(torch.bool)
     ratio = batch.policy_logps - batch.ref_logps  # (N,)
-    kl = (batch.kl_policy_logps - batch.kl_ref_logps).mean().clamp(min=0).detach()
+    kl = kto_reference_point(batch.kl_policy_logps, batch.kl_ref_logps)
     # 1 - sigmoid(x) == sigmoid(-x), which keeps full precision when sigmoid(x) is close to 1.
     desirable = desirable_weight * torch.sigmoid(-beta * (ratio - kl))
     undesirable = undesirable_weight * torch.sigmoid(-beta * (kl - ratio))

@@ -29,6 +29,19 @@ SCORED = pa.schema(
     ]
 )
 
+# score/{train,eval}/part-*.parquet for unpaired (KTO) data: the scored rows plus the mismatched pair
+# behind KTO's reference point. Each row's prompt is paired with ANOTHER row's completion (see
+# pipeline.kto.kl_partners); the trainer scores the same pair under the policy, so the KL estimate
+# z = max(0, mean(policy - ref)) over a batch needs no reference model in training memory.
+SCORED_KTO = pa.schema(
+    list(SCORED)
+    + [
+        ("kl_partner_id", pa.string()),  # id of the row whose completion is borrowed
+        ("kl_completion_ids", _ids),  # that completion, cut to fit max_length after this row's prompt
+        ("ref_kl_logp", pa.float64()),  # sum over kl_completion_ids of log pi_ref(. | this row's prompt)
+    ]
+)
+
 # evaluate/samples.parquet: one row per sampled completion.
 SAMPLES = pa.schema(
     [

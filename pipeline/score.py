@@ -3,6 +3,9 @@
 A Ray Data actor pool holds the reference model (one GPU, or a fraction, per actor). The log-probs come
 from `pipeline.logprobs.pair_logps`, the very function the trainer calls on the policy. After this stage
 the reference model is never needed in training memory.
+
+Unpaired (KTO) data also gets, per row, another row's completion after this row's prompt and its
+reference log-prob: KTO's reference point is estimated on such mismatched pairs (see pipeline.kto).
 """
 
 from __future__ import annotations
@@ -12,11 +15,14 @@ import logging
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import torch
 
 from pipeline.config import Config, stage_hash
+from pipeline.kto import with_kl_completions
 from pipeline.logprobs import collate_pairs, pair_logps
-from pipeline.schemas import SCORED
+from pipeline.schemas import SCORED, SCORED_KTO
 from pipeline.storage import RunDir, read_parquet_dir
 
 log = logging.getLogger(__name__)
@@ -31,29 +37,54 @@ def reference_path(config: Config) -> str:
     return config.model.ref_path or config.model.path
 
 
-def score_pairs(model, table: pa.Table, *, pad_id: int, micro_batch: int, device: str) -> pa.Table:
-    """Add ref_chosen_logp and ref_rejected_logp (float64 sums over response tokens) to `table`.
+def _score_two(model, prompts: list, first: list, second: list, *, pad_id: int, micro_batch: int, device: str):
+    """Reference log-probs (float64 sums) of prompt + first[i] and prompt + second[i], each (n,).
 
-    Pure over an Arrow table: no Ray. Pairs are scored in micro-batches of similar length (sorted by
-    length, then put back in order) so little compute goes to padding.
+    Rows are scored in micro-batches of similar length (sorted by length, then put back in order) so
+    little compute goes to padding.
     """
-    n = table.num_rows
-    chosen_logp = np.zeros(n, dtype=np.float64)
-    rejected_logp = np.zeros(n, dtype=np.float64)
-    prompts = table["prompt_ids"].to_pylist()
-    chosen = table["chosen_ids"].to_pylist()
-    rejected = table["rejected_ids"].to_pylist()
-    total = np.array([len(p) + max(len(c), len(r)) for p, c, r in zip(prompts, chosen, rejected)])
+    n = len(prompts)
+    first_logp = np.zeros(n, dtype=np.float64)
+    second_logp = np.zeros(n, dtype=np.float64)
+    total = np.array([len(p) + max(len(a), len(b)) for p, a, b in zip(prompts, first, second)])
     order = np.argsort(total, kind="stable")
     with torch.inference_mode():
         for start in range(0, n, micro_batch):
             idx = order[start : start + micro_batch]
-            batch = collate_pairs([prompts[i] for i in idx], [chosen[i] for i in idx], [rejected[i] for i in idx], pad_id=pad_id)
-            c, r, _, _ = pair_logps(model, batch.to(device))
-            chosen_logp[idx] = c.double().cpu().numpy()
-            rejected_logp[idx] = r.double().cpu().numpy()
+            batch = collate_pairs([prompts[i] for i in idx], [first[i] for i in idx], [second[i] for i in idx], pad_id=pad_id)
+            a, b, _, _ = pair_logps(model, batch.to(device))
+            first_logp[idx] = a.double().cpu().numpy()
+            second_logp[idx] = b.double().cpu().numpy()
+    return first_logp, second_logp
+
+
+def score_pairs(model, table: pa.Table, *, pad_id: int, micro_batch: int, device: str) -> pa.Table:
+    """Add ref_chosen_logp and ref_rejected_logp (float64 sums over response tokens) to `table`.
+
+    Pure over an Arrow table: no Ray.
+    """
+    chosen_logp, rejected_logp = _score_two(
+        model, table["prompt_ids"].to_pylist(), table["chosen_ids"].to_pylist(), table["rejected_ids"].to_pylist(),
+        pad_id=pad_id, micro_batch=micro_batch, device=device,
+    )
     # An unpaired (KTO) row has no rejected response: its log-prob is a sum over nothing.
     return table.append_column("ref_chosen_logp", pa.array(chosen_logp)).append_column("ref_rejected_logp", pa.array(rejected_logp))
+
+
+def score_unpaired(model, table: pa.Table, *, pad_id: int, micro_batch: int, device: str) -> pa.Table:
+    """For KTO rows that carry kl_completion_ids (see pipeline.kto): add ref_chosen_logp (the completion),
+    ref_rejected_logp (0: there is no rejected response) and ref_kl_logp (the mismatched completion
+    after this row's prompt). Both completions of a row share one padded forward pass. Pure: no Ray.
+    """
+    completion_logp, kl_logp = _score_two(
+        model, table["prompt_ids"].to_pylist(), table["chosen_ids"].to_pylist(), table["kl_completion_ids"].to_pylist(),
+        pad_id=pad_id, micro_batch=micro_batch, device=device,
+    )
+    return (
+        table.append_column("ref_chosen_logp", pa.array(completion_logp))
+        .append_column("ref_rejected_logp", pa.array(np.zeros(table.num_rows)))
+        .append_column("ref_kl_logp", pa.array(kl_logp))
+    )
 
 
 class ReferenceScorer:
@@ -68,7 +99,8 @@ class ReferenceScorer:
         self.micro_batch = micro_batch
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return score_pairs(self.model, batch, pad_id=self.pad_id, micro_batch=self.micro_batch, device=self.device)
+        score = score_unpaired if "kl_completion_ids" in batch.column_names else score_pairs
+        return score(self.model, batch, pad_id=self.pad_id, micro_batch=self.micro_batch, device=self.device)
 
 
 def run(config: Config, *, force: bool = False) -> dict:
@@ -85,10 +117,26 @@ def run(config: Config, *, force: bool = False) -> dict:
         return run_dir.manifest(STAGE)
 
     sc = config.score
+    splits = [s for s in SPLITS if upstream[f"rows_{s}"] > 0]
+    labels = {s: label_counts(run_dir, s) for s in SPLITS}
+    unpaired = is_unpaired(labels)  # checked before begin(): a refusal leaves a finished stage as it was
+    for split in SPLITS:
+        if unpaired and upstream[f"rows_{split}"] == 1:
+            raise ValueError(
+                f"score/{split}: KTO pairs each prompt with another example's completion to estimate its "
+                "reference point, so a split needs 0 or at least 2 rows; it has 1 (change data.eval_fraction or add data)"
+            )
     writer = run_dir.begin(STAGE)
     # Both splits go through ONE actor pool (one model load per actor); `path` tells them apart.
-    splits = [s for s in SPLITS if upstream[f"rows_{s}"] > 0]
-    ds = ray.data.read_parquet([run_dir.uri_of(UPSTREAM, s) for s in splits], include_paths=True)
+    if unpaired:
+        # KTO: the mismatched pairs are fixed here, per split, so the trainer can form the same ones.
+        tables = []
+        for split in splits:
+            table = with_kl_completions(read_parquet_dir(run_dir, f"{UPSTREAM}/{split}"), max_length=config.tokenize.max_length)
+            tables.append(table.append_column("path", pa.array([run_dir.uri_of(UPSTREAM, split) + "/"] * table.num_rows)))
+        ds, schema = ray.data.from_arrow(tables), SCORED_KTO
+    else:
+        ds, schema = ray.data.read_parquet([run_dir.uri_of(UPSTREAM, s) for s in splits], include_paths=True), SCORED
     scored = ds.map_batches(
         ReferenceScorer,
         fn_constructor_kwargs=dict(
@@ -113,12 +161,12 @@ def run(config: Config, *, force: bool = False) -> dict:
         for split, mask in (("train", pc.invert(in_eval)), ("eval", in_eval)):
             part = batch.filter(mask)
             if part.num_rows:
-                writer.write_table(f"{split}/part-{shard[split]:05d}.parquet", part, SCORED)
+                writer.write_table(f"{split}/part-{shard[split]:05d}.parquet", part, schema)
                 shard[split] += 1
                 rows[split] += part.num_rows
     for split in SPLITS:
         if shard[split] == 0:
-            writer.write_table(f"{split}/part-00000.parquet", SCORED.empty_table(), SCORED)
+            writer.write_table(f"{split}/part-00000.parquet", schema.empty_table(), schema)
         if rows[split] != upstream[f"rows_{split}"]:
             raise RuntimeError(f"score/{split}: {rows[split]} rows scored but tokenize wrote {upstream[f'rows_{split}']}")
     manifest = writer.commit({
@@ -130,9 +178,38 @@ def run(config: Config, *, force: bool = False) -> dict:
         "rows_train": rows["train"],
         "rows_eval": rows["eval"],
         "dropped": {},
+        "data_kind": "unpaired" if unpaired else "paired",
+        **({"labels": {s: {k: labels[s][k] for k in ("desirable", "undesirable")} for s in SPLITS}} if unpaired else {}),
     })
     log.info("score: %d train + %d eval pairs scored with %s", rows["train"], rows["eval"], reference_path(config))
     return manifest
+
+
+def label_counts(run_dir: RunDir, split: str) -> dict[str, int]:
+    """{"paired", "desirable", "undesirable"} row counts of a tokenized split, from its label column only."""
+    fs = run_dir.fs
+    infos = fs.get_file_info(pafs.FileSelector(run_dir.path(UPSTREAM, split), allow_not_found=True))
+    counts = {"paired": 0, "desirable": 0, "undesirable": 0}
+    for info in infos:
+        if info.path.endswith(".parquet"):
+            label = pq.read_table(info.path, columns=["label"], filesystem=fs)["label"]
+            desirable = int(pc.sum(label).as_py() or 0)
+            counts["paired"] += label.null_count
+            counts["desirable"] += desirable
+            counts["undesirable"] += len(label) - label.null_count - desirable
+    return counts
+
+
+def is_unpaired(labels: dict[str, dict[str, int]]) -> bool:
+    """True when every row is unpaired (KTO), False when every row is a pair; mixed data is refused."""
+    paired = sum(c["paired"] for c in labels.values())
+    unpaired = sum(c["desirable"] + c["undesirable"] for c in labels.values())
+    if paired and unpaired:
+        raise ValueError(
+            f"score: the tokenized data mixes {paired} pairs with {unpaired} unpaired (prompt, completion, label) rows; "
+            "pair losses and KTO each train on one kind, so split the data or set data.format"
+        )
+    return unpaired > 0
 
 
 def read_split(run_dir: RunDir, split: str) -> pa.Table:

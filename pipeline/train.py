@@ -4,12 +4,14 @@ The reference model is not loaded here: its log-probs come with the data. Each o
 `train.batch_size` pairs over all workers, in micro-batches of `train.micro_batch_size` per worker
 with gradient accumulation, so the update equals that of one big batch. Checkpoints are Hugging Face
 directories (safetensors) plus optimizer state, resumable from the last one.
+
+`train.loss: kto` trains on unpaired rows instead (pipeline.kto): a step is `train.batch_size` rows,
+and KTO's reference point is estimated once per step from the mismatched pairs the score stage fixed.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import math
@@ -22,7 +24,7 @@ from contextlib import nullcontext
 import torch
 
 from pipeline.config import Config, TrainConfig, loss_names, stage_hash
-from pipeline.logprobs import collate_sequences, sequence_logps
+from pipeline.logprobs import collate_sequences, sequence_logps_fn
 from pipeline.storage import RunDir
 
 log = logging.getLogger(__name__)
@@ -83,6 +85,45 @@ def _disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
+def is_unpaired(loss: str | dict) -> bool:
+    """True for KTO, which trains on unpaired (prompt, completion, label) rows."""
+    return "kto" in ([loss] if isinstance(loss, str) else list(loss))
+
+
+def check_data_kind(config: Config, upstream: dict, *, where: str) -> None:
+    """Refuse a loss that does not fit the data: KTO needs unpaired rows, the other losses need pairs.
+
+    `upstream` is the manifest the trainer reads (a score manifest carries data_kind; one from before
+    KTO, or a tokenize manifest, is taken as pairs). Also warns when KTO's classes are out of balance.
+    """
+    names = loss_names(config)
+    kind = upstream.get("data_kind", "paired")
+    if not is_unpaired(config.train.loss):
+        if kind == "unpaired":
+            raise ValueError(
+                f"train.loss: {'+'.join(names)} trains on pairs, but {where} holds unpaired (prompt, completion, label) rows; "
+                "use train.loss: kto"
+            )
+        return
+    if len(names) > 1:
+        raise ValueError(f"train.loss: kto trains on unpaired rows and cannot be mixed with paired losses ({', '.join(names)})")
+    if kind != "unpaired":
+        raise ValueError(
+            f"train.loss: kto trains on unpaired (prompt, completion, label) rows, but {where} holds pairs; "
+            "give it unpaired data (data.format: unpaired) or choose a paired loss"
+        )
+    counts = upstream["labels"]["train"]
+    desirable = config.train.desirable_weight * counts["desirable"]
+    undesirable = config.train.undesirable_weight * counts["undesirable"]
+    # Ethayarajh et al. 2024 (Sec. 4.2) keep lambda_D n_D / (lambda_U n_U) in [1, 4/3].
+    if not undesirable or not 1.0 <= desirable / undesirable <= 4.0 / 3.0:
+        log.warning(
+            "train: KTO's weighted class ratio desirable_weight*%d / (undesirable_weight*%d) is outside [1, 4/3], "
+            "the range the KTO paper recommends; set train.desirable_weight / train.undesirable_weight",
+            counts["desirable"], counts["undesirable"],
+        )
+
+
 def reads_only_chosen(loss: str | dict) -> bool:
     return (loss if isinstance(loss, str) else "+".join(loss)) == "sft"
 
@@ -105,11 +146,7 @@ def policy_sequence_logps(model, prompts, responses, *, train: TrainConfig, pad_
         return logps, counts, packed.num_tokens
     ids, attention, response = collate_sequences(prompts, responses, pad_id=pad_id)
     tokens = int(attention.sum())
-    seq_logps = sequence_logps
-    if chunk is not None:
-        from pipeline.chunked_logprobs import chunked_sequence_logps
-
-        seq_logps = functools.partial(chunked_sequence_logps, chunk_size=chunk)
+    seq_logps = sequence_logps_fn(chunked=train.chunked_logprobs, chunk_size=train.logprob_chunk_size)
     with autocast:
         logps, counts = seq_logps(model, ids.to(device), attention.to(device), response.to(device))
     return logps, counts, tokens
@@ -165,7 +202,9 @@ def train_loop(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from pipeline import kto
     from pipeline.checkpoints import load_training_state, save_training_state
+    from pipeline.losses import kto_reference_point
     from pipeline.modeling import compile_decoder_layers, load_model, load_tokenizer, save_pretrained
 
     train = TrainConfig(**loop_config["train"])
@@ -202,6 +241,7 @@ def train_loop(loop_config: dict) -> None:
     bare = model.module if hasattr(model, "module") else model
 
     steps, accum = loop_config["total_steps"], accumulation(train)
+    unpaired = is_unpaired(train.loss)
     scale = 1.0 / (train.batch_size // world)
     shard = ray.train.get_dataset_shard("train")
 
@@ -223,14 +263,26 @@ def train_loop(loop_config: dict) -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr
         sums, tokens = torch.zeros(8, dtype=torch.float64, device=device), 0
-        for micro in range(accum):
-            epoch, batch = next(stream)
+        step_batches = [next(stream) for _ in range(accum)]
+        if unpaired:
+            # KTO's reference point z comes from the whole step's mismatched pairs, on every worker.
+            kl_policy, kl_ref, tokens = kto.kl_logps(
+                model, [b for _, b in step_batches], train=train, pad_id=tokenizer.pad_token_id, device=device, world=world,
+            )
+            step_kl = float(kto_reference_point(kl_policy, kl_ref))
+        for micro, (epoch, batch) in enumerate(step_batches):
             sync = micro == accum - 1 or world == 1
             with (nullcontext() if sync else model.no_sync()):
-                loss, batch_sums, batch_tokens = micro_batch_loss(
-                    model, batch, train=train, pad_id=tokenizer.pad_token_id, device=device,
-                    with_reference=loop_config["with_reference"], scale=scale,
-                )
+                if unpaired:
+                    loss, batch_sums, batch_tokens = kto.micro_batch_loss(
+                        model, batch, train=train, pad_id=tokenizer.pad_token_id, device=device,
+                        kl_policy=kl_policy, kl_ref=kl_ref, scale=scale,
+                    )
+                else:
+                    loss, batch_sums, batch_tokens = micro_batch_loss(
+                        model, batch, train=train, pad_id=tokenizer.pad_token_id, device=device,
+                        with_reference=loop_config["with_reference"], scale=scale,
+                    )
                 loss.backward()
             sums += batch_sums
             tokens += batch_tokens
@@ -245,24 +297,33 @@ def train_loop(loop_config: dict) -> None:
         elapsed = time.perf_counter() - t0
         pairs = totals[7].item()
         if step % train.logging_steps == 0 or step == steps:
+            if unpaired:
+                loss_metrics = kto.metrics_row(totals, kl=step_kl)
+            else:
+                loss_metrics = {
+                    "loss": totals[0].item() / pairs,
+                    "rewards/chosen": totals[1].item() / pairs,
+                    "rewards/rejected": totals[2].item() / pairs,
+                    "rewards/accuracies": totals[3].item() / pairs,
+                    "rewards/margins": totals[4].item() / pairs,
+                    "logps/chosen": totals[5].item() / pairs,
+                    "logps/rejected": totals[6].item() / pairs,
+                }
             history.append({
                 "step": step,
                 "epoch": epoch,
-                "loss": totals[0].item() / pairs,
-                "rewards/chosen": totals[1].item() / pairs,
-                "rewards/rejected": totals[2].item() / pairs,
-                "rewards/accuracies": totals[3].item() / pairs,
-                "rewards/margins": totals[4].item() / pairs,
-                "logps/chosen": totals[5].item() / pairs,
-                "logps/rejected": totals[6].item() / pairs,
+                **loss_metrics,
                 "grad_norm": float(grad_norm),
                 "learning_rate": lr,
                 "tokens_per_s": totals[8].item() / elapsed,
             })
         if rank == 0 and history and history[-1]["step"] == step and (step % max(1, steps // 10) == 0 or step == steps):
             row = history[-1]
-            print(f"train step {step}/{steps}: loss {row['loss']:.4f} margins {row['rewards/margins']:.3f} "
-                  f"accuracy {row['rewards/accuracies']:.2f} lr {lr:.2e} {row['tokens_per_s']:.0f} tokens/s", flush=True)
+            if unpaired:  # KTO has no pairs, so no accuracy; its reference point is what to watch
+                detail = f"kl {row['kl']:.4f}"
+            else:
+                detail = f"margins {row['rewards/margins']:.3f} accuracy {row['rewards/accuracies']:.2f}"
+            print(f"train step {step}/{steps}: loss {row['loss']:.4f} {detail} lr {lr:.2e} {row['tokens_per_s']:.0f} tokens/s", flush=True)
         if step == steps or (train.checkpoint_steps and step % train.checkpoint_steps == 0):
             metrics = history[-1] if history else {"step": step}
             if rank == 0:
@@ -301,8 +362,7 @@ def run(config: Config, *, force: bool = False, data_dir: str | None = None) -> 
     for name in loss_names(config):
         if name not in LOSSES:
             raise ValueError(f"train.loss: unknown loss {name!r} (known: {', '.join(sorted(LOSSES))})")
-        if name == "kto":
-            raise ValueError("train.loss: kto trains on unpaired data, which the train stage does not read yet")
+    check_data_kind(config, upstream, where=data.uri_of(source))
     if train.batch_size > upstream["rows_train"]:
         raise ValueError(f"train.batch_size ({train.batch_size}) is larger than the {upstream['rows_train']} training pairs")
     steps = total_steps(train, upstream["rows_train"])

@@ -352,6 +352,15 @@ def test_compute_loss_unknown_name():
         compute_loss({"dpo": 1.0, "nope": 1.0}, BATCH, beta=BETA)
 
 
+def test_kto_refuses_negative_weights_and_an_empty_kl_estimate():
+    batch = KtoLogps(policy_logps=t(-1.0), ref_logps=t(-1.0), labels=torch.tensor([True]),
+                     kl_policy_logps=t(-2.0), kl_ref_logps=t(-2.0))
+    with pytest.raises(ValueError, match="undesirable_weight >= 0"):
+        kto_loss(batch, beta=0.1, undesirable_weight=-1.0)
+    with pytest.raises(ValueError, match="kl_policy_logps is empty"):
+        kto_loss(replace(batch, kl_policy_logps=t(), kl_ref_logps=t()), beta=0.1)
+
+
 def test_compute_loss_kto_batch_type_checked():
     with pytest.raises(ValueError, match="KtoLogps"):
         compute_loss("kto", BATCH, beta=BETA)

@@ -3,6 +3,7 @@ and the step-0 invariant (policy == reference gives zero rewards and a loss of l
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -179,3 +180,79 @@ def test_inspect_prints_the_audit_with_decoded_rows(finished, config, capsys):
     out = capsys.readouterr().out
     assert "dropped: duplicate_pair" in out and "chosen longer than rejected" in out
     assert "review" in out  # decoded example rows
+
+
+# ------------------------------------------------------------------------------------------------- KTO
+
+
+def write_unpaired(path, n: int, *, desirable: int) -> None:
+    """n unpaired rows: `desirable` of them labelled True, the rest False."""
+    import random
+
+    from tests.conftest import CORPUS
+
+    rng = random.Random(1)
+    rows = [{"prompt": f"review {i}:", "completion": " " + rng.choice(CORPUS), "label": i < desirable} for i in range(n)]
+    with open(path, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+@pytest.fixture(scope="module")
+def kto_run(tmp_path_factory, tiny_model_dir, ray_local):
+    """Tokenize, score and train (lr 0, two steps) a small unpaired dataset with train.loss=kto."""
+    root = tmp_path_factory.mktemp("kto")
+    write_unpaired(root / "unpaired.jsonl", 16, desirable=10)
+    config = load_config(None, [
+        f"run_dir={root / 'run'}",
+        f"data.path={root / 'unpaired.jsonl'}",
+        f"model.path={tiny_model_dir}",
+        "data.eval_fraction=0.0",
+        "tokenize.max_prompt_length=16",
+        "tokenize.max_length=24",
+        "score.batch_size=8",
+        "train.loss=kto",
+        "train.beta=0.1",
+        "train.desirable_weight=1.0",
+        "train.undesirable_weight=1.5",
+        "train.learning_rate=0.0",  # policy == reference: every log-ratio is 0 and so is z
+        "train.max_steps=2",
+        "train.batch_size=16",  # every step is the whole split, so its class counts are known
+        "train.micro_batch_size=8",  # two micro-batches per step share the step's z
+        "train.cpus_per_worker=0.5",
+    ])
+    return config, {"tokenize": tokenize.run(config), "score": score.run(config), "train": train.run(config)}
+
+
+def test_kto_scored_shards_pair_each_prompt_with_another_completion(kto_run):
+    from pipeline.schemas import SCORED_KTO
+
+    config, manifests = kto_run
+    assert manifests["score"]["data_kind"] == "unpaired"
+    assert manifests["score"]["labels"]["train"] == {"desirable": 10, "undesirable": 6}
+    scored = read_parquet_dir(RunDir(config.run_dir), "score/train")
+    assert scored.schema.names == SCORED_KTO.names and scored.num_rows == 16
+    chosen = dict(zip(scored["id"].to_pylist(), scored["chosen_ids"].to_pylist()))
+    for row in scored.to_pylist():
+        assert row["kl_partner_id"] != row["id"]
+        assert row["kl_completion_ids"] == chosen[row["kl_partner_id"]][: 24 - len(row["prompt_ids"])]
+        assert row["ref_kl_logp"] < 0 and row["ref_chosen_logp"] < 0 and row["ref_rejected_logp"] == 0.0
+
+
+def test_kto_at_policy_equal_to_reference_gives_the_predicted_loss(kto_run):
+    """lr 0: r = 0 and z = max(0, ~0) = 0, so each row's loss is lambda (1 - sigmoid(0)) = lambda / 2."""
+    config, _ = kto_run
+    metrics = [json.loads(line) for line in RunDir(config.run_dir).read_text("train/metrics.jsonl").splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    predicted = 0.5 * (1.0 * 10 + 1.5 * 6) / 16
+    for m in metrics:
+        assert abs(m["loss"] - predicted) < 1e-5
+        assert 0.0 <= m["kl"] < 1e-5
+        assert abs(m["rewards/chosen"]) < 1e-5 and abs(m["rewards/rejected"]) < 1e-5
+        assert m["rewards/accuracies"] is None
+        assert m["logps/chosen"] < 0 and m["grad_norm"] > 0
+
+
+def test_kto_data_refuses_a_paired_loss(kto_run):
+    config, _ = kto_run
+    with pytest.raises(ValueError, match="dpo trains on pairs"):
+        train.run(config.replace(train=dataclasses.replace(config.train, loss="dpo")))
