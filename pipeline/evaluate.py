@@ -316,7 +316,7 @@ def evaluate_policies(config: Config, policies: list[Policy], *, data_dir: RunDi
                                 "prompts_with_chosen": sum(c is not None for c in chosen_texts) if ev.judge_vs_chosen else 0,
                                 "prompts_without_chosen": sum(c is None for c in chosen_texts) if ev.judge_vs_chosen else 0},
         "best_of_n": None if not ev.best_of_n else {
-            "n": ev.best_of_n, "model": best_of_n_name(ev.best_of_n), "picked_by": f"reward: {ev.reward}",
+            "n": ev.best_of_n, "model": best_of_n_name(ev.best_of_n), "picked_by": f"reward ({ev.reward})",
             "kl_bound": best_of_n_kl_bound(ev.best_of_n), "candidates_sampled": len(candidates),
             "tokens_generated": int(sum(len(c["completion_ids"]) for c in candidates)),
         },
@@ -388,7 +388,7 @@ def _write_report(config: Config, writer, policies: list[Policy], summary: dict,
                          f"{pref['prompts_without_chosen']} have none (their samples are not judged against one).")
         bon = summary["best_of_n"]
         if bon:
-            notes.append(f"{bon['model']}: {bon['n']} reference samples per answer, the best by the {bon['picked_by']} kept; "
+            notes.append(f"{bon['model']}: {bon['n']} reference samples per answer, the one with the highest {bon['picked_by']} kept; "
                          f"cost {bon['candidates_sampled']} samples, {bon['tokens_generated']} tokens generated in all "
                          "(samples_per_answer, tokens_per_answer columns). Its KL is the analytic bound "
                          f"log N - (N-1)/N = {bon['kl_bound']:.3f} nats (kl_bound; 0 at T = 0, where the N candidates "
