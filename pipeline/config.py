@@ -104,6 +104,10 @@ class EvaluateConfig:
     judge: str = "vader"  # pairwise judge: vader, or api (any OpenAI-compatible chat endpoint)
     judge_api: dict[str, Any] = field(default_factory=dict)  # ApiJudgeConfig keys (pipeline/api_judge.py)
     bootstrap_samples: int = 2000
+    # Baselines beside the reference's samples (pipeline/baselines.py). best_of_n: 0 is off; N draws N
+    # reference samples per answer and keeps the one `reward` scores best (costs N times the sampling).
+    best_of_n: int = 0
+    judge_vs_chosen: bool = True  # also judge every model against the held-out pairs' chosen responses
     use_gpu: bool = False
     seed: int = 0
 

@@ -4,6 +4,13 @@ For every temperature, a sampler actor per model draws completions for held-out 
 reference scorer (the same log-prob function as the score stage) gives log pi_ref of every sample, so
 KL(pi || pi_ref) is estimated per sample as sum(log pi - log pi_ref) over its tokens. A judge compares
 policy and reference samples in both orders; the win rate carries a bootstrap 95% interval.
+
+Two baselines stand beside the reference's samples (pipeline/baselines.py): best-of-N from the reference
+(`evaluate.best_of_n`), a row of its own in every table and plot; and the held-out pairs' chosen
+responses, against which every model is judged too (`win_rate_vs_chosen`).
+
+Models are handed to actors by path or URI: each actor fetches an s3:// or gs:// model itself
+(pipeline/model_copy.py), since on a multi-node cluster the driver's disk is not the actor's.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import json
 import logging
 import os
 import tempfile
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -67,31 +75,53 @@ def held_out_prompts(run_dir: RunDir, limit: int) -> list[list[int]]:
     return prompts
 
 
-def sample_model(model_path: str, prompts: list[list[int]], ev: EvaluateConfig, *, dtype: str, trust_remote_code: bool) -> dict[float, list[list[dict]]]:
-    """Completions per temperature from one sampler actor, which is killed afterwards."""
+def sample_model(model_path: str, prompts: list[list[int]], ev: EvaluateConfig, *, dtype: str, trust_remote_code: bool,
+                 best_of_n: int = 0) -> tuple[dict[float, list[list[dict]]], dict[float, list[list[dict]]]]:
+    """Completions per temperature from one sampler actor, which is killed afterwards.
+
+    Returns (samples, candidates): samples_per_prompt completions per prompt and temperature; and, when
+    best_of_n > 0, best_of_n * samples_per_prompt more (answer s owns candidates s*N .. s*N+N-1), drawn
+    from seeds of their own so that no candidate is the very sample it will be judged against.
+    """
     from pipeline.sample import start_sampler
 
     actor = start_sampler(ev.engine, model_path, use_gpu=ev.use_gpu, dtype=dtype, trust_remote_code=trust_remote_code)
     try:
-        out = {}
+        samples, candidates = {}, {}
         for i, temperature in enumerate(ev.temperatures):
             params = dict(n=ev.samples_per_prompt, temperature=temperature, top_p=ev.top_p, max_tokens=ev.max_tokens, seed=ev.seed + i)
-            out[temperature] = ray.get(actor.generate.remote(prompts, params))
-        return out
+            samples[temperature] = ray.get(actor.generate.remote(prompts, params))
+            if best_of_n:
+                params.update(n=ev.samples_per_prompt * best_of_n, seed=ev.seed + len(ev.temperatures) + i)
+                candidates[temperature] = ray.get(actor.generate.remote(prompts, params))
+        return samples, candidates
     finally:
         ray.kill(actor)
 
 
-def sequence_logps_remote(model_path: str, table: pa.Table, *, config: Config) -> np.ndarray:
-    """log p(chosen | prompt) under `model_path` for every row, computed by the score stage's scorer."""
-    from pipeline.score import ReferenceScorer
+class ModelScorer:
+    """Actor body: the score stage's scorer over a model given by path, hub id or URI (fetched on this node)."""
 
-    actor = ray.remote(num_cpus=1, num_gpus=1 if config.evaluate.use_gpu else 0)(ReferenceScorer).remote(
+    def __init__(self, model_uri: str, **scorer_kwargs):
+        from pipeline.model_copy import local_model
+        from pipeline.score import ReferenceScorer
+
+        with local_model(model_uri) as path:
+            self.scorer = ReferenceScorer(path, **scorer_kwargs)
+
+    def score(self, table: pa.Table) -> pa.Table:
+        return self.scorer(table)
+
+
+def sequence_logps_remote(model_path: str, table: pa.Table, *, config: Config) -> tuple[np.ndarray, np.ndarray]:
+    """log p(chosen | prompt) and log p(rejected | prompt) under `model_path` for every row, computed by the
+    score stage's scorer in an actor (which fetches `model_path` itself when it is a URI)."""
+    actor = ray.remote(num_cpus=1, num_gpus=1 if config.evaluate.use_gpu else 0)(ModelScorer).remote(
         model_path, dtype=config.model.dtype, use_gpu=config.evaluate.use_gpu, micro_batch=config.score.batch_size,
         trust_remote_code=config.model.trust_remote_code,
     )
     try:
-        scored = ray.get(actor.__call__.remote(table.select(["prompt_ids", "chosen_ids", "rejected_ids"])))
+        scored = ray.get(actor.score.remote(table.select(["prompt_ids", "chosen_ids", "rejected_ids"])))
     finally:
         ray.kill(actor)
     return scored["ref_chosen_logp"].to_numpy(), scored["ref_rejected_logp"].to_numpy()
@@ -103,11 +133,18 @@ def implicit_reward_accuracy(policy_chosen, policy_rejected, ref_chosen, ref_rej
     return {"pairs": int(len(margins)), "accuracy": float((margins > 0).mean()), "margin_mean": float(margins.mean())}
 
 
-def summarize(samples: pa.Table, judgments: pa.Table, temperatures: list[float], *, n_boot: int, seed: int) -> list[dict]:
-    """One row per (model, temperature): n, reward_mean, kl_mean, win_rate with its 95% interval."""
+def summarize(samples: pa.Table, judgments: pa.Table, temperatures: list[float], *, n_boot: int, seed: int,
+              costs: dict[tuple[str, float], dict] | None = None, kl_bounds: dict[tuple[str, float], float] | None = None) -> list[dict]:
+    """One row per (model, temperature): n, reward_mean, kl_mean, win_rate with its 95% interval, and the
+    same against the held-out chosen responses (win_rate_vs_chosen).
+
+    costs[(model, t)]: samples_per_answer and tokens_per_answer (sampling cost of one kept answer);
+    kl_bounds[(model, t)]: an analytic KL bound for a model without a per-sample estimate (best-of-N).
+    """
     from pipeline.length_control import length_controlled_win_rate
     from pipeline.stats import win_rate
 
+    costs, kl_bounds = costs or {}, kl_bounds or {}
     rows = []
     models = list(dict.fromkeys(samples["model"].to_pylist()))
     frame = samples.to_pandas()
@@ -115,13 +152,19 @@ def summarize(samples: pa.Table, judgments: pa.Table, temperatures: list[float],
     for model in models:
         for t in temperatures:
             part = frame[(frame.model == model) & (frame.temperature == t)]
-            judged = verdicts[(verdicts.model == model) & (verdicts.temperature == t)]
+            mine = verdicts[(verdicts.model == model) & (verdicts.temperature == t)]
+            judged = mine[mine.baseline == "reference"]
+            vs_chosen = mine[mine.baseline == "chosen"]
+            cost = costs.get((model, t), {})
             row = {
                 "model": model,
                 "temperature": t,
                 "n": int(len(part)),
                 "reward_mean": float(part.reward.mean()) if part.reward.notna().any() else None,
-                "kl_mean": float(part.kl.mean()),
+                "kl_mean": float(part.kl.mean()) if part.kl.notna().any() else None,
+                "kl_bound": kl_bounds.get((model, t)),
+                "samples_per_answer": cost.get("samples_per_answer"),
+                "tokens_per_answer": cost.get("tokens_per_answer"),
                 "win_rate": None,
                 "win_rate_ci_low": None,
                 "win_rate_ci_high": None,
@@ -129,7 +172,15 @@ def summarize(samples: pa.Table, judgments: pa.Table, temperatures: list[float],
                 "lc_win_rate_ci_low": None,
                 "lc_win_rate_ci_high": None,
                 "length_slope": None,
+                "win_rate_vs_chosen": None,
+                "win_rate_vs_chosen_ci_low": None,
+                "win_rate_vs_chosen_ci_high": None,
+                "judged_vs_chosen": int(len(vs_chosen)),
+                "unparsed_vs_chosen": _unparsed(vs_chosen),
             }
+            if len(vs_chosen):
+                rate = win_rate(vs_chosen.score.to_numpy(), n_boot=n_boot, seed=seed)
+                row.update({k.replace("win_rate", "win_rate_vs_chosen"): v for k, v in rate.items()})
             if len(judged):
                 row.update(win_rate(judged.score.to_numpy(), n_boot=n_boot, seed=seed))
                 # DPO is known to lengthen answers: the judge's preference with length regressed out.
@@ -137,6 +188,23 @@ def summarize(samples: pa.Table, judgments: pa.Table, temperatures: list[float],
                 row.update({k: lc[k] for k in ("lc_win_rate", "lc_win_rate_ci_low", "lc_win_rate_ci_high", "length_slope")})
             rows.append(row)
     return rows
+
+
+def _unparsed(verdicts) -> int:
+    """Comparisons with at least one unparsed verdict (they score 0.5 and are counted, never dropped)."""
+    return int(((verdicts.verdict_first == "unparsed") | (verdicts.verdict_second == "unparsed")).sum())
+
+
+def sampling_costs(rows: list[dict]) -> dict[tuple[str, float], dict]:
+    """Per (model, temperature): samples drawn and tokens generated per kept answer, on average."""
+    groups: dict[tuple[str, float], list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["model"], r["temperature"])].append(r)
+    return {
+        key: {"samples_per_answer": float(np.mean([r["candidates"] for r in group])),
+              "tokens_per_answer": float(np.mean([r["tokens_generated"] for r in group]))}
+        for key, group in groups.items()
+    }
 
 
 @dataclass(frozen=True)
@@ -173,66 +241,108 @@ def evaluate_policies(config: Config, policies: list[Policy], *, data_dir: RunDi
         log.info("evaluate: finished already (%s), skipping", out_dir.uri_of(STAGE))
         return out_dir.manifest(STAGE)
 
+    from pipeline.baselines import (best_of_n_answers, best_of_n_kl_bound, best_of_n_name, judge_against_chosen,
+                                    preferred_responses, reward_scorer)
     from pipeline.modeling import load_tokenizer
 
     ev = config.evaluate
     reward_fn, judge = make_reward(ev.reward), make_judge(ev)
+    reward_scorer(reward_fn, best_of_n=ev.best_of_n, reward_name=ev.reward)  # fails early on a config it cannot honour
     tokenizer = load_tokenizer(reference_path(config), trust_remote_code=config.model.trust_remote_code)
     prompts = held_out_prompts(data_dir, ev.num_prompts)
     prompt_texts = tokenizer.batch_decode(prompts, skip_special_tokens=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = {p.name: _local_copy(p.run_dir, "train/final", os.path.join(tmp, p.name)) for p in policies}
-        paths["reference"] = reference_path(config)
-        rows = []
-        for model, path in paths.items():
-            by_temp = sample_model(path, prompts, ev, dtype=config.model.dtype, trust_remote_code=config.model.trust_remote_code)
-            for t, per_prompt in by_temp.items():
-                for p, completions in enumerate(per_prompt):
-                    for s, c in enumerate(completions):
-                        rows.append({"model": model, "temperature": float(t), "prompt_index": p, "sample_index": s,
-                                     "prompt": prompt_texts[p], "completion": c["text"], "completion_ids": c["token_ids"],
-                                     "logp": float(np.sum(c["logprobs"]))})
-        # log pi_ref of every sample from the scorer: the KL estimate's second term.
-        table = pa.table({
-            "prompt_ids": [prompts[r["prompt_index"]] for r in rows],
-            "chosen_ids": [r["completion_ids"] for r in rows],
-            "rejected_ids": [[] for _ in rows],
-        })
-        ref_logp, _ = sequence_logps_remote(reference_path(config), table, config=config)
-        rewards = reward_fn([r["prompt"] + r["completion"] for r in rows]) if reward_fn else [None] * len(rows)
-        for r, lp, rw in zip(rows, ref_logp, rewards):
-            r["ref_logp"] = float(lp)
-            r["kl"] = r["logp"] - float(lp)
-            r["reward"] = None if rw is None else float(rw)
-        samples = pa.Table.from_pylist(rows, schema=SAMPLES)
-        judgments = judge_against_reference(judge, rows, [p.name for p in policies], ev.temperatures)
+    # Actors get the policy's URI and fetch it themselves (an s3:// run dir is not on their node's disk).
+    paths = {p.name: p.run_dir.uri_of("train/final") for p in policies}
+    paths["reference"] = reference_path(config)
+    rows, candidates = [], []
+    for model, path in paths.items():
+        by_temp, cands = sample_model(path, prompts, ev, dtype=config.model.dtype, trust_remote_code=config.model.trust_remote_code,
+                                      best_of_n=ev.best_of_n if model == "reference" else 0)
+        rows += _sample_rows(model, by_temp, prompt_texts, group=1)
+        candidates += _sample_rows(best_of_n_name(ev.best_of_n), cands, prompt_texts, group=ev.best_of_n)
+    # log pi_ref of every sample from the scorer: the KL estimate's second term.
+    table = pa.table({
+        "prompt_ids": [prompts[r["prompt_index"]] for r in rows],
+        "chosen_ids": [r["completion_ids"] for r in rows],
+        "rejected_ids": [[] for _ in rows],
+    })
+    ref_logp, _ = sequence_logps_remote(reference_path(config), table, config=config)
+    rewards = reward_fn([r["prompt"] + r["completion"] for r in rows]) if reward_fn else [None] * len(rows)
+    for r, lp, rw in zip(rows, ref_logp, rewards):
+        r["ref_logp"] = float(lp)
+        r["kl"] = r["logp"] - float(lp)
+        r["reward"] = None if rw is None else float(rw)
+    kl_bounds = {}
+    if ev.best_of_n:
+        # The task's reward picks the best of N (see pipeline/baselines.py); the candidates come from the
+        # reference, so their engine log-probs already are log pi_ref.
+        for c in candidates:
+            c["ref_logp"] = c["logp"]
+        scores = reward_fn([c["prompt"] + c["completion"] for c in candidates])
+        rows += best_of_n_answers(candidates, scores, ev.best_of_n, model=best_of_n_name(ev.best_of_n))
+        kl_bounds = {(best_of_n_name(ev.best_of_n), float(t)): best_of_n_kl_bound(ev.best_of_n, greedy=t == 0)
+                     for t in ev.temperatures}
+    samples = pa.Table.from_pylist(rows, schema=SAMPLES)
+    compared = [p.name for p in policies] + ([best_of_n_name(ev.best_of_n)] if ev.best_of_n else [])
+    judged = judge_against_reference(judge, rows, compared, ev.temperatures).to_pylist()
+    chosen_ids = preferred_responses(read_parquet_dir(data_dir, "tokenize/eval"), prompts) if ev.judge_vs_chosen else [None] * len(prompts)
+    chosen_texts = [None if c is None else text for c, text in zip(chosen_ids, tokenizer.batch_decode([c or [] for c in chosen_ids], skip_special_tokens=True))]
+    if ev.judge_vs_chosen:
+        judged += judge_against_chosen(judge, rows, chosen_texts, [None if c is None else len(c) for c in chosen_ids],
+                                       [*compared, "reference"])
+    judgments = pa.Table.from_pylist(judged, schema=JUDGMENTS)
 
-        accuracy = {}
-        if data_dir.manifest("score") is not None:
-            held = read_parquet_dir(data_dir, "score/eval")
-            if held.num_rows:
-                for p in policies:
-                    chosen, rejected = sequence_logps_remote(paths[p.name], held, config=config)
-                    accuracy[p.name] = implicit_reward_accuracy(
-                        chosen, rejected, held["ref_chosen_logp"].to_numpy(), held["ref_rejected_logp"].to_numpy(), beta=p.beta)
+    accuracy = {}
+    if data_dir.manifest("score") is not None:
+        held = read_parquet_dir(data_dir, "score/eval")
+        if held.num_rows:
+            for p in policies:
+                chosen, rejected = sequence_logps_remote(paths[p.name], held, config=config)
+                accuracy[p.name] = implicit_reward_accuracy(
+                    chosen, rejected, held["ref_chosen_logp"].to_numpy(), held["ref_rejected_logp"].to_numpy(), beta=p.beta)
 
-    summary_rows = summarize(samples, judgments, ev.temperatures, n_boot=ev.bootstrap_samples, seed=ev.seed)
+    costs = sampling_costs(rows)
+    summary_rows = summarize(samples, judgments, ev.temperatures, n_boot=ev.bootstrap_samples, seed=ev.seed,
+                             costs=costs, kl_bounds=kl_bounds)
+    verdicts = judgments.to_pandas()
+    unparsed_by = {b: _unparsed(verdicts[verdicts.baseline == b]) for b in ("reference", "chosen")}
     unparsed = int(sum(v == "unparsed" for col in ("verdict_first", "verdict_second") for v in judgments[col].to_pylist()))
     summary = {
         "rows": summary_rows,
         "implicit_reward_accuracy": accuracy.get(policies[0].name) if len(policies) == 1 else accuracy,
         "judge": ev.judge, "reward": ev.reward, "engine": ev.engine,
-        "unparsed_verdicts": unparsed, "num_prompts": len(prompts),
+        "unparsed_verdicts": unparsed, "unparsed_comparisons_by_baseline": unparsed_by, "num_prompts": len(prompts),
+        "preferred_responses": {"judged": ev.judge_vs_chosen,
+                                "prompts_with_chosen": sum(c is not None for c in chosen_texts) if ev.judge_vs_chosen else 0,
+                                "prompts_without_chosen": sum(c is None for c in chosen_texts) if ev.judge_vs_chosen else 0},
+        "best_of_n": None if not ev.best_of_n else {
+            "n": ev.best_of_n, "model": best_of_n_name(ev.best_of_n), "picked_by": f"reward ({ev.reward})",
+            "kl_bound": best_of_n_kl_bound(ev.best_of_n), "candidates_sampled": len(candidates),
+            "tokens_generated": int(sum(len(c["completion_ids"]) for c in candidates)),
+        },
     }
     writer = out_dir.begin(STAGE)
     writer.write_table("samples.parquet", samples, SAMPLES)
     writer.write_table("judgments.parquet", judgments, JUDGMENTS)
     writer.write_json("summary.json", summary)
-    _write_report(config, writer, policies, summary_rows, accuracy, unparsed, len(prompts))
+    _write_report(config, writer, policies, summary, accuracy)
     manifest = writer.commit({"config_hash": config_hash, "upstream_hash": upstream_hash,
                               "rows_in": len(prompts), "rows_out": samples.num_rows, "dropped": {}})
     log.info("evaluate: report in %s", out_dir.uri_of(STAGE, "report.md"))
     return manifest
+
+
+def _sample_rows(model: str, by_temp: dict[float, list[list[dict]]], prompt_texts: list[str], *, group: int) -> list[dict]:
+    """Sample rows from an engine's output; with group > 1, each `group` consecutive completions of a prompt
+    are the candidates of one answer (sample_index = completion index // group)."""
+    rows = []
+    for t, per_prompt in by_temp.items():
+        for p, completions in enumerate(per_prompt):
+            for s, c in enumerate(completions):
+                rows.append({"model": model, "temperature": float(t), "prompt_index": p, "sample_index": s // group,
+                             "prompt": prompt_texts[p], "completion": c["text"], "completion_ids": c["token_ids"],
+                             "logp": float(np.sum(c["logprobs"])), "candidates": 1, "tokens_generated": len(c["token_ids"])})
+    return rows
 
 
 def judge_against_reference(judge, rows: list[dict], policies: list[str], temperatures: list[float]) -> pa.Table:
@@ -253,10 +363,11 @@ def judge_against_reference(judge, rows: list[dict], policies: list[str], temper
     return pa.Table.from_pylist(out, schema=JUDGMENTS)
 
 
-def _write_report(config: Config, writer, policies: list[Policy], summary_rows, accuracy, unparsed: int, num_prompts: int) -> None:
+def _write_report(config: Config, writer, policies: list[Policy], summary: dict, accuracy: dict) -> None:
     from pipeline.report import plot_reward_vs_kl, plot_training_curves, plot_win_rate_vs_temperature, write_report_md
 
     ev = config.evaluate
+    summary_rows = summary["rows"]
     figures = {"Reward vs KL": "reward_vs_kl.png", "Win rate vs temperature": "win_rate_vs_temperature.png"}
     with tempfile.TemporaryDirectory() as tmp:
         plot_reward_vs_kl(summary_rows, os.path.join(tmp, figures["Reward vs KL"]))
@@ -266,22 +377,25 @@ def _write_report(config: Config, writer, policies: list[Policy], summary_rows, 
             lines = p.run_dir.read_text("train/metrics.jsonl").splitlines()
             plot_training_curves([json.loads(line) for line in lines if line.strip()], os.path.join(tmp, name))
             figures[f"Training curves ({p.name})"] = name
-        notes = [f"Judge: {ev.judge}; reward: {ev.reward}; {num_prompts} held-out prompts x {ev.samples_per_prompt} samples.",
-                 f"Unparsed judge verdicts: {unparsed}."]
+        notes = [f"Judge: {ev.judge}; reward: {ev.reward}; {summary['num_prompts']} held-out prompts x {ev.samples_per_prompt} samples.",
+                 f"Unparsed judge verdicts: {summary['unparsed_verdicts']} (comparisons with one, by baseline: "
+                 f"{summary['unparsed_comparisons_by_baseline']}); they score 0.5 and are never dropped.",
+                 "win_rate: against the reference's sample of the same prompt; win_rate_vs_chosen: against the held-out "
+                 "pair's chosen response for that prompt. Both judged in both orders, ties and inconsistent verdicts 0.5."]
+        pref = summary["preferred_responses"]
+        if pref["judged"]:
+            notes.append(f"Preferred responses: {pref['prompts_with_chosen']} prompts have one, "
+                         f"{pref['prompts_without_chosen']} have none (their samples are not judged against one).")
+        bon = summary["best_of_n"]
+        if bon:
+            notes.append(f"{bon['model']}: {bon['n']} reference samples per answer, the one with the highest {bon['picked_by']} kept; "
+                         f"cost {bon['candidates_sampled']} samples, {bon['tokens_generated']} tokens generated in all "
+                         "(samples_per_answer, tokens_per_answer columns). Its KL is the analytic bound "
+                         f"log N - (N-1)/N = {bon['kl_bound']:.3f} nats (kl_bound; 0 at T = 0, where the N candidates "
+                         "coincide): best-of-N has no density to take a per-sample log-ratio of.")
         for name, acc in accuracy.items():
             notes.append(f"Implicit-reward accuracy of {name} on {acc['pairs']} held-out pairs: {acc['accuracy']:.3f}.")
         write_report_md(os.path.join(tmp, "report.md"), title=f"Evaluation of {config.run_dir}", summary_rows=summary_rows, figures=figures, notes=notes)
         for name in [*figures.values(), "report.md"]:
             with open(os.path.join(tmp, name), "rb") as f, writer.run.fs.open_output_stream(writer.path(name)) as out:
                 out.write(f.read())
-
-
-def _local_copy(run_dir: RunDir, rel: str, tmp: str) -> str:
-    """A local directory with the model at `rel` (engines load from local paths)."""
-    if "://" not in run_dir.uri:
-        return run_dir.path(rel)
-    import pyarrow.fs as pafs
-
-    dest = tmp
-    pafs.copy_files(run_dir.path(rel), dest, source_filesystem=run_dir.fs, destination_filesystem=pafs.LocalFileSystem())
-    return dest

@@ -18,7 +18,9 @@ from typing import Any
 _MISSING = "\u2013"  # en dash: shown for a number that does not exist (e.g. KL of the reference to itself)
 
 SUMMARY_COLUMNS = (
-    "model", "temperature", "n", "reward_mean", "kl_mean", "win_rate", "win_rate_ci_low", "win_rate_ci_high",
+    "model", "temperature", "n", "reward_mean", "kl_mean", "kl_bound", "win_rate", "win_rate_ci_low", "win_rate_ci_high",
+    "win_rate_vs_chosen", "win_rate_vs_chosen_ci_low", "win_rate_vs_chosen_ci_high", "samples_per_answer",
+    "tokens_per_answer",
 )
 
 # (panel title, metric keys drawn in it)
@@ -90,18 +92,24 @@ def plot_training_curves(metrics: Sequence[Mapping[str, Any]], path: str | os.Pa
 
 def plot_reward_vs_kl(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> None:
     """Write the reward-vs-KL frontier: x = KL(pi || pi_ref), y = mean reward, one series per model,
-    each point annotated with its sampling temperature. Rows without a KL (the reference itself, whose
-    KL is zero by definition, or a model with none) are drawn at KL 0 with a hollow marker."""
+    each point annotated with its sampling temperature. A model with an analytic KL bound instead of an
+    estimate (best-of-N: `kl_bound`, no `kl_mean`) is drawn at its bound with square markers, labelled so.
+    Rows with neither (the reference itself, whose KL is zero by definition) are drawn at KL 0 with a
+    hollow marker."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 5))
     for model, group in _by_model(rows).items():
         points = [r for r in group if _is_number(r.get("reward_mean"))]
+        bounded = all(not _is_number(r.get("kl_mean")) and _is_number(r.get("kl_bound")) for r in points)
+        if points and bounded:
+            points = [{**r, "kl_mean": r["kl_bound"]} for r in points]
         with_kl = [r for r in points if _is_number(r.get("kl_mean"))]
         without_kl = [r for r in points if not _is_number(r.get("kl_mean"))]
         color = None
         if with_kl:
             (line,) = ax.plot([r["kl_mean"] for r in with_kl], [r["reward_mean"] for r in with_kl],
-                              marker="o", label=model)
+                              marker="s" if bounded else "o", linestyle="--" if bounded else "-",
+                              label=f"{model} (at its KL bound)" if bounded else model)
             color = line.get_color()
         if without_kl:
             (hollow,) = ax.plot([0.0] * len(without_kl), [r["reward_mean"] for r in without_kl],

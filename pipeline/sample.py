@@ -14,10 +14,13 @@ class Sampler:
 
     def __init__(self, kind: str, model_path: str, *, use_gpu: bool, dtype: str, trust_remote_code: bool):
         from pipeline.engines import make_engine
+        from pipeline.model_copy import local_model
 
-        self.engine = make_engine(
-            kind, model_path, device="cuda" if use_gpu else "cpu", dtype=dtype, trust_remote_code=trust_remote_code
-        )
+        # model_path may be a URI (a policy in an s3:// run directory): this actor copies it to its own node.
+        with local_model(model_path) as path:
+            self.engine = make_engine(
+                kind, path, device="cuda" if use_gpu else "cpu", dtype=dtype, trust_remote_code=trust_remote_code
+            )
 
     def engine_name(self) -> str:
         return self.engine.name
@@ -32,7 +35,8 @@ class Sampler:
 
 
 def start_sampler(kind: str, model_path: str, *, use_gpu: bool = False, dtype: str = "float32", trust_remote_code: bool = False):
-    """Start a sampler actor holding `model_path`; kill it with ray.kill when done to free its GPU."""
+    """Start a sampler actor holding `model_path` (a directory, hub id, or URI such as s3://bucket/run/train/final,
+    which the actor fetches itself); kill it with ray.kill when done to free its GPU."""
     import ray
 
     actor_class = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(Sampler)

@@ -29,14 +29,17 @@ def test_cli_runs_every_stage(run_dir):
     assert f"report: {run_dir}/evaluate/report.md" in done.stdout
     summary = json.loads((run_dir / "evaluate" / "summary.json").read_text())
     assert {(r["model"], r["temperature"]) for r in summary["rows"]} == {
-        (m, t) for m in ("policy", "reference") for t in (0.0, 1.0)
+        (m, t) for m in ("policy", "reference", "best_of_2") for t in (0.0, 1.0)
     }
     for row in summary["rows"]:
         assert SUMMARY_KEYS <= set(row)
         assert row["n"] == summary["num_prompts"] >= 1  # one sample per held-out prompt
         assert -1.0 <= row["reward_mean"] <= 1.0
-    policy = [r for r in summary["rows"] if r["model"] == "policy"]
-    assert all(0.0 <= r["win_rate_ci_low"] <= r["win_rate"] <= r["win_rate_ci_high"] <= 1.0 for r in policy)
+        assert 0.0 <= row["win_rate_vs_chosen_ci_low"] <= row["win_rate_vs_chosen"] <= row["win_rate_vs_chosen_ci_high"] <= 1.0
+    judged = [r for r in summary["rows"] if r["model"] != "reference"]
+    assert all(0.0 <= r["win_rate_ci_low"] <= r["win_rate"] <= r["win_rate_ci_high"] <= 1.0 for r in judged)
+    best = [r for r in summary["rows"] if r["model"] == "best_of_2"]
+    assert all(r["samples_per_answer"] == 2 and r["tokens_per_answer"] > 0 and r["kl_bound"] >= 0 for r in best)
     assert summary["implicit_reward_accuracy"]["pairs"] > 0
     tokenize = json.loads((run_dir / "tokenize" / "manifest.json").read_text())
     assert tokenize["rows_in"] == tokenize["rows_out"] + sum(tokenize["dropped"].values())
@@ -68,5 +71,5 @@ def test_sweep_reuses_one_score_stage_and_yields_a_policy_per_setting(run_dir):
     for member in ("loss-dpo", "loss-sft"):
         assert (run_dir / "sweep" / member / "train" / "final" / "model.safetensors").exists()
     summary = json.loads((run_dir / "sweep" / "evaluate" / "summary.json").read_text())
-    assert {r["model"] for r in summary["rows"]} == {"loss-dpo", "loss-sft", "reference"}
+    assert {r["model"] for r in summary["rows"]} == {"loss-dpo", "loss-sft", "reference", "best_of_2"}
     assert set(summary["implicit_reward_accuracy"]) == {"loss-dpo", "loss-sft"}

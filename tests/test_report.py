@@ -65,7 +65,7 @@ def test_report_md_has_table_figures_and_notes(tmp_path):
     assert text.startswith("# Demo run")
     assert "| " + " | ".join(report.SUMMARY_COLUMNS) + " |" in text
     assert "| sft | 1.000 | 64 | 0.010 | \u2013 | \u2013 | \u2013 | \u2013 |" in text
-    assert "| dpo | 0.700 | 64 | 0.412 | 1.500 | 0.700 | 0.610 | 0.790 |" in text
+    assert "| dpo | 0.700 | 64 | 0.412 | 1.500 | \u2013 | 0.700 | 0.610 | 0.790 |" in text  # no kl_bound: en dash
     # An absolute figure path is written relative to the report; a relative one is kept.
     assert "![Win rate](win_rate.png)" in text
     assert "![Frontier](plots/frontier.png)" in text

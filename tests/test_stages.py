@@ -57,6 +57,7 @@ def config(tmp_path_factory, tiny_model_dir, ray_local):
         "evaluate.max_tokens=6",
         "evaluate.reward=vader",
         "evaluate.bootstrap_samples=100",
+        "evaluate.best_of_n=2",
     ]
     return load_config(None, overrides)
 
@@ -120,14 +121,26 @@ def test_final_policy_loads_with_transformers(finished, config):
 
 def test_summary_has_a_row_per_model_and_temperature(finished, config):
     summary = RunDir(config.run_dir).read_json("evaluate/summary.json")
-    keys = {"model", "temperature", "n", "reward_mean", "kl_mean", "win_rate", "win_rate_ci_low", "win_rate_ci_high"}
+    keys = {"model", "temperature", "n", "reward_mean", "kl_mean", "win_rate", "win_rate_ci_low", "win_rate_ci_high",
+            "win_rate_vs_chosen", "kl_bound", "samples_per_answer", "tokens_per_answer"}
     assert {(r["model"], r["temperature"]) for r in summary["rows"]} == {
-        ("policy", 0.0), ("policy", 1.0), ("reference", 0.0), ("reference", 1.0)
+        (m, t) for m in ("policy", "reference", "best_of_2") for t in (0.0, 1.0)
     }
     for row in summary["rows"]:
         assert keys <= set(row)
-        # Policy == reference here, so KL estimates are zero up to float noise.
-        assert abs(row["kl_mean"]) < 1e-3
+        if row["model"] == "best_of_2":
+            assert row["kl_mean"] is None and row["samples_per_answer"] == 2.0
+        else:
+            # Policy == reference here, so KL estimates are zero up to float noise.
+            assert abs(row["kl_mean"]) < 1e-3 and row["samples_per_answer"] == 1.0
+        # Every held-out prompt has a chosen response: every sample is judged against it.
+        assert row["judged_vs_chosen"] == row["n"] > 0
+        assert 0.0 <= row["win_rate_vs_chosen_ci_low"] <= row["win_rate_vs_chosen"] <= row["win_rate_vs_chosen_ci_high"] <= 1.0
+    rows = {(r["model"], r["temperature"]): r for r in summary["rows"]}
+    # Greedy candidates are identical: best-of-2 at T = 0 is the reference's greedy answer, a tie with it.
+    assert rows[("best_of_2", 0.0)]["reward_mean"] == rows[("reference", 0.0)]["reward_mean"]
+    assert rows[("best_of_2", 0.0)]["win_rate"] == 0.5 and rows[("best_of_2", 0.0)]["kl_bound"] == 0.0
+    assert summary["best_of_n"]["candidates_sampled"] == 2 * 2 * summary["num_prompts"]
     for name in ("report.md", "reward_vs_kl.png", "training_curves.png", "win_rate_vs_temperature.png"):
         assert RunDir(config.run_dir).exists("evaluate", name)
 
