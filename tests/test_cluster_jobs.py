@@ -177,12 +177,14 @@ def config_file(tmp_path_factory, tiny_model_dir) -> Path:
     data = write_pairs(tmp / "pairs.jsonl", 80)
     path = tmp / "cluster_test.yaml"
     path.write_text(json.dumps({  # JSON is YAML
-        "data": {"path": str(data), "eval_fraction": 0.0},
+        "data": {"path": str(data), "eval_fraction": 0.2},
         "model": {"path": str(tiny_model_dir)},
         "tokenize": {"max_prompt_length": 16, "max_length": 40},
         "score": {"batch_size": 32, "cpus_per_actor": 0.5},
         "train": {"learning_rate": 1e-3, "max_steps": STEPS, "checkpoint_steps": 4, "batch_size": 8,
                   "micro_batch_size": 8, "cpus_per_worker": 0.5},
+        "evaluate": {"num_prompts": 3, "samples_per_prompt": 1, "temperatures": [1.0], "max_tokens": 6,
+                     "reward": "vader", "judge": "vader", "bootstrap_samples": 20, "best_of_n": 0},
     }))
     return path
 
@@ -196,7 +198,7 @@ def submit(head: Head, submission_id: str, config: Path, run_dir: str) -> subpro
     return head.ray(
         "job", "submit", "--address", head.address, "--working-dir", ".", "--submission-id", submission_id,
         "--no-wait", "--", "python", "jobs/run.py", "--config", str(config), "--set", f"run_dir={run_dir}",
-        "--to-stage", "train",  # evaluate copies the policy to local disk; not checked on S3 here
+        "--to-stage", "train",  # evaluate runs from the laptop side in the first test
     )
 
 
@@ -277,6 +279,13 @@ def test_submit_on_s3_refuses_a_duplicate_and_a_finished_rerun_is_a_no_op(head, 
     again = dpo("run", "--config", str(config_file), "--set", f"run_dir={run_dir}", "--to-stage", "train")
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"run {run_dir}: every stage finished (tokenize, score, train); nothing to do." in again.stdout
+
+    # Evaluate the S3 policy: its sampler and scorer actors fetch it from the URI themselves.
+    evaluated = dpo("evaluate", "--config", str(config_file), "--set", f"run_dir={run_dir}")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    summary = json.loads(s3_text("straight/evaluate/summary.json"))
+    assert {row["model"] for row in summary["rows"]} == {"policy", "reference"}
+    assert not (ROOT / "s3:").exists()
 
 
 def test_a_stopped_job_resumes_on_s3_and_matches_the_uninterrupted_run(head, config_file):
