@@ -173,12 +173,12 @@ def micro_batch_loss(model, batch: dict, *, train: TrainConfig, pad_id: int, dev
             ref_chosen_logps=torch.tensor(batch["ref_chosen_logp"], device=device, dtype=torch.float32),
             ref_rejected_logps=torch.tensor(batch["ref_rejected_logp"], device=device, dtype=torch.float32),
         )
-    logps = PairLogps(
+    pair = PairLogps(
         policy_chosen_logps=chosen, policy_rejected_logps=rejected,
         chosen_lengths=chosen_len.float(), rejected_lengths=rejected_len.float(), **ref,
     )
     out = compute_loss(
-        train.loss if isinstance(train.loss, str) else dict(train.loss), logps,
+        train.loss if isinstance(train.loss, str) else dict(train.loss), pair,
         beta=train.beta, label_smoothing=train.label_smoothing, gamma=train.gamma, alpha=train.alpha,
     )
     # Sum over pairs divided by the pairs in the whole step: accumulated micro-batches then give the
