@@ -1,21 +1,21 @@
 """Score-stage throughput: the forward-only reference pass, against our own train step and TRL's precompute.
 
-    python benchmarks/score.py --shape tiny|gpt162m|llama1b [--compare trl] [--pairs N] [--chunked]
+    python benchmarks/score.py --shape tiny|gpt162m|llama1b [--compare trl] [--pairs N]
+                               [--chunked] [--packing] [--compile] [--packed-attn flex_attention]
 
 Rows: `pipeline.score.score_pairs` as the score stage runs it (inference_mode, micro-batches of similar
-length), the same loop in the data's own order (no length bucketing), and with --chunked the chunked
-log-probs. Weights are bf16 on CUDA (the score stage loads `model.dtype`), float32 on CPU. The train-step
-row (our step, same shape, from benchmarks/train_step.py) gives the score/train ratio. Tokens = non-pad
-tokens of chosen and rejected sequences, prompt included. MFU counts 2 x params FLOPs per token.
-With --compare trl, TRL's `precompute_ref_log_probs` pass is timed on the same pairs. The last line is
-`speedup_vs_trl: <float>` (`nan` when TRL is not measured).
+length), the same loop in the data's own order (no length bucketing), then one row per switch asked for
+(`score.chunked_logprobs`, `score.packing`, `score.compile`) and, with more than one, all of them
+together. Weights are bf16 on CUDA (the score stage loads `model.dtype`), float32 on CPU. The train-step
+rows (our step, same shape, from benchmarks/train_step.py, with the same switches) give the score/train
+ratio. Tokens = non-pad tokens of chosen and rejected sequences, prompt included. MFU counts 2 x params
+FLOPs per token. With --compare trl, TRL's `precompute_ref_log_probs` pass is timed on the same pairs.
+The last line is `speedup_vs_trl: <float>` (`nan` when TRL is not measured).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
 import math
 import tempfile
 
@@ -33,56 +33,64 @@ def pairs_table(rows: dict[str, list]) -> pa.Table:
     return pa.table({k: pa.array(rows[k], type=ids) for k in ("prompt_ids", "chosen_ids", "rejected_ids")})
 
 
-def score_unsorted(model, table: pa.Table, *, pad_id: int, micro_batch: int, device: str) -> np.ndarray:
+def score_unsorted(model, table: pa.Table, *, pad_id: int, micro_batch: int, device: str, **_) -> np.ndarray:
     """score_pairs' loop without its length sort: micro-batches in the data's order, padded to their longest."""
-    from pipeline.logprobs import collate_pairs
+    from pipeline.logprobs import collate_pairs, pair_logps
 
     prompts, chosen, rejected = (table[k].to_pylist() for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
-    import pipeline.score
-
     out = []
     with torch.inference_mode():
         for start in range(0, table.num_rows, micro_batch):
             sl = slice(start, start + micro_batch)
-            c, r, _, _ = pipeline.score.pair_logps(model, collate_pairs(prompts[sl], chosen[sl], rejected[sl], pad_id=pad_id).to(device))
+            c, r, _, _ = pair_logps(model, collate_pairs(prompts[sl], chosen[sl], rejected[sl], pad_id=pad_id).to(device))
             out.append(torch.stack([c, r], 1).double().cpu().numpy())
     return np.concatenate(out)
 
 
-@contextlib.contextmanager
-def chunked_scoring(enabled: bool, chunk_size: int):
-    """Route score_pairs through the chunked log-probs (until the score config has a switch for it)."""
-    import pipeline.score
-    from pipeline.chunked_logprobs import chunked_pair_logps
+SWITCHES = {"chunked": "chunked logprobs", "packing": "packing", "compile": "torch.compile"}
 
-    if not enabled:
-        yield
-        return
-    original = pipeline.score.pair_logps
-    pipeline.score.pair_logps = functools.partial(chunked_pair_logps, chunk_size=chunk_size)
-    try:
-        yield
-    finally:
-        pipeline.score.pair_logps = original
+
+def variants(args) -> list[tuple[str, dict]]:
+    """(row name, options): the stage as configured by default, unsorted, each switch alone, then all together."""
+    chosen = [o for o in SWITCHES if getattr(args, o)]
+    label = lambda combo: " + ".join(f"packing ({args.packed_attn})" if o == "packing" else SWITCHES[o] for o in combo)  # noqa: E731
+    out = [("raydpo score_pairs (length-bucketed)", {}), ("raydpo unsorted micro-batches", {"sort": False})]
+    out += [(f"raydpo score_pairs + {label([o])}", {o: True}) for o in chosen]
+    if len(chosen) > 1:
+        out.append((f"raydpo score_pairs + {label(chosen)}", {o: True for o in chosen}))
+    return out
 
 
 def measure_score(
-    model, table, warm_table, device, *, micro_batch: int, sort: bool, chunked: bool, chunk_size: int, repeats: int
-) -> tuple[float, str]:
-    """Best of `repeats` timed passes over `table` after one pass over `warm_table`: (tokens/s, peak memory)."""
+    shape, table, warm_table, device, dtype, *, micro_batch: int, chunk_size: int, repeats: int, packed_attn: str,
+    sort: bool = True, chunked: bool = False, packing: bool = False, compile: bool = False,
+) -> tuple[float, str, int]:
+    """Best of `repeats` timed passes over `table` after one pass over `warm_table`: (tokens/s, peak memory, params).
+
+    The model is built per row, as a score actor builds it: attention `packed_attn` when packing, each
+    decoder block compiled when `compile` (what score.compile does).
+    """
+    from pipeline.modeling import compile_decoder_layers
     from pipeline.score import score_pairs
 
+    common.free_memory(device)
+    model = common.build_model(shape, device, dtype=dtype, attn=packed_attn if packing else "sdpa").eval()
+    if compile:
+        compile_decoder_layers(model)
     fn = score_pairs if sort else score_unsorted
+    options = dict(pad_id=common.PAD_ID, micro_batch=micro_batch, device=str(device), packing=packing,
+                   chunk_size=chunk_size if chunked else None)
     tokens = sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(*(table[k].to_pylist() for k in ("prompt_ids", "chosen_ids", "rejected_ids"))))
-    with chunked_scoring(chunked, chunk_size):
-        fn(model, warm_table, pad_id=common.PAD_ID, micro_batch=micro_batch, device=str(device))
-        common.reset_peak_memory(device)
-        elapsed = math.inf
-        for _ in range(repeats):
-            start = common.now(device)
-            fn(model, table, pad_id=common.PAD_ID, micro_batch=micro_batch, device=str(device))
-            elapsed = min(elapsed, common.now(device) - start)
-    return tokens / elapsed, common.peak_memory(device)
+    fn(model, warm_table, **options)
+    common.reset_peak_memory(device)
+    elapsed = math.inf
+    for _ in range(repeats):
+        start = common.now(device)
+        fn(model, table, **options)
+        elapsed = min(elapsed, common.now(device) - start)
+    params = common.num_params(model)
+    del model
+    return tokens / elapsed, common.peak_memory(device), params
 
 
 def measure_trl_precompute(shape, rows, warm_rows, device, *, micro_batch: int, dtype: torch.dtype, bf16: bool) -> tuple[float, str]:
@@ -123,7 +131,10 @@ def parse_args(argv=None):
     p.add_argument("--pairs", type=int, default=0, help="pairs scored in the timed pass; 0: 8 micro-batches")
     p.add_argument("--micro-batch", type=int, default=0, help="pairs per forward; 0: the shape's default")
     p.add_argument("--repeats", type=int, default=3, help="timed passes per row; the best is reported")
-    p.add_argument("--chunked", action="store_true", help="add a row with chunked log-probs")
+    p.add_argument("--chunked", action="store_true", help="add a row with chunked log-probs (score.chunked_logprobs)")
+    p.add_argument("--packing", action="store_true", help="add a row with padding-free packed sequences (score.packing)")
+    p.add_argument("--packed-attn", default="sdpa", help="attention for packed rows: sdpa | flex_attention | flash_attention_2")
+    p.add_argument("--compile", action="store_true", help="add a row with torch.compile per decoder block (score.compile)")
     p.add_argument("--chunk-size", type=int, default=1024)
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--train-steps", type=int, default=5, help="timed steps of the train-step row (for the ratio)")
@@ -143,28 +154,25 @@ def main(argv=None) -> None:
     print(f"shape {shape.name}: {n} pairs in micro-batches of {micro}, ~{shape.tokens_per_pair} tokens/pair, weights {dtype}")
 
     rows: list[Row] = []
-    model = common.build_model(shape, device, dtype=dtype).eval()
-    params = common.num_params(model)
-    variants = [("raydpo score_pairs (length-bucketed)", dict(sort=True, chunked=False)),
-                ("raydpo unsorted micro-batches", dict(sort=False, chunked=False))]
-    if args.chunked:
-        variants.append(("raydpo score_pairs + chunked logprobs", dict(sort=True, chunked=True)))
-    for name, options in variants:
-        rate, memory = measure_score(model, table, warm_table, device, micro_batch=micro, chunk_size=args.chunk_size,
-                                     repeats=args.repeats, **options)
+    params = 0
+    for name, options in variants(args):
+        rate, memory, params = measure_score(shape, table, warm_table, device, dtype, micro_batch=micro, chunk_size=args.chunk_size,
+                                             repeats=args.repeats, packed_attn=args.packed_attn, **options)
         rows.append(Row(name, rate, common.mfu(rate, params, device, flops_per_token_per_param=2.0), memory, label))
         print(f"  {name}: {rate:,.0f} tokens/s", flush=True)
-    del model
     common.free_memory(device)
 
     train_batches = common.numpy_batches(common.make_pairs(shape, (args.warmup + args.train_steps) * shape.pairs_per_step, seed=args.seed), shape.pairs_per_step)
     train_rates = []
-    for chunked in ([False, True] if args.chunked else [False]):
+    train_variants = [("train step (ours)", {})]
+    fast = {o: True for o in SWITCHES if getattr(args, o)}
+    if fast:
+        train_variants.append(("train step (ours) + " + " + ".join(SWITCHES[o] for o in fast), fast))
+    for name, options in train_variants:
         rate, memory, _, _ = train_step.measure_train(shape, train_batches, device, steps=args.train_steps, warmup=args.warmup,
-                                                   chunked=chunked, chunk_size=args.chunk_size)
+                                                   chunk_size=args.chunk_size, packed_attn=args.packed_attn, **options)
         train_rates.append(rate)
-        rows.append(Row("train step (ours)" + (" + chunked logprobs" if chunked else ""), rate,
-                        common.mfu(rate, params, device), memory, label, note="for the ratio; MFU at 6 x params"))
+        rows.append(Row(name, rate, common.mfu(rate, params, device), memory, label, note="for the ratio; MFU at 6 x params"))
 
     if args.compare == "trl":
         if not common.trl_available():

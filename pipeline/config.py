@@ -58,6 +58,11 @@ class ScoreConfig:
     use_gpu: bool = False
     gpus_per_actor: float = 1.0  # a fraction packs several small reference models on one GPU
     cpus_per_actor: float = 1.0
+    # The train stage's speed switches, for the forward pass (same log-probs within float error; see README):
+    packing: bool = False
+    chunked_logprobs: bool = False
+    logprob_chunk_size: int = 1024
+    compile: bool = False
 
 
 @dataclass(frozen=True)

@@ -116,9 +116,10 @@ class ModelScorer:
 def sequence_logps_remote(model_path: str, table: pa.Table, *, config: Config) -> tuple[np.ndarray, np.ndarray]:
     """log p(chosen | prompt) and log p(rejected | prompt) under `model_path` for every row, computed by the
     score stage's scorer in an actor (which fetches `model_path` itself when it is a URI)."""
+    from pipeline.score import scorer_options
+
     actor = ray.remote(num_cpus=1, num_gpus=1 if config.evaluate.use_gpu else 0)(ModelScorer).remote(
-        model_path, dtype=config.model.dtype, use_gpu=config.evaluate.use_gpu, micro_batch=config.score.batch_size,
-        trust_remote_code=config.model.trust_remote_code,
+        model_path, **scorer_options(config, use_gpu=config.evaluate.use_gpu)
     )
     try:
         scored = ray.get(actor.score.remote(table.select(["prompt_ids", "chosen_ids", "rejected_ids"])))

@@ -106,7 +106,7 @@ def compile_decoder_layers(model) -> None:
     base = model.get_decoder()
     layers = next((getattr(base, name) for name in ("layers", "h") if hasattr(base, name)), None)
     if layers is None:
-        raise ValueError(f"train.compile: {type(model).__name__} has no decoder layer list (layers or h) to compile")
+        raise ValueError(f"compile: {type(model).__name__} has no decoder layer list (layers or h) to compile")
     for layer in layers:
         layer.compile()
 

@@ -21,7 +21,7 @@ import torch
 
 from pipeline.config import Config, stage_hash
 from pipeline.kto import with_kl_completions
-from pipeline.logprobs import collate_pairs, pair_logps
+from pipeline.logprobs import batch_sequence_logps
 from pipeline.schemas import SCORED, SCORED_KTO
 from pipeline.storage import RunDir, read_parquet_dir
 
@@ -37,11 +37,13 @@ def reference_path(config: Config) -> str:
     return config.model.ref_path or config.model.path
 
 
-def _score_two(model, prompts: list, first: list, second: list, *, pad_id: int, micro_batch: int, device: str):
+def _score_two(model, prompts: list, first: list, second: list, *, pad_id: int, micro_batch: int, device: str,
+               packing: bool = False, chunk_size: int | None = None):
     """Reference log-probs (float64 sums) of prompt + first[i] and prompt + second[i], each (n,).
 
     Rows are scored in micro-batches of similar length (sorted by length, then put back in order) so
-    little compute goes to padding.
+    little compute goes to padding; `packing` removes the padding altogether and `chunk_size` makes
+    output-layer logits only at response positions (see `pipeline.logprobs.batch_sequence_logps`).
     """
     n = len(prompts)
     first_logp = np.zeros(n, dtype=np.float64)
@@ -51,34 +53,39 @@ def _score_two(model, prompts: list, first: list, second: list, *, pad_id: int, 
     with torch.inference_mode():
         for start in range(0, n, micro_batch):
             idx = order[start : start + micro_batch]
-            batch = collate_pairs([prompts[i] for i in idx], [first[i] for i in idx], [second[i] for i in idx], pad_id=pad_id)
-            a, b, _, _ = pair_logps(model, batch.to(device))
-            first_logp[idx] = a.double().cpu().numpy()
-            second_logp[idx] = b.double().cpu().numpy()
+            batch_prompts = [prompts[i] for i in idx]
+            logps, _, _ = batch_sequence_logps(
+                model, batch_prompts + batch_prompts, [first[i] for i in idx] + [second[i] for i in idx],
+                pad_id=pad_id, device=device, packing=packing, chunk_size=chunk_size,
+            )
+            logps = logps.double().cpu().numpy()
+            first_logp[idx], second_logp[idx] = logps[: len(idx)], logps[len(idx) :]
     return first_logp, second_logp
 
 
-def score_pairs(model, table: pa.Table, *, pad_id: int, micro_batch: int, device: str) -> pa.Table:
+def score_pairs(model, table: pa.Table, *, pad_id: int, micro_batch: int, device: str, packing: bool = False,
+                chunk_size: int | None = None) -> pa.Table:
     """Add ref_chosen_logp and ref_rejected_logp (float64 sums over response tokens) to `table`.
 
     Pure over an Arrow table: no Ray.
     """
     chosen_logp, rejected_logp = _score_two(
         model, table["prompt_ids"].to_pylist(), table["chosen_ids"].to_pylist(), table["rejected_ids"].to_pylist(),
-        pad_id=pad_id, micro_batch=micro_batch, device=device,
+        pad_id=pad_id, micro_batch=micro_batch, device=device, packing=packing, chunk_size=chunk_size,
     )
     # An unpaired (KTO) row has no rejected response: its log-prob is a sum over nothing.
     return table.append_column("ref_chosen_logp", pa.array(chosen_logp)).append_column("ref_rejected_logp", pa.array(rejected_logp))
 
 
-def score_unpaired(model, table: pa.Table, *, pad_id: int, micro_batch: int, device: str) -> pa.Table:
+def score_unpaired(model, table: pa.Table, *, pad_id: int, micro_batch: int, device: str, packing: bool = False,
+                   chunk_size: int | None = None) -> pa.Table:
     """For KTO rows that carry kl_completion_ids (see pipeline.kto): add ref_chosen_logp (the completion),
     ref_rejected_logp (0: there is no rejected response) and ref_kl_logp (the mismatched completion
-    after this row's prompt). Both completions of a row share one padded forward pass. Pure: no Ray.
+    after this row's prompt). Both completions of a row share one forward pass. Pure: no Ray.
     """
     completion_logp, kl_logp = _score_two(
         model, table["prompt_ids"].to_pylist(), table["chosen_ids"].to_pylist(), table["kl_completion_ids"].to_pylist(),
-        pad_id=pad_id, micro_batch=micro_batch, device=device,
+        pad_id=pad_id, micro_batch=micro_batch, device=device, packing=packing, chunk_size=chunk_size,
     )
     return (
         table.append_column("ref_chosen_logp", pa.array(completion_logp))
@@ -87,20 +94,37 @@ def score_unpaired(model, table: pa.Table, *, pad_id: int, micro_batch: int, dev
     )
 
 
+def scorer_options(config: Config, *, use_gpu: bool) -> dict:
+    """ReferenceScorer's keyword arguments for `config` (the score stage's, and evaluate's for its policy)."""
+    sc = config.score
+    return dict(
+        dtype=config.model.dtype, use_gpu=use_gpu, micro_batch=sc.batch_size, trust_remote_code=config.model.trust_remote_code,
+        attn_implementation=config.model.attn_implementation, packing=sc.packing,
+        chunk_size=sc.logprob_chunk_size if sc.chunked_logprobs else None, compile=sc.compile,
+    )
+
+
 class ReferenceScorer:
     """Ray Data callable class: loads the reference model once per actor, scores batches of pairs."""
 
-    def __init__(self, model_path: str, *, dtype: str, use_gpu: bool, micro_batch: int, trust_remote_code: bool):
-        from pipeline.modeling import load_model, load_tokenizer, pick_device
+    def __init__(self, model_path: str, *, dtype: str, use_gpu: bool, micro_batch: int, trust_remote_code: bool,
+                 attn_implementation: str | None = None, packing: bool = False, chunk_size: int | None = None,
+                 compile: bool = False):
+        from pipeline.modeling import compile_decoder_layers, load_model, load_tokenizer, pick_device
 
         self.device = pick_device(use_gpu)
-        self.model = load_model(model_path, dtype=getattr(torch, dtype), device=self.device, trust_remote_code=trust_remote_code).eval()
+        self.model = load_model(
+            model_path, dtype=getattr(torch, dtype), device=self.device, trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation,
+        ).eval()
+        if compile:
+            compile_decoder_layers(self.model)
         self.pad_id = load_tokenizer(model_path, trust_remote_code=trust_remote_code).pad_token_id
-        self.micro_batch = micro_batch
+        self.options = dict(micro_batch=micro_batch, packing=packing, chunk_size=chunk_size)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         score = score_unpaired if "kl_completion_ids" in batch.column_names else score_pairs
-        return score(self.model, batch, pad_id=self.pad_id, micro_batch=self.micro_batch, device=self.device)
+        return score(self.model, batch, pad_id=self.pad_id, device=self.device, **self.options)
 
 
 def run(config: Config, *, force: bool = False) -> dict:
@@ -139,13 +163,7 @@ def run(config: Config, *, force: bool = False) -> dict:
         ds, schema = ray.data.read_parquet([run_dir.uri_of(UPSTREAM, s) for s in splits], include_paths=True), SCORED
     scored = ds.map_batches(
         ReferenceScorer,
-        fn_constructor_kwargs=dict(
-            model_path=reference_path(config),
-            dtype=config.model.dtype,
-            use_gpu=sc.use_gpu,
-            micro_batch=sc.batch_size,
-            trust_remote_code=config.model.trust_remote_code,
-        ),
+        fn_constructor_kwargs=dict(model_path=reference_path(config), **scorer_options(config, use_gpu=sc.use_gpu)),
         batch_size=sc.batch_size * 8,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=sc.num_actors),

@@ -24,7 +24,7 @@ from contextlib import nullcontext
 import torch
 
 from pipeline.config import Config, TrainConfig, loss_names, stage_hash
-from pipeline.logprobs import collate_sequences, sequence_logps_fn
+from pipeline.logprobs import batch_sequence_logps
 from pipeline.storage import RunDir
 
 log = logging.getLogger(__name__)
@@ -128,28 +128,14 @@ def reads_only_chosen(loss: str | dict) -> bool:
     return (loss if isinstance(loss, str) else "+".join(loss)) == "sft"
 
 
-PACK_MULTIPLE = 128  # packed rows are padded to a multiple of this: few distinct shapes for compiled kernels
-
-
 def policy_sequence_logps(model, prompts, responses, *, train: TrainConfig, pad_id: int, device):
-    """Response log-prob sums and token counts of N prompt + response sequences under the policy, and the
-    number of real (non-pad) tokens, counted on the CPU: no device sync. Packed or padded, chunked or not,
-    as `train` says; every combination gives the same numbers (tests/test_packing.py, test_chunked_logprobs.py)."""
+    """`pipeline.logprobs.batch_sequence_logps` under bf16 autocast on GPU, packed and chunked as `train` says."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    chunk = train.logprob_chunk_size if train.chunked_logprobs else None
-    if train.packing:
-        from pipeline.packing import pack_sequences, packed_sequence_logps
-
-        packed = pack_sequences(prompts, responses, pad_id=pad_id, multiple_of=PACK_MULTIPLE)
-        with autocast:
-            logps, counts = packed_sequence_logps(model, packed.to(device), chunk_size=chunk)
-        return logps, counts, packed.num_tokens
-    ids, attention, response = collate_sequences(prompts, responses, pad_id=pad_id)
-    tokens = int(attention.sum())
-    seq_logps = sequence_logps_fn(chunked=train.chunked_logprobs, chunk_size=train.logprob_chunk_size)
     with autocast:
-        logps, counts = seq_logps(model, ids.to(device), attention.to(device), response.to(device))
-    return logps, counts, tokens
+        return batch_sequence_logps(
+            model, prompts, responses, pad_id=pad_id, device=device, packing=train.packing,
+            chunk_size=train.logprob_chunk_size if train.chunked_logprobs else None,
+        )
 
 
 def micro_batch_loss(model, batch: dict, *, train: TrainConfig, pad_id: int, device, with_reference: bool, scale: float):

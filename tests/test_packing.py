@@ -57,3 +57,23 @@ def test_bad_input_is_named():
         pack_sequences([[], [1]], [[2], [3]], pad_id=0)
     with pytest.raises(ValueError, match="2 prompts but 1 responses"):
         pack_sequences([[1], [2]], [[3]], pad_id=0)
+
+
+@pytest.mark.parametrize("packing,chunk_size", [(True, None), (False, 4), (True, 5)])
+def test_score_stage_switches_give_the_plain_reference_logps(packing, chunk_size):
+    """score.packing and score.chunked_logprobs change how the reference pass runs, not what it writes."""
+    import pyarrow as pa
+
+    from pipeline.score import score_pairs, score_unpaired
+
+    model = MODELS["llama"]().eval()
+    prompts, chosen, rejected = ragged_pairs(seed=3)
+    ids = pa.list_(pa.int32())
+    table = pa.table({"prompt_ids": pa.array(prompts, ids), "chosen_ids": pa.array(chosen, ids), "rejected_ids": pa.array(rejected, ids)})
+    plain = score_pairs(model, table, pad_id=0, micro_batch=2, device="cpu")
+    fast = score_pairs(model, table, pad_id=0, micro_batch=2, device="cpu", packing=packing, chunk_size=chunk_size)
+    for column in ("ref_chosen_logp", "ref_rejected_logp"):
+        assert fast[column].to_pylist() == pytest.approx(plain[column].to_pylist(), abs=ATOL)
+    unpaired = table.append_column("kl_completion_ids", table["rejected_ids"])
+    fast_kto = score_unpaired(model, unpaired, pad_id=0, micro_batch=2, device="cpu", packing=packing, chunk_size=chunk_size)
+    assert fast_kto["ref_kl_logp"].to_pylist() == pytest.approx(plain["ref_rejected_logp"].to_pylist(), abs=ATOL)
