@@ -28,6 +28,7 @@ import pyarrow as pa
 import ray
 
 from pipeline.config import Config, EvaluateConfig, stage_hash
+from pipeline.held_out import describe, pair_accuracy, unpaired_separation
 from pipeline.schemas import JUDGMENTS, SAMPLES
 from pipeline.storage import RunDir, read_parquet_dir
 
@@ -128,10 +129,23 @@ def sequence_logps_remote(model_path: str, table: pa.Table, *, config: Config) -
     return scored["ref_chosen_logp"].to_numpy(), scored["ref_rejected_logp"].to_numpy()
 
 
-def implicit_reward_accuracy(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta: float) -> dict:
-    """How often the trained policy's implicit reward ranks held-out pairs as the data does."""
-    margins = beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))
-    return {"pairs": int(len(margins)), "accuracy": float((margins > 0).mean()), "margin_mean": float(margins.mean())}
+def held_out_measures(data_dir: RunDir, policies: list[Policy], *, config: Config) -> dict[str, dict]:
+    """Per policy, how its implicit reward sorts the scored held-out split (pipeline.held_out): pair accuracy,
+    or for unpaired (KTO) data how it separates desirable from undesirable completions. {} without a score stage."""
+    manifest = data_dir.manifest("score")
+    held = read_parquet_dir(data_dir, "score/eval") if manifest is not None else None
+    if held is None or not held.num_rows:
+        return {}
+    out = {}
+    for p in policies:
+        chosen, rejected = sequence_logps_remote(p.run_dir.uri_of("train/final"), held, config=config)
+        if manifest.get("data_kind") == "unpaired":  # a completion and its label; `rejected` is a sum over nothing
+            labels = held["label"].to_numpy(zero_copy_only=False)
+            out[p.name] = unpaired_separation(chosen, held["ref_chosen_logp"].to_numpy(), labels, beta=p.beta)
+        else:
+            out[p.name] = pair_accuracy(chosen, rejected, held["ref_chosen_logp"].to_numpy(),
+                                        held["ref_rejected_logp"].to_numpy(), beta=p.beta)
+    return out
 
 
 def summarize(samples: pa.Table, judgments: pa.Table, temperatures: list[float], *, n_boot: int, seed: int,
@@ -293,14 +307,7 @@ def evaluate_policies(config: Config, policies: list[Policy], *, data_dir: RunDi
                                        [*compared, "reference"])
     judgments = pa.Table.from_pylist(judged, schema=JUDGMENTS)
 
-    accuracy = {}
-    if data_dir.manifest("score") is not None:
-        held = read_parquet_dir(data_dir, "score/eval")
-        if held.num_rows:
-            for p in policies:
-                chosen, rejected = sequence_logps_remote(paths[p.name], held, config=config)
-                accuracy[p.name] = implicit_reward_accuracy(
-                    chosen, rejected, held["ref_chosen_logp"].to_numpy(), held["ref_rejected_logp"].to_numpy(), beta=p.beta)
+    accuracy = held_out_measures(data_dir, policies, config=config)
 
     costs = sampling_costs(rows)
     summary_rows = summarize(samples, judgments, ev.temperatures, n_boot=ev.bootstrap_samples, seed=ev.seed,
@@ -394,8 +401,7 @@ def _write_report(config: Config, writer, policies: list[Policy], summary: dict,
                          "(samples_per_answer, tokens_per_answer columns). Its KL is the analytic bound "
                          f"log N - (N-1)/N = {bon['kl_bound']:.3f} nats (kl_bound; 0 at T = 0, where the N candidates "
                          "coincide): best-of-N has no density to take a per-sample log-ratio of.")
-        for name, acc in accuracy.items():
-            notes.append(f"Implicit-reward accuracy of {name} on {acc['pairs']} held-out pairs: {acc['accuracy']:.3f}.")
+        notes += [describe(name, acc) for name, acc in accuracy.items()]
         write_report_md(os.path.join(tmp, "report.md"), title=f"Evaluation of {config.run_dir}", summary_rows=summary_rows, figures=figures, notes=notes)
         for name in [*figures.values(), "report.md"]:
             with open(os.path.join(tmp, name), "rb") as f, writer.run.fs.open_output_stream(writer.path(name)) as out:

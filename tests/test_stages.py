@@ -198,14 +198,14 @@ def test_inspect_prints_the_audit_with_decoded_rows(finished, config, capsys):
 # ------------------------------------------------------------------------------------------------- KTO
 
 
-def write_unpaired(path, n: int, *, desirable: int) -> None:
-    """n unpaired rows: `desirable` of them labelled True, the rest False."""
+def write_unpaired(path, n: int) -> None:
+    """n unpaired rows, every third one labelled undesirable."""
     import random
 
     from tests.conftest import CORPUS
 
     rng = random.Random(1)
-    rows = [{"prompt": f"review {i}:", "completion": " " + rng.choice(CORPUS), "label": i < desirable} for i in range(n)]
+    rows = [{"prompt": f"review {i}:", "completion": " " + rng.choice(CORPUS), "label": i % 3 != 0} for i in range(n)]
     with open(path, "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
 
@@ -214,12 +214,12 @@ def write_unpaired(path, n: int, *, desirable: int) -> None:
 def kto_run(tmp_path_factory, tiny_model_dir, ray_local):
     """Tokenize, score and train (lr 0, two steps) a small unpaired dataset with train.loss=kto."""
     root = tmp_path_factory.mktemp("kto")
-    write_unpaired(root / "unpaired.jsonl", 16, desirable=10)
+    write_unpaired(root / "unpaired.jsonl", 22)  # by prompt hash, 16 rows train (10 desirable), 6 held out
     config = load_config(None, [
         f"run_dir={root / 'run'}",
         f"data.path={root / 'unpaired.jsonl'}",
         f"model.path={tiny_model_dir}",
-        "data.eval_fraction=0.0",
+        "data.eval_fraction=0.25",
         "tokenize.max_prompt_length=16",
         "tokenize.max_length=24",
         "score.batch_size=8",
@@ -269,3 +269,16 @@ def test_kto_data_refuses_a_paired_loss(kto_run):
     config, _ = kto_run
     with pytest.raises(ValueError, match="dpo trains on pairs"):
         train.run(config.replace(train=dataclasses.replace(config.train, loss="dpo")))
+
+
+def test_kto_held_out_separation_is_chance_when_policy_equals_reference(kto_run):
+    """Held-out KTO rows have no partner: evaluate measures how the implicit reward separates the labels.
+    At lr 0 every reward is 0, every (desirable, undesirable) comparison a tie: exactly 0.5."""
+    config, manifests = kto_run
+    assert manifests["score"]["labels"]["eval"] == {"desirable": 4, "undesirable": 2}
+    run_dir = RunDir(config.run_dir)
+    measures = evaluate.held_out_measures(run_dir, [evaluate.Policy("kto", run_dir, config.train.beta)], config=config)
+    result = measures["kto"]
+    assert (result["kind"], result["rows"], result["desirable"], result["undesirable"]) == ("unpaired", 6, 4, 2)
+    assert result["auc"] == 0.5
+    assert result["reward_desirable_mean"] == 0.0 and result["reward_undesirable_mean"] == 0.0
