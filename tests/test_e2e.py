@@ -1,21 +1,33 @@
-"""End to end: the `dpo` CLI on the shrunk demo config, as a user runs it."""
+"""End to end: the `dpo` CLI on the shrunk demo config, as a user runs it, judged by an API judge.
+
+The judge is the OpenAI-compatible one, pointed at the scripted loopback server of tests/test_api_judge.py,
+with its key planted in the environment of every command. The last test then searches every file the
+commands wrote (checkpoints, Ray Train's own state, the judge cache) and everything they printed for the
+key: it must have been sent with every request and written nowhere.
+"""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.test_api_judge import KEY_ENV, SECRET, TEMPLATE, FakeChatServer
+
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).parent.parent
 SUMMARY_KEYS = {"model", "temperature", "n", "reward_mean", "kl_mean", "win_rate", "win_rate_ci_low", "win_rate_ci_high"}
+OUTPUTS: list[str] = []  # everything every command printed, for the key search
 
 
-def dpo(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=900
-    )
+@pytest.fixture(scope="module")
+def judge():
+    server = FakeChatServer()
+    server.always = "The first one reads better.\nPreferred: A"  # the tiny model's texts need no real judging
+    yield server
+    server.close()
 
 
 @pytest.fixture(scope="module")
@@ -23,11 +35,33 @@ def run_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("e2e") / "run"
 
 
-def test_cli_runs_every_stage(run_dir):
-    done = dpo("run", "--config", "configs/demo_smoke.yaml", "--set", f"run_dir={run_dir}")
+@pytest.fixture(scope="module")
+def dpo(judge, run_dir):
+    """`dpo <command> --config configs/demo_smoke.yaml` with the API judge and its key, on this module's run_dir."""
+    judge_settings = {
+        "evaluate.judge": "api", "evaluate.judge_api.base_url": judge.url, "evaluate.judge_api.model": "judge-model",
+        "evaluate.judge_api.api_key_env": KEY_ENV, "evaluate.judge_api.prompt_template": json.dumps(TEMPLATE),
+        "evaluate.judge_api.max_retries": "1", "evaluate.judge_api.backoff_base_s": "0.01",
+        "evaluate.judge_api.cache_path": "${run_dir}/judge_cache.sqlite",
+    }
+    sets = [f"run_dir={run_dir}", *(f"{k}={v}" for k, v in judge_settings.items())]
+
+    def run(command: str, *extra: str) -> subprocess.CompletedProcess:
+        args = [command, "--config", "configs/demo_smoke.yaml", *(a for s in sets for a in ("--set", s)), *extra]
+        done = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                              timeout=900, env={**os.environ, KEY_ENV: SECRET})
+        OUTPUTS.append(done.stdout + done.stderr)
+        return done
+
+    return run
+
+
+def test_cli_runs_every_stage(dpo, run_dir):
+    done = dpo("run")
     assert done.returncode == 0, done.stderr[-4000:]
     assert f"report: {run_dir}/evaluate/report.md" in done.stdout
     summary = json.loads((run_dir / "evaluate" / "summary.json").read_text())
+    assert summary["judge"] == "api"
     assert {(r["model"], r["temperature"]) for r in summary["rows"]} == {
         (m, t) for m in ("policy", "reference", "best_of_2") for t in (0.0, 1.0)
     }
@@ -45,31 +79,43 @@ def test_cli_runs_every_stage(run_dir):
     assert tokenize["rows_in"] == tokenize["rows_out"] + sum(tokenize["dropped"].values())
 
 
-def test_rerun_is_a_no_op_and_one_stage_can_be_forced(run_dir):
+def test_rerun_is_a_no_op_and_one_stage_can_be_forced(dpo, run_dir):
     before = json.loads((run_dir / "train" / "manifest.json").read_text())
-    again = dpo("run", "--config", "configs/demo_smoke.yaml", "--set", f"run_dir={run_dir}")
+    again = dpo("run")
     assert again.returncode == 0, again.stderr[-4000:]
     assert "every stage finished (tokenize, score, train, evaluate); nothing to do" in again.stdout
     assert json.loads((run_dir / "train" / "manifest.json").read_text()) == before
-    forced = dpo("evaluate", "--config", "configs/demo_smoke.yaml", "--set", f"run_dir={run_dir}", "--force")
+    forced = dpo("evaluate", "--force")
     assert forced.returncode == 0, forced.stderr[-4000:]
     assert json.loads((run_dir / "train" / "manifest.json").read_text()) == before
 
 
-def test_unknown_key_fails_before_any_work(run_dir):
-    done = dpo("tokenize", "--config", "configs/demo_smoke.yaml", "--set", "train.bta=0.1")
+def test_unknown_key_fails_before_any_work(dpo):
+    done = dpo("tokenize", "--set", "train.bta=0.1")
     assert done.returncode != 0
     assert "train.bta: unknown key" in done.stderr
 
 
-def test_sweep_reuses_one_score_stage_and_yields_a_policy_per_setting(run_dir):
+def test_sweep_reuses_one_score_stage_and_yields_a_policy_per_setting(dpo, run_dir):
     score_manifest = (run_dir / "score" / "manifest.json").read_text()
-    done = dpo("sweep", "--config", "configs/demo_smoke.yaml", "--set", f"run_dir={run_dir}",
-               "--set", "train.loss=[dpo,sft]", "--set", "train.cpus_per_worker=0.5")
+    done = dpo("sweep", "--set", "train.loss=[dpo,sft]", "--set", "train.cpus_per_worker=0.5",
+               "--set", "evaluate.temperatures=[1.0]", "--set", "evaluate.best_of_n=0")
     assert done.returncode == 0, done.stderr[-4000:]
     assert (run_dir / "score" / "manifest.json").read_text() == score_manifest  # untouched: not recomputed
     for member in ("loss-dpo", "loss-sft"):
         assert (run_dir / "sweep" / member / "train" / "final" / "model.safetensors").exists()
     summary = json.loads((run_dir / "sweep" / "evaluate" / "summary.json").read_text())
-    assert {r["model"] for r in summary["rows"]} == {"loss-dpo", "loss-sft", "reference", "best_of_2"}
+    assert {(r["model"], r["temperature"]) for r in summary["rows"]} == {(m, 1.0) for m in ("loss-dpo", "loss-sft", "reference")}
     assert set(summary["implicit_reward_accuracy"]) == {"loss-dpo", "loss-sft"}
+
+
+def test_the_judge_key_is_used_but_never_written(judge, run_dir):
+    # The key was really there to leak: every request carried it.
+    assert judge.count > 0 and all(r["auth"] == f"Bearer {SECRET}" for r in judge.received)
+    assert (run_dir / "judge_cache.sqlite").exists()
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    kinds = {p.suffix for p in files}
+    assert {".json", ".jsonl", ".parquet", ".md", ".safetensors", ".sqlite"} <= kinds, kinds
+    leaked = [str(p.relative_to(run_dir)) for p in files if SECRET.encode() in p.read_bytes()]
+    assert leaked == []
+    assert len(OUTPUTS) >= 5 and not [out for out in OUTPUTS if SECRET in out]
