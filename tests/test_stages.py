@@ -151,6 +151,21 @@ def test_rerun_skips_finished_stages(finished, config):
         assert manifest["manifest_hash"] == finished[stage]["manifest_hash"], stage
 
 
+def test_a_stage_killed_before_commit_is_redone(finished, config):
+    # Runs before test_force_redoes_a_stage, so the finished score stage is still current: no rescoring.
+    run_dir = RunDir(config.run_dir)
+    before = score.run(config)
+    assert before["manifest_hash"] == finished["score"]["manifest_hash"]
+    # An attempt that dies midway: it has removed the old manifest and written half its shards.
+    attempt = run_dir.begin("score")
+    attempt.write_text("train/part-00000.parquet", "half a file")
+    assert run_dir.manifest("score") is None
+    assert not run_dir.is_finished("score", config_hash=before["config_hash"], upstream_hash=before["upstream_hash"])
+    after = score.run(config)
+    assert after["rows_train"] == before["rows_train"]
+    assert read_parquet_dir(run_dir, "score/train").num_rows == before["rows_train"]
+
+
 def shard_bytes(config) -> dict[str, bytes]:
     from pathlib import Path
 
@@ -170,20 +185,6 @@ def test_force_redoes_a_stage(finished, config):
     # The score stage's upstream changed, so it is no longer finished.
     run_dir = RunDir(config.run_dir)
     assert not run_dir.is_finished("score", config_hash=finished["score"]["config_hash"], upstream_hash=redone["manifest_hash"])
-
-
-def test_a_stage_killed_before_commit_is_redone(finished, config):
-    run_dir = RunDir(config.run_dir)
-    tokenize.run(config)
-    before = score.run(config)
-    # An attempt that dies midway: it has removed the old manifest and written half its shards.
-    attempt = run_dir.begin("score")
-    attempt.write_text("train/part-00000.parquet", "half a file")
-    assert run_dir.manifest("score") is None
-    assert not run_dir.is_finished("score", config_hash=before["config_hash"], upstream_hash=before["upstream_hash"])
-    after = score.run(config)
-    assert after["rows_train"] == before["rows_train"]
-    assert read_parquet_dir(run_dir, "score/train").num_rows == before["rows_train"]
 
 
 def test_inspect_prints_the_audit_with_decoded_rows(finished, config, capsys):
