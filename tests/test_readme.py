@@ -27,3 +27,15 @@ def test_custom_loss_example_registers_and_trains():
         assert compute_loss("dpo_margin", batch, beta=0.1, gamma=0.5).loss > with_margin.loss
     finally:
         LOSSES.pop("dpo_margin", None)
+
+
+def test_every_yaml_config_block_is_a_valid_config(tmp_path):
+    """Every YAML block of the README loads as a config: no misspelt key, no wrong type."""
+    from pipeline.config import load_config
+
+    blocks = re.findall(r"```yaml\n(.*?)```", README.read_text(), re.S)
+    assert len(blocks) >= 4
+    for i, block in enumerate(blocks):
+        path = tmp_path / f"block{i}.yaml"
+        path.write_text(block)
+        load_config(path)  # raises ConfigError naming the key
