@@ -80,14 +80,22 @@ def test_cli_runs_every_stage(dpo, run_dir):
 
 
 def test_rerun_is_a_no_op_and_one_stage_can_be_forced(dpo, run_dir):
-    before = json.loads((run_dir / "train" / "manifest.json").read_text())
+    manifest = lambda stage: json.loads((run_dir / stage / "manifest.json").read_text())  # noqa: E731
+    before = {stage: manifest(stage) for stage in ("tokenize", "score", "train")}
     again = dpo("run")
     assert again.returncode == 0, again.stderr[-4000:]
     assert "every stage finished (tokenize, score, train, evaluate); nothing to do" in again.stdout
-    assert json.loads((run_dir / "train" / "manifest.json").read_text()) == before
-    forced = dpo("evaluate", "--force")
+    assert {stage: manifest(stage) for stage in before} == before
+    forced = dpo("score", "--force")
     assert forced.returncode == 0, forced.stderr[-4000:]
-    assert json.loads((run_dir / "train" / "manifest.json").read_text()) == before
+    assert manifest("score")["manifest_hash"] != before["score"]["manifest_hash"]  # a new attempt
+    assert manifest("score")["rows_out"] == before["score"]["rows_out"]
+    assert manifest("tokenize") == before["tokenize"] and manifest("train") == before["train"]  # one stage only
+    # What follows it is stale now: a plain `dpo run` would redo train and evaluate (read from the manifests, no Ray).
+    from pipeline.config import load_config
+    from pipeline.rerun import STAGES, current_stages
+
+    assert current_stages(load_config(ROOT / "configs/demo_smoke.yaml", [f"run_dir={run_dir}"]), STAGES) == ("tokenize", "score")
 
 
 def test_unknown_key_fails_before_any_work(dpo):
