@@ -1,6 +1,6 @@
 """The one function that turns a model and token ids into sequence log-probs.
 
-The score stage (reference model) and the train stage (policy) both call `pair_logps`, so at step 0,
+The score stage (reference model) and the train stage (policy) both call `batch_sequence_logps`, so at step 0,
 when policy == reference, every implicit reward is zero and the DPO loss is log 2. Any disagreement in
 tokenization, masking or shifting between stages shows up there.
 """

@@ -1,7 +1,7 @@
 """Stage 2, score: every pair through the reference model once -> shards of frozen reference log-probs.
 
 A Ray Data actor pool holds the reference model (one GPU, or a fraction, per actor). The log-probs come
-from `pipeline.logprobs.pair_logps`, the very function the trainer calls on the policy. After this stage
+from `pipeline.logprobs.batch_sequence_logps`, the very function the trainer calls on the policy. After this stage
 the reference model is never needed in training memory.
 
 Unpaired (KTO) data also gets, per row, another row's completion after this row's prompt and its
