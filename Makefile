@@ -20,8 +20,9 @@ venv: $(VENV)/.installed
 demo: venv
 	$(VENV)/bin/dpo run --config configs/demo.yaml
 
+# -X faulthandler: a native crash, even at interpreter exit after the last test, prints its stack.
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -X faulthandler -m pytest -q
 
 clean:
 	rm -rf runs .pytest_cache

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+
+# torch.compile in the tests compiles in this process: inductor's default pool of compile workers (a
+# subprocess and a reader thread) buys nothing on 2 cores and is one more thing alive at interpreter exit.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 CORPUS = [
     "the movie was great and the acting was wonderful",
