@@ -114,6 +114,9 @@ class EvaluateConfig:
     best_of_n: int = 0
     judge_vs_chosen: bool = True  # also judge every model against the held-out pairs' chosen responses
     use_gpu: bool = False
+    # Sampler and scorer actors alive at once: every model is sampled side by side where the cluster
+    # has room (one GPU each with use_gpu). Resources only: never reruns a finished evaluate.
+    max_actors: int = 4
     seed: int = 0
 
 
@@ -300,7 +303,7 @@ def _coerce(hint, value, *, path: str):
 # Where and how fast a stage runs, not what it computes: changing these never reruns a finished stage.
 RESOURCE_FIELDS = (
     "score.num_actors", "score.cpus_per_actor", "score.gpus_per_actor",
-    "train.cpus_per_worker", "train.torch_threads",
+    "train.cpus_per_worker", "train.torch_threads", "evaluate.max_actors",
 )
 
 

@@ -1,6 +1,7 @@
 """Stage 4, evaluate: sample policy and reference, then reward vs KL, judged win rates, held-out accuracy.
 
-For every temperature, a sampler actor per model draws completions for held-out prompts. The
+For every temperature, a sampler actor per model draws completions for held-out prompts. The models'
+actors run side by side, up to `evaluate.max_actors` where the cluster has room (pipeline/actors.py). The
 reference scorer (the same log-prob function as the score stage) gives log pi_ref of every sample, so
 KL(pi || pi_ref) is estimated per sample as sum(log pi - log pi_ref) over its tokens. A judge compares
 policy and reference samples in both orders; the win rate carries a bootstrap 95% interval.
@@ -27,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
+from pipeline.actors import ActorJobs
 from pipeline.config import Config, EvaluateConfig, stage_hash
 from pipeline.held_out import describe, pair_accuracy, unpaired_separation
 from pipeline.schemas import JUDGMENTS, SAMPLES
@@ -76,28 +78,45 @@ def held_out_prompts(run_dir: RunDir, limit: int) -> list[list[int]]:
     return prompts
 
 
-def sample_model(model_path: str, prompts: list[list[int]], ev: EvaluateConfig, *, dtype: str, trust_remote_code: bool,
-                 best_of_n: int = 0) -> tuple[dict[float, list[list[dict]]], dict[float, list[list[dict]]]]:
-    """Completions per temperature from one sampler actor, which is killed afterwards.
+@dataclass(frozen=True)
+class Policy:
+    """A trained policy to evaluate: where its run lives (model in train/final) and its beta."""
 
-    Returns (samples, candidates): samples_per_prompt completions per prompt and temperature; and, when
-    best_of_n > 0, best_of_n * samples_per_prompt more (answer s owns candidates s*N .. s*N+N-1), drawn
-    from seeds of their own so that no candidate is the very sample it will be judged against.
-    """
+    name: str
+    run_dir: RunDir
+    beta: float
+
+
+def sampling_job(model_path: str, prompts: list[list[int]], ev: EvaluateConfig, *, dtype: str, trust_remote_code: bool,
+                 best_of_n: int = 0):
+    """An ActorJobs job (start, calls) for one model's sampler actor: per temperature, samples_per_prompt
+    completions per prompt and, when best_of_n > 0, best_of_n * samples_per_prompt more (answer s owns
+    candidates s*N .. s*N+N-1), drawn from seeds of their own so that no candidate is the very sample it
+    will be judged against. `split_samples` turns the job's results into (samples, candidates)."""
     from pipeline.sample import start_sampler
 
-    actor = start_sampler(ev.engine, model_path, use_gpu=ev.use_gpu, dtype=dtype, trust_remote_code=trust_remote_code)
-    try:
-        samples, candidates = {}, {}
+    def start():
+        return start_sampler(ev.engine, model_path, use_gpu=ev.use_gpu, dtype=dtype, trust_remote_code=trust_remote_code)
+
+    def calls(actor) -> list:
+        refs = []
         for i, temperature in enumerate(ev.temperatures):
             params = dict(n=ev.samples_per_prompt, temperature=temperature, top_p=ev.top_p, max_tokens=ev.max_tokens, seed=ev.seed + i)
-            samples[temperature] = ray.get(actor.generate.remote(prompts, params))
+            refs.append(actor.generate.remote(prompts, params))
             if best_of_n:
                 params.update(n=ev.samples_per_prompt * best_of_n, seed=ev.seed + len(ev.temperatures) + i)
-                candidates[temperature] = ray.get(actor.generate.remote(prompts, params))
-        return samples, candidates
-    finally:
-        ray.kill(actor)
+                refs.append(actor.generate.remote(prompts, params))
+        return refs
+
+    return start, calls
+
+
+def split_samples(results: list, temperatures: list[float], *, best_of_n: int) -> tuple[dict, dict]:
+    """A sampling job's results as ({temperature: samples}, {temperature: best-of-N candidates})."""
+    per_temperature = 2 if best_of_n else 1
+    samples = {t: results[i * per_temperature] for i, t in enumerate(temperatures)}
+    candidates = {t: results[i * per_temperature + 1] for i, t in enumerate(temperatures)} if best_of_n else {}
+    return samples, candidates
 
 
 class ModelScorer:
@@ -114,38 +133,59 @@ class ModelScorer:
         return self.scorer(table)
 
 
-def sequence_logps_remote(model_path: str, table: pa.Table, *, config: Config) -> tuple[np.ndarray, np.ndarray]:
-    """log p(chosen | prompt) and log p(rejected | prompt) under `model_path` for every row, computed by the
-    score stage's scorer in an actor (which fetches `model_path` itself when it is a URI)."""
+def scoring_job(model_path: str, table: pa.Table, *, config: Config):
+    """An ActorJobs job for log p(chosen | prompt) and log p(rejected | prompt) under `model_path` for every
+    row, by the score stage's scorer in an actor (which fetches `model_path` itself when it is a URI).
+    `logps` turns the job's results into the two arrays."""
     from pipeline.score import scorer_options
 
-    actor = ray.remote(num_cpus=1, num_gpus=1 if config.evaluate.use_gpu else 0)(ModelScorer).remote(
-        model_path, **scorer_options(config, use_gpu=config.evaluate.use_gpu)
-    )
-    try:
-        scored = ray.get(actor.score.remote(table.select(["prompt_ids", "chosen_ids", "rejected_ids"])))
-    finally:
-        ray.kill(actor)
+    def start():
+        return ray.remote(num_cpus=1, num_gpus=1 if config.evaluate.use_gpu else 0)(ModelScorer).remote(
+            model_path, **scorer_options(config, use_gpu=config.evaluate.use_gpu))
+
+    return start, lambda actor: [actor.score.remote(table.select(["prompt_ids", "chosen_ids", "rejected_ids"]))]
+
+
+def logps(results: list) -> tuple[np.ndarray, np.ndarray]:
+    scored = results[0]
     return scored["ref_chosen_logp"].to_numpy(), scored["ref_rejected_logp"].to_numpy()
 
 
-def held_out_measures(data_dir: RunDir, policies: list[Policy], *, config: Config) -> dict[str, dict]:
-    """Per policy, how its implicit reward sorts the scored held-out split (pipeline.held_out): pair accuracy,
-    or for unpaired (KTO) data how it separates desirable from undesirable completions. {} without a score stage."""
+def held_out_split(data_dir: RunDir) -> tuple[pa.Table | None, str | None]:
+    """The scored held-out split and its data kind ("pairs" or "unpaired"); (None, None) without one."""
     manifest = data_dir.manifest("score")
     held = read_parquet_dir(data_dir, "score/eval") if manifest is not None else None
     if held is None or not held.num_rows:
-        return {}
+        return None, None
+    return held, manifest.get("data_kind", "pairs")
+
+
+def held_out_from_logps(held: pa.Table, kind: str, policies: list[Policy], policy_logps: dict[str, tuple]) -> dict[str, dict]:
+    """Per policy, how its implicit reward sorts the held-out split (pipeline.held_out): pair accuracy, or
+    for unpaired (KTO) data how it separates desirable from undesirable completions."""
     out = {}
     for p in policies:
-        chosen, rejected = sequence_logps_remote(p.run_dir.uri_of("train/final"), held, config=config)
-        if manifest.get("data_kind") == "unpaired":  # a completion and its label; `rejected` is a sum over nothing
+        chosen, rejected = policy_logps[p.name]
+        if kind == "unpaired":  # a completion and its label; `rejected` is a sum over nothing
             labels = held["label"].to_numpy(zero_copy_only=False)
             out[p.name] = unpaired_separation(chosen, held["ref_chosen_logp"].to_numpy(), labels, beta=p.beta)
         else:
             out[p.name] = pair_accuracy(chosen, rejected, held["ref_chosen_logp"].to_numpy(),
                                         held["ref_rejected_logp"].to_numpy(), beta=p.beta)
     return out
+
+
+def held_out_measures(data_dir: RunDir, policies: list[Policy], *, config: Config) -> dict[str, dict]:
+    """held_out_from_logps over the scored held-out split, every policy scored side by side. {} without a
+    score stage."""
+    held, kind = held_out_split(data_dir)
+    if held is None:
+        return {}
+    with ActorJobs(config.evaluate.max_actors) as jobs:
+        for p in policies:
+            jobs.submit(p.name, *scoring_job(p.run_dir.uri_of("train/final"), held, config=config))
+        results = jobs.wait_for([p.name for p in policies])
+    return held_out_from_logps(held, kind, policies, {name: logps(r) for name, r in results.items()})
 
 
 def summarize(samples: pa.Table, judgments: pa.Table, temperatures: list[float], *, n_boot: int, seed: int,
@@ -222,15 +262,6 @@ def sampling_costs(rows: list[dict]) -> dict[tuple[str, float], dict]:
     }
 
 
-@dataclass(frozen=True)
-class Policy:
-    """A trained policy to evaluate: where its run lives (model in train/final) and its beta."""
-
-    name: str
-    run_dir: RunDir
-    beta: float
-
-
 def run(config: Config, *, force: bool = False) -> dict:
     """Evaluate `<run_dir>/train/final` against the reference into `<run_dir>/evaluate/`."""
     run_dir = RunDir(config.run_dir)
@@ -261,6 +292,8 @@ def evaluate_policies(config: Config, policies: list[Policy], *, data_dir: RunDi
     from pipeline.modeling import load_tokenizer
 
     ev = config.evaluate
+    if ev.max_actors < 1:
+        raise ValueError(f"evaluate.max_actors must be at least 1, got {ev.max_actors}")
     reward_fn, judge = make_reward(ev.reward), make_judge(ev)
     reward_scorer(reward_fn, best_of_n=ev.best_of_n, reward_name=ev.reward)  # fails early on a config it cannot honour
     tokenizer = load_tokenizer(reference_path(config), trust_remote_code=config.model.trust_remote_code)
@@ -269,19 +302,31 @@ def evaluate_policies(config: Config, policies: list[Policy], *, data_dir: RunDi
     # Actors get the policy's URI and fetch it themselves (an s3:// run dir is not on their node's disk).
     paths = {p.name: p.run_dir.uri_of("train/final") for p in policies}
     paths["reference"] = reference_path(config)
-    rows, candidates = [], []
-    for model, path in paths.items():
-        by_temp, cands = sample_model(path, prompts, ev, dtype=config.model.dtype, trust_remote_code=config.model.trust_remote_code,
-                                      best_of_n=ev.best_of_n if model == "reference" else 0)
-        rows += _sample_rows(model, by_temp, prompt_texts, group=1)
-        candidates += _sample_rows(best_of_n_name(ev.best_of_n), cands, prompt_texts, group=ev.best_of_n)
-    # log pi_ref of every sample from the scorer: the KL estimate's second term.
-    table = pa.table({
-        "prompt_ids": [prompts[r["prompt_index"]] for r in rows],
-        "chosen_ids": [r["completion_ids"] for r in rows],
-        "rejected_ids": [[] for _ in rows],
-    })
-    ref_logp, _ = sequence_logps_remote(reference_path(config), table, config=config)
+    held, kind = held_out_split(data_dir)
+    best_of = {model: ev.best_of_n if model == "reference" else 0 for model in paths}
+    with ActorJobs(ev.max_actors) as jobs:
+        # Every model's sampler and every policy's held-out scorer, side by side where the cluster has room.
+        for model, path in paths.items():
+            jobs.submit(("sample", model), *sampling_job(path, prompts, ev, dtype=config.model.dtype,
+                                                         trust_remote_code=config.model.trust_remote_code, best_of_n=best_of[model]))
+        if held is not None:
+            for p in policies:
+                jobs.submit(("held_out", p.name), *scoring_job(paths[p.name], held, config=config))
+        sampled = jobs.wait_for([("sample", model) for model in paths])
+        rows, candidates = [], []
+        for model in paths:
+            by_temp, cands = split_samples(sampled[("sample", model)], ev.temperatures, best_of_n=best_of[model])
+            rows += _sample_rows(model, by_temp, prompt_texts, group=1)
+            candidates += _sample_rows(best_of_n_name(ev.best_of_n), cands, prompt_texts, group=ev.best_of_n)
+        # log pi_ref of every sample from the scorer: the KL estimate's second term.
+        table = pa.table({
+            "prompt_ids": [prompts[r["prompt_index"]] for r in rows],
+            "chosen_ids": [r["completion_ids"] for r in rows],
+            "rejected_ids": [[] for _ in rows],
+        })
+        jobs.submit("ref_logp", *scoring_job(reference_path(config), table, config=config))
+        ref_logp, _ = logps(jobs.wait_for(["ref_logp"])["ref_logp"])
+        held_logps = jobs.wait_for([("held_out", p.name) for p in policies]) if held is not None else {}
     rewards = reward_fn([r["prompt"] + r["completion"] for r in rows]) if reward_fn else [None] * len(rows)
     for r, lp, rw in zip(rows, ref_logp, rewards):
         r["ref_logp"] = float(lp)
@@ -307,7 +352,8 @@ def evaluate_policies(config: Config, policies: list[Policy], *, data_dir: RunDi
                                        [*compared, "reference"])
     judgments = pa.Table.from_pylist(judged, schema=JUDGMENTS)
 
-    accuracy = held_out_measures(data_dir, policies, config=config)
+    accuracy = {} if held is None else held_out_from_logps(
+        held, kind, policies, {p.name: logps(held_logps[("held_out", p.name)]) for p in policies})
 
     costs = sampling_costs(rows)
     summary_rows = summarize(samples, judgments, ev.temperatures, n_boot=ev.bootstrap_samples, seed=ev.seed,

@@ -94,7 +94,8 @@ def test_current_stages_follow_the_manifest_chain(config, tmp_path):
     assert plan_run(changed).run == ("train", "evaluate")
     # A resource field is not part of the work: still finished.
     moved = load_config(None, [f"run_dir={config.run_dir}", f"data.path={config.data.path}",
-                               f"model.path={config.model.path}", "train.cpus_per_worker=0.25"])
+                               f"model.path={config.model.path}", "train.cpus_per_worker=0.25",
+                               "evaluate.max_actors=1"])
     assert plan_run(moved).run == ()
     # A redone upstream stage (new manifest hash) makes everything after it stale.
     RunDir(config.run_dir).fs.delete_file(RunDir(config.run_dir).path("score", "manifest.json"))

@@ -1,0 +1,73 @@
+"""Several actors' work at once: each actor is started when a slot is free and killed as soon as its
+own calls are done, so a GPU (or a CPU) goes to the next model at once.
+
+Evaluate uses it to sample every model, and to score the held-out pairs, side by side: Ray starts the
+actors the cluster has room for and keeps the rest waiting; `max_actors` caps how many exist at once
+(on an autoscaling cluster, how many nodes the work may ask for).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterable
+from typing import Any
+
+import ray
+
+Start = Callable[[], Any]  # () -> an actor handle (pending until the cluster has room for it)
+Calls = Callable[[Any], list]  # actor -> the ObjectRefs of its method calls, submitted in order
+
+
+class ActorJobs:
+    """`submit` queues a job; `wait_for` runs jobs, at most `max_actors` at a time, until the named ones
+    are done and returns their results (the list of their calls' values). Use it as a context manager:
+    on leaving, every actor still alive is killed, whether the work finished or failed."""
+
+    def __init__(self, max_actors: int) -> None:
+        if max_actors < 1:
+            raise ValueError(f"max_actors must be at least 1, got {max_actors}")
+        self.max_actors = max_actors
+        self._queued: list[tuple[Hashable, Start, Calls]] = []
+        self._running: dict[Any, tuple[Hashable, Any, list]] = {}  # last call's ref -> (name, actor, refs)
+        self._results: dict[Hashable, list] = {}
+
+    def __enter__(self) -> "ActorJobs":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for _, actor, _ in self._running.values():
+            ray.kill(actor)
+        self._running.clear()
+        self._queued.clear()
+
+    def submit(self, name: Hashable, start: Start, calls: Calls) -> None:
+        if name in self._results or any(name == n for n, _, _ in self._queued) or \
+                any(name == n for n, _, _ in self._running.values()):
+            raise ValueError(f"a job named {name!r} was submitted already")
+        self._queued.append((name, start, calls))
+        self._fill()
+
+    def wait_for(self, names: Iterable[Hashable]) -> dict[Hashable, list]:
+        names = list(names)
+        known = set(self._results) | {n for n, _, _ in self._queued} | {n for n, _, _ in self._running.values()}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise KeyError(f"no job named {unknown[0]!r} was submitted")
+        while any(n not in self._results for n in names):
+            ready, _ = ray.wait(list(self._running), num_returns=1)
+            name, actor, refs = self._running.pop(ready[0])
+            try:
+                self._results[name] = ray.get(refs)
+            finally:
+                ray.kill(actor)
+            self._fill()
+        return {n: self._results[n] for n in names}
+
+    def _fill(self) -> None:
+        while self._queued and len(self._running) < self.max_actors:
+            name, start, calls = self._queued.pop(0)
+            actor = start()
+            refs = calls(actor)
+            if not refs:
+                ray.kill(actor)
+                raise ValueError(f"job {name!r} submitted no calls")
+            self._running[refs[-1]] = (name, actor, refs)
