@@ -79,25 +79,6 @@ def test_cli_runs_every_stage(dpo, run_dir):
     assert tokenize["rows_in"] == tokenize["rows_out"] + sum(tokenize["dropped"].values())
 
 
-def test_rerun_is_a_no_op_and_one_stage_can_be_forced(dpo, run_dir):
-    manifest = lambda stage: json.loads((run_dir / stage / "manifest.json").read_text())  # noqa: E731
-    before = {stage: manifest(stage) for stage in ("tokenize", "score", "train")}
-    again = dpo("run")
-    assert again.returncode == 0, again.stderr[-4000:]
-    assert "every stage finished (tokenize, score, train, evaluate); nothing to do" in again.stdout
-    assert {stage: manifest(stage) for stage in before} == before
-    forced = dpo("score", "--force")
-    assert forced.returncode == 0, forced.stderr[-4000:]
-    assert manifest("score")["manifest_hash"] != before["score"]["manifest_hash"]  # a new attempt
-    assert manifest("score")["rows_out"] == before["score"]["rows_out"]
-    assert manifest("tokenize") == before["tokenize"] and manifest("train") == before["train"]  # one stage only
-    # What follows it is stale now: a plain `dpo run` would redo train and evaluate (read from the manifests, no Ray).
-    from pipeline.config import load_config
-    from pipeline.rerun import STAGES, current_stages
-
-    assert current_stages(load_config(ROOT / "configs/demo_smoke.yaml", [f"run_dir={run_dir}"]), STAGES) == ("tokenize", "score")
-
-
 def test_unknown_key_fails_before_any_work(dpo):
     done = dpo("tokenize", "--set", "train.bta=0.1")
     assert done.returncode != 0
@@ -115,6 +96,26 @@ def test_sweep_reuses_one_score_stage_and_yields_a_policy_per_setting(dpo, run_d
     summary = json.loads((run_dir / "sweep" / "evaluate" / "summary.json").read_text())
     assert {(r["model"], r["temperature"]) for r in summary["rows"]} == {(m, 1.0) for m in ("loss-dpo", "loss-sft", "reference")}
     assert set(summary["implicit_reward_accuracy"]) == {"loss-dpo", "loss-sft"}
+
+
+def test_rerun_is_a_no_op_and_one_stage_can_be_forced(dpo, run_dir):
+    manifest = lambda stage: json.loads((run_dir / stage / "manifest.json").read_text())  # noqa: E731
+    before = {stage: manifest(stage) for stage in ("tokenize", "score", "train")}
+    again = dpo("run")
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "every stage finished (tokenize, score, train, evaluate); nothing to do" in again.stdout
+    assert {stage: manifest(stage) for stage in before} == before
+    forced = dpo("tokenize", "--force")
+    assert forced.returncode == 0, forced.stderr[-4000:]
+    assert manifest("tokenize")["manifest_hash"] != before["tokenize"]["manifest_hash"]  # a new attempt
+    assert manifest("tokenize")["rows_out"] == before["tokenize"]["rows_out"]
+    assert manifest("score") == before["score"] and manifest("train") == before["train"]  # one stage only
+    # What follows it is stale now: a plain `dpo run` would redo score, train and evaluate (read from the
+    # manifests, no Ray).
+    from pipeline.config import load_config
+    from pipeline.rerun import STAGES, current_stages
+
+    assert current_stages(load_config(ROOT / "configs/demo_smoke.yaml", [f"run_dir={run_dir}"]), STAGES) == ("tokenize",)
 
 
 def test_the_judge_key_is_used_but_never_written(judge, run_dir):
