@@ -29,6 +29,7 @@ class ActorJobs:
         self._queued: list[tuple[Hashable, Start, Calls]] = []
         self._running: dict[Any, tuple[Hashable, Any, list]] = {}  # last call's ref -> (name, actor, refs)
         self._results: dict[Hashable, list] = {}
+        self._names: set[Hashable] = set()  # every job ever submitted
 
     def __enter__(self) -> "ActorJobs":
         return self
@@ -40,16 +41,15 @@ class ActorJobs:
         self._queued.clear()
 
     def submit(self, name: Hashable, start: Start, calls: Calls) -> None:
-        if name in self._results or any(name == n for n, _, _ in self._queued) or \
-                any(name == n for n, _, _ in self._running.values()):
+        if name in self._names:
             raise ValueError(f"a job named {name!r} was submitted already")
+        self._names.add(name)
         self._queued.append((name, start, calls))
         self._fill()
 
     def wait_for(self, names: Iterable[Hashable]) -> dict[Hashable, list]:
         names = list(names)
-        known = set(self._results) | {n for n, _, _ in self._queued} | {n for n, _, _ in self._running.values()}
-        unknown = [n for n in names if n not in known]
+        unknown = [n for n in names if n not in self._names]
         if unknown:
             raise KeyError(f"no job named {unknown[0]!r} was submitted")
         while any(n not in self._results for n in names):
