@@ -3,7 +3,7 @@
     python benchmarks/score.py --shape tiny|gpt162m|llama1b [--compare trl] [--pairs N]
                                [--chunked] [--packing] [--compile] [--packed-attn flex_attention]
 
-Rows: `pipeline.score.score_pairs` as the score stage runs it (inference_mode, micro-batches of similar
+Rows: `pipeline.stages.score.score_pairs` as the score stage runs it (inference_mode, micro-batches of similar
 length), the same loop in the data's own order (no length bucketing), then one row per switch asked for
 (`score.chunked_logprobs`, `score.packing`, `score.compile`) and, with more than one, all of them
 together. Weights are bf16 on CUDA (the score stage loads `model.dtype`), float32 on CPU. The train-step
@@ -35,7 +35,7 @@ def pairs_table(rows: dict[str, list]) -> pa.Table:
 
 def score_unsorted(model, table: pa.Table, *, pad_id: int, micro_batch: int, device: str, **_) -> np.ndarray:
     """score_pairs' loop without its length sort: micro-batches in the data's order, padded to their longest."""
-    from pipeline.logprobs import collate_pairs, pair_logps
+    from pipeline.model.logps import collate_pairs, pair_logps
 
     prompts, chosen, rejected = (table[k].to_pylist() for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
     out = []
@@ -70,8 +70,8 @@ def measure_score(
     The model is built per row, as a score actor builds it: attention `packed_attn` when packing, each
     decoder block compiled when `compile` (what score.compile does).
     """
-    from pipeline.modeling import compile_decoder_layers
-    from pipeline.score import score_pairs
+    from pipeline.model.loading import compile_decoder_layers
+    from pipeline.stages.score import score_pairs
 
     common.free_memory(device)
     model = common.build_model(shape, device, dtype=dtype, attn=packed_attn if packing else "sdpa").eval()

@@ -3,7 +3,7 @@
     python benchmarks/train_step.py --shape tiny|gpt162m|llama1b [--compare trl] [--steps N] [--warmup N]
                                     [--chunked] [--grad-checkpointing] [--compile]
 
-Our step is `pipeline.train.micro_batch_loss` + backward + grad clipping + AdamW (fused on CUDA), bf16
+Our step is `pipeline.stages.train.micro_batch_loss` + backward + grad clipping + AdamW (fused on CUDA), bf16
 autocast over float32 master weights on CUDA, float32 on CPU; the model is built from a config (random
 weights). Rows: a plain loop (full logits -> float32 log_softmax -> gather), our step, and each option
 asked for alone and all together. Tokens = non-pad tokens of the chosen and rejected sequences, prompt
@@ -38,7 +38,7 @@ def prepare_model(shape: common.Shape, device: torch.device, *, grad_checkpointi
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if compile:
-        from pipeline.modeling import compile_decoder_layers
+        from pipeline.model.loading import compile_decoder_layers
 
         compile_decoder_layers(model)  # what train.compile does
     return model
@@ -46,8 +46,8 @@ def prepare_model(shape: common.Shape, device: torch.device, *, grad_checkpointi
 
 def plain_loop_loss(model, batch: dict, *, device: torch.device, beta: float, scale: float):
     """The textbook step: full logits, float32 log_softmax over the vocabulary, gather, mask, DPO loss."""
-    from pipeline.logprobs import collate_pairs
-    from pipeline.losses import PairLogps, compute_loss
+    from pipeline.model.logps import collate_pairs
+    from pipeline.model.losses import PairLogps, compute_loss
 
     pairs = collate_pairs(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"], pad_id=common.PAD_ID).to(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
@@ -92,7 +92,7 @@ def measure_train(
     """Time `steps` optimizer steps after `warmup` over `batches` (a list is cycled; an iterator, such as
     Ray Data's, is read once and must hold warmup + steps batches)."""
     from pipeline.config import TrainConfig
-    from pipeline.train import micro_batch_loss
+    from pipeline.stages.train import micro_batch_loss
 
     common.free_memory(device)
     model = prepare_model(shape, device, grad_checkpointing=grad_checkpointing, compile=compile,

@@ -67,7 +67,7 @@ class ScoreConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    loss: str | dict[str, float] = "dpo"  # a name from pipeline.losses.LOSSES, or name -> weight
+    loss: str | dict[str, float] = "dpo"  # a name from pipeline.model.losses.LOSSES, or name -> weight
     beta: float = 0.1  # DPO's KL strength: the paper's default
     label_smoothing: float = 0.0
     gamma: float = 0.5
@@ -107,9 +107,9 @@ class EvaluateConfig:
     top_p: float = 1.0
     reward: str | None = None  # a task reward by name (e.g. "vader"), None where the task has none
     judge: str = "vader"  # pairwise judge: vader, or api (any OpenAI-compatible chat endpoint)
-    judge_api: dict[str, Any] = field(default_factory=dict)  # ApiJudgeConfig keys (pipeline/api_judge.py)
+    judge_api: dict[str, Any] = field(default_factory=dict)  # ApiJudgeConfig keys (pipeline/evaluation/api_judge.py)
     bootstrap_samples: int = 2000
-    # Baselines beside the reference's samples (pipeline/baselines.py). best_of_n: 0 is off; N draws N
+    # Baselines beside the reference's samples (pipeline/evaluation/baselines.py). best_of_n: 0 is off; N draws N
     # reference samples per answer and keeps the one `reward` scores best (costs N times the sampling).
     best_of_n: int = 0
     judge_vs_chosen: bool = True  # also judge every model against the held-out pairs' chosen responses
@@ -128,7 +128,7 @@ class RayConfig:
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """The built-in task (see pipeline/demo.py): makes data.path and model.path before the pipeline runs."""
+    """The built-in task (see pipeline/demo/prepare.py): makes data.path and model.path before the pipeline runs."""
 
     enabled: bool = False
     num_reviews: int = 4000  # SFT corpus for the reference model

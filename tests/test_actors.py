@@ -8,7 +8,7 @@ import time
 import pytest
 import ray
 
-from pipeline.actors import ActorJobs
+from pipeline.runtime.actors import ActorJobs
 
 pytestmark = pytest.mark.stage
 

@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from pipeline.api_judge import (
+from pipeline.evaluation.api_judge import (
     PROMPT_TEMPLATES,
     ApiJudge,
     ApiJudgeConfig,
@@ -21,7 +21,7 @@ from pipeline.api_judge import (
     parse_verdict,
     render_prompt,
 )
-from pipeline.judges import judge_both_orders
+from pipeline.evaluation.judges import judge_both_orders
 
 pytestmark = pytest.mark.unit
 
@@ -182,7 +182,7 @@ def test_transient_failures_are_retried_until_they_succeed(server, caplog):
     ])
     judge = make_judge(server, max_concurrency=1, max_retries=6)
     prompts, first, second, expected = pairs(4)
-    with caplog.at_level(logging.WARNING, logger="pipeline.api_judge"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.evaluation.api_judge"):
         assert judge.judge(prompts, first, second) == expected
     assert server.count == 4 + 5
     stats = judge.stats

@@ -10,11 +10,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.baselines import (best_of_n_answers, best_of_n_kl_bound, best_of_n_name, judge_against_chosen, pick_best,
+from pipeline.evaluation.baselines import (best_of_n_answers, best_of_n_kl_bound, best_of_n_name, judge_against_chosen, pick_best,
                                 preferred_responses, reward_scorer)
 from pipeline.config import ConfigError
-from pipeline.evaluate import sampling_costs, summarize
-from pipeline.schemas import JUDGMENTS, SAMPLES
+from pipeline.stages.evaluate import sampling_costs, summarize
+from pipeline.data.schemas import JUDGMENTS, SAMPLES
 
 pytestmark = pytest.mark.unit
 
@@ -167,7 +167,7 @@ def test_summary_keeps_the_two_baselines_apart():
 
 
 def test_reward_vs_kl_draws_best_of_n_at_its_bound(tmp_path):
-    from pipeline.report import SUMMARY_COLUMNS, plot_reward_vs_kl, summary_table
+    from pipeline.evaluation.report import SUMMARY_COLUMNS, plot_reward_vs_kl, summary_table
 
     rows = [{"model": "best_of_4", "temperature": t, "reward_mean": 0.3 + t, "kl_mean": None,
              "kl_bound": best_of_n_kl_bound(4, greedy=t == 0)} for t in (0.0, 1.0)]
@@ -181,8 +181,8 @@ def test_a_sampler_fetches_a_model_given_by_uri_into_its_own_temp_dir(tiny_model
     """The multi-node fix: the actor body, not the driver, copies a URI model, and leaves no copy behind."""
     import tempfile
 
-    from pipeline.model_copy import local_model
-    from pipeline.sample import Sampler
+    from pipeline.runtime.model_copy import local_model
+    from pipeline.runtime.sampler import Sampler
 
     uri = Path(tiny_model_dir).resolve().as_uri()  # file://...: the same code path as s3:// or gs://
     with local_model(uri) as path:

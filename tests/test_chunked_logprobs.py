@@ -13,8 +13,8 @@ import socket
 import pytest
 import torch
 
-from pipeline.chunked_logprobs import chunked_pair_logps, chunked_sequence_logps
-from pipeline.logprobs import collate_pairs, pair_logps, sequence_logps
+from pipeline.model.chunked_logps import chunked_pair_logps, chunked_sequence_logps
+from pipeline.model.logps import collate_pairs, pair_logps, sequence_logps
 
 pytestmark = pytest.mark.unit
 

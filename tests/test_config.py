@@ -69,7 +69,7 @@ def test_resource_settings_do_not_invalidate_finished_stages():
 
 
 def test_api_judge_section_is_checked_by_its_owner():
-    from pipeline.evaluate import make_judge
+    from pipeline.stages.evaluate import make_judge
 
     config = load_config(None, ["evaluate.judge=api", "evaluate.judge_api={base_url: 'http://127.0.0.1:9', model: m}"])
     assert make_judge(config.evaluate).name == "api:m"

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pipeline import demo_task
+from pipeline.demo import task as demo_task
 
 pytestmark = pytest.mark.unit
 

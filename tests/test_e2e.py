@@ -48,7 +48,7 @@ def dpo(judge, run_dir):
 
     def run(command: str, *extra: str) -> subprocess.CompletedProcess:
         args = [command, "--config", "configs/demo_smoke.yaml", *(a for s in sets for a in ("--set", s)), *extra]
-        done = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, capture_output=True, text=True,
+        done = subprocess.run([sys.executable, "-m", "pipeline.cli.main", *args], cwd=ROOT, capture_output=True, text=True,
                               timeout=900, env={**os.environ, KEY_ENV: SECRET})
         OUTPUTS.append(done.stdout + done.stderr)
         return done
@@ -113,7 +113,7 @@ def test_rerun_is_a_no_op_and_one_stage_can_be_forced(dpo, run_dir):
     # What follows it is stale now: a plain `dpo run` would redo score, train and evaluate (read from the
     # manifests, no Ray).
     from pipeline.config import load_config
-    from pipeline.rerun import STAGES, current_stages
+    from pipeline.cli.plan import STAGES, current_stages
 
     assert current_stages(load_config(ROOT / "configs/demo_smoke.yaml", [f"run_dir={run_dir}"]), STAGES) == ("tokenize",)
 

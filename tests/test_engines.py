@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from pipeline.engines import (
+from pipeline.model.engines import (
     Completion,
     Engine,
     HFEngine,
@@ -23,8 +23,8 @@ from pipeline.engines import (
     sample_from_uniforms,
     stream_seed,
 )
-from pipeline.logprobs import token_logps
-from pipeline.modeling import TinyShape, build_tiny_model, load_model, load_tokenizer, save_pretrained, train_tokenizer
+from pipeline.model.logps import token_logps
+from pipeline.model.loading import TinyShape, build_tiny_model, load_model, load_tokenizer, save_pretrained, train_tokenizer
 
 pytestmark = pytest.mark.unit
 

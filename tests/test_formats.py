@@ -12,7 +12,7 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.formats import RECORD_SCHEMA, InputError, read_records
+from pipeline.data.sources import RECORD_SCHEMA, InputError, read_records
 
 pytestmark = pytest.mark.unit
 

@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from pipeline.held_out import describe, pair_accuracy, unpaired_separation
+from pipeline.evaluation.held_out import describe, pair_accuracy, unpaired_separation
 
 pytestmark = pytest.mark.unit
 

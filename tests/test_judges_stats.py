@@ -5,8 +5,8 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from pipeline.judges import Judge, VaderJudge, Verdict, judge_both_orders
-from pipeline.stats import bootstrap_ci, win_rate
+from pipeline.evaluation.judges import Judge, VaderJudge, Verdict, judge_both_orders
+from pipeline.evaluation.stats import bootstrap_ci, win_rate
 
 pytestmark = pytest.mark.unit
 

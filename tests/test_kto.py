@@ -11,12 +11,12 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from pipeline import kto
+from pipeline.stages import kto
 from pipeline.config import Config, TrainConfig
-from pipeline.losses import kto_reference_point
-from pipeline.modeling import load_model
-from pipeline.score import is_unpaired, score_unpaired
-from pipeline.train import check_data_kind
+from pipeline.model.losses import kto_reference_point
+from pipeline.model.loading import load_model
+from pipeline.stages.score import is_unpaired, score_unpaired
+from pipeline.stages.train import check_data_kind
 
 pytestmark = pytest.mark.unit
 

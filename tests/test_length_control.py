@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pipeline.length_control import _L2, _fit_logistic, length_controlled_win_rate
+from pipeline.evaluation.length_control import _L2, _fit_logistic, length_controlled_win_rate
 
 pytestmark = pytest.mark.unit
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from pipeline.logprobs import collate_pairs, pair_logps, sequence_logps
-from pipeline.modeling import load_model
+from pipeline.model.logps import collate_pairs, pair_logps, sequence_logps
+from pipeline.model.loading import load_model
 
 pytestmark = pytest.mark.unit
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from pipeline.losses import LOSSES, REFERENCE_FREE, KtoLogps, LossOutput, PairLogps, compute_loss, kto_loss
+from pipeline.model.losses import LOSSES, REFERENCE_FREE, KtoLogps, LossOutput, PairLogps, compute_loss, kto_loss
 
 pytestmark = pytest.mark.unit
 

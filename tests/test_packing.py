@@ -11,8 +11,8 @@ import pytest
 import torch
 from test_chunked_logprobs import ATOL, MODELS, grads, one_thread  # noqa: F401 (fixture)
 
-from pipeline.logprobs import collate_pairs, sequence_logps
-from pipeline.packing import pack_pairs, pack_sequences, packed_sequence_logps
+from pipeline.model.logps import collate_pairs, sequence_logps
+from pipeline.model.packed_logps import pack_pairs, pack_sequences, packed_sequence_logps
 
 pytestmark = pytest.mark.unit
 
@@ -64,7 +64,7 @@ def test_score_stage_switches_give_the_plain_reference_logps(packing, chunk_size
     """score.packing and score.chunked_logprobs change how the reference pass runs, not what it writes."""
     import pyarrow as pa
 
-    from pipeline.score import score_pairs, score_unpaired
+    from pipeline.stages.score import score_pairs, score_unpaired
 
     model = MODELS["llama"]().eval()
     prompts, chosen, rejected = ragged_pairs(seed=3)

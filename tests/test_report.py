@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from pipeline import report
+from pipeline.evaluation import report
 
 pytestmark = pytest.mark.unit
 
@@ -76,6 +76,6 @@ def test_importing_report_does_not_import_matplotlib():
     import subprocess
     import sys
 
-    code = "import sys, pipeline.report; print('matplotlib' in sys.modules)"
+    code = "import sys, pipeline.evaluation.report; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError, load_config, stage_hash
-from pipeline.rerun import STAGES, current_stages, make_plan, plan_run, submission_id
-from pipeline.storage import RunDir
-from pipeline.tokenize import input_fingerprint
+from pipeline.cli.plan import STAGES, current_stages, make_plan, plan_run, submission_id
+from pipeline.runtime.storage import RunDir
+from pipeline.stages.tokenize import input_fingerprint
 from tests.conftest import write_pairs
 
 pytestmark = pytest.mark.unit
@@ -108,7 +108,7 @@ def test_current_stages_follow_the_manifest_chain(config, tmp_path):
 def test_a_finished_run_is_a_quick_no_op_that_says_so_and_starts_no_ray(config, capsys):
     import ray
 
-    from pipeline.cli import main
+    from pipeline.cli.main import main
 
     overrides = ["demo.enabled=false", f"run_dir={config.run_dir}", f"data.path={config.data.path}",
                  f"model.path={config.model.path}"]
@@ -147,7 +147,7 @@ def test_a_job_api_address_in_ray_address_is_a_clear_error(monkeypatch):
     import ray
 
     from pipeline.config import RayConfig
-    from pipeline.ray_setup import init_ray
+    from pipeline.runtime.ray_setup import init_ray
 
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
     with pytest.raises(ConfigError, match="job API address: use it with `ray job submit`"):

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from pipeline.config import load_config
-from pipeline.resources import AUTOSCALING_ENV, ResourceError, check_resources, stage_requests
+from pipeline.runtime.resources import AUTOSCALING_ENV, ResourceError, check_resources, stage_requests
 
 pytestmark = pytest.mark.stage
 
@@ -87,7 +87,7 @@ def test_an_autoscaling_cluster_waits_then_names_the_resource(monkeypatch, caplo
     # RAYDPO_AUTOSCALING=1 on a cluster that reports no node groups: ask the autoscaler, wait, then fail.
     monkeypatch.setenv(AUTOSCALING_ENV, "1")
     started = time.monotonic()
-    with caplog.at_level("INFO", logger="pipeline.resources"), pytest.raises(ResourceError) as err:
+    with caplog.at_level("INFO", logger="pipeline.runtime.resources"), pytest.raises(ResourceError) as err:
         check_resources(config("train.use_gpu=true"), wait_s=1.5, poll_s=0.5)
     assert 1.5 <= time.monotonic() - started < 10
     assert "train.use_gpu asks for 1 GPU per worker" in str(err.value)

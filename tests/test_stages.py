@@ -9,9 +9,12 @@ import math
 
 import pytest
 
-from pipeline import evaluate, score, tokenize, train
+from pipeline.stages import evaluate
+from pipeline.stages import score
+from pipeline.stages import tokenize
+from pipeline.stages import train
 from pipeline.config import load_config
-from pipeline.storage import RunDir, read_parquet_dir
+from pipeline.runtime.storage import RunDir, read_parquet_dir
 from tests.conftest import write_pairs
 
 pytestmark = pytest.mark.stage
@@ -22,7 +25,7 @@ def ray_local():
     import ray
 
     from pipeline.config import RayConfig
-    from pipeline.ray_setup import init_ray
+    from pipeline.runtime.ray_setup import init_ray
 
     init_ray(RayConfig(num_cpus=2))
     yield
@@ -188,7 +191,7 @@ def test_force_redoes_a_stage(finished, config):
 
 
 def test_inspect_prints_the_audit_with_decoded_rows(finished, config, capsys):
-    from pipeline.inspection import print_tokenize_audit
+    from pipeline.cli.audit import print_tokenize_audit
 
     print_tokenize_audit(config)
     out = capsys.readouterr().out
@@ -238,7 +241,7 @@ def kto_run(tmp_path_factory, tiny_model_dir, ray_local):
 
 
 def test_kto_scored_shards_pair_each_prompt_with_another_completion(kto_run):
-    from pipeline.schemas import SCORED_KTO
+    from pipeline.data.schemas import SCORED_KTO
 
     config, manifests = kto_run
     assert manifests["score"]["data_kind"] == "unpaired"

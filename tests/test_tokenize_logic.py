@@ -3,8 +3,8 @@
 import pyarrow as pa
 import pytest
 
-from pipeline.tokenization import OUTCOME_SCHEMA
-from pipeline.tokenize import check_strict, finish_outcomes, is_eval
+from pipeline.data.encode import OUTCOME_SCHEMA
+from pipeline.stages.tokenize import check_strict, finish_outcomes, is_eval
 
 pytestmark = pytest.mark.unit
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from pipeline.config import TrainConfig
-from pipeline.modeling import load_model
-from pipeline.train import accumulation, lr_factor, micro_batch_loss
+from pipeline.model.loading import load_model
+from pipeline.stages.train import accumulation, lr_factor, micro_batch_loss
 
 pytestmark = pytest.mark.unit
 
@@ -98,7 +98,7 @@ def test_packed_step_gives_the_same_loss_and_gradient(tiny_model_dir, loss, chun
 def test_compiled_blocks_give_the_same_loss_and_gradient(tiny_model_dir):
     """train.compile (each decoder block through torch.compile; inductor's C++ kernels on CPU) changes
     the kernels, not the numbers, with the GPU-fast layout: packed rows and chunked log-probs."""
-    from pipeline.modeling import compile_decoder_layers
+    from pipeline.model.loading import compile_decoder_layers
 
     train = TrainConfig(loss="dpo", chunked_logprobs=True, logprob_chunk_size=5, packing=True)
     batch = batch_of(4, offset=5)

@@ -1,0 +1,101 @@
+"""`dpo sweep`: several policies from ONE tokenize and ONE score stage, on one plot.
+
+The reference log-probs depend on neither beta nor the loss, so a sweep over `train.*` values reuses
+the frozen shards: each member trains into `<run_dir>/sweep/<member>/train`, reading
+`<run_dir>/score/train`, and one evaluate stage puts every member against the reference in one table
+and one reward-vs-KL plot, like the DPO paper's frontier figure. Members train in parallel threads,
+each a TorchTrainer, as far as the cluster's CPUs (or GPUs) allow while leaving Ray Data a CPU.
+
+    dpo sweep --config configs/demo.yaml --set train.beta=[0.05,0.1,0.5] --set train.loss=[dpo,sft,unlikelihood]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import logging
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import yaml
+
+from pipeline.config import Config, ConfigError, load_config
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+    name: str
+    config: Config
+
+
+def split_overrides(overrides: list[str]) -> tuple[list[str], dict[str, list]]:
+    """Separate sweep axes (`train.x=[a,b]`) from plain overrides. Only train.* keys sweep."""
+    plain, axes = [], {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        parsed = yaml.safe_load(value) if sep else None
+        if key.startswith("train.") and isinstance(parsed, list):
+            if not parsed:
+                raise ConfigError(f"{key}: a sweep needs at least one value")
+            axes[key] = parsed
+        else:
+            plain.append(item)
+    return plain, axes
+
+
+def members(config_path: str, overrides: list[str]) -> tuple[Config, list[Member]]:
+    """The base config and one member per point of the cartesian product of the sweep axes."""
+    plain, axes = split_overrides(overrides)
+    base = load_config(config_path, plain)
+    if not axes:
+        raise ConfigError("dpo sweep: give at least one train.* key a list, e.g. --set train.beta=[0.05,0.1,0.5]")
+    out = []
+    for values in itertools.product(*axes.values()):
+        settings = [f"{key}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}" for key, v in zip(axes, values)]
+        name = "_".join(re.sub(r"[^A-Za-z0-9.+-]", "", f"{k.split('.', 1)[1]}-{v}") for k, v in zip(axes, values))
+        trained = load_config(config_path, [*plain, *settings]).train  # typed and checked like any override
+        out.append(Member(name, base.replace(run_dir=f"{base.run_dir}/sweep/{name}", train=trained)))
+    return base, out
+
+
+def parallel_slots(config: Config) -> int:
+    """How many members can train at once while one CPU stays free for Ray Data."""
+    import ray
+
+    train = config.train
+    resources = ray.cluster_resources()
+    if train.use_gpu:
+        return max(1, int(resources.get("GPU", 0) // train.num_workers))
+    free = resources.get("CPU", 1) - 1
+    return max(1, int(free // (train.num_workers * train.cpus_per_worker)))
+
+
+def run(config_path: str, overrides: list[str], *, force: bool = False) -> dict:
+    from pipeline.demo import prepare as demo
+    from pipeline.stages import evaluate
+    from pipeline.stages import score
+    from pipeline.stages import tokenize
+    from pipeline.stages import train
+    from pipeline.runtime.ray_setup import init_ray
+    from pipeline.runtime.storage import RunDir
+
+    base, sweep = members(config_path, overrides)
+    init_ray(base.ray)
+    if base.demo.enabled:
+        demo.prepare(base, force=force)
+    tokenize.run(base, force=force)
+    if any(train.needs_reference(m.config) for m in sweep):
+        score.run(base, force=force)
+    slots = min(len(sweep), parallel_slots(base))
+    log.info("sweep: %d members, %d training at a time", len(sweep), slots)
+    with ThreadPoolExecutor(max_workers=slots) as pool:
+        manifests = list(pool.map(lambda m: train.run(m.config, force=force, data_dir=base.run_dir), sweep))
+    upstream = hashlib.sha256("".join(m["manifest_hash"] for m in manifests).encode()).hexdigest()[:16]
+    policies = [evaluate.Policy(m.name, RunDir(m.config.run_dir), m.config.train.beta) for m in sweep]
+    return evaluate.evaluate_policies(
+        base, policies, data_dir=RunDir(base.run_dir), out_dir=RunDir(f"{base.run_dir}/sweep"),
+        upstream_hash=upstream, force=force,
+    )

@@ -1,0 +1,116 @@
+"""The built-in demo: an offline analogue of the DPO paper's IMDb sentiment experiment.
+
+The paper fine-tuned GPT-2 on IMDb reviews (the SFT model, which is also pi_ref), sampled 4
+completions per review prefix, labelled pairs with a sentiment classifier, trained DPO on them and
+plotted sentiment reward against KL to the SFT model. Here:
+
+1. review-like texts whose words carry sentiment as VADER scores it (pipeline.demo.task);
+2. a byte-level BPE tokenizer trained on them and a tiny GPT-2 trained on them by OUR train stage
+   with the sft loss: a sub-run of the pipeline under <run_dir>/demo_sft (its final model is pi_ref);
+3. 4 samples per review prefix from that model through the sampler actor, labelled into pairs by
+   VADER's compound score, committed to <run_dir>/demo/pairs.jsonl.
+
+After `prepare`, the demo config's data.path and model.path point at those files and the ordinary
+pipeline runs: tokenize, score, train (dpo), evaluate with VADER as reward and judge.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+
+import ray
+
+from pipeline.config import Config, DataConfig, ModelConfig, section_hash
+from pipeline.runtime.storage import RunDir
+
+log = logging.getLogger(__name__)
+
+STAGE = "demo"
+
+
+def sft_config(config: Config, base_model: str, sft_data: str) -> Config:
+    """The sub-run that makes the reference model: the same pipeline, with the sft loss."""
+    d = config.demo
+    return config.replace(
+        run_dir=f"{config.run_dir}/demo_sft",
+        data=DataConfig(path=sft_data, eval_fraction=0.0),
+        model=ModelConfig(path=base_model),
+        train=dataclasses.replace(
+            config.train, loss="sft", learning_rate=d.sft_learning_rate, max_steps=d.sft_steps,
+            batch_size=d.sft_batch_size, micro_batch_size=d.sft_batch_size // config.train.num_workers,
+            warmup_steps=d.sft_steps // 20, lr_schedule="cosine", checkpoint_steps=0,
+        ),
+    )
+
+
+def demo_hash(config: Config) -> str:
+    """What the demo's data and reference model depend on."""
+    return section_hash(config, ("demo", "train.num_workers"))
+
+
+def prepare(config: Config, *, force: bool = False) -> dict:
+    """Make the demo's reference model and preference pairs under <run_dir>/demo (skipped when done)."""
+    from pipeline.demo import task as demo_task
+    from pipeline.stages import tokenize
+    from pipeline.stages import train
+    from pipeline.model.loading import TinyShape, build_tiny_model, load_tokenizer, save_pretrained, train_tokenizer
+    from pipeline.runtime.sampler import start_sampler
+
+    run_dir = RunDir(config.run_dir)
+    if "://" in config.run_dir:
+        raise ValueError("the demo writes its model locally: use a local run_dir for it")
+    d = config.demo
+    config_hash = demo_hash(config)
+    if not force and run_dir.is_finished(STAGE, config_hash=config_hash, upstream_hash=None):
+        log.info("demo: data and reference model ready (%s), skipping", run_dir.uri_of(STAGE))
+        return run_dir.manifest(STAGE)
+
+    sft_dir = run_dir.path("demo_sft")
+    os.makedirs(sft_dir, exist_ok=True)
+    reviews = demo_task.generate_reviews(d.num_reviews, seed=0)
+    tokenizer = train_tokenizer(reviews, vocab_size=d.vocab_size)
+    shape = TinyShape(n_layer=d.n_layer, n_embd=d.n_embd, n_head=d.n_head, n_positions=128)
+    base = os.path.join(sft_dir, "base_model")
+    if not os.path.exists(os.path.join(base, "config.json")):
+        save_pretrained(build_tiny_model(tokenizer, shape, seed=0), tokenizer, base)
+    sft_data = os.path.join(sft_dir, "sft.jsonl")
+    _write_if_changed(sft_data, demo_task.sft_rows(d.num_reviews, seed=1))
+
+    sft = sft_config(config, base, sft_data)
+    tokenize.run(sft, force=force)
+    train.run(sft, force=force)
+    reference = RunDir(sft.run_dir).path("train", "final")
+
+    prompts = demo_task.review_prompts(d.num_prompts, seed=2)
+    tokenizer = load_tokenizer(reference)
+    prompt_ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+    actor = start_sampler("hf", reference)
+    try:
+        params = dict(n=d.samples_per_prompt, temperature=1.0, top_p=1.0, max_tokens=d.max_new_tokens, seed=3)
+        completions = ray.get(actor.generate.remote(prompt_ids, params))
+    finally:
+        ray.kill(actor)
+    pairs = []
+    for prompt, samples in zip(prompts, completions):
+        pairs += demo_task.label_pairs(prompt, [s["text"] for s in samples], min_gap=d.min_reward_gap)
+
+    writer = run_dir.begin(STAGE)
+    writer.write_text("pairs.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in pairs))
+    manifest = writer.commit({
+        "config_hash": config_hash, "upstream_hash": None, "reference_model": reference,
+        "rows_out": len(pairs), "prompts": len(prompts), "dropped": {},
+    })
+    log.info("demo: %d preference pairs from %d prompts, reference model %s", len(pairs), len(prompts), reference)
+    return manifest
+
+
+def _write_if_changed(path: str, rows: list[dict]) -> None:
+    """Rewrite only on change: the file's mtime is part of the tokenize stage's input fingerprint."""
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    if os.path.exists(path) and open(path, encoding="utf-8").read() == text:
+        return
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)

@@ -1,0 +1,139 @@
+"""Evaluation baselines beside the reference's own samples: best-of-N, and the data's preferred responses.
+
+Best-of-N (issue #4). For each answer, draw N completions from the reference and keep the one the task's
+REWARD scores highest (with the demo task: VADER's compound score, the same reward the summary reports).
+It is the standard inference-time alternative to fine-tuning, so a trained policy should be compared with
+it at matched KL and at its real price: N samples, and N times the tokens, per answer.
+
+Its KL to the reference has no per-sample estimate: the best-of-N policy has no explicit density to take a
+log-ratio of. For rewards without ties it is exactly log N - (N - 1) / N, and with ties (a discrete reward,
+repeated completions) it is lower (Beirami et al., 2024, "Theoretical guarantees on the best-of-n alignment
+policy"). The report therefore gives that bound as the KL of best-of-N, marked as a bound.
+
+Preferred responses (issue #7). Each model's samples are also judged against the `chosen` response of a
+held-out pair with the same prompt, the data set's own idea of a good answer, in both orders like every
+other comparison.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+
+def best_of_n_name(n: int) -> str:
+    """The model name of the best-of-N baseline in the summary, Parquet and plots."""
+    return f"best_of_{n}"
+
+
+def best_of_n_kl_bound(n: int, *, greedy: bool = False) -> float:
+    """Upper bound on KL(best-of-n || reference) in nats: log n - (n - 1) / n, exact without reward ties.
+
+    Greedy decoding gives n identical candidates, so best-of-n IS the reference there: KL 0.
+    """
+    if n < 1:
+        raise ValueError(f"best-of-n needs n >= 1, got {n}")
+    if greedy:
+        return 0.0
+    return math.log(n) - (n - 1) / n
+
+
+def pick_best(scores: np.ndarray, n: int) -> np.ndarray:
+    """Index (0..n-1) of the best candidate in each consecutive group of n.
+
+    scores: shape (answers * n,), candidates of one answer next to each other. Returns shape (answers,).
+    Ties go to the earliest candidate, so the pick is deterministic. NaN scores are an error: a reward
+    that failed must not silently lose (or win) a comparison.
+    """
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if n < 1:
+        raise ValueError(f"best-of-n needs n >= 1, got {n}")
+    if scores.size % n:
+        raise ValueError(f"{scores.size} candidate scores do not split into groups of {n}")
+    if not np.all(np.isfinite(scores)):
+        raise ValueError("best-of-n got NaN or infinite candidate scores")
+    return scores.reshape(-1, n).argmax(axis=1)  # argmax returns the first maximum
+
+
+def best_of_n_answers(
+    candidates: Sequence[dict], scores: np.ndarray, n: int, *, model: str
+) -> list[dict]:
+    """Keep the best of each group of n candidates: one sample row per answer.
+
+    candidates: sample rows (keys of the evaluate samples table, with `completion_ids`), groups of n
+    consecutive rows sharing temperature, prompt_index and sample_index. scores: the reward of each,
+    shape (len(candidates),). Each kept row gets `model`, its own reward, kl None (see the module doc),
+    `candidates` = n and `tokens_generated` = the tokens of all n candidates: the answer's sampling cost.
+    """
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if len(candidates) != scores.size:
+        raise ValueError(f"{len(candidates)} candidates but {scores.size} scores")
+    best = pick_best(scores, n)
+    out = []
+    for group, pick in enumerate(best):
+        members = candidates[group * n : (group + 1) * n]
+        keys = {(c["temperature"], c["prompt_index"], c["sample_index"]) for c in members}
+        if len(keys) != 1:
+            raise ValueError(f"candidate group {group} mixes answers: {sorted(keys)}")
+        kept = dict(members[pick])
+        kept.update(model=model, reward=float(scores[group * n + pick]), kl=None, candidates=n,
+                    tokens_generated=sum(len(c["completion_ids"]) for c in members))
+        out.append(kept)
+    return out
+
+
+def preferred_responses(eval_pairs: pa.Table, prompts: Sequence[Sequence[int]]) -> list[list[int] | None]:
+    """For each prompt, the `chosen_ids` of the first held-out row with that prompt, or None.
+
+    eval_pairs: the tokenize stage's eval split (prompt_ids, chosen_ids, label), in its id order. Unpaired
+    (KTO) rows count only when labelled desirable: an undesirable completion is no preferred response.
+    """
+    first: dict[tuple[int, ...], list[int]] = {}
+    labels = eval_pairs["label"].to_pylist() if "label" in eval_pairs.column_names else [None] * eval_pairs.num_rows
+    for prompt, chosen, label in zip(eval_pairs["prompt_ids"].to_pylist(), eval_pairs["chosen_ids"].to_pylist(), labels):
+        if label is False:
+            continue
+        first.setdefault(tuple(prompt), chosen)
+    return [first.get(tuple(p)) for p in prompts]
+
+
+def judge_against_chosen(judge, rows: Sequence[dict], chosen_texts: Sequence[str | None],
+                         chosen_lengths: Sequence[int | None], models: Sequence[str]) -> list[dict]:
+    """Every sample of `models` against its prompt's preferred response, in both orders.
+
+    rows: sample rows (model, temperature, prompt_index, prompt, completion, completion_ids).
+    chosen_texts[p] / chosen_lengths[p]: the decoded preferred response of prompt p and its token count, or
+    None where the data has none (that prompt's samples are then not judged: see `summary` counts).
+    Returns judgment rows with baseline "chosen"; scores follow `judge_both_orders` (ties and inconsistent
+    verdicts 0.5, unparsed verdicts 0.5 and counted).
+    """
+    from pipeline.evaluation.judges import judge_both_orders
+
+    mine = [r for r in rows if r["model"] in set(models) and chosen_texts[r["prompt_index"]] is not None]
+    if not mine:
+        return []
+    result = judge_both_orders(judge, [r["prompt"] for r in mine], [r["completion"] for r in mine],
+                               [chosen_texts[r["prompt_index"]] for r in mine])
+    return [
+        {"model": r["model"], "baseline": "chosen", "temperature": float(r["temperature"]),
+         "prompt_index": r["prompt_index"], "verdict_first": a, "verdict_second": b, "score": float(score),
+         "length_diff": len(r["completion_ids"]) - chosen_lengths[r["prompt_index"]]}
+        for r, a, b, score in zip(mine, result.verdicts_ab, result.verdicts_ba, result.scores)
+    ]
+
+
+def reward_scorer(reward_fn: Callable[[list[str]], np.ndarray] | None, *, best_of_n: int, reward_name: str | None):
+    """The function that ranks best-of-N candidates, or an error naming what the config lacks."""
+    if best_of_n < 0:
+        from pipeline.config import ConfigError
+
+        raise ConfigError(f"evaluate.best_of_n: must be >= 0 (0 turns the baseline off), got {best_of_n}")
+    if best_of_n and reward_fn is None:
+        from pipeline.config import ConfigError
+
+        raise ConfigError("evaluate.best_of_n needs evaluate.reward: the task's reward picks the best of N "
+                          f"(got reward {reward_name!r})")
+    return reward_fn

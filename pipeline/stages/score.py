@@ -1,0 +1,234 @@
+"""Stage 2, score: every pair through the reference model once -> shards of frozen reference log-probs.
+
+A Ray Data actor pool holds the reference model (one GPU, or a fraction, per actor). The log-probs come
+from `pipeline.model.logps.batch_sequence_logps`, the very function the trainer calls on the policy. After this stage
+the reference model is never needed in training memory.
+
+Unpaired (KTO) data also gets, per row, another row's completion after this row's prompt and its
+reference log-prob: KTO's reference point is estimated on such mismatched pairs (see pipeline.stages.kto).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import torch
+
+from pipeline.config import Config, stage_hash
+from pipeline.stages.kto import with_kl_completions
+from pipeline.model.logps import batch_sequence_logps
+from pipeline.data.schemas import SCORED, SCORED_KTO
+from pipeline.runtime.storage import RunDir, read_parquet_dir
+
+log = logging.getLogger(__name__)
+
+STAGE = "score"
+UPSTREAM = "tokenize"
+SPLITS = ("train", "eval")
+SHARD_ROWS = 50_000
+
+
+def reference_path(config: Config) -> str:
+    return config.model.ref_path or config.model.path
+
+
+def _score_two(model, prompts: list, first: list, second: list, *, pad_id: int, micro_batch: int, device: str,
+               packing: bool = False, chunk_size: int | None = None):
+    """Reference log-probs (float64 sums) of prompt + first[i] and prompt + second[i], each (n,).
+
+    Rows are scored in micro-batches of similar length (sorted by length, then put back in order) so
+    little compute goes to padding; `packing` removes the padding altogether and `chunk_size` makes
+    output-layer logits only at response positions (see `pipeline.model.logps.batch_sequence_logps`).
+    """
+    n = len(prompts)
+    first_logp = np.zeros(n, dtype=np.float64)
+    second_logp = np.zeros(n, dtype=np.float64)
+    total = np.array([len(p) + max(len(a), len(b)) for p, a, b in zip(prompts, first, second)])
+    order = np.argsort(total, kind="stable")
+    with torch.inference_mode():
+        for start in range(0, n, micro_batch):
+            idx = order[start : start + micro_batch]
+            batch_prompts = [prompts[i] for i in idx]
+            logps, _, _ = batch_sequence_logps(
+                model, batch_prompts + batch_prompts, [first[i] for i in idx] + [second[i] for i in idx],
+                pad_id=pad_id, device=device, packing=packing, chunk_size=chunk_size,
+            )
+            logps = logps.double().cpu().numpy()
+            first_logp[idx], second_logp[idx] = logps[: len(idx)], logps[len(idx) :]
+    return first_logp, second_logp
+
+
+def score_pairs(model, table: pa.Table, *, pad_id: int, micro_batch: int, device: str, packing: bool = False,
+                chunk_size: int | None = None) -> pa.Table:
+    """Add ref_chosen_logp and ref_rejected_logp (float64 sums over response tokens) to `table`.
+
+    Pure over an Arrow table: no Ray.
+    """
+    chosen_logp, rejected_logp = _score_two(
+        model, table["prompt_ids"].to_pylist(), table["chosen_ids"].to_pylist(), table["rejected_ids"].to_pylist(),
+        pad_id=pad_id, micro_batch=micro_batch, device=device, packing=packing, chunk_size=chunk_size,
+    )
+    # An unpaired (KTO) row has no rejected response: its log-prob is a sum over nothing.
+    return table.append_column("ref_chosen_logp", pa.array(chosen_logp)).append_column("ref_rejected_logp", pa.array(rejected_logp))
+
+
+def score_unpaired(model, table: pa.Table, *, pad_id: int, micro_batch: int, device: str, packing: bool = False,
+                   chunk_size: int | None = None) -> pa.Table:
+    """For KTO rows that carry kl_completion_ids (see pipeline.stages.kto): add ref_chosen_logp (the completion),
+    ref_rejected_logp (0: there is no rejected response) and ref_kl_logp (the mismatched completion
+    after this row's prompt). Both completions of a row share one forward pass. Pure: no Ray.
+    """
+    completion_logp, kl_logp = _score_two(
+        model, table["prompt_ids"].to_pylist(), table["chosen_ids"].to_pylist(), table["kl_completion_ids"].to_pylist(),
+        pad_id=pad_id, micro_batch=micro_batch, device=device, packing=packing, chunk_size=chunk_size,
+    )
+    return (
+        table.append_column("ref_chosen_logp", pa.array(completion_logp))
+        .append_column("ref_rejected_logp", pa.array(np.zeros(table.num_rows)))
+        .append_column("ref_kl_logp", pa.array(kl_logp))
+    )
+
+
+def scorer_options(config: Config, *, use_gpu: bool) -> dict:
+    """ReferenceScorer's keyword arguments for `config` (the score stage's, and evaluate's for its policy)."""
+    sc = config.score
+    return dict(
+        dtype=config.model.dtype, use_gpu=use_gpu, micro_batch=sc.batch_size, trust_remote_code=config.model.trust_remote_code,
+        attn_implementation=config.model.attn_implementation, packing=sc.packing,
+        chunk_size=sc.logprob_chunk_size if sc.chunked_logprobs else None, compile=sc.compile,
+    )
+
+
+class ReferenceScorer:
+    """Ray Data callable class: loads the reference model once per actor, scores batches of pairs."""
+
+    def __init__(self, model_path: str, *, dtype: str, use_gpu: bool, micro_batch: int, trust_remote_code: bool,
+                 attn_implementation: str | None = None, packing: bool = False, chunk_size: int | None = None,
+                 compile: bool = False):
+        from pipeline.model.loading import compile_decoder_layers, load_model, load_tokenizer, pick_device
+
+        self.device = pick_device(use_gpu)
+        self.model = load_model(
+            model_path, dtype=getattr(torch, dtype), device=self.device, trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation,
+        ).eval()
+        if compile:
+            compile_decoder_layers(self.model)
+        self.pad_id = load_tokenizer(model_path, trust_remote_code=trust_remote_code).pad_token_id
+        self.options = dict(micro_batch=micro_batch, packing=packing, chunk_size=chunk_size)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        score = score_unpaired if "kl_completion_ids" in batch.column_names else score_pairs
+        return score(self.model, batch, pad_id=self.pad_id, device=self.device, **self.options)
+
+
+def run(config: Config, *, force: bool = False) -> dict:
+    """Score `<run_dir>/tokenize/{train,eval}` into `<run_dir>/score/{train,eval}`."""
+    import ray
+
+    run_dir = RunDir(config.run_dir)
+    upstream = run_dir.manifest(UPSTREAM)
+    if upstream is None:
+        raise RuntimeError(f"score needs a finished tokenize stage under {run_dir.uri_of(UPSTREAM)}; run `dpo tokenize` first")
+    config_hash = stage_hash(config, STAGE)
+    if not force and run_dir.is_finished(STAGE, config_hash=config_hash, upstream_hash=upstream["manifest_hash"]):
+        log.info("score: finished already (%s), skipping", run_dir.uri_of(STAGE))
+        return run_dir.manifest(STAGE)
+
+    sc = config.score
+    splits = [s for s in SPLITS if upstream[f"rows_{s}"] > 0]
+    labels = {s: label_counts(run_dir, s) for s in SPLITS}
+    unpaired = is_unpaired(labels)  # checked before begin(): a refusal leaves a finished stage as it was
+    for split in SPLITS:
+        if unpaired and upstream[f"rows_{split}"] == 1:
+            raise ValueError(
+                f"score/{split}: KTO pairs each prompt with another example's completion to estimate its "
+                "reference point, so a split needs 0 or at least 2 rows; it has 1 (change data.eval_fraction or add data)"
+            )
+    writer = run_dir.begin(STAGE)
+    # Both splits go through ONE actor pool (one model load per actor); `path` tells them apart.
+    if unpaired:
+        # KTO: the mismatched pairs are fixed here, per split, so the trainer can form the same ones.
+        tables = []
+        for split in splits:
+            table = with_kl_completions(read_parquet_dir(run_dir, f"{UPSTREAM}/{split}"), max_length=config.tokenize.max_length)
+            tables.append(table.append_column("path", pa.array([run_dir.uri_of(UPSTREAM, split) + "/"] * table.num_rows)))
+        ds, schema = ray.data.from_arrow(tables), SCORED_KTO
+    else:
+        ds, schema = ray.data.read_parquet([run_dir.uri_of(UPSTREAM, s) for s in splits], include_paths=True), SCORED
+    scored = ds.map_batches(
+        ReferenceScorer,
+        fn_constructor_kwargs=dict(model_path=reference_path(config), **scorer_options(config, use_gpu=sc.use_gpu)),
+        batch_size=sc.batch_size * 8,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=sc.num_actors),
+        num_gpus=sc.gpus_per_actor if sc.use_gpu else 0,
+        num_cpus=sc.cpus_per_actor,
+    )
+    # Stream results back in order and write fixed-size shards: the pool does the heavy work, the
+    # driver only writes, so memory stays bounded and shards are deterministic.
+    rows = {s: 0 for s in SPLITS}
+    shard = {s: 0 for s in SPLITS}
+    for batch in scored.iter_batches(batch_size=SHARD_ROWS, batch_format="pyarrow"):
+        in_eval = pc.match_substring(batch["path"], f"/{UPSTREAM}/eval/")
+        for split, mask in (("train", pc.invert(in_eval)), ("eval", in_eval)):
+            part = batch.filter(mask)
+            if part.num_rows:
+                writer.write_table(f"{split}/part-{shard[split]:05d}.parquet", part, schema)
+                shard[split] += 1
+                rows[split] += part.num_rows
+    for split in SPLITS:
+        if shard[split] == 0:
+            writer.write_table(f"{split}/part-00000.parquet", schema.empty_table(), schema)
+        if rows[split] != upstream[f"rows_{split}"]:
+            raise RuntimeError(f"score/{split}: {rows[split]} rows scored but tokenize wrote {upstream[f'rows_{split}']}")
+    manifest = writer.commit({
+        "config_hash": config_hash,
+        "upstream_hash": upstream["manifest_hash"],
+        "reference": reference_path(config),
+        "rows_in": upstream["rows_out"],
+        "rows_out": rows["train"] + rows["eval"],
+        "rows_train": rows["train"],
+        "rows_eval": rows["eval"],
+        "dropped": {},
+        "data_kind": "unpaired" if unpaired else "paired",
+        **({"labels": {s: {k: labels[s][k] for k in ("desirable", "undesirable")} for s in SPLITS}} if unpaired else {}),
+    })
+    log.info("score: %d train + %d eval pairs scored with %s", rows["train"], rows["eval"], reference_path(config))
+    return manifest
+
+
+def label_counts(run_dir: RunDir, split: str) -> dict[str, int]:
+    """{"paired", "desirable", "undesirable"} row counts of a tokenized split, from its label column only."""
+    fs = run_dir.fs
+    infos = fs.get_file_info(pafs.FileSelector(run_dir.path(UPSTREAM, split), allow_not_found=True))
+    counts = {"paired": 0, "desirable": 0, "undesirable": 0}
+    for info in infos:
+        if info.path.endswith(".parquet"):
+            label = pq.read_table(info.path, columns=["label"], filesystem=fs)["label"]
+            desirable = int(pc.sum(label).as_py() or 0)
+            counts["paired"] += label.null_count
+            counts["desirable"] += desirable
+            counts["undesirable"] += len(label) - label.null_count - desirable
+    return counts
+
+
+def is_unpaired(labels: dict[str, dict[str, int]]) -> bool:
+    """True when every row is unpaired (KTO), False when every row is a pair; mixed data is refused."""
+    paired = sum(c["paired"] for c in labels.values())
+    unpaired = sum(c["desirable"] + c["undesirable"] for c in labels.values())
+    if paired and unpaired:
+        raise ValueError(
+            f"score: the tokenized data mixes {paired} pairs with {unpaired} unpaired (prompt, completion, label) rows; "
+            "pair losses and KTO each train on one kind, so split the data or set data.format"
+        )
+    return unpaired > 0
+
+
+def read_split(run_dir: RunDir, split: str) -> pa.Table:
+    return read_parquet_dir(run_dir, f"{STAGE}/{split}")
