@@ -116,7 +116,7 @@ def make_pairs(shape: Shape, n: int, *, seed: int = 0) -> dict[str, list]:
             out[-1] = EOS_ID
         return out
 
-    rows = {k: [] for k in ("id", "prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logp", "ref_rejected_logp")}
+    rows = {k: [] for k in ("id", "prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps")}
     for i in range(n):
         rows["id"].append(f"pair-{seed}-{i}")
         rows["prompt_ids"].append(ids(length(shape.prompt_len), eos=False))
@@ -124,8 +124,8 @@ def make_pairs(shape: Shape, n: int, *, seed: int = 0) -> dict[str, list]:
         rows["chosen_ids"].append(chosen)
         rows["rejected_ids"].append(rejected)
         # Near the log-prob of a random token under a random model, so DPO margins start near zero.
-        rows["ref_chosen_logp"].append(-math.log(shape.vocab) * len(chosen) + float(rng.normal()))
-        rows["ref_rejected_logp"].append(-math.log(shape.vocab) * len(rejected) + float(rng.normal()))
+        rows["ref_chosen_logps"].append(-math.log(shape.vocab) * len(chosen) + float(rng.normal()))
+        rows["ref_rejected_logps"].append(-math.log(shape.vocab) * len(rejected) + float(rng.normal()))
     return rows
 
 

@@ -41,8 +41,8 @@ def write_shards(rows: dict[str, list], directory: str, *, shards: int) -> None:
         "prompt_len": [len(p) for p in rows["prompt_ids"]],
         "chosen_len": [len(c) for c in rows["chosen_ids"]],
         "rejected_len": [len(r) for r in rows["rejected_ids"]],
-        "ref_chosen_logp": rows["ref_chosen_logp"],
-        "ref_rejected_logp": rows["ref_rejected_logp"],
+        "ref_chosen_logps": rows["ref_chosen_logps"],
+        "ref_rejected_logps": rows["ref_rejected_logps"],
     }, schema=SCORED)
     per = math.ceil(n / shards)
     for i in range(shards):

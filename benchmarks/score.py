@@ -5,7 +5,7 @@
 
 Rows: `pipeline.stages.score.score_pairs` as the score stage runs it (inference_mode, micro-batches of similar
 length), the same loop in the data's own order (no length bucketing), then one row per switch asked for
-(`score.chunked_logprobs`, `score.packing`, `score.compile`) and, with more than one, all of them
+(`score.chunked_logps`, `score.packing`, `score.compile`) and, with more than one, all of them
 together. Weights are bf16 on CUDA (the score stage loads `model.dtype`), float32 on CPU. The train-step
 rows (our step, same shape, from benchmarks/train_step.py, with the same switches) give the score/train
 ratio. Tokens = non-pad tokens of chosen and rejected sequences, prompt included. MFU counts 2 x params
@@ -131,7 +131,7 @@ def parse_args(argv=None):
     p.add_argument("--pairs", type=int, default=0, help="pairs scored in the timed pass; 0: 8 micro-batches")
     p.add_argument("--micro-batch", type=int, default=0, help="pairs per forward; 0: the shape's default")
     p.add_argument("--repeats", type=int, default=3, help="timed passes per row; the best is reported")
-    p.add_argument("--chunked", action="store_true", help="add a row with chunked log-probs (score.chunked_logprobs)")
+    p.add_argument("--chunked", action="store_true", help="add a row with chunked log-probs (score.chunked_logps)")
     p.add_argument("--packing", action="store_true", help="add a row with padding-free packed sequences (score.packing)")
     p.add_argument("--packed-attn", default="sdpa", help="attention for packed rows: sdpa | flex_attention | flash_attention_2")
     p.add_argument("--compile", action="store_true", help="add a row with torch.compile per decoder block (score.compile)")

@@ -60,8 +60,8 @@ def plain_loop_loss(model, batch: dict, *, device: torch.device, beta: float, sc
     b = pairs.num_pairs
     out = compute_loss("dpo", PairLogps(
         policy_chosen_logps=seq[:b], policy_rejected_logps=seq[b:],
-        ref_chosen_logps=torch.as_tensor(batch["ref_chosen_logp"], device=device, dtype=torch.float32),
-        ref_rejected_logps=torch.as_tensor(batch["ref_rejected_logp"], device=device, dtype=torch.float32),
+        ref_chosen_logps=torch.as_tensor(batch["ref_chosen_logps"], device=device, dtype=torch.float32),
+        ref_rejected_logps=torch.as_tensor(batch["ref_rejected_logps"], device=device, dtype=torch.float32),
     ), beta=beta)
     return out.losses.sum() * scale, int(pairs.attention_mask.sum())
 
@@ -101,7 +101,7 @@ def measure_train(
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.type == "cuda")
     pairs = len(batches[0]["prompt_ids"])
     train = TrainConfig(loss="dpo", beta=0.1, batch_size=pairs, micro_batch_size=pairs, max_grad_norm=1.0,
-                        chunked_logprobs=chunked, logprob_chunk_size=chunk_size, packing=packing)
+                        chunked_logps=chunked, logps_chunk_size=chunk_size, packing=packing)
     tokens, start, first_batch = 0, None, None
     profiler = _profiler(device) if profile else contextlib.nullcontext()
     stream = itertools.cycle(batches) if isinstance(batches, list) else iter(batches)

@@ -60,8 +60,8 @@ class ScoreConfig:
     cpus_per_actor: float = 1.0
     # The train stage's speed switches, for the forward pass (same log-probs within float error; see README):
     packing: bool = False
-    chunked_logprobs: bool = False
-    logprob_chunk_size: int = 1024
+    chunked_logps: bool = False
+    logps_chunk_size: int = 1024
     compile: bool = False
 
 
@@ -87,8 +87,8 @@ class TrainConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0  # keep below the node's CPUs: Ray Data needs slots to feed workers
     torch_threads: int = 0  # 0: leave torch's default
-    chunked_logprobs: bool = False  # response positions only, lm_head chunk by chunk: no (N, T, V) fp32 logits
-    logprob_chunk_size: int = 1024
+    chunked_logps: bool = False  # response positions only, lm_head chunk by chunk: no (N, T, V) fp32 logits
+    logps_chunk_size: int = 1024
     compile: bool = False  # torch.compile each decoder block (GPU: the largest single speed-up we measured)
     packing: bool = False  # sequences end to end in one row, no padding (use model.attn_implementation: flex_attention on GPU)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
@@ -229,6 +229,10 @@ def _set_path(tree: dict, keys: list[str], value: Any) -> None:
     tree[keys[-1]] = value
 
 
+# Keys whose name changed: an old config fails naming the new key instead of "unknown key".
+RENAMED_KEYS = {"chunked_logprobs": "chunked_logps", "logprob_chunk_size": "logps_chunk_size"}
+
+
 def _build(cls, raw: Any, *, prefix: str):
     where = prefix.rstrip(".") or "the config"
     if not isinstance(raw, dict):
@@ -236,6 +240,9 @@ def _build(cls, raw: Any, *, prefix: str):
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
+    for key in unknown:
+        if key in RENAMED_KEYS:
+            raise ConfigError(f"{prefix}{key}: renamed to {prefix}{RENAMED_KEYS[key]}")
     if unknown:
         raise ConfigError(f"{prefix}{unknown[0]}: unknown key (known: {', '.join(sorted(names))})")
     values = {}

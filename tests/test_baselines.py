@@ -73,7 +73,7 @@ def test_pick_best_takes_the_highest_of_each_group_and_the_first_on_ties():
 
 def _candidate(t, p, s, text, ids):
     return {"model": "best_of_2", "temperature": t, "prompt_index": p, "sample_index": s, "prompt": f"prompt {p}",
-            "completion": text, "completion_ids": ids, "logp": -float(len(ids)), "ref_logp": -float(len(ids))}
+            "completion": text, "completion_ids": ids, "logps": -float(len(ids)), "ref_logps": -float(len(ids))}
 
 
 def test_best_of_n_keeps_the_best_candidate_and_charges_all_of_them():
@@ -122,7 +122,7 @@ class LongerWinsJudge:
 
 def _sample(model, t, p, text):
     return {"model": model, "temperature": t, "prompt_index": p, "sample_index": 0, "prompt": f"prompt {p}",
-            "completion": text, "completion_ids": list(range(len(text))), "logp": -1.0, "ref_logp": -1.0,
+            "completion": text, "completion_ids": list(range(len(text))), "logps": -1.0, "ref_logps": -1.0,
             "kl": 0.0 if model != "best_of_2" else None, "reward": float(len(text))}
 
 

@@ -76,3 +76,10 @@ def test_api_judge_section_is_checked_by_its_owner():
     bad = load_config(None, ["evaluate.judge=api", "evaluate.judge_api={base_url: x, modle: m}"])
     with pytest.raises(ValueError, match=r"evaluate\.judge_api\.modle: unknown key"):
         make_judge(bad.evaluate)
+
+
+@pytest.mark.parametrize("old,new", [("train.chunked_logprobs", "train.chunked_logps"),
+                                     ("score.logprob_chunk_size", "score.logps_chunk_size")])
+def test_renamed_key_names_the_new_one(old, new):
+    with pytest.raises(ConfigError, match=f"{old}: renamed to {new}"):
+        load_config(None, [f"{old}=1"])

@@ -132,7 +132,7 @@ def assert_same_samples(a: list[list[Completion]], b: list[list[Completion]]) ->
     assert [[(c.token_ids, c.text, c.finish_reason) for c in s] for s in a] == [[(c.token_ids, c.text, c.finish_reason) for c in s] for s in b]
     for sa, sb in zip(a, b):
         for ca, cb in zip(sa, sb):
-            torch.testing.assert_close(torch.tensor(ca.logprobs), torch.tensor(cb.logprobs), atol=1e-5, rtol=0)
+            torch.testing.assert_close(torch.tensor(ca.token_logps), torch.tensor(cb.token_logps), atol=1e-5, rtol=0)
 
 
 def test_engine_satisfies_protocol(engine):
@@ -149,9 +149,9 @@ def test_schema(engine, prompts, tokenizer):
         assert len(samples) == 3
         for c in samples:
             assert isinstance(c, Completion)
-            assert len(c.token_ids) == len(c.logprobs) >= 1
+            assert len(c.token_ids) == len(c.token_logps) >= 1
             assert all(isinstance(t, int) for t in c.token_ids)
-            assert all(lp <= 0.0 and math.isfinite(lp) for lp in c.logprobs)
+            assert all(lp <= 0.0 and math.isfinite(lp) for lp in c.token_logps)
             assert c.finish_reason in ("stop", "length")
             if c.finish_reason == "stop":
                 assert c.token_ids[-1] == eos and eos not in c.token_ids[:-1]
@@ -189,13 +189,13 @@ def test_greedy_matches_hand_written_argmax_loop(engine, prompts, reference_mode
 
 
 @pytest.mark.parametrize("temperature, top_p", [(0.0, 1.0), (0.7, 0.9), (1.5, 1.0)])
-def test_logprobs_are_raw_model_logprobs(engine, prompts, reference_model, temperature, top_p):
+def test_token_logps_are_raw_model_logps(engine, prompts, reference_model, temperature, top_p):
     """What the KL estimate relies on: log-probs at temperature 1, whatever temperature sampled them."""
     out = engine.generate(prompts, SamplingParams(n=2, temperature=temperature, top_p=top_p, max_tokens=16, seed=3))
     for prompt, samples in zip(prompts, out):
         for c in samples:
             expected = teacher_forced_logps(reference_model, prompt, c.token_ids)
-            torch.testing.assert_close(torch.tensor(c.logprobs), expected, atol=1e-4, rtol=0)
+            torch.testing.assert_close(torch.tensor(c.token_logps), expected, atol=1e-4, rtol=0)
 
 
 def test_max_tokens_gives_length(engine, prompts):
@@ -211,7 +211,7 @@ def test_eos_included_once_when_model_stops(engine, tokenizer):
     [[c]] = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=30))
     assert c.finish_reason == "stop"
     assert c.token_ids[-1] == eos and c.token_ids.count(eos) == 1
-    assert len(c.logprobs) == len(c.token_ids)
+    assert len(c.token_logps) == len(c.token_ids)
     assert c.text == " the mat."  # what it was trained on, EOS not in the text
 
 

@@ -70,8 +70,8 @@ def test_with_kl_completions_borrows_the_partners_completion_cut_to_fit():
 
 
 def test_mixed_paired_and_unpaired_data_is_refused():
-    unpaired = {"train": {"paired": 0, "desirable": 3, "undesirable": 2}, "eval": {"paired": 0, "desirable": 0, "undesirable": 0}}
-    paired = {"train": {"paired": 5, "desirable": 0, "undesirable": 0}}
+    unpaired = {"train": {"pairs": 0, "desirable": 3, "undesirable": 2}, "eval": {"pairs": 0, "desirable": 0, "undesirable": 0}}
+    paired = {"train": {"pairs": 5, "desirable": 0, "undesirable": 0}}
     assert is_unpaired(unpaired) and not is_unpaired(paired)
     with pytest.raises(ValueError, match="mixes 5 pairs with 5 unpaired"):
         is_unpaired({**unpaired, "eval": paired["train"]})
@@ -82,7 +82,7 @@ def test_the_train_stage_matches_the_loss_to_the_data():
     kto_config = Config(train=TrainConfig(loss="kto"))
     check_data_kind(kto_config, unpaired, where="run/score")
     with pytest.raises(ValueError, match="kto trains on unpaired .* holds pairs"):
-        check_data_kind(kto_config, {"data_kind": "paired"}, where="run/score")
+        check_data_kind(kto_config, {"data_kind": "pairs"}, where="run/score")
     with pytest.raises(ValueError, match="cannot be mixed"):
         check_data_kind(Config(train=TrainConfig(loss={"kto": 1.0, "sft": 0.1})), unpaired, where="run/score")
     with pytest.raises(ValueError, match="dpo trains on pairs"):
@@ -112,8 +112,8 @@ def kto_rows(n: int, *, seed: int) -> dict:
         "chosen_ids": [rand(1 + i % 4) for i in range(n)],
         "kl_completion_ids": [rand(2 + i % 2) for i in range(n)],
         "label": np.array([i % 3 != 1 for i in range(n)]),
-        "ref_chosen_logp": [-25.0 + i for i in range(n)],
-        "ref_kl_logp": [0.0] * n,  # set per test
+        "ref_chosen_logps": [-25.0 + i for i in range(n)],
+        "ref_kl_logps": [0.0] * n,  # set per test
     }
 
 
@@ -132,7 +132,7 @@ def test_kl_term_and_loss_of_the_train_path_equal_a_hand_computation(model, offs
     rows = kto_rows(6, seed=1)
     policy_kl = [hand_logp(model, p, c) for p, c in zip(rows["prompt_ids"], rows["kl_completion_ids"])]
     # ref = policy - offset - small per-row spread, so mean(policy - ref) = offset + 0.1 * mean(0..5)
-    rows["ref_kl_logp"] = [lp - offset - 0.1 * i for i, lp in enumerate(policy_kl)]
+    rows["ref_kl_logps"] = [lp - offset - 0.1 * i for i, lp in enumerate(policy_kl)]
     train = TrainConfig(loss="kto", beta=0.5, desirable_weight=1.0, undesirable_weight=1.5)
 
     kl_policy, kl_ref, tokens = kto.kl_logps(model, split(rows, 4), train=train, pad_id=1, device=CPU)
@@ -143,7 +143,7 @@ def test_kl_term_and_loss_of_the_train_path_equal_a_hand_computation(model, offs
 
     # The loss over the whole step: lambda (1 - sigmoid(beta (r - z))) desirable, (1 - sigmoid(beta (z - r))) not.
     expected = []
-    for prompt, completion, label, ref in zip(rows["prompt_ids"], rows["chosen_ids"], rows["label"], rows["ref_chosen_logp"]):
+    for prompt, completion, label, ref in zip(rows["prompt_ids"], rows["chosen_ids"], rows["label"], rows["ref_chosen_logps"]):
         r = hand_logp(model, prompt, completion) - ref
         x = 0.5 * (r - z) if label else 0.5 * (z - r)
         expected.append((1.0 if label else 1.5) / (1.0 + math.exp(x)))
@@ -158,7 +158,7 @@ def test_kl_term_and_loss_of_the_train_path_equal_a_hand_computation(model, offs
 
 def test_kto_gradient_accumulation_matches_the_large_batch(model):
     rows = kto_rows(8, seed=2)
-    rows["ref_kl_logp"] = [-12.0 + 0.5 * i for i in range(8)]
+    rows["ref_kl_logps"] = [-12.0 + 0.5 * i for i in range(8)]
     train = TrainConfig(loss="kto", beta=0.1, undesirable_weight=2.0)
 
     def grads(micro: int) -> list[torch.Tensor]:
@@ -182,6 +182,6 @@ def test_score_unpaired_scores_the_completion_and_the_mismatched_pair(model):
     scored = score_unpaired(model, table, pad_id=1, micro_batch=2, device="cpu")
     rows = scored.to_pylist()
     for row in rows:
-        assert row["ref_chosen_logp"] == pytest.approx(hand_logp(model, row["prompt_ids"], row["chosen_ids"]), abs=1e-4)
-        assert row["ref_kl_logp"] == pytest.approx(hand_logp(model, row["prompt_ids"], row["kl_completion_ids"]), abs=1e-4)
-        assert row["ref_rejected_logp"] == 0.0
+        assert row["ref_chosen_logps"] == pytest.approx(hand_logp(model, row["prompt_ids"], row["chosen_ids"]), abs=1e-4)
+        assert row["ref_kl_logps"] == pytest.approx(hand_logp(model, row["prompt_ids"], row["kl_completion_ids"]), abs=1e-4)
+        assert row["ref_rejected_logps"] == 0.0

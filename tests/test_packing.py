@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_chunked_logprobs import ATOL, MODELS, grads, one_thread  # noqa: F401 (fixture)
+from test_chunked_logps import ATOL, MODELS, grads, one_thread  # noqa: F401 (fixture)
 
 from pipeline.model.logps import collate_pairs, sequence_logps
 from pipeline.model.packed_logps import pack_pairs, pack_sequences, packed_sequence_logps
@@ -61,7 +61,7 @@ def test_bad_input_is_named():
 
 @pytest.mark.parametrize("packing,chunk_size", [(True, None), (False, 4), (True, 5)])
 def test_score_stage_switches_give_the_plain_reference_logps(packing, chunk_size):
-    """score.packing and score.chunked_logprobs change how the reference pass runs, not what it writes."""
+    """score.packing and score.chunked_logps change how the reference pass runs, not what it writes."""
     import pyarrow as pa
 
     from pipeline.stages.score import score_pairs, score_unpaired
@@ -72,8 +72,8 @@ def test_score_stage_switches_give_the_plain_reference_logps(packing, chunk_size
     table = pa.table({"prompt_ids": pa.array(prompts, ids), "chosen_ids": pa.array(chosen, ids), "rejected_ids": pa.array(rejected, ids)})
     plain = score_pairs(model, table, pad_id=0, micro_batch=2, device="cpu")
     fast = score_pairs(model, table, pad_id=0, micro_batch=2, device="cpu", packing=packing, chunk_size=chunk_size)
-    for column in ("ref_chosen_logp", "ref_rejected_logp"):
+    for column in ("ref_chosen_logps", "ref_rejected_logps"):
         assert fast[column].to_pylist() == pytest.approx(plain[column].to_pylist(), abs=ATOL)
     unpaired = table.append_column("kl_completion_ids", table["rejected_ids"])
     fast_kto = score_unpaired(model, unpaired, pad_id=0, micro_batch=2, device="cpu", packing=packing, chunk_size=chunk_size)
-    assert fast_kto["ref_kl_logp"].to_pylist() == pytest.approx(plain["ref_rejected_logp"].to_pylist(), abs=ATOL)
+    assert fast_kto["ref_kl_logps"].to_pylist() == pytest.approx(plain["ref_rejected_logps"].to_pylist(), abs=ATOL)

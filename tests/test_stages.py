@@ -100,7 +100,7 @@ def test_rows_survive_scoring(finished, config):
     scored = read_parquet_dir(run_dir, "score/train")
     tokenized = read_parquet_dir(run_dir, "tokenize/train")
     assert scored["id"].to_pylist() == tokenized["id"].to_pylist()
-    assert all(v < 0 for v in scored["ref_chosen_logp"].to_pylist())
+    assert all(v < 0 for v in scored["ref_chosen_logps"].to_pylist())
 
 
 def test_policy_equal_to_reference_gives_log2_and_zero_rewards(finished, config):
@@ -252,7 +252,7 @@ def test_kto_scored_shards_pair_each_prompt_with_another_completion(kto_run):
     for row in scored.to_pylist():
         assert row["kl_partner_id"] != row["id"]
         assert row["kl_completion_ids"] == chosen[row["kl_partner_id"]][: 24 - len(row["prompt_ids"])]
-        assert row["ref_kl_logp"] < 0 and row["ref_chosen_logp"] < 0 and row["ref_rejected_logp"] == 0.0
+        assert row["ref_kl_logps"] < 0 and row["ref_chosen_logps"] < 0 and row["ref_rejected_logps"] == 0.0
 
 
 def test_kto_at_policy_equal_to_reference_gives_the_predicted_loss(kto_run):

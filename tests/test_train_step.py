@@ -17,8 +17,8 @@ def batch_of(n: int, offset: int = 0) -> dict:
         "prompt_ids": [rand(3 + i % 3) for i in range(n)],
         "chosen_ids": [rand(2 + i % 4) for i in range(n)],
         "rejected_ids": [rand(1 + i % 5) for i in range(n)],
-        "ref_chosen_logp": [-30.0 + i for i in range(n)],
-        "ref_rejected_logp": [-28.0 - i for i in range(n)],
+        "ref_chosen_logps": [-30.0 + i for i in range(n)],
+        "ref_rejected_logps": [-28.0 - i for i in range(n)],
     }
 
 
@@ -67,7 +67,7 @@ def test_chunked_log_probs_give_the_same_gradient(tiny_model_dir):
     model = load_model(str(tiny_model_dir))
     batch = batch_of(4)
     plain = grads_after(model, [batch], train=TrainConfig(loss="dpo"), pairs_per_step=4)
-    chunked = grads_after(model, [batch], train=TrainConfig(loss="dpo", chunked_logprobs=True, logprob_chunk_size=7), pairs_per_step=4)
+    chunked = grads_after(model, [batch], train=TrainConfig(loss="dpo", chunked_logps=True, logps_chunk_size=7), pairs_per_step=4)
     for a, b in zip(plain, chunked):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
@@ -78,8 +78,8 @@ def test_packed_step_gives_the_same_loss_and_gradient(tiny_model_dir, loss, chun
     """train.packing changes the layout, not the numbers: same loss, metrics, tokens and gradient."""
     model = load_model(str(tiny_model_dir))
     batch = batch_of(4, offset=3)
-    padded = TrainConfig(loss=loss, chunked_logprobs=chunked, logprob_chunk_size=5)
-    packed = TrainConfig(loss=loss, chunked_logprobs=chunked, logprob_chunk_size=5, packing=True)
+    padded = TrainConfig(loss=loss, chunked_logps=chunked, logps_chunk_size=5)
+    packed = TrainConfig(loss=loss, chunked_logps=chunked, logps_chunk_size=5, packing=True)
     results = []
     for train in (padded, packed):
         model.zero_grad()
@@ -100,7 +100,7 @@ def test_compiled_blocks_give_the_same_loss_and_gradient(tiny_model_dir):
     the kernels, not the numbers, with the GPU-fast layout: packed rows and chunked log-probs."""
     from pipeline.model.loading import compile_decoder_layers
 
-    train = TrainConfig(loss="dpo", chunked_logprobs=True, logprob_chunk_size=5, packing=True)
+    train = TrainConfig(loss="dpo", chunked_logps=True, logps_chunk_size=5, packing=True)
     batch = batch_of(4, offset=5)
     results = []
     for compiled in (False, True):

@@ -24,8 +24,8 @@ TOKENIZED = pa.schema(
 SCORED = pa.schema(
     list(TOKENIZED)
     + [
-        ("ref_chosen_logp", pa.float64()),  # sum over response tokens of log pi_ref
-        ("ref_rejected_logp", pa.float64()),
+        ("ref_chosen_logps", pa.float64()),  # sum over response tokens of log pi_ref
+        ("ref_rejected_logps", pa.float64()),
     ]
 )
 
@@ -38,7 +38,7 @@ SCORED_KTO = pa.schema(
     + [
         ("kl_partner_id", pa.string()),  # id of the row whose completion is borrowed
         ("kl_completion_ids", _ids),  # that completion, cut to fit max_length after this row's prompt
-        ("ref_kl_logp", pa.float64()),  # sum over kl_completion_ids of log pi_ref(. | this row's prompt)
+        ("ref_kl_logps", pa.float64()),  # sum over kl_completion_ids of log pi_ref(. | this row's prompt)
     ]
 )
 
@@ -52,9 +52,9 @@ SAMPLES = pa.schema(
         ("prompt", pa.string()),
         ("completion", pa.string()),
         ("completion_ids", _ids),
-        ("logp", pa.float64()),  # sum of the sampled tokens' log-probs under the sampling model
-        ("ref_logp", pa.float64()),  # the same tokens under the reference, from the scorer
-        ("kl", pa.float64()),  # logp - ref_logp: a one-sample estimate of KL(pi || pi_ref)
+        ("logps", pa.float64()),  # sum of the sampled tokens' log-probs under the sampling model
+        ("ref_logps", pa.float64()),  # the same tokens under the reference, from the scorer
+        ("kl", pa.float64()),  # logps - ref_logps: a one-sample estimate of KL(pi || pi_ref)
         ("reward", pa.float64()),  # the task's reward, null where the task has none
     ]
 )

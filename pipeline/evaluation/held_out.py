@@ -19,9 +19,9 @@ def pair_accuracy(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, b
             "margin_mean": float(margins.mean())}
 
 
-def unpaired_separation(policy_logp, ref_logp, desirable, *, beta: float) -> dict:
+def unpaired_separation(policy_logps, ref_logps, desirable, *, beta: float) -> dict:
     """How well the implicit reward of held-out (prompt, completion, label) rows separates the two labels."""
-    rewards = beta * (np.asarray(policy_logp, dtype=np.float64) - np.asarray(ref_logp, dtype=np.float64))
+    rewards = beta * (np.asarray(policy_logps, dtype=np.float64) - np.asarray(ref_logps, dtype=np.float64))
     desirable = np.asarray(desirable, dtype=bool)
     good, bad = rewards[desirable], rewards[~desirable]
     out = {"kind": "unpaired", "rows": int(len(rewards)), "desirable": int(len(good)), "undesirable": int(len(bad)),

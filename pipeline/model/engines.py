@@ -4,14 +4,14 @@ Every engine honours one contract, so the sample and evaluate stages never branc
 
     engine = make_engine("auto", checkpoint_dir)
     completions = engine.generate(prompt_ids, SamplingParams(n=4, temperature=0.7, seed=1))
-    completions[i][j]  # the j-th of n samples for prompt i: text, token_ids, logprobs, finish_reason
+    completions[i][j]  # the j-th of n samples for prompt i: text, token_ids, token_logps, finish_reason
     engine.close()
 
 Semantics shared by all engines:
 
 - `temperature == 0` is greedy decoding; the n completions of a prompt are then identical copies.
   Otherwise tokens are sampled from softmax(logits / temperature) restricted to the top-p nucleus.
-- `Completion.logprobs[t]` is log pi(token_ids[t] | prompt, token_ids[:t]) under the RAW model: temperature 1,
+- `Completion.token_logps[t]` is log pi(token_ids[t] | prompt, token_ids[:t]) under the RAW model: temperature 1,
   no top-p, no penalties, whatever temperature was used to sample. The evaluation estimates
   KL(pi || pi_ref) from these numbers, and a teacher-forced forward pass over prompt + completion
   (`pipeline.model.logps.token_logps`) gives the same values up to float noise.
@@ -78,7 +78,7 @@ class Completion:
 
     text: str  # decoded token_ids, special tokens (EOS) skipped
     token_ids: list[int]  # generated ids only, prompt excluded; ends with EOS when finish_reason == "stop"
-    logprobs: list[float]  # raw-model log-prob of each entry of token_ids (temperature 1, no top-p)
+    token_logps: list[float]  # raw-model log-prob of each entry of token_ids (temperature 1, no top-p)
     finish_reason: str  # "stop" (emitted EOS) or "length" (reached max_tokens)
 
 
@@ -311,7 +311,7 @@ class HFEngine:
                 Completion(
                     text=self.tokenizer.decode(token_ids, skip_special_tokens=True),
                     token_ids=token_ids,
-                    logprobs=logps[b, :length].tolist(),
+                    token_logps=logps[b, :length].tolist(),
                     finish_reason=reason,
                 )
             )
@@ -405,10 +405,10 @@ class VLLMEngine:
     def _completion(output: Any) -> Completion:
         token_ids = [int(t) for t in output.token_ids]
         # output.logprobs[t] maps token id -> Logprob for step t; with logprobs=0 it holds the sampled token.
-        logprobs = [float(output.logprobs[t][tok].logprob) for t, tok in enumerate(token_ids)]
+        token_logps = [float(output.logprobs[t][tok].logprob) for t, tok in enumerate(token_ids)]
         if output.finish_reason not in ("stop", "length"):
             raise RuntimeError(f"vLLM request finished with reason {output.finish_reason!r}")
-        return Completion(text=output.text, token_ids=token_ids, logprobs=logprobs, finish_reason=output.finish_reason)
+        return Completion(text=output.text, token_ids=token_ids, token_logps=token_logps, finish_reason=output.finish_reason)
 
     def close(self) -> None:
         llm, self._llm = self._llm, None

@@ -119,7 +119,7 @@ def batch_sequence_logps(model, prompts, responses, *, pad_id: int, device, pack
 
     Padded or packed (`pipeline.model.packed_logps`), with full logits or chunked ones (`chunk_size`): the train
     stage (policy) and the score stage (reference) both come here, and every combination gives the same
-    numbers within float error (tests/test_packing.py, tests/test_chunked_logprobs.py).
+    numbers within float error (tests/test_packing.py, tests/test_chunked_logps.py).
     """
     if packing:
         from pipeline.model.packed_logps import pack_sequences, packed_sequence_logps

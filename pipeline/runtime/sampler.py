@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 
 class Sampler:
-    """Actor body: `generate` returns, per prompt, n completions as plain dicts (text, token_ids, logprobs)."""
+    """Actor body: `generate` returns, per prompt, n completions as plain dicts (text, token_ids, token_logps)."""
 
     def __init__(self, kind: str, model_path: str, *, use_gpu: bool, dtype: str, trust_remote_code: bool):
         from pipeline.model.engines import make_engine

@@ -148,7 +148,7 @@ def scoring_job(model_path: str, table: pa.Table, *, config: Config):
 
 def logps(results: list) -> tuple[np.ndarray, np.ndarray]:
     scored = results[0]
-    return scored["ref_chosen_logp"].to_numpy(), scored["ref_rejected_logp"].to_numpy()
+    return scored["ref_chosen_logps"].to_numpy(), scored["ref_rejected_logps"].to_numpy()
 
 
 def held_out_split(data_dir: RunDir) -> tuple[pa.Table | None, str | None]:
@@ -168,10 +168,10 @@ def held_out_from_logps(held: pa.Table, kind: str, policies: list[Policy], polic
         chosen, rejected = policy_logps[p.name]
         if kind == "unpaired":  # a completion and its label; `rejected` is a sum over nothing
             labels = held["label"].to_numpy(zero_copy_only=False)
-            out[p.name] = unpaired_separation(chosen, held["ref_chosen_logp"].to_numpy(), labels, beta=p.beta)
+            out[p.name] = unpaired_separation(chosen, held["ref_chosen_logps"].to_numpy(), labels, beta=p.beta)
         else:
-            out[p.name] = pair_accuracy(chosen, rejected, held["ref_chosen_logp"].to_numpy(),
-                                        held["ref_rejected_logp"].to_numpy(), beta=p.beta)
+            out[p.name] = pair_accuracy(chosen, rejected, held["ref_chosen_logps"].to_numpy(),
+                                        held["ref_rejected_logps"].to_numpy(), beta=p.beta)
     return out
 
 
@@ -324,20 +324,20 @@ def evaluate_policies(config: Config, policies: list[Policy], *, data_dir: RunDi
             "chosen_ids": [r["completion_ids"] for r in rows],
             "rejected_ids": [[] for _ in rows],
         })
-        jobs.submit("ref_logp", *scoring_job(reference_path(config), table, config=config))
-        ref_logp, _ = logps(jobs.wait_for(["ref_logp"])["ref_logp"])
+        jobs.submit("ref_logps", *scoring_job(reference_path(config), table, config=config))
+        ref_logps, _ = logps(jobs.wait_for(["ref_logps"])["ref_logps"])
         held_logps = jobs.wait_for([("held_out", p.name) for p in policies]) if held is not None else {}
     rewards = reward_fn([r["prompt"] + r["completion"] for r in rows]) if reward_fn else [None] * len(rows)
-    for r, lp, rw in zip(rows, ref_logp, rewards):
-        r["ref_logp"] = float(lp)
-        r["kl"] = r["logp"] - float(lp)
+    for r, lp, rw in zip(rows, ref_logps, rewards):
+        r["ref_logps"] = float(lp)
+        r["kl"] = r["logps"] - float(lp)
         r["reward"] = None if rw is None else float(rw)
     kl_bounds = {}
     if ev.best_of_n:
         # The task's reward picks the best of N (see pipeline/evaluation/baselines.py); the candidates come from the
         # reference, so their engine log-probs already are log pi_ref.
         for c in candidates:
-            c["ref_logp"] = c["logp"]
+            c["ref_logps"] = c["logps"]
         scores = reward_fn([c["prompt"] + c["completion"] for c in candidates])
         rows += best_of_n_answers(candidates, scores, ev.best_of_n, model=best_of_n_name(ev.best_of_n))
         kl_bounds = {(best_of_n_name(ev.best_of_n), float(t)): best_of_n_kl_bound(ev.best_of_n, greedy=t == 0)
@@ -395,7 +395,7 @@ def _sample_rows(model: str, by_temp: dict[float, list[list[dict]]], prompt_text
             for s, c in enumerate(completions):
                 rows.append({"model": model, "temperature": float(t), "prompt_index": p, "sample_index": s // group,
                              "prompt": prompt_texts[p], "completion": c["text"], "completion_ids": c["token_ids"],
-                             "logp": float(np.sum(c["logprobs"])), "candidates": 1, "tokens_generated": len(c["token_ids"])})
+                             "logps": float(np.sum(c["token_logps"])), "candidates": 1, "tokens_generated": len(c["token_ids"])})
     return rows
 
 

@@ -6,7 +6,7 @@ belong to OTHER prompts. The reference model is not in training memory here, so 
 fixed before scoring:
 
 - score stage: `with_kl_completions` gives row i the completion of row `kl_partners(n)[i]`; the scorer
-  writes log pi_ref of that mismatched pair as `ref_kl_logp` (schema SCORED_KTO).
+  writes log pi_ref of that mismatched pair as `ref_kl_logps` (schema SCORED_KTO).
 - train stage: `kl_logps` scores the same mismatched pairs under the policy for a whole optimizer step
   (no gradient: z is detached), over every worker; `micro_batch_loss` then gives each micro-batch that
   step's z, so accumulated micro-batches and several workers reproduce the one-big-batch gradient.
@@ -85,7 +85,7 @@ def kl_logps(model, batches: list[dict], *, train, pad_id: int, device: torch.de
             )
             tokens += batch_tokens
             policy.append(logps.float())
-    ref = torch.tensor(np.concatenate([np.asarray(b["ref_kl_logp"], dtype=np.float64) for b in batches]),
+    ref = torch.tensor(np.concatenate([np.asarray(b["ref_kl_logps"], dtype=np.float64) for b in batches]),
                        dtype=torch.float32, device=device)
     policy = torch.cat(policy)
     if world > 1:
@@ -116,7 +116,7 @@ def micro_batch_loss(model, batch: dict, *, train, pad_id: int, device: torch.de
     labels = torch.as_tensor(np.asarray(batch["label"], dtype=bool), device=device)
     logps = KtoLogps(
         policy_logps=policy,
-        ref_logps=torch.tensor(np.asarray(batch["ref_chosen_logp"], dtype=np.float64), device=device, dtype=torch.float32),
+        ref_logps=torch.tensor(np.asarray(batch["ref_chosen_logps"], dtype=np.float64), device=device, dtype=torch.float32),
         labels=labels,
         kl_policy_logps=kl_policy,
         kl_ref_logps=kl_ref,

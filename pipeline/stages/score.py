@@ -65,7 +65,7 @@ def _score_two(model, prompts: list, first: list, second: list, *, pad_id: int, 
 
 def score_pairs(model, table: pa.Table, *, pad_id: int, micro_batch: int, device: str, packing: bool = False,
                 chunk_size: int | None = None) -> pa.Table:
-    """Add ref_chosen_logp and ref_rejected_logp (float64 sums over response tokens) to `table`.
+    """Add ref_chosen_logps and ref_rejected_logps (float64 sums over response tokens) to `table`.
 
     Pure over an Arrow table: no Ray.
     """
@@ -74,13 +74,13 @@ def score_pairs(model, table: pa.Table, *, pad_id: int, micro_batch: int, device
         pad_id=pad_id, micro_batch=micro_batch, device=device, packing=packing, chunk_size=chunk_size,
     )
     # An unpaired (KTO) row has no rejected response: its log-prob is a sum over nothing.
-    return table.append_column("ref_chosen_logp", pa.array(chosen_logp)).append_column("ref_rejected_logp", pa.array(rejected_logp))
+    return table.append_column("ref_chosen_logps", pa.array(chosen_logp)).append_column("ref_rejected_logps", pa.array(rejected_logp))
 
 
 def score_unpaired(model, table: pa.Table, *, pad_id: int, micro_batch: int, device: str, packing: bool = False,
                    chunk_size: int | None = None) -> pa.Table:
-    """For KTO rows that carry kl_completion_ids (see pipeline.stages.kto): add ref_chosen_logp (the completion),
-    ref_rejected_logp (0: there is no rejected response) and ref_kl_logp (the mismatched completion
+    """For KTO rows that carry kl_completion_ids (see pipeline.stages.kto): add ref_chosen_logps (the completion),
+    ref_rejected_logps (0: there is no rejected response) and ref_kl_logps (the mismatched completion
     after this row's prompt). Both completions of a row share one forward pass. Pure: no Ray.
     """
     completion_logp, kl_logp = _score_two(
@@ -88,9 +88,9 @@ def score_unpaired(model, table: pa.Table, *, pad_id: int, micro_batch: int, dev
         pad_id=pad_id, micro_batch=micro_batch, device=device, packing=packing, chunk_size=chunk_size,
     )
     return (
-        table.append_column("ref_chosen_logp", pa.array(completion_logp))
-        .append_column("ref_rejected_logp", pa.array(np.zeros(table.num_rows)))
-        .append_column("ref_kl_logp", pa.array(kl_logp))
+        table.append_column("ref_chosen_logps", pa.array(completion_logp))
+        .append_column("ref_rejected_logps", pa.array(np.zeros(table.num_rows)))
+        .append_column("ref_kl_logps", pa.array(kl_logp))
     )
 
 
@@ -100,7 +100,7 @@ def scorer_options(config: Config, *, use_gpu: bool) -> dict:
     return dict(
         dtype=config.model.dtype, use_gpu=use_gpu, micro_batch=sc.batch_size, trust_remote_code=config.model.trust_remote_code,
         attn_implementation=config.model.attn_implementation, packing=sc.packing,
-        chunk_size=sc.logprob_chunk_size if sc.chunked_logprobs else None, compile=sc.compile,
+        chunk_size=sc.logps_chunk_size if sc.chunked_logps else None, compile=sc.compile,
     )
 
 
@@ -196,7 +196,7 @@ def run(config: Config, *, force: bool = False) -> dict:
         "rows_train": rows["train"],
         "rows_eval": rows["eval"],
         "dropped": {},
-        "data_kind": "unpaired" if unpaired else "paired",
+        "data_kind": "unpaired" if unpaired else "pairs",
         **({"labels": {s: {k: labels[s][k] for k in ("desirable", "undesirable")} for s in SPLITS}} if unpaired else {}),
     })
     log.info("score: %d train + %d eval pairs scored with %s", rows["train"], rows["eval"], reference_path(config))
@@ -204,15 +204,15 @@ def run(config: Config, *, force: bool = False) -> dict:
 
 
 def label_counts(run_dir: RunDir, split: str) -> dict[str, int]:
-    """{"paired", "desirable", "undesirable"} row counts of a tokenized split, from its label column only."""
+    """{"pairs", "desirable", "undesirable"} row counts of a tokenized split, from its label column only."""
     fs = run_dir.fs
     infos = fs.get_file_info(pafs.FileSelector(run_dir.path(UPSTREAM, split), allow_not_found=True))
-    counts = {"paired": 0, "desirable": 0, "undesirable": 0}
+    counts = {"pairs": 0, "desirable": 0, "undesirable": 0}
     for info in infos:
         if info.path.endswith(".parquet"):
             label = pq.read_table(info.path, columns=["label"], filesystem=fs)["label"]
             desirable = int(pc.sum(label).as_py() or 0)
-            counts["paired"] += label.null_count
+            counts["pairs"] += label.null_count
             counts["desirable"] += desirable
             counts["undesirable"] += len(label) - label.null_count - desirable
     return counts
@@ -220,7 +220,7 @@ def label_counts(run_dir: RunDir, split: str) -> dict[str, int]:
 
 def is_unpaired(labels: dict[str, dict[str, int]]) -> bool:
     """True when every row is unpaired (KTO), False when every row is a pair; mixed data is refused."""
-    paired = sum(c["paired"] for c in labels.values())
+    paired = sum(c["pairs"] for c in labels.values())
     unpaired = sum(c["desirable"] + c["undesirable"] for c in labels.values())
     if paired and unpaired:
         raise ValueError(

@@ -97,7 +97,7 @@ def check_data_kind(config: Config, upstream: dict, *, where: str) -> None:
     KTO, or a tokenize manifest, is taken as pairs). Also warns when KTO's classes are out of balance.
     """
     names = loss_names(config)
-    kind = upstream.get("data_kind", "paired")
+    kind = upstream.get("data_kind", "pairs")
     if not is_unpaired(config.train.loss):
         if kind == "unpaired":
             raise ValueError(
@@ -134,7 +134,7 @@ def policy_sequence_logps(model, prompts, responses, *, train: TrainConfig, pad_
     with autocast:
         return batch_sequence_logps(
             model, prompts, responses, pad_id=pad_id, device=device, packing=train.packing,
-            chunk_size=train.logprob_chunk_size if train.chunked_logprobs else None,
+            chunk_size=train.logps_chunk_size if train.chunked_logps else None,
         )
 
 
@@ -156,8 +156,8 @@ def micro_batch_loss(model, batch: dict, *, train: TrainConfig, pad_id: int, dev
     ref = {}
     if with_reference:
         ref = dict(
-            ref_chosen_logps=torch.tensor(batch["ref_chosen_logp"], device=device, dtype=torch.float32),
-            ref_rejected_logps=torch.tensor(batch["ref_rejected_logp"], device=device, dtype=torch.float32),
+            ref_chosen_logps=torch.tensor(batch["ref_chosen_logps"], device=device, dtype=torch.float32),
+            ref_rejected_logps=torch.tensor(batch["ref_rejected_logps"], device=device, dtype=torch.float32),
         )
     pair = PairLogps(
         policy_chosen_logps=chosen, policy_rejected_logps=rejected,
