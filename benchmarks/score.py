@@ -35,14 +35,15 @@ def pairs_table(rows: dict[str, list]) -> pa.Table:
 
 def score_unsorted(model, table: pa.Table, *, pad_id: int, micro_batch: int, device: str, **_) -> np.ndarray:
     """score_pairs' loop without its length sort: micro-batches in the data's order, padded to their longest."""
-    from pipeline.model.logps import collate_pairs, pair_logps
+    from pipeline.model.batch_logps import batch_sequence_logps
 
     prompts, chosen, rejected = (table[k].to_pylist() for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
     out = []
     with torch.inference_mode():
         for start in range(0, table.num_rows, micro_batch):
             sl = slice(start, start + micro_batch)
-            c, r, _, _ = pair_logps(model, collate_pairs(prompts[sl], chosen[sl], rejected[sl], pad_id=pad_id).to(device))
+            logps, _, _ = batch_sequence_logps(model, prompts[sl] * 2, chosen[sl] + rejected[sl], pad_id=pad_id, device=device)
+            c, r = logps.chunk(2)
             out.append(torch.stack([c, r], 1).double().cpu().numpy())
     return np.concatenate(out)
 

@@ -46,24 +46,26 @@ def prepare_model(shape: common.Shape, device: torch.device, *, grad_checkpointi
 
 def plain_loop_loss(model, batch: dict, *, device: torch.device, beta: float, scale: float):
     """The textbook step: full logits, float32 log_softmax over the vocabulary, gather, mask, DPO loss."""
-    from pipeline.model.logps import collate_pairs
+    from pipeline.model.logps import collate_sequences
     from pipeline.model.losses import PairLogps, compute_loss
 
-    pairs = collate_pairs(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"], pad_id=common.PAD_ID).to(device)
+    prompts = list(batch["prompt_ids"])
+    input_ids, attention_mask, response_mask = (t.to(device) for t in collate_sequences(
+        prompts + prompts, list(batch["chosen_ids"]) + list(batch["rejected_ids"]), pad_id=common.PAD_ID))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     with autocast:
-        logits = model(input_ids=pairs.input_ids, attention_mask=pairs.attention_mask).logits  # (2B, T, V)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (2B, T, V)
     logp = torch.log_softmax(logits.float(), dim=-1)[:, :-1]  # (2B, T-1, V) float32
-    per_token = logp.gather(-1, pairs.input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    mask = pairs.response_mask[:, 1:]
+    per_token = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    mask = response_mask[:, 1:]
     seq = (per_token * mask).sum(-1)
-    b = pairs.num_pairs
+    b = len(prompts)
     out = compute_loss("dpo", PairLogps(
         policy_chosen_logps=seq[:b], policy_rejected_logps=seq[b:],
         ref_chosen_logps=torch.as_tensor(batch["ref_chosen_logps"], device=device, dtype=torch.float32),
         ref_rejected_logps=torch.as_tensor(batch["ref_rejected_logps"], device=device, dtype=torch.float32),
     ), beta=beta)
-    return out.losses.sum() * scale, int(pairs.attention_mask.sum())
+    return out.losses.sum() * scale, int(attention_mask.sum())
 
 
 class Measured(NamedTuple):

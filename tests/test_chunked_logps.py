@@ -13,8 +13,10 @@ import socket
 import pytest
 import torch
 
-from pipeline.model.chunked_logps import chunked_pair_logps, chunked_sequence_logps
-from pipeline.model.logps import collate_pairs, pair_logps, sequence_logps
+from pairs import chunked_pair_logps
+from pipeline.model.chunked_logps import chunked_sequence_logps
+from pairs import collate_pairs, pair_logps
+from pipeline.model.logps import sequence_logps
 
 pytestmark = pytest.mark.unit
 

@@ -11,8 +11,9 @@ import pytest
 import torch
 from test_chunked_logps import ATOL, MODELS, grads, one_thread  # noqa: F401 (fixture)
 
-from pipeline.model.logps import collate_pairs, sequence_logps
-from pipeline.model.packed_logps import pack_pairs, pack_sequences, packed_sequence_logps
+from pairs import collate_pairs, pack_pairs
+from pipeline.model.logps import sequence_logps
+from pipeline.model.packed_logps import pack_sequences, packed_sequence_logps
 
 pytestmark = pytest.mark.unit
 

@@ -24,9 +24,7 @@ import inspect
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.model.logps import PairBatch
-
-__all__ = ["chunked_pair_logps", "chunked_sequence_logps", "chunked_token_logps", "response_hidden_states"]
+__all__ = ["chunked_sequence_logps", "chunked_token_logps", "response_hidden_states"]
 
 
 def _unwrap(model):
@@ -155,12 +153,3 @@ def chunked_token_logps(model, hidden: torch.Tensor, targets: torch.Tensor, *, c
         else:
             pieces.append(_chunk_token_logps(head, transform, h, t))
     return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
-
-
-def chunked_pair_logps(model, batch: PairBatch, *, chunk_size: int = 1024, use_checkpoint: bool = True):
-    """`pipeline.model.logps.pair_logps` through `chunked_sequence_logps`: (chosen, rejected, chosen_len, rejected_len)."""
-    logps, counts = chunked_sequence_logps(
-        model, batch.input_ids, batch.attention_mask, batch.response_mask, chunk_size=chunk_size, use_checkpoint=use_checkpoint
-    )
-    b = batch.num_pairs
-    return logps[:b], logps[b:], counts[:b], counts[b:]

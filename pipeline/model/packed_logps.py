@@ -21,7 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["PackedBatch", "pack_pairs", "pack_sequences", "packed_sequence_logps"]
+from pipeline.model.chunked_logps import chunked_token_logps, response_hidden_states
+from pipeline.model.logps import token_logps
+
+__all__ = ["PackedBatch", "pack_sequences", "packed_sequence_logps"]
 
 
 @dataclass(frozen=True)
@@ -80,21 +83,12 @@ def pack_sequences(
     return PackedBatch(as_row(input_ids), as_row(position_ids), as_row(response), as_row(segments), num_sequences=len(lengths))
 
 
-def pack_pairs(prompt_ids, chosen_ids, rejected_ids, *, pad_id: int, multiple_of: int = 1) -> PackedBatch:
-    """B pairs as 2B packed sequences: 0..B-1 prompt + chosen, B..2B-1 prompt + rejected (as collate_pairs)."""
-    prompts = list(prompt_ids)
-    return pack_sequences(prompts + prompts, list(chosen_ids) + list(rejected_ids), pad_id=pad_id, multiple_of=multiple_of)
-
-
 def packed_sequence_logps(model, batch: PackedBatch, *, chunk_size: int | None = None):
     """Sum of response-token log-probs per packed sequence and the response token counts: ((N,), (N,)).
 
     With `chunk_size`, logits are made only at response positions, chunk by chunk
     (`pipeline.model.chunked_logps`); otherwise from the full (1, T, V) logits.
     """
-    from pipeline.model.chunked_logps import chunked_token_logps, response_hidden_states
-    from pipeline.model.logps import token_logps
-
     mask = batch.response_mask[:, 1:]
     target_segments = batch.segments[:, 1:][mask]  # (M,): the sequence of each response-token target
     if chunk_size is None:

@@ -1,7 +1,7 @@
 """Stage 2, score: every pair through the reference model once -> shards of frozen reference log-probs.
 
 A Ray Data actor pool holds the reference model (one GPU, or a fraction, per actor). The log-probs come
-from `pipeline.model.logps.batch_sequence_logps`, the very function the trainer calls on the policy. After this stage
+from `pipeline.model.batch_logps.batch_sequence_logps`, the very function the trainer calls on the policy. After this stage
 the reference model is never needed in training memory.
 
 Unpaired (KTO) data also gets, per row, another row's completion after this row's prompt and its
@@ -21,7 +21,7 @@ import torch
 
 from pipeline.config import Config, stage_hash
 from pipeline.stages.kto import with_kl_completions
-from pipeline.model.logps import batch_sequence_logps
+from pipeline.model.batch_logps import batch_sequence_logps
 from pipeline.data.schemas import SCORED, SCORED_KTO
 from pipeline.runtime.storage import RunDir, read_parquet_dir
 
@@ -43,7 +43,7 @@ def _score_two(model, prompts: list, first: list, second: list, *, pad_id: int, 
 
     Rows are scored in micro-batches of similar length (sorted by length, then put back in order) so
     little compute goes to padding; `packing` removes the padding altogether and `chunk_size` makes
-    output-layer logits only at response positions (see `pipeline.model.logps.batch_sequence_logps`).
+    output-layer logits only at response positions (see `pipeline.model.batch_logps.batch_sequence_logps`).
     """
     n = len(prompts)
     first_logp = np.zeros(n, dtype=np.float64)

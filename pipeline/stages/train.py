@@ -24,7 +24,7 @@ from contextlib import nullcontext
 import torch
 
 from pipeline.config import Config, TrainConfig, loss_names, stage_hash
-from pipeline.model.logps import batch_sequence_logps
+from pipeline.model.batch_logps import batch_sequence_logps
 from pipeline.runtime.storage import RunDir
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ def reads_only_chosen(loss: str | dict) -> bool:
 
 
 def policy_sequence_logps(model, prompts, responses, *, train: TrainConfig, pad_id: int, device):
-    """`pipeline.model.logps.batch_sequence_logps` under bf16 autocast on GPU, packed and chunked as `train` says."""
+    """`pipeline.model.batch_logps.batch_sequence_logps` under bf16 autocast on GPU, packed and chunked as `train` says."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     with autocast:
         return batch_sequence_logps(

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from pipeline.model.logps import collate_pairs, pair_logps, sequence_logps
+from pairs import collate_pairs, pair_logps
+from pipeline.model.logps import sequence_logps
 from pipeline.model.loading import load_model
 
 pytestmark = pytest.mark.unit
