@@ -1,8 +1,8 @@
 """Typed, read-only experiment config: one YAML per experiment, `--set a.b=c` overrides on top.
 
 Unknown keys are errors naming the key's path (`train.bta: unknown key`), so a typo never silently
-falls back to a default. Each stage hashes only the sections that change its output, which is how a
-finished stage knows it can be skipped.
+falls back to a default. Each stage hashes only the sections that change its output (`section_hash`,
+named in the stage's declaration), which is how a finished stage knows it can be skipped.
 """
 
 from __future__ import annotations
@@ -41,6 +41,11 @@ class ModelConfig:
     trust_remote_code: bool = False  # off unless the user turns it on: remote code runs on every worker
     dtype: str = "float32"  # weights' dtype for scoring and sampling; training keeps fp32 master weights
     attn_implementation: str | None = None  # transformers' name (sdpa, flex_attention, flash_attention_2); None: its default
+
+    @property
+    def reference(self) -> str:
+        """The reference model: ref_path, or the policy's starting weights."""
+        return self.ref_path or self.path
 
 
 @dataclass(frozen=True)
@@ -162,15 +167,6 @@ class Config:
 
     def replace(self, **sections: Any) -> "Config":
         return dataclasses.replace(self, **sections)
-
-
-# Which sections decide each stage's output. A change anywhere here reruns the stage and what follows.
-STAGE_SECTIONS = {
-    "tokenize": ("data", "tokenize", "model.path", "model.trust_remote_code"),
-    "score": ("model",),
-    "train": ("model", "train"),
-    "evaluate": ("model", "evaluate"),
-}
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -328,10 +324,6 @@ def section_hash(config: Config, keys: tuple[str, ...]) -> str:
         picked[key] = node
     blob = json.dumps(picked, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def stage_hash(config: Config, stage: str) -> str:
-    return section_hash(config, STAGE_SECTIONS[stage])
 
 
 def loss_names(config: Config) -> list[str]:

@@ -4,7 +4,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import Config, ConfigError, load_config, stage_hash
+from pipeline.config import Config, ConfigError, load_config
+from pipeline.stages import by_name
+
+
+def stage_hash(config: Config, stage: str) -> str:
+    return by_name(stage).config_hash(config)
 
 pytestmark = pytest.mark.unit
 CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))

@@ -113,7 +113,8 @@ def test_rerun_is_a_no_op_and_one_stage_can_be_forced(dpo, run_dir):
     # What follows it is stale now: a plain `dpo run` would redo score, train and evaluate (read from the
     # manifests, no Ray).
     from pipeline.config import load_config
-    from pipeline.cli.plan import STAGES, current_stages
+    from pipeline.cli.plan import current_stages
+    from pipeline.stages import STAGE_NAMES as STAGES
 
     assert current_stages(load_config(ROOT / "configs/demo_smoke.yaml", [f"run_dir={run_dir}"]), STAGES) == ("tokenize",)
 

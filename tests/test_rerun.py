@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, load_config, stage_hash
-from pipeline.cli.plan import STAGES, current_stages, make_plan, plan_run, submission_id
+from pipeline.config import ConfigError, load_config
+from pipeline.cli.plan import current_stages, make_plan, plan_run, submission_id
+from pipeline.stages import STAGE_NAMES as STAGES
+from pipeline.stages import by_name
 from pipeline.runtime.storage import RunDir
 from pipeline.stages.tokenize import input_fingerprint
 from tests.conftest import write_pairs
@@ -75,7 +77,7 @@ def fake_finished_run(config, stages=STAGES) -> None:
     for stage in stages:
         writer = run.begin(stage)
         writer.write_text("part.txt", stage)
-        upstream = writer.commit({"config_hash": stage_hash(config, stage), "upstream_hash": upstream,
+        upstream = writer.commit({"config_hash": by_name(stage).config_hash(config), "upstream_hash": upstream,
                                   "rows_train": 8, "rows_eval": 0, "rows_out": 8})["manifest_hash"]
 
 

@@ -8,7 +8,8 @@ import time
 import pytest
 
 from pipeline.config import load_config
-from pipeline.runtime.resources import AUTOSCALING_ENV, ResourceError, check_resources, stage_requests
+from pipeline.runtime.resources import AUTOSCALING_ENV, ResourceError, check_resources
+from pipeline.stages import cluster_requests
 
 pytestmark = pytest.mark.stage
 
@@ -35,19 +36,19 @@ def config(*overrides: str):
 def test_gpu_request_on_a_cpu_only_cluster_fails_fast_naming_gpu():
     started = time.monotonic()
     with pytest.raises(ResourceError) as err:
-        check_resources(config("score.use_gpu=true"), wait_s=60)
+        check_resources(cluster_requests(config("score.use_gpu=true")), wait_s=60)
     assert time.monotonic() - started < 5  # a fixed cluster never waits
     message = str(err.value)
     assert "score.use_gpu asks for 1 GPU per actor but this cluster has 0 GPUs" in message
     with pytest.raises(ResourceError, match=r"train\.use_gpu .*GPU"):
-        check_resources(config("train.use_gpu=true"))
+        check_resources(cluster_requests(config("train.use_gpu=true")))
     with pytest.raises(ResourceError, match=r"evaluate\.use_gpu .*GPU"):
-        check_resources(config("evaluate.use_gpu=true"))
+        check_resources(cluster_requests(config("evaluate.use_gpu=true")))
 
 
 def test_too_many_cpus_per_worker_fails_naming_cpu():
     with pytest.raises(ResourceError) as err:
-        check_resources(config("train.cpus_per_worker=4"))
+        check_resources(cluster_requests(config("train.cpus_per_worker=4")))
     assert "train.cpus_per_worker asks for 4 CPUs per worker" in str(err.value)
     assert "CPU" in str(err.value)
 
@@ -55,26 +56,26 @@ def test_too_many_cpus_per_worker_fails_naming_cpu():
 def test_too_many_workers_in_all_fails_naming_the_count_and_cpu():
     # Each worker fits on the node, but three of 1 CPU do not fit on 2 CPUs at once.
     with pytest.raises(ResourceError) as err:
-        check_resources(config("train.num_workers=3", "train.cpus_per_worker=1"))
+        check_resources(cluster_requests(config("train.num_workers=3", "train.cpus_per_worker=1")))
     message = str(err.value)
     assert "train.num_workers=3" in message and "CPU" in message and "fits 2" in message
 
 
 def test_only_the_named_stages_are_checked():
     gpu_score = config("score.use_gpu=true")
-    check_resources(gpu_score, stages=("train", "evaluate"))  # score is not asked about
+    check_resources(cluster_requests(gpu_score, ("train", "evaluate")))  # score is not asked about
     with pytest.raises(ResourceError, match="score.use_gpu"):
-        check_resources(gpu_score, stages=("score",))
+        check_resources(cluster_requests(gpu_score, ("score",)))
 
 
 def test_a_satisfiable_config_passes():
-    check_resources(config())  # defaults: 1 CPU per actor/worker, no GPU
-    check_resources(load_config("configs/demo_smoke.yaml"))
-    check_resources(config("score.num_actors=2", "train.num_workers=4", "train.cpus_per_worker=0.5"))
+    check_resources(cluster_requests(config()))  # defaults: 1 CPU per actor/worker, no GPU
+    check_resources(cluster_requests(load_config("configs/demo_smoke.yaml")))
+    check_resources(cluster_requests(config("score.num_actors=2", "train.num_workers=4", "train.cpus_per_worker=0.5")))
 
 
 def test_requests_mirror_the_stage_modules():
-    requests = {r.stage: r for r in stage_requests(config(
+    requests = {r.stage: r for r in cluster_requests(config(
         "score.use_gpu=true", "score.gpus_per_actor=0.5", "score.num_actors=3",
         "train.use_gpu=true", "train.num_workers=2", "train.cpus_per_worker=4",
     ))}
@@ -88,9 +89,9 @@ def test_an_autoscaling_cluster_waits_then_names_the_resource(monkeypatch, caplo
     monkeypatch.setenv(AUTOSCALING_ENV, "1")
     started = time.monotonic()
     with caplog.at_level("INFO", logger="pipeline.runtime.resources"), pytest.raises(ResourceError) as err:
-        check_resources(config("train.use_gpu=true"), wait_s=1.5, poll_s=0.5)
+        check_resources(cluster_requests(config("train.use_gpu=true")), wait_s=1.5, poll_s=0.5)
     assert 1.5 <= time.monotonic() - started < 10
     assert "train.use_gpu asks for 1 GPU per worker" in str(err.value)
     assert "autoscaler added no node" in str(err.value)
     assert "waiting for the autoscaler" in caplog.text
-    check_resources(config(), wait_s=1.5)  # what is already here never waits
+    check_resources(cluster_requests(config()), wait_s=1.5)  # what is already here never waits

@@ -9,10 +9,7 @@ import math
 
 import pytest
 
-from pipeline.stages import evaluate
-from pipeline.stages import score
-from pipeline.stages import tokenize
-from pipeline.stages import train
+from pipeline.stages import EVALUATE, SCORE, TOKENIZE, TRAIN
 from pipeline.config import load_config
 from pipeline.runtime.storage import RunDir, read_parquet_dir
 from tests.conftest import write_pairs
@@ -69,10 +66,10 @@ def config(tmp_path_factory, tiny_model_dir, ray_local):
 def finished(config):
     """Run the four stages once; the tests below read what they wrote."""
     return {
-        "tokenize": tokenize.run(config),
-        "score": score.run(config),
-        "train": train.run(config),
-        "evaluate": evaluate.run(config),
+        "tokenize": TOKENIZE.run(config),
+        "score": SCORE.run(config),
+        "train": TRAIN.run(config),
+        "evaluate": EVALUATE.run(config),
     }
 
 
@@ -149,7 +146,7 @@ def test_summary_has_a_row_per_model_and_temperature(finished, config):
 
 
 def test_rerun_skips_finished_stages(finished, config):
-    again = tokenize.run(config), score.run(config), train.run(config), evaluate.run(config)
+    again = TOKENIZE.run(config), SCORE.run(config), TRAIN.run(config), EVALUATE.run(config)
     for stage, manifest in zip(("tokenize", "score", "train", "evaluate"), again):
         assert manifest["manifest_hash"] == finished[stage]["manifest_hash"], stage
 
@@ -157,14 +154,14 @@ def test_rerun_skips_finished_stages(finished, config):
 def test_a_stage_killed_before_commit_is_redone(finished, config):
     # Runs before test_force_redoes_a_stage, so the finished score stage is still current: no rescoring.
     run_dir = RunDir(config.run_dir)
-    before = score.run(config)
+    before = SCORE.run(config)
     assert before["manifest_hash"] == finished["score"]["manifest_hash"]
     # An attempt that dies midway: it has removed the old manifest and written half its shards.
     attempt = run_dir.begin("score")
     attempt.write_text("train/part-00000.parquet", "half a file")
     assert run_dir.manifest("score") is None
     assert not run_dir.is_finished("score", config_hash=before["config_hash"], upstream_hash=before["upstream_hash"])
-    after = score.run(config)
+    after = SCORE.run(config)
     assert after["rows_train"] == before["rows_train"]
     assert read_parquet_dir(run_dir, "score/train").num_rows == before["rows_train"]
 
@@ -178,7 +175,7 @@ def shard_bytes(config) -> dict[str, bytes]:
 
 def test_force_redoes_a_stage(finished, config):
     before = shard_bytes(config)
-    redone = tokenize.run(config, force=True)
+    redone = TOKENIZE.run(config, force=True)
     assert shard_bytes(config) == before  # same input and config: byte-identical shards
     assert redone["manifest_hash"] != finished["tokenize"]["manifest_hash"]  # a new attempt, new timestamp
     assert redone["rows_out"] == finished["tokenize"]["rows_out"]
@@ -237,7 +234,7 @@ def kto_run(tmp_path_factory, tiny_model_dir, ray_local):
         "train.micro_batch_size=8",  # two micro-batches per step share the step's z
         "train.cpus_per_worker=0.5",
     ])
-    return config, {"tokenize": tokenize.run(config), "score": score.run(config), "train": train.run(config)}
+    return config, {"tokenize": TOKENIZE.run(config), "score": SCORE.run(config), "train": TRAIN.run(config)}
 
 
 def test_kto_scored_shards_pair_each_prompt_with_another_completion(kto_run):
@@ -272,7 +269,7 @@ def test_kto_at_policy_equal_to_reference_gives_the_predicted_loss(kto_run):
 def test_kto_data_refuses_a_paired_loss(kto_run):
     config, _ = kto_run
     with pytest.raises(ValueError, match="dpo trains on pairs"):
-        train.run(config.replace(train=dataclasses.replace(config.train, loss="dpo")))
+        TRAIN.run(config.replace(train=dataclasses.replace(config.train, loss="dpo")))
 
 
 def test_kto_held_out_separation_is_chance_when_policy_equals_reference(kto_run):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pipeline.config import Config
+from pipeline.model.loading import load_tokenizer
 from pipeline.runtime.storage import RunDir, read_parquet_dir
 
 
@@ -12,8 +13,6 @@ def _table(rows: list[tuple[str, str]]) -> str:
 
 
 def print_tokenize_audit(config: Config, *, examples: int = 3) -> None:
-    from pipeline.model.loading import load_tokenizer
-
     run_dir = RunDir(config.run_dir)
     manifest = run_dir.manifest("tokenize")
     if manifest is None:

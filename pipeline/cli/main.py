@@ -16,70 +16,33 @@ import argparse
 import logging
 import sys
 
-from pipeline.cli.plan import STAGES
+from pipeline.cli import sweep
+from pipeline.cli.audit import print_tokenize_audit
+from pipeline.cli.plan import plan_run, run_stages, submission_id
+from pipeline.config import ConfigError, load_config
+from pipeline.data.sources import InputError
+from pipeline.runtime.resources import ResourceError
+from pipeline.runtime.storage import RunDir
+from pipeline.stages import STAGE_NAMES
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpo", description="Direct Preference Optimization as Ray stages.")
-    parser.add_argument("command", choices=("run", *STAGES, "sweep", "inspect", "submission-id"))
+    parser.add_argument("command", choices=("run", *STAGE_NAMES, "sweep", "inspect", "submission-id"))
     parser.add_argument("target", nargs="?", help="for inspect: the stage to show (tokenize)")
     parser.add_argument("--config", required=True, help="experiment YAML (see configs/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set train.beta=0.5 (repeatable)")
     parser.add_argument("--force", action="store_true", help="redo finished stages instead of skipping them")
-    parser.add_argument("--from-stage", choices=STAGES, help="run: redo this stage and every stage after it")
-    parser.add_argument("--only", choices=STAGES, help="run: redo this stage alone (the stages before it must be finished)")
-    parser.add_argument("--to-stage", choices=STAGES, help="run: stop after this stage")
-    parser.add_argument("--stage", default="run", choices=("run", *STAGES),
+    parser.add_argument("--from-stage", choices=STAGE_NAMES, help="run: redo this stage and every stage after it")
+    parser.add_argument("--only", choices=STAGE_NAMES, help="run: redo this stage alone (the stages before it must be finished)")
+    parser.add_argument("--to-stage", choices=STAGE_NAMES, help="run: stop after this stage")
+    parser.add_argument("--stage", default="run", choices=("run", *STAGE_NAMES),
                         help="submission-id: the id of a job running this stage (default: the whole run)")
     return parser
 
 
-def run_stages(config, stages, *, force: bool | frozenset[str]) -> dict:
-    """Run `stages` in order, redoing those in `force` (True: all); score is skipped for reference-free losses."""
-    from pipeline.demo import prepare as demo
-    from pipeline.stages import evaluate
-    from pipeline.stages import score
-    from pipeline.stages import tokenize
-    from pipeline.stages import train
-    from pipeline.runtime.ray_setup import init_ray
-
-    if "tokenize" in stages and not config.demo.enabled:
-        _check_input(config.data.path)  # a missing file is an error before Ray starts, not after
-    init_ray(config.ray)
-    from pipeline.runtime.resources import check_resources
-
-    # A request this cluster can never satisfy fails now, naming the resource, instead of hanging.
-    check_resources(config, stages=[s for s in stages if s != "score" or train.needs_reference(config)])
-    modules = {"tokenize": tokenize, "score": score, "train": train, "evaluate": evaluate}
-    forced = frozenset(stages) if force is True else frozenset(force or ())
-    manifests = {}
-    if config.demo.enabled and "tokenize" in stages:
-        manifests["demo"] = demo.prepare(config, force=force is True)  # redone only by --force itself
-    for stage in stages:
-        if stage == "score" and not train.needs_reference(config):
-            logging.info("score: skipped, the configured loss needs no reference model")
-            continue
-        manifests[stage] = modules[stage].run(config, force=stage in forced)
-    return manifests
-
-
-def _check_input(path: str) -> None:
-    import os
-
-    from pipeline.data.sources import _BARE_HUB_NAME, InputError
-
-    if not path:
-        raise InputError("data.path is not set: name a JSONL/Parquet file, a directory, or a hub dataset")
-    if "://" not in path and not os.path.exists(path) and not _BARE_HUB_NAME.match(path):
-        raise InputError(f"{path}: no such file or directory (data.path)")
-
-
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.config import ConfigError
-    from pipeline.data.sources import InputError
-    from pipeline.runtime.resources import ResourceError
-
     try:
         return _main(argv)
     except (ConfigError, InputError, ResourceError) as err:
@@ -90,11 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    from pipeline.config import ConfigError, load_config
-
     if args.command == "sweep":
-        from pipeline.cli.main import sweep
-
         sweep.run(args.config, args.overrides, force=args.force)
         print(f"report: {load_config(args.config, sweep.split_overrides(args.overrides)[0]).run_dir}/sweep/evaluate/report.md")
         return 0
@@ -102,20 +61,14 @@ def _main(argv: list[str] | None) -> int:
     if args.command != "run" and (args.from_stage or args.only or args.to_stage):
         raise ConfigError("--from-stage, --only and --to-stage go with `dpo run`")
     if args.command == "submission-id":
-        from pipeline.cli.plan import submission_id
-
         print(submission_id(config, args.stage))
         return 0
     if args.command == "inspect":
-        from pipeline.cli.audit import print_tokenize_audit
-
         if args.target != "tokenize":
             raise SystemExit("dpo inspect: only `dpo inspect tokenize` is available")
         print_tokenize_audit(config)
         return 0
     if args.command == "run":
-        from pipeline.cli.plan import plan_run
-
         plan = plan_run(config, from_stage=args.from_stage, only=args.only, to_stage=args.to_stage, force=args.force)
         print(plan.describe(config.run_dir), flush=True)
         if not plan.run:
@@ -123,16 +76,17 @@ def _main(argv: list[str] | None) -> int:
         manifests = run_stages(config, plan.run, force=True if args.force else plan.force)  # --force: the demo too
     else:
         manifests = run_stages(config, (args.command,), force=args.force)
-    from pipeline.runtime.storage import RunDir
+    print_outputs(RunDir(config.run_dir), manifests)
+    return 0
 
-    run_dir = RunDir(config.run_dir)
+
+def print_outputs(run_dir: RunDir, manifests: dict[str, dict]) -> None:
     if "evaluate" in manifests:
         print(f"report: {run_dir.uri_of('evaluate', 'report.md')}")
         print(f"summary: {run_dir.uri_of('evaluate', 'summary.json')}")
-    else:
-        for stage in manifests:
-            print(f"{stage}: {run_dir.uri_of(stage)}")
-    return 0
+        return
+    for stage in manifests:
+        print(f"{stage}: {run_dir.uri_of(stage)}")
 
 
 if __name__ == "__main__":

@@ -9,19 +9,28 @@ it is stale). From that:
     dpo run --only S              S alone, redone; the stages before S must be current
     dpo run --to-stage S          stop after S (combines with the above)
 
-Also here: the submission id of a run, so a second `ray job submit` of the same work is refused by Ray.
+Also here: running the planned stages in order (`run_stages`, which `dpo run`, the one-stage commands
+and `dpo sweep` share), and the submission id of a run, so Ray refuses a second `ray job submit` of it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 from dataclasses import dataclass
 
-from pipeline.config import Config, ConfigError, stage_hash
+from pipeline.config import Config, ConfigError
+from pipeline.data.sources import InputError, is_hub_name
+from pipeline.demo.prepare import DEMO
+from pipeline.runtime.ray_setup import init_ray
+from pipeline.runtime.resources import check_resources
 from pipeline.runtime.storage import RunDir
+from pipeline.stages import STAGE_NAMES, STAGES, by_name, cluster_requests, enabled_stages
+from pipeline.stages.base import fingerprint, is_current, upstream_manifest
 
-STAGES = ("tokenize", "score", "train", "evaluate")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -46,40 +55,22 @@ class Plan:
         return "; ".join(parts)
 
 
-def pipeline_stages(config: Config) -> tuple[str, ...]:
-    """The stages this config runs: reference-free losses have no score stage."""
-    from pipeline.stages.train import needs_reference
-
-    return STAGES if needs_reference(config) else tuple(s for s in STAGES if s != "score")
-
-
 def current_stages(config: Config, stages: tuple[str, ...]) -> tuple[str, ...]:
     """The leading stages whose manifests match this config and their upstream (read-only, no Ray)."""
-    from pipeline.demo.prepare import STAGE as DEMO
-    from pipeline.demo.prepare import demo_hash
-
     run_dir = RunDir(config.run_dir)
-    if config.demo.enabled and not run_dir.is_finished(DEMO, config_hash=demo_hash(config), upstream_hash=None):
+    if config.demo.enabled and not is_current(DEMO, config, run_dir, None):
         return ()  # the demo makes tokenize's input: until it is ready, nothing downstream is current
     current: list[str] = []
-    upstream_hash: str | None = None
-    for stage in stages:
-        if stage == "tokenize":
-            upstream_hash = _input_fingerprint(config.data.path)
-        if upstream_hash is None or not run_dir.is_finished(stage, config_hash=stage_hash(config, stage), upstream_hash=upstream_hash):
+    for name in stages:
+        stage = by_name(name)
+        try:
+            tied_to = fingerprint(stage, config, upstream_manifest(stage, config, run_dir))
+        except (OSError, RuntimeError):
+            break  # the input or the upstream stage is not there (yet): running the stage will say why
+        if tied_to is None or not is_current(stage, config, run_dir, tied_to):
             break
-        current.append(stage)
-        upstream_hash = run_dir.manifest(stage)["manifest_hash"]
+        current.append(name)
     return tuple(current)
-
-
-def _input_fingerprint(path: str) -> str | None:
-    from pipeline.stages.tokenize import input_fingerprint
-
-    try:
-        return input_fingerprint(path)
-    except OSError:
-        return None  # input not there (yet): tokenize is not current, and running it will say why
 
 
 def make_plan(stages: tuple[str, ...], current: tuple[str, ...], *, from_stage: str | None = None,
@@ -117,7 +108,7 @@ def make_plan(stages: tuple[str, ...], current: tuple[str, ...], *, from_stage: 
 
 def plan_run(config: Config, **flags) -> Plan:
     """The plan for `dpo run` on this config and its run directory."""
-    stages = pipeline_stages(config)
+    stages = tuple(s.name for s in enabled_stages(config))
     return make_plan(stages, current_stages(config, stages), **flags)
 
 
@@ -127,14 +118,38 @@ def submission_id(config: Config, stage: str = "run") -> str:
     The hash covers the run directory and the config of `stage` and every stage before it (for "run":
     all stages); a change that reruns the stage changes the id. Resource fields do not count.
     """
-    if stage != "run" and stage not in STAGES:
-        raise ConfigError(f"--stage {stage}: expected run or one of {', '.join(STAGES)}")
-    stages = STAGES if stage == "run" else STAGES[: STAGES.index(stage) + 1]
-    picked = {"run_dir": config.run_dir, **{s: stage_hash(config, s) for s in stages}}
+    if stage != "run" and stage not in STAGE_NAMES:
+        raise ConfigError(f"--stage {stage}: expected run or one of {', '.join(STAGE_NAMES)}")
+    stages = STAGES if stage == "run" else STAGES[: STAGE_NAMES.index(stage) + 1]
+    picked = {"run_dir": config.run_dir, **{s.name: s.config_hash(config) for s in stages}}
     if config.demo.enabled:
-        from pipeline.demo.prepare import demo_hash
-
-        picked["demo"] = demo_hash(config)
+        picked["demo"] = DEMO.config_hash(config)
     digest = hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:12]
     return f"raydpo-{digest}-{stage}"
 
+
+def run_stages(config: Config, stages: tuple[str, ...], *, force: bool | frozenset[str]) -> dict[str, dict]:
+    """Run the named stages in order, redoing those in `force` (True: all, the demo's preparation too);
+    a stage the config has no use for (score, for a reference-free loss) is skipped. Returns the manifests."""
+    if "tokenize" in stages and not config.demo.enabled:
+        check_input(config.data.path)  # a missing file is an error before Ray starts, not after
+    init_ray(config.ray)
+    # A request this cluster can never satisfy fails now, naming the resource, instead of hanging.
+    check_resources(cluster_requests(config, stages))
+    forced = frozenset(stages) if force is True else frozenset(force or ())
+    manifests = {}
+    if config.demo.enabled and "tokenize" in stages:
+        manifests["demo"] = DEMO.run(config, force=force is True)  # redone only by --force itself
+    for stage in map(by_name, stages):
+        if not stage.enabled(config):
+            log.info("%s: skipped, the configured loss has no use for it", stage.name)
+            continue
+        manifests[stage.name] = stage.run(config, force=stage.name in forced)
+    return manifests
+
+
+def check_input(path: str) -> None:
+    if not path:
+        raise InputError("data.path is not set: name a JSONL/Parquet file, a directory, or a hub dataset")
+    if "://" not in path and not os.path.exists(path) and not is_hub_name(path):
+        raise InputError(f"{path}: no such file or directory (data.path)")

@@ -12,15 +12,21 @@ each a TorchTrainer, as far as the cluster's CPUs (or GPUs) allow while leaving 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
 
+import ray
 import yaml
 
+from pipeline.cli.plan import run_stages
 from pipeline.config import Config, ConfigError, load_config
+from pipeline.runtime.storage import RunDir
+from pipeline.stages import EVALUATE, SCORE, TRAIN
+from pipeline.stages.evaluate import Policy, evaluate_policies
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +69,6 @@ def members(config_path: str, overrides: list[str]) -> tuple[Config, list[Member
 
 def parallel_slots(config: Config) -> int:
     """How many members can train at once while one CPU stays free for Ray Data."""
-    import ray
-
     train = config.train
     resources = ray.cluster_resources()
     if train.use_gpu:
@@ -74,28 +78,18 @@ def parallel_slots(config: Config) -> int:
 
 
 def run(config_path: str, overrides: list[str], *, force: bool = False) -> dict:
-    from pipeline.demo import prepare as demo
-    from pipeline.stages import evaluate
-    from pipeline.stages import score
-    from pipeline.stages import tokenize
-    from pipeline.stages import train
-    from pipeline.runtime.ray_setup import init_ray
-    from pipeline.runtime.storage import RunDir
-
+    """Tokenize and score once, train every member (in parallel as far as the cluster allows), evaluate all."""
     base, sweep = members(config_path, overrides)
-    init_ray(base.ray)
-    if base.demo.enabled:
-        demo.prepare(base, force=force)
-    tokenize.run(base, force=force)
-    if any(train.needs_reference(m.config) for m in sweep):
-        score.run(base, force=force)
+    data_dir = RunDir(base.run_dir)
+    # The shared stages run with a member's train section that needs the score stage, where one does:
+    # the base's own loss may be reference-free while a swept one is not.
+    scored = next((m.config for m in sweep if SCORE.enabled(m.config)), base)
+    run_stages(base.replace(train=scored.train), ("tokenize", "score"), force=force)
     slots = min(len(sweep), parallel_slots(base))
     log.info("sweep: %d members, %d training at a time", len(sweep), slots)
     with ThreadPoolExecutor(max_workers=slots) as pool:
-        manifests = list(pool.map(lambda m: train.run(m.config, force=force, data_dir=base.run_dir), sweep))
+        manifests = list(pool.map(lambda m: TRAIN.run(m.config, force=force, data_dir=data_dir), sweep))
     upstream = hashlib.sha256("".join(m["manifest_hash"] for m in manifests).encode()).hexdigest()[:16]
-    policies = [evaluate.Policy(m.name, RunDir(m.config.run_dir), m.config.train.beta) for m in sweep]
-    return evaluate.evaluate_policies(
-        base, policies, data_dir=RunDir(base.run_dir), out_dir=RunDir(f"{base.run_dir}/sweep"),
-        upstream_hash=upstream, force=force,
-    )
+    policies = [Policy(m.name, RunDir(m.config.run_dir), m.config.train.beta) for m in sweep]
+    return EVALUATE.run(base, force=force, data_dir=data_dir, out_dir=RunDir(f"{base.run_dir}/sweep"),
+                        upstream_hash=upstream, body=functools.partial(evaluate_policies, policies=policies))

@@ -67,6 +67,11 @@ _BOM = b"\xef\xbb\xbf"
 _ARROW_BATCH_ROWS = 4096
 
 
+def is_hub_name(path: str) -> bool:
+    """True for `owner/name`, which is read as a hub dataset when no such local path exists."""
+    return bool(_BARE_HUB_NAME.match(path))
+
+
 class InputError(ValueError):
     """The input cannot be read at all (as opposed to a row that is rejected). The message names the file."""
 

@@ -23,13 +23,15 @@ import os
 
 import ray
 
-from pipeline.config import Config, DataConfig, ModelConfig, section_hash
+from pipeline.config import Config, DataConfig, ModelConfig
+from pipeline.demo import task
+from pipeline.model.loading import TinyShape, build_tiny_model, load_tokenizer, save_pretrained, train_tokenizer
+from pipeline.runtime.sampler import start_sampler
 from pipeline.runtime.storage import RunDir
+from pipeline.stages import TOKENIZE, TRAIN
+from pipeline.stages.base import Stage, StageRun
 
 log = logging.getLogger(__name__)
-
-STAGE = "demo"
-
 
 def sft_config(config: Config, base_model: str, sft_data: str) -> Config:
     """The sub-run that makes the reference model: the same pipeline, with the sft loss."""
@@ -46,45 +48,29 @@ def sft_config(config: Config, base_model: str, sft_data: str) -> Config:
     )
 
 
-def demo_hash(config: Config) -> str:
-    """What the demo's data and reference model depend on."""
-    return section_hash(config, ("demo", "train.num_workers"))
-
-
-def prepare(config: Config, *, force: bool = False) -> dict:
-    """Make the demo's reference model and preference pairs under <run_dir>/demo (skipped when done)."""
-    from pipeline.demo import task as demo_task
-    from pipeline.stages import tokenize
-    from pipeline.stages import train
-    from pipeline.model.loading import TinyShape, build_tiny_model, load_tokenizer, save_pretrained, train_tokenizer
-    from pipeline.runtime.sampler import start_sampler
-
-    run_dir = RunDir(config.run_dir)
-    if "://" in config.run_dir:
-        raise ValueError("the demo writes its model locally: use a local run_dir for it")
+def reference_model(config: Config, run_dir: RunDir, *, force: bool) -> str:
+    """A tokenizer and a tiny GPT-2 trained on review texts, then SFT by our own tokenize and train stages;
+    returns the SFT model's directory (the demo's pi_ref)."""
     d = config.demo
-    config_hash = demo_hash(config)
-    if not force and run_dir.is_finished(STAGE, config_hash=config_hash, upstream_hash=None):
-        log.info("demo: data and reference model ready (%s), skipping", run_dir.uri_of(STAGE))
-        return run_dir.manifest(STAGE)
-
     sft_dir = run_dir.path("demo_sft")
     os.makedirs(sft_dir, exist_ok=True)
-    reviews = demo_task.generate_reviews(d.num_reviews, seed=0)
-    tokenizer = train_tokenizer(reviews, vocab_size=d.vocab_size)
+    tokenizer = train_tokenizer(task.generate_reviews(d.num_reviews, seed=0), vocab_size=d.vocab_size)
     shape = TinyShape(n_layer=d.n_layer, n_embd=d.n_embd, n_head=d.n_head, n_positions=128)
     base = os.path.join(sft_dir, "base_model")
     if not os.path.exists(os.path.join(base, "config.json")):
         save_pretrained(build_tiny_model(tokenizer, shape, seed=0), tokenizer, base)
     sft_data = os.path.join(sft_dir, "sft.jsonl")
-    _write_if_changed(sft_data, demo_task.sft_rows(d.num_reviews, seed=1))
-
+    _write_if_changed(sft_data, task.sft_rows(d.num_reviews, seed=1))
     sft = sft_config(config, base, sft_data)
-    tokenize.run(sft, force=force)
-    train.run(sft, force=force)
-    reference = RunDir(sft.run_dir).path("train", "final")
+    TOKENIZE.run(sft, force=force)
+    TRAIN.run(sft, force=force)
+    return RunDir(sft.run_dir).path("train", "final")
 
-    prompts = demo_task.review_prompts(d.num_prompts, seed=2)
+
+def preference_pairs(config: Config, reference: str) -> tuple[list[str], list[dict]]:
+    """samples_per_prompt completions per review prefix from the sampler actor, labelled into pairs by VADER."""
+    d = config.demo
+    prompts = task.review_prompts(d.num_prompts, seed=2)
     tokenizer = load_tokenizer(reference)
     prompt_ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
     actor = start_sampler("hf", reference)
@@ -95,16 +81,24 @@ def prepare(config: Config, *, force: bool = False) -> dict:
         ray.kill(actor)
     pairs = []
     for prompt, samples in zip(prompts, completions):
-        pairs += demo_task.label_pairs(prompt, [s["text"] for s in samples], min_gap=d.min_reward_gap)
+        pairs += task.label_pairs(prompt, [s["text"] for s in samples], min_gap=d.min_reward_gap)
+    return prompts, pairs
 
-    writer = run_dir.begin(STAGE)
-    writer.write_text("pairs.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in pairs))
-    manifest = writer.commit({
-        "config_hash": config_hash, "upstream_hash": None, "reference_model": reference,
-        "rows_out": len(pairs), "prompts": len(prompts), "dropped": {},
-    })
+
+def prepare(run: StageRun) -> dict:
+    """Make the demo's reference model and preference pairs under <run_dir>/demo."""
+    if "://" in run.config.run_dir:
+        raise ValueError("the demo writes its model locally: use a local run_dir for it")
+    reference = reference_model(run.config, run.run_dir, force=run.force)
+    prompts, pairs = preference_pairs(run.config, reference)
+    run.writer.write_text("pairs.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in pairs))
     log.info("demo: %d preference pairs from %d prompts, reference model %s", len(pairs), len(prompts), reference)
-    return manifest
+    return {"reference_model": reference, "rows_out": len(pairs), "prompts": len(prompts), "dropped": {}}
+
+
+# The demo's own stage: before tokenize, it makes the data and the model that configs/demo.yaml points at.
+# Its output depends on the demo section and on how many workers trained the SFT model.
+DEMO = Stage(name="demo", sections=("demo", "train.num_workers"), body=prepare)
 
 
 def _write_if_changed(path: str, rows: list[dict]) -> None:

@@ -6,7 +6,7 @@ names the config key:
 
     score.use_gpu asks for 1 GPU per actor but this cluster has 0 GPUs
 
-What a stage asks for (mirroring the requests the stage modules make):
+What a stage asks for (each stage declares its requests beside its code, pipeline/stages/):
     score     score.num_actors actors of {cpus_per_actor CPU, gpus_per_actor GPU if score.use_gpu}
     train     train.num_workers workers of {cpus_per_worker CPU, 1 GPU if train.use_gpu}
     evaluate  one sampler actor of {1 CPU, 1 GPU if evaluate.use_gpu}
@@ -37,7 +37,6 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Iterable
 
 log = logging.getLogger(__name__)
 
@@ -61,41 +60,14 @@ class Request:
     count_key: str  # the config key that sets `count`
 
 
-def stage_requests(config, stages: Iterable[str] = ("score", "train", "evaluate")) -> list[Request]:
-    """The resource requests of `stages`, as the stage modules make them."""
-    requests = []
-    if "score" in stages:
-        sc = config.score
-        bundle = {"CPU": sc.cpus_per_actor, **({"GPU": sc.gpus_per_actor} if sc.use_gpu else {})}
-        requests.append(Request("score", "actor", sc.num_actors, bundle,
-                                {"CPU": "score.cpus_per_actor", "GPU": "score.use_gpu"}, "score.num_actors"))
-    if "train" in stages:
-        tr = config.train
-        bundle = {"CPU": tr.cpus_per_worker, **({"GPU": 1.0} if tr.use_gpu else {})}
-        requests.append(Request("train", "worker", tr.num_workers, bundle,
-                                {"CPU": "train.cpus_per_worker", "GPU": "train.use_gpu"}, "train.num_workers"))
-    if "evaluate" in stages:
-        bundle = {"CPU": 1.0, **({"GPU": 1.0} if config.evaluate.use_gpu else {})}
-        requests.append(Request("evaluate", "actor", 1, bundle,
-                                {"CPU": "evaluate (its sampler actor)", "GPU": "evaluate.use_gpu"}, "evaluate"))
-    return [r for r in requests if r.count > 0]
-
-
-def check_resources(
-    config,
-    *,
-    stages: Iterable[str] = ("score", "train", "evaluate"),
-    wait_s: float = 600.0,
-    poll_s: float = 2.0,
-) -> None:
-    """Raise ResourceError if `stages` of `config` can never be scheduled on the connected Ray cluster.
+def check_resources(requests: list[Request], *, wait_s: float = 600.0, poll_s: float = 2.0) -> None:
+    """Raise ResourceError if `requests` (the stages' declared ones) can never be scheduled on the connected cluster.
 
     Call after ray.init (pipeline.runtime.ray_setup.init_ray). On a fixed cluster this returns or raises at once;
     on an autoscaling cluster that does not report its maxima it may wait up to `wait_s` for nodes.
     """
     import ray
 
-    requests = stage_requests(config, tuple(stages))
     if not requests:
         return
     nodes = _alive_nodes(ray)

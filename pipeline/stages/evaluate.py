@@ -29,14 +29,15 @@ import pyarrow as pa
 import ray
 
 from pipeline.runtime.actors import ActorJobs
-from pipeline.config import Config, EvaluateConfig, stage_hash
+from pipeline.config import Config, EvaluateConfig
 from pipeline.evaluation.held_out import describe, pair_accuracy, unpaired_separation
 from pipeline.data.schemas import JUDGMENTS, SAMPLES
+from pipeline.runtime.resources import Request
 from pipeline.runtime.storage import RunDir, read_parquet_dir
+from pipeline.stages.base import Stage, StageRun
 
 log = logging.getLogger(__name__)
 
-STAGE = "evaluate"
 
 
 def make_reward(name: str | None) -> Callable[[list[str]], np.ndarray] | None:
@@ -262,30 +263,18 @@ def sampling_costs(rows: list[dict]) -> dict[tuple[str, float], dict]:
     }
 
 
-def run(config: Config, *, force: bool = False) -> dict:
+def evaluate_stage(run: StageRun) -> dict:
     """Evaluate `<run_dir>/train/final` against the reference into `<run_dir>/evaluate/`."""
-    run_dir = RunDir(config.run_dir)
-    upstream = run_dir.manifest("train")
-    if upstream is None:
-        raise RuntimeError(f"evaluate needs a finished train stage under {run_dir.uri_of('train')}; run `dpo train` first")
-    return evaluate_policies(
-        config, [Policy("policy", run_dir, config.train.beta)], data_dir=run_dir, out_dir=run_dir,
-        upstream_hash=upstream["manifest_hash"], force=force,
-    )
+    return evaluate_policies(run, [Policy("policy", run.run_dir, run.config.train.beta)])
 
 
-def evaluate_policies(config: Config, policies: list[Policy], *, data_dir: RunDir, out_dir: RunDir, upstream_hash: str, force: bool) -> dict:
+def evaluate_policies(run: StageRun, policies: list[Policy]) -> dict:
     """Sample every policy and the reference, judge each policy against the reference, write the report.
 
-    data_dir holds the tokenize/score stages (held-out prompts and pairs); the report goes to
-    `<out_dir>/evaluate/`.
+    run.data_dir holds the tokenize/score stages (held-out prompts and pairs); the report goes to
+    `<run.run_dir>/evaluate/`.
     """
-    from pipeline.stages.score import reference_path
-
-    config_hash = stage_hash(config, STAGE)
-    if not force and out_dir.is_finished(STAGE, config_hash=config_hash, upstream_hash=upstream_hash):
-        log.info("evaluate: finished already (%s), skipping", out_dir.uri_of(STAGE))
-        return out_dir.manifest(STAGE)
+    config, data_dir = run.config, run.data_dir
 
     from pipeline.evaluation.baselines import (best_of_n_answers, best_of_n_kl_bound, best_of_n_name, judge_against_chosen,
                                     preferred_responses, reward_scorer)
@@ -296,12 +285,12 @@ def evaluate_policies(config: Config, policies: list[Policy], *, data_dir: RunDi
         raise ValueError(f"evaluate.max_actors must be at least 1, got {ev.max_actors}")
     reward_fn, judge = make_reward(ev.reward), make_judge(ev)
     reward_scorer(reward_fn, best_of_n=ev.best_of_n, reward_name=ev.reward)  # fails early on a config it cannot honour
-    tokenizer = load_tokenizer(reference_path(config), trust_remote_code=config.model.trust_remote_code)
+    tokenizer = load_tokenizer(config.model.reference, trust_remote_code=config.model.trust_remote_code)
     prompts = held_out_prompts(data_dir, ev.num_prompts)
     prompt_texts = tokenizer.batch_decode(prompts, skip_special_tokens=True)
     # Actors get the policy's URI and fetch it themselves (an s3:// run dir is not on their node's disk).
     paths = {p.name: p.run_dir.uri_of("train/final") for p in policies}
-    paths["reference"] = reference_path(config)
+    paths["reference"] = config.model.reference
     held, kind = held_out_split(data_dir)
     best_of = {model: ev.best_of_n if model == "reference" else 0 for model in paths}
     with ActorJobs(ev.max_actors) as jobs:
@@ -324,7 +313,7 @@ def evaluate_policies(config: Config, policies: list[Policy], *, data_dir: RunDi
             "chosen_ids": [r["completion_ids"] for r in rows],
             "rejected_ids": [[] for _ in rows],
         })
-        jobs.submit("ref_logps", *scoring_job(reference_path(config), table, config=config))
+        jobs.submit("ref_logps", *scoring_job(config.model.reference, table, config=config))
         ref_logps, _ = logps(jobs.wait_for(["ref_logps"])["ref_logps"])
         held_logps = jobs.wait_for([("held_out", p.name) for p in policies]) if held is not None else {}
     rewards = reward_fn([r["prompt"] + r["completion"] for r in rows]) if reward_fn else [None] * len(rows)
@@ -375,15 +364,13 @@ def evaluate_policies(config: Config, policies: list[Policy], *, data_dir: RunDi
             "tokens_generated": int(sum(len(c["completion_ids"]) for c in candidates)),
         },
     }
-    writer = out_dir.begin(STAGE)
+    writer = run.writer
     writer.write_table("samples.parquet", samples, SAMPLES)
     writer.write_table("judgments.parquet", judgments, JUDGMENTS)
     writer.write_json("summary.json", summary)
     _write_report(config, writer, policies, summary, accuracy)
-    manifest = writer.commit({"config_hash": config_hash, "upstream_hash": upstream_hash,
-                              "rows_in": len(prompts), "rows_out": samples.num_rows, "dropped": {}})
-    log.info("evaluate: report in %s", out_dir.uri_of(STAGE, "report.md"))
-    return manifest
+    log.info("evaluate: report in %s", run.run_dir.uri_of("evaluate", "report.md"))
+    return {"rows_in": len(prompts), "rows_out": samples.num_rows, "dropped": {}}
 
 
 def _sample_rows(model: str, by_temp: dict[float, list[list[dict]]], prompt_texts: list[str], *, group: int) -> list[dict]:
@@ -452,3 +439,17 @@ def _write_report(config: Config, writer, policies: list[Policy], summary: dict,
         for name in [*figures.values(), "report.md"]:
             with open(os.path.join(tmp, name), "rb") as f, writer.run.fs.open_output_stream(writer.path(name)) as out:
                 out.write(f.read())
+
+
+def evaluate_requests(config: Config) -> list[Request]:
+    bundle = {"CPU": 1.0, **({"GPU": 1.0} if config.evaluate.use_gpu else {})}
+    return [Request("evaluate", "actor", 1, bundle, {"CPU": "evaluate (its sampler actor)", "GPU": "evaluate.use_gpu"}, "evaluate")]
+
+
+EVALUATE = Stage(
+    name="evaluate",
+    sections=("model", "evaluate"),
+    body=evaluate_stage,
+    upstream=lambda config: "train",
+    requests=evaluate_requests,
+)

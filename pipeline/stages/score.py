@@ -17,24 +17,23 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import ray
 import torch
 
-from pipeline.config import Config, stage_hash
+from pipeline.config import Config
 from pipeline.stages.kto import with_kl_completions
 from pipeline.model.batch_logps import batch_sequence_logps
 from pipeline.data.schemas import SCORED, SCORED_KTO
+from pipeline.runtime.resources import Request
 from pipeline.runtime.storage import RunDir, read_parquet_dir
+from pipeline.stages.base import Stage, StageRun
+from pipeline.stages.train import needs_reference
 
 log = logging.getLogger(__name__)
 
-STAGE = "score"
 UPSTREAM = "tokenize"
 SPLITS = ("train", "eval")
 SHARD_ROWS = 50_000
-
-
-def reference_path(config: Config) -> str:
-    return config.model.ref_path or config.model.path
 
 
 def _score_two(model, prompts: list, first: list, second: list, *, pad_id: int, micro_batch: int, device: str,
@@ -127,51 +126,35 @@ class ReferenceScorer:
         return score(self.model, batch, pad_id=self.pad_id, device=self.device, **self.options)
 
 
-def run(config: Config, *, force: bool = False) -> dict:
-    """Score `<run_dir>/tokenize/{train,eval}` into `<run_dir>/score/{train,eval}`."""
-    import ray
-
-    run_dir = RunDir(config.run_dir)
-    upstream = run_dir.manifest(UPSTREAM)
-    if upstream is None:
-        raise RuntimeError(f"score needs a finished tokenize stage under {run_dir.uri_of(UPSTREAM)}; run `dpo tokenize` first")
-    config_hash = stage_hash(config, STAGE)
-    if not force and run_dir.is_finished(STAGE, config_hash=config_hash, upstream_hash=upstream["manifest_hash"]):
-        log.info("score: finished already (%s), skipping", run_dir.uri_of(STAGE))
-        return run_dir.manifest(STAGE)
-
-    sc = config.score
-    splits = [s for s in SPLITS if upstream[f"rows_{s}"] > 0]
-    labels = {s: label_counts(run_dir, s) for s in SPLITS}
-    unpaired = is_unpaired(labels)  # checked before begin(): a refusal leaves a finished stage as it was
+def check_kto_splits(upstream: dict, unpaired: bool) -> None:
+    """KTO pairs each prompt with another row's completion: a split of one row cannot be scored."""
     for split in SPLITS:
         if unpaired and upstream[f"rows_{split}"] == 1:
             raise ValueError(
                 f"score/{split}: KTO pairs each prompt with another example's completion to estimate its "
                 "reference point, so a split needs 0 or at least 2 rows; it has 1 (change data.eval_fraction or add data)"
             )
-    writer = run_dir.begin(STAGE)
-    # Both splits go through ONE actor pool (one model load per actor); `path` tells them apart.
-    if unpaired:
-        # KTO: the mismatched pairs are fixed here, per split, so the trainer can form the same ones.
-        tables = []
-        for split in splits:
-            table = with_kl_completions(read_parquet_dir(run_dir, f"{UPSTREAM}/{split}"), max_length=config.tokenize.max_length)
-            tables.append(table.append_column("path", pa.array([run_dir.uri_of(UPSTREAM, split) + "/"] * table.num_rows)))
-        ds, schema = ray.data.from_arrow(tables), SCORED_KTO
-    else:
-        ds, schema = ray.data.read_parquet([run_dir.uri_of(UPSTREAM, s) for s in splits], include_paths=True), SCORED
-    scored = ds.map_batches(
-        ReferenceScorer,
-        fn_constructor_kwargs=dict(model_path=reference_path(config), **scorer_options(config, use_gpu=sc.use_gpu)),
-        batch_size=sc.batch_size * 8,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=sc.num_actors),
-        num_gpus=sc.gpus_per_actor if sc.use_gpu else 0,
-        num_cpus=sc.cpus_per_actor,
-    )
-    # Stream results back in order and write fixed-size shards: the pool does the heavy work, the
-    # driver only writes, so memory stays bounded and shards are deterministic.
+
+
+def scoring_input(run: StageRun, splits: list[str], unpaired: bool):
+    """Both splits as ONE Ray dataset (one model load per actor); a `path` column tells them apart."""
+    data = run.data_dir
+    if not unpaired:
+        return ray.data.read_parquet([data.uri_of(UPSTREAM, s) for s in splits], include_paths=True), SCORED
+    # KTO: the mismatched pairs are fixed here, per split, so the trainer can form the same ones.
+    tables = []
+    for split in splits:
+        table = with_kl_completions(read_parquet_dir(data, f"{UPSTREAM}/{split}"), max_length=run.config.tokenize.max_length)
+        tables.append(table.append_column("path", pa.array([data.uri_of(UPSTREAM, split) + "/"] * table.num_rows)))
+    return ray.data.from_arrow(tables), SCORED_KTO
+
+
+def write_scored(writer, scored, schema: pa.Schema, upstream: dict) -> dict[str, int]:
+    """Stream results back in order into fixed-size shards per split; returns rows per split.
+
+    The pool does the heavy work, the driver only writes, so memory stays bounded and shards are
+    deterministic. Every row of tokenize's splits must come back.
+    """
     rows = {s: 0 for s in SPLITS}
     shard = {s: 0 for s in SPLITS}
     for batch in scored.iter_batches(batch_size=SHARD_ROWS, batch_format="pyarrow"):
@@ -187,10 +170,30 @@ def run(config: Config, *, force: bool = False) -> dict:
             writer.write_table(f"{split}/part-00000.parquet", schema.empty_table(), schema)
         if rows[split] != upstream[f"rows_{split}"]:
             raise RuntimeError(f"score/{split}: {rows[split]} rows scored but tokenize wrote {upstream[f'rows_{split}']}")
-    manifest = writer.commit({
-        "config_hash": config_hash,
-        "upstream_hash": upstream["manifest_hash"],
-        "reference": reference_path(config),
+    return rows
+
+
+def score(run: StageRun) -> dict:
+    """Score `<run_dir>/tokenize/{train,eval}` into `<run_dir>/score/{train,eval}`."""
+    config, upstream, sc = run.config, run.upstream, run.config.score
+    splits = [s for s in SPLITS if upstream[f"rows_{s}"] > 0]
+    labels = {s: label_counts(run.data_dir, s) for s in SPLITS}
+    unpaired = is_unpaired(labels)
+    check_kto_splits(upstream, unpaired)  # before the writer begins: a refusal leaves a finished stage as it was
+    ds, schema = scoring_input(run, splits, unpaired)
+    scored = ds.map_batches(
+        ReferenceScorer,
+        fn_constructor_kwargs=dict(model_path=config.model.reference, **scorer_options(config, use_gpu=sc.use_gpu)),
+        batch_size=sc.batch_size * 8,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=sc.num_actors),
+        num_gpus=sc.gpus_per_actor if sc.use_gpu else 0,
+        num_cpus=sc.cpus_per_actor,
+    )
+    rows = write_scored(run.writer, scored, schema, upstream)
+    log.info("score: %d train + %d eval pairs scored with %s", rows["train"], rows["eval"], config.model.reference)
+    return {
+        "reference": config.model.reference,
         "rows_in": upstream["rows_out"],
         "rows_out": rows["train"] + rows["eval"],
         "rows_train": rows["train"],
@@ -198,9 +201,24 @@ def run(config: Config, *, force: bool = False) -> dict:
         "dropped": {},
         "data_kind": "unpaired" if unpaired else "pairs",
         **({"labels": {s: {k: labels[s][k] for k in ("desirable", "undesirable")} for s in SPLITS}} if unpaired else {}),
-    })
-    log.info("score: %d train + %d eval pairs scored with %s", rows["train"], rows["eval"], reference_path(config))
-    return manifest
+    }
+
+
+def score_requests(config: Config) -> list[Request]:
+    sc = config.score
+    bundle = {"CPU": sc.cpus_per_actor, **({"GPU": sc.gpus_per_actor} if sc.use_gpu else {})}
+    return [Request("score", "actor", sc.num_actors, bundle,
+                    {"CPU": "score.cpus_per_actor", "GPU": "score.use_gpu"}, "score.num_actors")]
+
+
+SCORE = Stage(
+    name="score",
+    sections=("model",),
+    body=score,
+    upstream=lambda config: UPSTREAM,
+    requests=score_requests,
+    enabled=needs_reference,  # reference-free losses never read what this stage writes
+)
 
 
 def label_counts(run_dir: RunDir, split: str) -> dict[str, int]:
@@ -228,7 +246,3 @@ def is_unpaired(labels: dict[str, dict[str, int]]) -> bool:
             "pair losses and KTO each train on one kind, so split the data or set data.format"
         )
     return unpaired > 0
-
-
-def read_split(run_dir: RunDir, split: str) -> pa.Table:
-    return read_parquet_dir(run_dir, f"{STAGE}/{split}")

@@ -15,14 +15,15 @@ from collections import Counter
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import ray
 
-from pipeline.config import Config, stage_hash
+from pipeline.config import Config
 from pipeline.data.schemas import TOKENIZED
-from pipeline.runtime.storage import RunDir
+from pipeline.data.sources import read_records
+from pipeline.stages.base import Stage, StageRun
 
 log = logging.getLogger(__name__)
 
-STAGE = "tokenize"
 SHARD_ROWS = 50_000
 
 
@@ -135,21 +136,8 @@ def check_strict(strict: bool | list[str], reasons: Counter) -> None:
         raise ValueError(f"tokenize.strict: rejected rows ({detail}); see the reasons above or turn strict off")
 
 
-def run(config: Config, *, force: bool = False) -> dict:
-    """Tokenize `config.data.path` into `<run_dir>/tokenize/`; skip when already finished."""
-    import ray
-
-    from pipeline.data.sources import read_records
-
-    run_dir = RunDir(config.run_dir)
-    config_hash = stage_hash(config, STAGE)
-    upstream = input_fingerprint(config.data.path)  # raises InputError naming the file, before Ray work
-    if not force and run_dir.is_finished(STAGE, config_hash=config_hash, upstream_hash=upstream):
-        log.info("tokenize: finished already (%s), skipping", run_dir.uri_of(STAGE))
-        return run_dir.manifest(STAGE)
-
-    records = read_records(config.data.path)
-    rows_in = records.num_rows
+def tokenize_rows(config: Config, records: pa.Table) -> pa.Table:
+    """Every record through the tokenizer in a Ray Data actor pool: one outcome row per pair or rejection."""
     tok = config.tokenize
     options = dict(
         format=config.data.format,
@@ -168,15 +156,11 @@ def run(config: Config, *, force: bool = False) -> dict:
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(ray.cluster_resources().get("CPU", 1)) - 1)),
         num_cpus=0.5,
     )
-    outcomes = pa.concat_tables([ray.get(ref) for ref in ds.to_arrow_refs()])
-    good, rejected = finish_outcomes(outcomes)
-    reasons = Counter(rejected["reason"].to_pylist())
-    check_strict(tok.strict, reasons)
-    good = with_lengths(good)
-    held_out = is_eval(good["prompt_ids"], config.data.eval_fraction)
-    splits = {"train": good.filter(pa.array(~held_out)), "eval": good.filter(pa.array(held_out))}
+    return pa.concat_tables([ray.get(ref) for ref in ds.to_arrow_refs()])
 
-    writer = run_dir.begin(STAGE)
+
+def write_outputs(writer, splits: dict[str, pa.Table], rejected: pa.Table) -> None:
+    """Shards of each split, and every rejected row with its source and reason."""
     for split, table in splits.items():
         for i, start in enumerate(range(0, max(table.num_rows, 1), SHARD_ROWS)):
             writer.write_table(f"{split}/part-{i:05d}.parquet", table.slice(start, SHARD_ROWS), TOKENIZED)
@@ -184,11 +168,23 @@ def run(config: Config, *, force: bool = False) -> dict:
         json.dumps({"source": s, "reason": r, "raw": raw}, ensure_ascii=False) + "\n"
         for s, r, raw in zip(rejected["source"].to_pylist(), rejected["reason"].to_pylist(), rejected["raw"].to_pylist())
     ))
-    rows_out = good.num_rows
+
+
+def tokenize(run: StageRun) -> dict:
+    """Tokenize `data.path` into `<run_dir>/tokenize/{train,eval}`, rejected rows kept with their reasons."""
+    config = run.config
+    records = read_records(config.data.path)
+    good, rejected = finish_outcomes(tokenize_rows(config, records))
+    reasons = Counter(rejected["reason"].to_pylist())
+    check_strict(config.tokenize.strict, reasons)
+    good = with_lengths(good)
+    held_out = is_eval(good["prompt_ids"], config.data.eval_fraction)
+    splits = {"train": good.filter(pa.array(~held_out)), "eval": good.filter(pa.array(held_out))}
+    write_outputs(run.writer, splits, rejected)
+    rows_in, rows_out = records.num_rows, good.num_rows
     produced_extra = rows_out + len(rejected) - rows_in  # scored rows can yield several pairs each
-    manifest = writer.commit({
-        "config_hash": config_hash,
-        "upstream_hash": upstream,
+    log.info("tokenize: %d rows in, %d pairs out, dropped %s", rows_in, rows_out, dict(reasons))
+    return {
         "input": config.data.path,
         "rows_in": rows_in,
         "rows_out": rows_out,
@@ -197,6 +193,12 @@ def run(config: Config, *, force: bool = False) -> dict:
         "dropped": dict(sorted(reasons.items())),
         "pairs_from_multi_completion_rows": max(produced_extra, 0),
         "audit": audit(good, reasons),
-    })
-    log.info("tokenize: %d rows in, %d pairs out, dropped %s", rows_in, rows_out, dict(reasons))
-    return manifest
+    }
+
+
+TOKENIZE = Stage(
+    name="tokenize",
+    sections=("data", "tokenize", "model.path", "model.trust_remote_code"),
+    body=tokenize,
+    input_hash=lambda config: input_fingerprint(config.data.path),  # raises InputError naming a missing input
+)

@@ -21,15 +21,17 @@ import tempfile
 import time
 from contextlib import nullcontext
 
+import ray
 import torch
 
-from pipeline.config import Config, TrainConfig, loss_names, stage_hash
+from pipeline.config import Config, TrainConfig, loss_names
 from pipeline.model.batch_logps import batch_sequence_logps
+from pipeline.runtime.resources import Request
 from pipeline.runtime.storage import RunDir
+from pipeline.stages.base import Stage, StageRun
 
 log = logging.getLogger(__name__)
 
-STAGE = "train"
 METRIC_KEYS = (
     "step", "epoch", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
     "logps/chosen", "logps/rejected", "grad_norm", "learning_rate", "tokens_per_s",
@@ -333,47 +335,37 @@ def ingest_config(num_workers: int):
     return ray.train.DataConfig(datasets_to_split=[] if num_workers == 1 else "all", execution_options=options)
 
 
-def run(config: Config, *, force: bool = False, data_dir: str | None = None) -> dict:
-    """Train on `<data_dir>/{score|tokenize}/train` into `<run_dir>/train/` (final/ and metrics.jsonl).
-
-    data_dir defaults to run_dir; a sweep points many runs at one data_dir, so they share one score stage.
-    """
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    run_dir = RunDir(config.run_dir)
-    data = RunDir(data_dir) if data_dir else run_dir
-    source = upstream_stage(config)
-    upstream = data.manifest(source)
-    if upstream is None:
-        raise RuntimeError(f"train needs a finished {source} stage under {data.uri_of(source)}; run `dpo {source}` first")
-    config_hash = stage_hash(config, STAGE)
-    if not force and run_dir.is_finished(STAGE, config_hash=config_hash, upstream_hash=upstream["manifest_hash"]):
-        log.info("train: finished already (%s), skipping", run_dir.uri_of(STAGE))
-        return run_dir.manifest(STAGE)
-
+def check_training(config: Config, upstream: dict, *, where: str) -> int:
+    """Refuse, before any worker starts, a run its data cannot serve; return the number of optimizer steps."""
     train = config.train
-    accumulation(train)  # fail on a bad batch layout before any worker starts
+    accumulation(train)  # a bad batch layout
     from pipeline.model.losses import LOSSES
 
     for name in loss_names(config):
         if name not in LOSSES:
             raise ValueError(f"train.loss: unknown loss {name!r} (known: {', '.join(sorted(LOSSES))})")
-    check_data_kind(config, upstream, where=data.uri_of(source))
+    check_data_kind(config, upstream, where=where)
     if train.batch_size > upstream["rows_train"]:
         raise ValueError(f"train.batch_size ({train.batch_size}) is larger than the {upstream['rows_train']} training pairs")
-    steps = total_steps(train, upstream["rows_train"])
+    return total_steps(train, upstream["rows_train"])
+
+
+def make_trainer(run: StageRun, steps: int):
+    """A TorchTrainer over the upstream's train shards, resuming from this work's last checkpoint."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    config, train, run_dir = run.config, run.config.train, run.run_dir
+    source = upstream_stage(config)
     # The attempt's name ties checkpoints to this config and this data: a rerun of the same work
     # resumes from its last checkpoint; changed work starts fresh.
-    name = f"{config_hash}-{upstream['manifest_hash'][:8]}"
+    name = f"{run.stage.config_hash(config)}-{run.upstream['manifest_hash'][:8]}"
     storage = run_dir.uri_of("train.work")
-    if force and run_dir.exists("train.work", name):
+    if run.force and run_dir.exists("train.work", name):
         run_dir.fs.delete_dir(run_dir.path("train.work", name))
     if "://" not in storage:
         os.makedirs(storage, exist_ok=True)
-
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop,
         train_loop_config={
             "train": dataclasses.asdict(train),
@@ -394,32 +386,60 @@ def run(config: Config, *, force: bool = False, data_dir: str | None = None) -> 
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=0),
         ),
-        datasets={"train": ray.data.read_parquet(data.uri_of(source, "train"))},
+        datasets={"train": ray.data.read_parquet(run.data_dir.uri_of(source, "train"))},
         dataset_config=ingest_config(train.num_workers),
     )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError("train: the run ended without a checkpoint")
 
-    writer = run_dir.begin(STAGE)
-    with result.checkpoint.as_directory() as ckpt:
+
+def export_final(run: StageRun, checkpoint) -> list[dict]:
+    """The last checkpoint, less its optimizer state, as `train/final` (a Hugging Face directory), and
+    its metrics history as `train/metrics.jsonl`; returns the history."""
+    writer = run.writer
+    with checkpoint.as_directory() as ckpt:
         history = json.loads(open(os.path.join(ckpt, "trainer_state.json")).read())["history"]
         with tempfile.TemporaryDirectory() as tmp:
             final = os.path.join(tmp, "final")
             shutil.copytree(ckpt, final, ignore=shutil.ignore_patterns("optimizer.safetensors", "trainer_state.json", ".*"))
-            _upload_dir(run_dir, final, f"{writer.staging}/final")
+            _upload_dir(run.run_dir, final, f"{writer.staging}/final")
     writer.write_text("metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
-    manifest = writer.commit({
-        "config_hash": config_hash,
-        "upstream_hash": upstream["manifest_hash"],
+    return history
+
+
+def train_stage(run: StageRun) -> dict:
+    """Train on `<data_dir>/{score|tokenize}/train` into `<run_dir>/train/` (final/ and metrics.jsonl).
+
+    data_dir is the run's own unless a sweep points many runs at one, so that they share one score stage.
+    """
+    source = upstream_stage(run.config)
+    steps = check_training(run.config, run.upstream, where=run.data_dir.uri_of(source))
+    result = make_trainer(run, steps).fit()
+    if result.checkpoint is None:
+        raise RuntimeError("train: the run ended without a checkpoint")
+    history = export_final(run, result.checkpoint)
+    log.info("train: %d steps; final policy in %s", steps, run.run_dir.uri_of("train", "final"))
+    return {
         "upstream_stage": source,
-        "rows_in": upstream["rows_train"],
+        "rows_in": run.upstream["rows_train"],
         "steps": steps,
         "final_metrics": history[-1] if history else {},
         "checkpoint": result.checkpoint.path,
-    })
-    log.info("train: %d steps; final policy in %s", steps, run_dir.uri_of(STAGE, "final"))
-    return manifest
+    }
+
+
+def train_requests(config: Config) -> list[Request]:
+    tr = config.train
+    bundle = {"CPU": tr.cpus_per_worker, **({"GPU": 1.0} if tr.use_gpu else {})}
+    return [Request("train", "worker", tr.num_workers, bundle,
+                    {"CPU": "train.cpus_per_worker", "GPU": "train.use_gpu"}, "train.num_workers")]
+
+
+TRAIN = Stage(
+    name="train",
+    sections=("model", "train"),
+    body=train_stage,
+    upstream=upstream_stage,
+    requests=train_requests,
+)
 
 
 def _upload_dir(run_dir: RunDir, local: str, rel: str) -> None:

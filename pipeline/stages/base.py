@@ -1,0 +1,125 @@
+"""One declaration per stage, and one skeleton that runs any of them.
+
+A stage is declared once (`Stage`): its name, the stage whose output it reads, the config sections that
+decide its output, what it asks of the cluster, and the body that does its work. `execute` is the only
+code that reads the upstream manifest, hashes the config, skips a finished stage, honours --force and
+commits the manifest: the CLI, run planning, sweeps, the resource check and submission ids all read the
+same declarations.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pipeline.config import Config, section_hash
+from pipeline.runtime.resources import Request
+from pipeline.runtime.storage import RunDir, StageWriter
+
+log = logging.getLogger(__name__)
+
+
+def _nothing(config: Config) -> None:
+    return None
+
+
+def _no_requests(config: Config) -> list[Request]:
+    return []
+
+
+def _always(config: Config) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What the pipeline knows of a stage.
+
+    upstream(config): the stage whose manifest this one reads, or None for a stage that reads the input
+    data; then input_hash(config) fingerprints that input (None: no fingerprint, as for the demo).
+    sections: config sections or dotted fields whose change reruns this stage and what follows it.
+    body(run): does the work, writing through `run.writer`, and returns the manifest's own fields.
+    requests(config): the actors or workers it places on the cluster, checked before anything starts.
+    enabled(config): False where the configured run has no use for the stage (score, for losses that
+    never read a reference).
+    """
+
+    name: str
+    sections: tuple[str, ...]
+    body: Callable[["StageRun"], dict]
+    upstream: Callable[[Config], str | None] = _nothing
+    input_hash: Callable[[Config], str | None] = _nothing
+    requests: Callable[[Config], list[Request]] = _no_requests
+    enabled: Callable[[Config], bool] = _always
+
+    def config_hash(self, config: Config) -> str:
+        return section_hash(config, self.sections)
+
+    def run(self, config: Config, *, force: bool = False, **where) -> dict:
+        """`execute` this stage (see there for `where`: data_dir, out_dir, upstream_hash, body)."""
+        return execute(self, config, force=force, **where)
+
+
+@dataclass
+class StageRun:
+    """One attempt at a stage: where it reads and writes, and what it read from upstream."""
+
+    stage: Stage
+    config: Config
+    run_dir: RunDir  # where the stage's output goes
+    data_dir: RunDir  # where its upstream stage lives (a sweep's members share one)
+    upstream: dict | None  # the upstream stage's manifest; None for a stage that reads the input
+    force: bool  # redo work that a finished attempt left behind (train's checkpoints)
+    _writer: StageWriter | None = field(default=None, repr=False)
+
+    @property
+    def writer(self) -> StageWriter:
+        """The attempt's staging area, begun on first use: checks that fail before it leave a finished
+        stage as it was."""
+        if self._writer is None:
+            self._writer = self.run_dir.begin(self.stage.name)
+        return self._writer
+
+
+def upstream_manifest(stage: Stage, config: Config, data_dir: RunDir) -> dict | None:
+    """The manifest `stage` reads, or None for a stage that reads the input; an error if it is missing."""
+    name = stage.upstream(config)
+    if name is None:
+        return None
+    manifest = data_dir.manifest(name)
+    if manifest is None:
+        raise RuntimeError(f"{stage.name} needs a finished {name} stage under {data_dir.uri_of(name)}; "
+                           f"run `dpo {name}` first")
+    return manifest
+
+
+def fingerprint(stage: Stage, config: Config, upstream: dict | None) -> str | None:
+    """What ties a finished stage to its input: the upstream manifest's hash, or the input's fingerprint."""
+    return upstream["manifest_hash"] if upstream is not None else stage.input_hash(config)
+
+
+def is_current(stage: Stage, config: Config, run_dir: RunDir, upstream_hash: str | None) -> bool:
+    """True when `stage` finished under `run_dir` for this config and this upstream."""
+    return run_dir.is_finished(stage.name, config_hash=stage.config_hash(config), upstream_hash=upstream_hash)
+
+
+def execute(stage: Stage, config: Config, *, force: bool = False, data_dir: RunDir | None = None,
+            out_dir: RunDir | None = None, upstream_hash: str | None = None,
+            body: Callable[[StageRun], dict] | None = None) -> dict:
+    """Run `stage` unless it is finished for this config and upstream (or `force`); return its manifest.
+
+    data_dir: where the upstream stage lives (default: the config's run_dir); out_dir: where this stage
+    writes (default: the same). upstream_hash and body replace the declared ones for work whose input
+    is not one upstream stage (a sweep's evaluate reads every member's train stage): no manifest is read.
+    """
+    run_dir = out_dir or RunDir(config.run_dir)
+    data = data_dir or RunDir(config.run_dir)
+    upstream = None if upstream_hash else upstream_manifest(stage, config, data)
+    tied_to = upstream_hash or fingerprint(stage, config, upstream)
+    if not force and is_current(stage, config, run_dir, tied_to):
+        log.info("%s: finished already (%s), skipping", stage.name, run_dir.uri_of(stage.name))
+        return run_dir.manifest(stage.name)
+    run = StageRun(stage, config, run_dir, data, upstream, force)
+    fields = (body or stage.body)(run)
+    return run.writer.commit({"config_hash": stage.config_hash(config), "upstream_hash": tied_to, **fields})
