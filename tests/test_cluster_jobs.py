@@ -190,7 +190,7 @@ def config_file(tmp_path_factory, tiny_model_dir) -> Path:
 
 
 def dpo(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli.main", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=300, env=env)
 
 

@@ -48,7 +48,7 @@ def dpo(judge, run_dir):
 
     def run(command: str, *extra: str) -> subprocess.CompletedProcess:
         args = [command, "--config", "configs/demo_smoke.yaml", *(a for s in sets for a in ("--set", s)), *extra]
-        done = subprocess.run([sys.executable, "-m", "pipeline.cli.main", *args], cwd=ROOT, capture_output=True, text=True,
+        done = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, capture_output=True, text=True,
                               timeout=900, env={**os.environ, KEY_ENV: SECRET})
         OUTPUTS.append(done.stdout + done.stderr)
         return done
