@@ -23,7 +23,8 @@ CORPUS = [
 
 
 def make_tiny_model_dir(path: Path, *, seed: int = 0) -> Path:
-    from pipeline.model.loading import TinyShape, build_tiny_model, save_pretrained, train_tokenizer
+    from pipeline.demo.tiny_model import TinyShape, build_tiny_model, train_tokenizer
+    from pipeline.model.loading import save_pretrained
 
     tokenizer = train_tokenizer(CORPUS * 20, vocab_size=300)
     model = build_tiny_model(tokenizer, TinyShape(n_layer=2, n_embd=64, n_head=2, n_positions=128), seed=seed)

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import shutil
 
 import pytest
 import torch
+from transformers import GenerationConfig
 
+from pipeline.demo.tiny_model import TinyShape, build_tiny_model, train_tokenizer
 from pipeline.model.engines import (
     Completion,
     Engine,
@@ -22,9 +25,10 @@ from pipeline.model.engines import (
     prompt_stream_keys,
     sample_from_uniforms,
     stream_seed,
+    vllm_available,
 )
+from pipeline.model.loading import load_model, load_tokenizer, save_pretrained
 from pipeline.model.logps import token_logps
-from pipeline.model.loading import TinyShape, build_tiny_model, load_model, load_tokenizer, save_pretrained, train_tokenizer
 
 pytestmark = pytest.mark.unit
 
@@ -34,7 +38,7 @@ SENTENCES = [
     "birds sing in the morning.",
     "the sun is warm today.",
 ]
-HAS_VLLM = importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+HAS_VLLM = vllm_available()
 ENGINE_KINDS = [
     "hf",
     pytest.param("vllm", marks=pytest.mark.skipif(not HAS_VLLM, reason="vllm not installed or no CUDA device")),
@@ -330,10 +334,6 @@ def test_make_engine_kinds(checkpoint):
 
 def test_hf_engine_ignores_checkpoint_sampling_defaults(checkpoint, prompts, reference_model, tokenizer, tmp_path):
     """A generation_config.json asking for penalties must not change what the engine decodes."""
-    from transformers import GenerationConfig
-
-    import shutil
-
     shutil.copytree(checkpoint, tmp_path / "ckpt")
     GenerationConfig(repetition_penalty=5.0, no_repeat_ngram_size=1, eos_token_id=tokenizer.eos_token_id).save_pretrained(tmp_path / "ckpt")
     engine = HFEngine(str(tmp_path / "ckpt"))

@@ -8,9 +8,9 @@ from collections import Counter
 import pyarrow as pa
 import pytest
 
-from pipeline.data.sources import read_records, to_raw_json
-from pipeline.model.loading import EOS, train_tokenizer
 from pipeline.data.encode import OUTCOME_SCHEMA, REASONS, make_pairs, process_records
+from pipeline.data.sources import read_records, to_raw_json
+from pipeline.demo.tiny_model import EOS, train_tokenizer
 
 pytestmark = pytest.mark.unit
 

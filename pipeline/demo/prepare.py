@@ -25,7 +25,8 @@ import ray
 
 from pipeline.config import Config, DataConfig, ModelConfig
 from pipeline.demo import task
-from pipeline.model.loading import TinyShape, build_tiny_model, load_tokenizer, save_pretrained, train_tokenizer
+from pipeline.demo.tiny_model import TinyShape, build_tiny_model, train_tokenizer
+from pipeline.model.loading import load_tokenizer, save_pretrained
 from pipeline.runtime.sampler import start_sampler
 from pipeline.runtime.storage import RunDir
 from pipeline.stages import TOKENIZE, TRAIN
