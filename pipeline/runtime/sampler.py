@@ -1,20 +1,25 @@
 """The sampler: a Ray actor that owns an inference engine (vLLM on GPUs, transformers otherwise).
 
 The actor keeps the model loaded across calls, so one actor serves every temperature of a model.
-Engines live in pipeline.model.engines and are imported inside the actor, so the driver never loads them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict
+
+import ray
+
+from pipeline.runtime.model_copy import local_model
 
 
 class Sampler:
     """Actor body: `generate` returns, per prompt, n completions as plain dicts (text, token_ids, token_logps)."""
 
     def __init__(self, kind: str, model_path: str, *, use_gpu: bool, dtype: str, trust_remote_code: bool):
+        # The engines pull in transformers (seconds to import): imported here, in the actor that loads the
+        # model, so a driver that only starts samplers never pays for it.
         from pipeline.model.engines import make_engine
-        from pipeline.runtime.model_copy import local_model
 
         # model_path may be a URI (a policy in an s3:// run directory): this actor copies it to its own node.
         with local_model(model_path) as path:
@@ -26,9 +31,7 @@ class Sampler:
         return self.engine.name
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], params: dict) -> list[list[dict]]:
-        from dataclasses import asdict
-
-        from pipeline.model.engines import SamplingParams
+        from pipeline.model.engines import SamplingParams  # in the actor, as in __init__
 
         results = self.engine.generate(prompt_ids, SamplingParams(**params))
         return [[asdict(c) for c in completions] for completions in results]
@@ -37,7 +40,5 @@ class Sampler:
 def start_sampler(kind: str, model_path: str, *, use_gpu: bool = False, dtype: str = "float32", trust_remote_code: bool = False):
     """Start a sampler actor holding `model_path` (a directory, hub id, or URI such as s3://bucket/run/train/final,
     which the actor fetches itself); kill it with ray.kill when done to free its GPU."""
-    import ray
-
     actor_class = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(Sampler)
     return actor_class.remote(kind, model_path, use_gpu=use_gpu, dtype=dtype, trust_remote_code=trust_remote_code)

@@ -1,0 +1,127 @@
+"""The vLLM engine: vLLM's offline `LLM` on the GPU(s) this process sees.
+
+vllm itself is imported only when a VLLMEngine is built: it is optional (GPU images only), pins its own
+torch, and takes seconds to import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from pipeline.model.engines.contract import Completion, SamplingParams
+from pipeline.model.engines.seeding import prompt_stream_keys, stream_seed
+
+
+class VLLMEngine:
+    """vLLM's offline `LLM` on the GPU(s) visible to this process (in a Ray actor: the ones Ray assigned).
+
+    Determinism: each prompt is its own request with its own seed, derived from (seed, prompt
+    content, occurrence) as in HFEngine (vLLM seeds the request's n samples from it), so samples do
+    not depend on the other prompts in the call. vLLM's batched kernels are not batch-invariant,
+    though: another mix of concurrent requests changes float noise and so, rarely, a token. For the
+    same seed, samples differ from HFEngine's (different random streams and kernels).
+
+    Log-probs: vLLM's V1 engine reports log-probs of the raw model output, before temperature, top-p
+    or penalties (`logprobs_mode="raw_logprobs"`, its default); we ask for that mode explicitly where
+    the installed vLLM knows the option. The old V0 engine reported post-temperature log-probs.
+
+    Differences from HFEngine: `device` and `batch_size` are accepted for a common signature and
+    ignored (vLLM schedules its own batches); a prompt + max_tokens longer than the context ends with
+    finish_reason "length" instead of raising. Extra keyword arguments go to `vllm.LLM`
+    (gpu_memory_utilization, max_model_len, tensor_parallel_size, ...).
+    """
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        device: str = "cuda",
+        dtype: str = "auto",
+        batch_size: int | None = None,
+        trust_remote_code: bool = False,
+        **llm_kwargs: Any,
+    ):
+        del device, batch_size  # see the class docstring
+        try:
+            import vllm  # optional and heavy: see the module docstring
+        except ImportError as err:
+            raise ImportError("engine 'vllm' needs the vllm package: pip install 'raydpo[vllm]' (GPU only)") from err
+        self._vllm = vllm
+        kwargs: dict[str, Any] = dict(model=model_path, tokenizer=model_path, dtype=dtype, trust_remote_code=trust_remote_code)
+        if _vllm_has_engine_arg("logprobs_mode"):
+            kwargs["logprobs_mode"] = "raw_logprobs"
+        else:
+            warnings.warn(
+                f"vllm {getattr(vllm, '__version__', '?')} has no logprobs_mode option: assuming its V1 engine, "
+                "which reports raw-model log-probs; a V0 engine would report post-temperature ones",
+                stacklevel=2,
+            )
+        kwargs.update(llm_kwargs)
+        self._llm = vllm.LLM(**kwargs)
+
+    def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
+        """`params.n` completions for each prompt (lists of token ids), in prompt order."""
+        if self._llm is None:
+            raise RuntimeError("engine is closed")
+        prompts = [[int(t) for t in p] for p in prompt_ids]
+        if not prompts:
+            return []
+        copies = 1 if params.greedy else params.n  # greedy: decode once, copy (some vLLMs reject n > 1 there)
+        stream_keys = prompt_stream_keys(prompts)
+        per_prompt = [
+            self._vllm.SamplingParams(
+                n=copies,
+                temperature=params.temperature,
+                top_p=1.0 if params.greedy else params.top_p,
+                max_tokens=params.max_tokens,
+                seed=stream_seed(params.seed, *stream_keys[i]),
+                logprobs=0,  # only the sampled token's log-prob
+                skip_special_tokens=True,
+            )
+            for i in range(len(prompts))
+        ]
+        outputs = self._llm.generate([{"prompt_token_ids": p} for p in prompts], per_prompt, use_tqdm=False)
+        results = []
+        for request in outputs:  # LLM.generate returns requests in input order
+            samples = [self._completion(o) for o in sorted(request.outputs, key=lambda o: o.index)]
+            results.append(samples * params.n if params.greedy else samples)
+        return results
+
+    @staticmethod
+    def _completion(output: Any) -> Completion:
+        token_ids = [int(t) for t in output.token_ids]
+        # output.logprobs[t] maps token id -> Logprob for step t; with logprobs=0 it holds the sampled token.
+        token_logps = [float(output.logprobs[t][tok].logprob) for t, tok in enumerate(token_ids)]
+        if output.finish_reason not in ("stop", "length"):
+            raise RuntimeError(f"vLLM request finished with reason {output.finish_reason!r}")
+        return Completion(text=output.text, token_ids=token_ids, token_logps=token_logps, finish_reason=output.finish_reason)
+
+    def close(self) -> None:
+        llm, self._llm = self._llm, None
+        if llm is None:
+            return
+        # V1 runs the model in an engine-core process; stop it so its GPU memory is released now.
+        shutdown = getattr(getattr(getattr(llm, "llm_engine", None), "engine_core", None), "shutdown", None)
+        if callable(shutdown):
+            shutdown()
+        del llm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _vllm_has_engine_arg(name: str) -> bool:
+    try:
+        from vllm.engine.arg_utils import EngineArgs  # optional and heavy: see the module docstring
+
+        return name in {f.name for f in dataclasses.fields(EngineArgs)}
+    except (ImportError, TypeError):
+        return False
