@@ -18,6 +18,7 @@ STATE_FILE = "trainer_state.json"
 
 
 def save_training_state(directory: str | Path, optimizer: torch.optim.Optimizer, *, step: int, history: list[dict]) -> None:
+    """Write the optimizer's state beside the model in `directory`: tensors to safetensors, the rest to JSON."""
     directory = Path(directory)
     state = optimizer.state_dict()
     tensors, scalars = {}, {}
@@ -51,7 +52,3 @@ def load_training_state(directory: str | Path, optimizer: torch.optim.Optimizer)
         slots.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": slots, "param_groups": meta["param_groups"]})
     return meta["step"], meta["history"]
-
-
-def is_training_checkpoint(directory: str | Path) -> bool:
-    return (Path(directory) / STATE_FILE).exists()

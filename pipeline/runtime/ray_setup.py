@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import os
 
-from pipeline.config import RayConfig
+import ray
+
+from pipeline.config import ConfigError, RayConfig
 
 log = logging.getLogger(__name__)
 
@@ -15,14 +17,10 @@ def init_ray(config: RayConfig) -> None:
 
     Under `ray job submit` RAY_ADDRESS is set, so the same command runs on a laptop and on a cluster.
     """
-    import ray
-
     if ray.is_initialized():
         return
     address = config.address or os.environ.get("RAY_ADDRESS")
     if address and address.startswith(("http://", "https://")):
-        from pipeline.config import ConfigError
-
         # The usual slip after `export RAY_ADDRESS=http://127.0.0.1:8265` for `ray job submit`.
         raise ConfigError(
             f"RAY_ADDRESS={address} is a job API address: use it with `ray job submit`, which runs this "
@@ -36,9 +34,10 @@ def init_ray(config: RayConfig) -> None:
 
 
 def _quiet_ray_data() -> None:
-    import ray
+    # ray.data takes seconds to import, and the CLI imports this module at start-up: only a started Ray needs it.
+    from ray.data import DataContext
 
-    ctx = ray.data.DataContext.get_current()
+    ctx = DataContext.get_current()
     ctx.execution_options.preserve_order = True  # shards and training order are deterministic
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False

@@ -38,6 +38,9 @@ import sys
 import time
 from dataclasses import dataclass
 
+import ray
+from ray.autoscaler.sdk import request_resources
+
 log = logging.getLogger(__name__)
 
 AUTOSCALING_ENV = "RAYDPO_AUTOSCALING"
@@ -66,11 +69,9 @@ def check_resources(requests: list[Request], *, wait_s: float = 600.0, poll_s: f
     Call after ray.init (pipeline.runtime.ray_setup.init_ray). On a fixed cluster this returns or raises at once;
     on an autoscaling cluster that does not report its maxima it may wait up to `wait_s` for nodes.
     """
-    import ray
-
     if not requests:
         return
-    nodes = _alive_nodes(ray)
+    nodes = _alive_nodes()
     problems = [p for p in (_shortfall(r, nodes, where="this cluster") for r in requests) if p]
     if not problems:
         return
@@ -85,13 +86,11 @@ def check_resources(requests: list[Request], *, wait_s: float = 600.0, poll_s: f
             raise ResourceError("; ".join(beyond))
         log.info("resources: not here yet, within the autoscaler's maxima: %s", "; ".join(problems))
         return
-    _wait_for_autoscaler(ray, requests, wait_s=wait_s, poll_s=poll_s)
+    _wait_for_autoscaler(requests, wait_s=wait_s, poll_s=poll_s)
 
 
-def _wait_for_autoscaler(ray, requests: list[Request], *, wait_s: float, poll_s: float) -> None:
+def _wait_for_autoscaler(requests: list[Request], *, wait_s: float, poll_s: float) -> None:
     """Ask the autoscaler for each request's bundles in turn and wait for nodes that hold them."""
-    from ray.autoscaler.sdk import request_resources
-
     deadline = time.monotonic() + wait_s
     try:
         for request in requests:
@@ -99,7 +98,7 @@ def _wait_for_autoscaler(ray, requests: list[Request], *, wait_s: float, poll_s:
             request_resources(bundles=[dict(request.bundle)] * request.count)
             next_log = 0.0
             while True:
-                problem = _shortfall(request, _alive_nodes(ray), where="this cluster")
+                problem = _shortfall(request, _alive_nodes(), where="this cluster")
                 if problem is None:
                     break
                 now = time.monotonic()
@@ -153,7 +152,7 @@ def _bundles_per_node(bundle: dict[str, float], node: dict[str, float]) -> int:
     return min(counts) if counts else sys.maxsize
 
 
-def _alive_nodes(ray) -> list[dict[str, float]]:
+def _alive_nodes() -> list[dict[str, float]]:
     """Each alive node's total resources (not what is free now: busy resources come back)."""
     return [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
 
@@ -171,6 +170,7 @@ def _autoscaling_mode() -> str:
 def _group_maxima_config():
     """The node groups the autoscaler reported to the GCS, if any group can grow; else None."""
     try:
+        # Imported here so that a Ray without this private module only means "not reported".
         from ray._private.state import state
 
         cluster_config = state.get_cluster_config()
