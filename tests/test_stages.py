@@ -10,6 +10,7 @@ import math
 import pytest
 
 from pipeline.stages import EVALUATE, SCORE, TOKENIZE, TRAIN
+from pipeline.stages.evaluate import Policy, held_out_measures
 from pipeline.config import load_config
 from pipeline.runtime.storage import RunDir, read_parquet_dir
 from tests.conftest import write_pairs
@@ -278,7 +279,7 @@ def test_kto_held_out_separation_is_chance_when_policy_equals_reference(kto_run)
     config, manifests = kto_run
     assert manifests["score"]["labels"]["eval"] == {"desirable": 4, "undesirable": 2}
     run_dir = RunDir(config.run_dir)
-    measures = evaluate.held_out_measures(run_dir, [evaluate.Policy("kto", run_dir, config.train.beta)], config=config)
+    measures = held_out_measures(run_dir, [Policy("kto", run_dir, config.train.beta)], config=config)
     result = measures["kto"]
     assert (result["kind"], result["rows"], result["desirable"], result["undesirable"]) == ("unpaired", 6, 4, 2)
     assert result["auc"] == 0.5
