@@ -21,7 +21,6 @@ import logging
 import os
 import tempfile
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,35 +30,13 @@ import ray
 from pipeline.runtime.actors import ActorJobs
 from pipeline.config import Config, EvaluateConfig, stage_hash
 from pipeline.evaluation.held_out import describe, pair_accuracy, unpaired_separation
+from pipeline.evaluation.registry import make_judge, make_reward
 from pipeline.data.schemas import JUDGMENTS, SAMPLES
 from pipeline.runtime.storage import RunDir, read_parquet_dir
 
 log = logging.getLogger(__name__)
 
 STAGE = "evaluate"
-
-
-def make_reward(name: str | None) -> Callable[[list[str]], np.ndarray] | None:
-    """A task reward by name: texts (prompt + completion) -> one float each."""
-    if name is None:
-        return None
-    if name == "vader":
-        from pipeline.demo.task import sentiment_reward
-
-        return sentiment_reward
-    raise ValueError(f"evaluate.reward: unknown reward {name!r} (known: vader, or null)")
-
-
-def make_judge(ev: EvaluateConfig):
-    if ev.judge == "vader":
-        from pipeline.evaluation.judges import VaderJudge
-
-        return VaderJudge()
-    if ev.judge == "api":
-        from pipeline.evaluation.api_judge import make_api_judge
-
-        return make_api_judge(ev.judge_api, where="evaluate.judge_api")
-    raise ValueError(f"evaluate.judge: unknown judge {ev.judge!r} (known: vader, api)")
 
 
 def held_out_prompts(run_dir: RunDir, limit: int) -> list[list[int]]:
