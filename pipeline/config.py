@@ -111,8 +111,8 @@ class EvaluateConfig:
     max_tokens: int = 64
     top_p: float = 1.0
     reward: str | None = None  # a task reward by name (e.g. "vader"), None where the task has none
-    judge: str = "vader"  # pairwise judge: vader, or api (any OpenAI-compatible chat endpoint)
-    judge_api: dict[str, Any] = field(default_factory=dict)  # ApiJudgeConfig keys (pipeline/evaluation/api_judge.py)
+    judge: str = "vader"  # pairwise judge by name: api (any OpenAI-compatible chat endpoint) or a task's, e.g. vader
+    judge_api: dict[str, Any] = field(default_factory=dict)  # ApiJudgeConfig keys (pipeline/evaluation/api_judge/config.py)
     bootstrap_samples: int = 2000
     # Baselines beside the reference's samples (pipeline/evaluation/baselines.py). best_of_n: 0 is off; N draws N
     # reference samples per answer and keeps the one `reward` scores best (costs N times the sampling).

@@ -10,11 +10,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.evaluation.baselines import (best_of_n_answers, best_of_n_kl_bound, best_of_n_name, judge_against_chosen, pick_best,
-                                preferred_responses, reward_scorer)
 from pipeline.config import ConfigError
-from pipeline.stages.evaluate import sampling_costs, summarize
 from pipeline.data.schemas import JUDGMENTS, SAMPLES
+from pipeline.evaluation.baselines import (best_of_n_answers, best_of_n_kl_bound, best_of_n_name, judge_against_chosen,
+                                           pick_best, preferred_responses, reward_scorer)
+from pipeline.evaluation.summary import sampling_costs, summarize
 
 pytestmark = pytest.mark.unit
 

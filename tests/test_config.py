@@ -73,16 +73,6 @@ def test_resource_settings_do_not_invalidate_finished_stages():
         assert stage_hash(base, stage) == stage_hash(moved, stage)
 
 
-def test_api_judge_section_is_checked_by_its_owner():
-    from pipeline.stages.evaluate import make_judge
-
-    config = load_config(None, ["evaluate.judge=api", "evaluate.judge_api={base_url: 'http://127.0.0.1:9', model: m}"])
-    assert make_judge(config.evaluate).name == "api:m"
-    bad = load_config(None, ["evaluate.judge=api", "evaluate.judge_api={base_url: x, modle: m}"])
-    with pytest.raises(ValueError, match=r"evaluate\.judge_api\.modle: unknown key"):
-        make_judge(bad.evaluate)
-
-
 @pytest.mark.parametrize("old,new", [("train.chunked_logprobs", "train.chunked_logps"),
                                      ("score.logprob_chunk_size", "score.logps_chunk_size")])
 def test_renamed_key_names_the_new_one(old, new):

@@ -5,7 +5,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from pipeline.evaluation.judges import Judge, VaderJudge, Verdict, judge_both_orders
+from pipeline.evaluation.judges import Verdict, judge_both_orders
 from pipeline.evaluation.stats import bootstrap_ci, win_rate
 
 pytestmark = pytest.mark.unit
@@ -32,23 +32,6 @@ class ScriptedJudge:
         return self._answers.pop(0)
 
 
-def test_vader_judge_picks_the_clearly_positive_text_in_either_position():
-    judge: Judge = VaderJudge()
-    prompts = ["This new drama was", "This new drama was"]
-    good, bad = " wonderful, with a superb cast.", " awful, with a terrible cast."
-    assert judge.judge(prompts, [good, bad], [bad, good]) == ["A", "B"]
-
-
-def test_vader_judge_calls_near_equal_texts_a_tie():
-    judge = VaderJudge(tie_margin=0.05)
-    assert judge.judge(["The film"], [" was about a man."], [" was about a dog."]) == ["tie"]
-
-
-def test_vader_judge_rejects_mismatched_lengths():
-    with pytest.raises(ValueError):
-        VaderJudge().judge(["p"], [" a", " b"], [" c"])
-
-
 def test_position_bias_scores_every_pair_as_a_tie():
     result = judge_both_orders(AlwaysFirstJudge(), ["p"] * 5, [" x"] * 5, [" y"] * 5)
     np.testing.assert_array_equal(result.scores, np.full(5, 0.5))
@@ -63,14 +46,6 @@ def test_both_orders_counts_wins_losses_ties_and_unparsed():
     np.testing.assert_array_equal(result.scores, [1.0, 0.0, 0.5, 0.5, 0.5, 0.5])
     assert (result.wins, result.losses, result.ties, result.unparsed) == (1, 1, 2, 2)
     assert result.wins + result.losses + result.ties + result.unparsed == result.n == 6
-
-
-def test_both_orders_with_vader_credits_the_positive_policy():
-    prompts = ["This film was"] * 3
-    policy = [" superb and moving.", " wonderful.", " a film."]
-    baseline = [" dreadful.", " awful and dull.", " a picture."]
-    result = judge_both_orders(VaderJudge(), prompts, policy, baseline)
-    np.testing.assert_array_equal(result.scores, [1.0, 1.0, 0.5])
 
 
 def test_both_orders_rejects_verdicts_outside_the_vocabulary():

@@ -6,7 +6,7 @@ evaluated by sentiment reward against KL to the SFT model. Nothing of that may b
 
 - the reviews come from a generator whose sentiment words are drawn from VADER's own lexicon, mixed with the
   negations and boosters VADER understands, so that VADER scores them meaningfully;
-- the "classifier" is VADER's compound score, used as the reward, to label pairs, and (in `judges.py`) as the
+- the "classifier" is VADER's compound score, used as the reward, to label pairs, and (in `judge.py`) as the
   pairwise judge.
 
 The generator aims each review at a target compound drawn uniformly from [-1, 1]: clauses of both

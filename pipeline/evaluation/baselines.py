@@ -1,6 +1,6 @@
 """Evaluation baselines beside the reference's own samples: best-of-N, and the data's preferred responses.
 
-Best-of-N (issue #4). For each answer, draw N completions from the reference and keep the one the task's
+Best-of-N. For each answer, draw N completions from the reference and keep the one the task's
 REWARD scores highest (with the demo task: VADER's compound score, the same reward the summary reports).
 It is the standard inference-time alternative to fine-tuning, so a trained policy should be compared with
 it at matched KL and at its real price: N samples, and N times the tokens, per answer.
@@ -10,7 +10,7 @@ log-ratio of. For rewards without ties it is exactly log N - (N - 1) / N, and wi
 repeated completions) it is lower (Beirami et al., 2024, "Theoretical guarantees on the best-of-n alignment
 policy"). The report therefore gives that bound as the KL of best-of-N, marked as a bound.
 
-Preferred responses (issue #7). Each model's samples are also judged against the `chosen` response of a
+Preferred responses. Each model's samples are also judged against the `chosen` response of a
 held-out pair with the same prompt, the data set's own idea of a good answer, in both orders like every
 other comparison.
 """
@@ -18,10 +18,15 @@ other comparison.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
+
+from pipeline.config import ConfigError
+from pipeline.evaluation.judges import Judge
+from pipeline.evaluation.judging import judge_samples
+from pipeline.evaluation.registry import Reward
 
 
 def best_of_n_name(n: int) -> str:
@@ -100,7 +105,7 @@ def preferred_responses(eval_pairs: pa.Table, prompts: Sequence[Sequence[int]]) 
     return [first.get(tuple(p)) for p in prompts]
 
 
-def judge_against_chosen(judge, rows: Sequence[dict], chosen_texts: Sequence[str | None],
+def judge_against_chosen(judge: Judge, rows: Sequence[dict], chosen_texts: Sequence[str | None],
                          chosen_lengths: Sequence[int | None], models: Sequence[str]) -> list[dict]:
     """Every sample of `models` against its prompt's preferred response, in both orders.
 
@@ -110,30 +115,33 @@ def judge_against_chosen(judge, rows: Sequence[dict], chosen_texts: Sequence[str
     Returns judgment rows with baseline "chosen"; scores follow `judge_both_orders` (ties and inconsistent
     verdicts 0.5, unparsed verdicts 0.5 and counted).
     """
-    from pipeline.evaluation.judges import judge_both_orders
-
     mine = [r for r in rows if r["model"] in set(models) and chosen_texts[r["prompt_index"]] is not None]
     if not mine:
         return []
-    result = judge_both_orders(judge, [r["prompt"] for r in mine], [r["completion"] for r in mine],
-                               [chosen_texts[r["prompt_index"]] for r in mine])
-    return [
-        {"model": r["model"], "baseline": "chosen", "temperature": float(r["temperature"]),
-         "prompt_index": r["prompt_index"], "verdict_first": a, "verdict_second": b, "score": float(score),
-         "length_diff": len(r["completion_ids"]) - chosen_lengths[r["prompt_index"]]}
-        for r, a, b, score in zip(mine, result.verdicts_ab, result.verdicts_ba, result.scores)
-    ]
+    return judge_samples(judge, mine, "chosen", [chosen_texts[r["prompt_index"]] for r in mine],
+                         [chosen_lengths[r["prompt_index"]] for r in mine])
 
 
-def reward_scorer(reward_fn: Callable[[list[str]], np.ndarray] | None, *, best_of_n: int, reward_name: str | None):
+def reward_scorer(reward_fn: Reward | None, *, best_of_n: int, reward_name: str | None) -> Reward | None:
     """The function that ranks best-of-N candidates, or an error naming what the config lacks."""
     if best_of_n < 0:
-        from pipeline.config import ConfigError
-
         raise ConfigError(f"evaluate.best_of_n: must be >= 0 (0 turns the baseline off), got {best_of_n}")
     if best_of_n and reward_fn is None:
-        from pipeline.config import ConfigError
-
         raise ConfigError("evaluate.best_of_n needs evaluate.reward: the task's reward picks the best of N "
                           f"(got reward {reward_name!r})")
     return reward_fn
+
+
+def best_of_n_rows(candidates: Sequence[dict], reward_fn: Reward, n: int) -> list[dict]:
+    """The best-of-n baseline's sample rows: each group of n reference candidates scored by the task's
+    reward, the best kept (`best_of_n_answers`). The candidates come from the reference, so their engine
+    log-probs already are log pi_ref: each candidate's ref_logps is set to its logps, in place."""
+    for c in candidates:
+        c["ref_logps"] = c["logps"]
+    scores = reward_fn([c["prompt"] + c["completion"] for c in candidates])
+    return best_of_n_answers(candidates, scores, n, model=best_of_n_name(n))
+
+
+def best_of_n_kl_bounds(n: int, temperatures: Sequence[float]) -> dict[tuple[str, float], float]:
+    """{(best-of-n's name, temperature): its KL bound}, 0 at temperature 0 (greedy candidates coincide)."""
+    return {(best_of_n_name(n), float(t)): best_of_n_kl_bound(n, greedy=t == 0) for t in temperatures}

@@ -9,18 +9,32 @@ count one half). 0.5 is chance for both.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
+import pyarrow as pa
 
 
-def pair_accuracy(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta: float) -> dict:
-    """How often the implicit reward ranks held-out pairs as the data does."""
+def pair_accuracy(policy_chosen: np.ndarray, policy_rejected: np.ndarray, ref_chosen: np.ndarray,
+                  ref_rejected: np.ndarray, *, beta: float) -> dict:
+    """How often the implicit reward ranks held-out pairs as the data does.
+
+    The four arrays: log-probs of each pair's chosen and rejected response under the policy and the
+    reference, shape (pairs,) each. Returns kind "pairs", pairs, accuracy and margin_mean.
+    """
     margins = beta * ((np.asarray(policy_chosen) - ref_chosen) - (np.asarray(policy_rejected) - ref_rejected))
     return {"kind": "pairs", "pairs": int(len(margins)), "accuracy": float((margins > 0).mean()),
             "margin_mean": float(margins.mean())}
 
 
-def unpaired_separation(policy_logps, ref_logps, desirable, *, beta: float) -> dict:
-    """How well the implicit reward of held-out (prompt, completion, label) rows separates the two labels."""
+def unpaired_separation(policy_logps: np.ndarray, ref_logps: np.ndarray, desirable: np.ndarray, *,
+                        beta: float) -> dict:
+    """How well the implicit reward of held-out (prompt, completion, label) rows separates the two labels.
+
+    policy_logps, ref_logps: each completion's log-prob under the policy and the reference; desirable: its
+    label; shape (rows,) each. Returns kind "unpaired", the row counts, each label's mean reward, and auc
+    (None when only one label occurs).
+    """
     rewards = beta * (np.asarray(policy_logps, dtype=np.float64) - np.asarray(ref_logps, dtype=np.float64))
     desirable = np.asarray(desirable, dtype=bool)
     good, bad = rewards[desirable], rewards[~desirable]
@@ -31,6 +45,27 @@ def unpaired_separation(policy_logps, ref_logps, desirable, *, beta: float) -> d
         # Rank-sum form of P(r_good > r_bad) + P(equal) / 2: O(n log n), not every combination.
         ranks = _average_ranks(np.concatenate([good, bad]))
         out["auc"] = float((ranks[: len(good)].sum() - len(good) * (len(good) + 1) / 2) / (len(good) * len(bad)))
+    return out
+
+
+def held_out_from_logps(held: pa.Table, kind: str, *, betas: Mapping[str, float],
+                        policy_logps: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, dict]:
+    """Per policy, how its implicit reward sorts the scored held-out split: `pair_accuracy`, or for
+    unpaired (KTO) data, `kind` "unpaired", `unpaired_separation`.
+
+    held: the score stage's eval split (ref_chosen_logps, ref_rejected_logps, and label when unpaired).
+    betas[name]: the policy's beta; policy_logps[name]: its (chosen, rejected) log-probs of each row,
+    shape (rows,) each.
+    """
+    out = {}
+    for name, beta in betas.items():
+        chosen, rejected = policy_logps[name]
+        if kind == "unpaired":  # a completion and its label; `rejected` is a sum over nothing
+            labels = held["label"].to_numpy(zero_copy_only=False)
+            out[name] = unpaired_separation(chosen, held["ref_chosen_logps"].to_numpy(), labels, beta=beta)
+        else:
+            out[name] = pair_accuracy(chosen, rejected, held["ref_chosen_logps"].to_numpy(),
+                                      held["ref_rejected_logps"].to_numpy(), beta=beta)
     return out
 
 

@@ -1,9 +1,10 @@
 """Pairwise judges and the both-orders protocol that turns their verdicts into win-rate scores.
 
-A judge sees a prompt and two completions and says which is better. The DPO paper judged with GPT-4; the
-demo judges with VADER (`VaderJudge`), and an API judge will implement the same `Judge` protocol later.
-LLM judges favour whichever answer comes first, so `judge_both_orders` asks in both orders and credits a
-win only when the two verdicts agree: a judge that always says "A" scores every pair as a tie.
+A judge sees a prompt and two completions and says which is better. The DPO paper judged with GPT-4;
+`ApiJudge` (pipeline/evaluation/api_judge) asks any OpenAI-compatible chat model the same way, and a task
+may register a judge of its own by name (pipeline/evaluation/registry.py). LLM judges favour whichever
+answer comes first, so `judge_both_orders` asks in both orders and credits a win only when the two
+verdicts agree: a judge that always says "A" scores every pair as a tie.
 """
 
 from __future__ import annotations
@@ -29,30 +30,6 @@ class Judge(Protocol):
         """For each i: "A" if first[i] is the better completion of prompts[i], "B" if second[i], else
         "tie"; "unparsed" where the judge's answer could not be read."""
         ...
-
-
-@dataclass(frozen=True)
-class VaderJudge:
-    """Prefers the completion whose prompt + completion has the higher VADER compound score.
-
-    `tie_margin`: compounds closer than this are a tie, so that near-equal texts do not count as wins.
-    """
-
-    tie_margin: float = 0.05
-    name: str = "vader"
-
-    def judge(self, prompts: Sequence[str], first: Sequence[str], second: Sequence[str]) -> list[Verdict]:
-        """Verdicts by compound difference; see the class docstring."""
-        from pipeline.demo.task import sentiment_reward  # the demo task owns the (lazily built) analyzer
-
-        _check_lengths(prompts, first, second)
-        # Completions continue the prompt text (with their own leading space), so they are joined as is.
-        first_reward = sentiment_reward([p + c for p, c in zip(prompts, first)])
-        second_reward = sentiment_reward([p + c for p, c in zip(prompts, second)])
-        verdicts: list[Verdict] = []
-        for diff in first_reward - second_reward:
-            verdicts.append("A" if diff > self.tie_margin else "B" if diff < -self.tie_margin else "tie")
-        return verdicts
 
 
 @dataclass
@@ -87,7 +64,7 @@ def judge_both_orders(
     A win needs the policy preferred in both orders ("A" then "B"), a loss the baseline in both; anything
     else is worth 0.5, which cancels position bias instead of crediting it to whichever model came first.
     """
-    _check_lengths(prompts, policy, baseline)
+    check_pair_lengths(prompts, policy, baseline)
     verdicts_ab = list(judge.judge(prompts, policy, baseline))
     verdicts_ba = list(judge.judge(prompts, baseline, policy))
     for order, verdicts in (("policy-first", verdicts_ab), ("baseline-first", verdicts_ba)):
@@ -117,7 +94,8 @@ def judge_both_orders(
                           verdicts_ab=verdicts_ab, verdicts_ba=verdicts_ba)
 
 
-def _check_lengths(prompts: Sequence[str], first: Sequence[str], second: Sequence[str]) -> None:
+def check_pair_lengths(prompts: Sequence[str], first: Sequence[str], second: Sequence[str]) -> None:
+    """Raise ValueError unless the three sequences of a batch of pairs have one length."""
     if not len(prompts) == len(first) == len(second):
         raise ValueError(f"prompts, first and second differ in length: "
                          f"{len(prompts)}, {len(first)}, {len(second)}")

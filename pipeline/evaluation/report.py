@@ -2,8 +2,8 @@
 
 The figures follow the DPO paper: training curves under the metric names practitioners know, the
 reward-vs-KL frontier (Rafailov et al., 2023, fig. 2 left) and win rate against sampling temperature
-(fig. 2 right). matplotlib is imported inside each function, with the Agg backend, so that importing this
-module costs nothing and plotting works on a head node without a display.
+(fig. 2 right). matplotlib is imported on first use (`_pyplot`), with the Agg backend, so that importing
+this module costs nothing and plotting works on a head node without a display.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from pipeline.evaluation.held_out import describe
 
 _MISSING = "\u2013"  # en dash: shown for a number that does not exist (e.g. KL of the reference to itself)
 
@@ -33,7 +35,7 @@ _TRAINING_PANELS = (
 
 
 def _pyplot() -> Any:
-    import matplotlib
+    import matplotlib  # deferred: heavy, and only plotting needs it (see the module docstring)
 
     matplotlib.use("Agg")  # no display on cluster nodes; must precede the pyplot import
     import matplotlib.pyplot as plt
@@ -205,3 +207,46 @@ def write_report_md(
         parts += ["## Notes", ""] + [f"- {note}" for note in notes] + [""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(parts), encoding="utf-8")
+
+
+def report_notes(summary: Mapping[str, Any], *, samples_per_prompt: int, accuracy: Mapping[str, dict]) -> list[str]:
+    """The notes under an evaluation report: what was judged and how, unparsed verdicts, the baselines'
+    costs, and each policy's held-out measure. summary: the summary.json document; accuracy: held-out
+    measures by policy name."""
+    notes = [f"Judge: {summary['judge']}; reward: {summary['reward']}; {summary['num_prompts']} held-out prompts x "
+             f"{samples_per_prompt} samples.",
+             f"Unparsed judge verdicts: {summary['unparsed_verdicts']} (comparisons with one, by baseline: "
+             f"{summary['unparsed_comparisons_by_baseline']}); they score 0.5 and are never dropped.",
+             "win_rate: against the reference's sample of the same prompt; win_rate_vs_chosen: against the held-out "
+             "pair's chosen response for that prompt. Both judged in both orders, ties and inconsistent verdicts 0.5."]
+    pref = summary["preferred_responses"]
+    if pref["judged"]:
+        notes.append(f"Preferred responses: {pref['prompts_with_chosen']} prompts have one, "
+                     f"{pref['prompts_without_chosen']} have none (their samples are not judged against one).")
+    bon = summary["best_of_n"]
+    if bon:
+        notes.append(f"{bon['model']}: {bon['n']} reference samples per answer, the one with the highest {bon['picked_by']} kept; "
+                     f"cost {bon['candidates_sampled']} samples, {bon['tokens_generated']} tokens generated in all "
+                     "(samples_per_answer, tokens_per_answer columns). Its KL is the analytic bound "
+                     f"log N - (N-1)/N = {bon['kl_bound']:.3f} nats (kl_bound; 0 at T = 0, where the N candidates "
+                     "coincide): best-of-N has no density to take a per-sample log-ratio of.")
+    return notes + [describe(name, acc) for name, acc in accuracy.items()]
+
+
+def write_report_files(folder: str | os.PathLike[str], *, title: str, summary_rows: Sequence[Mapping[str, Any]],
+                       training_metrics: Mapping[str, Sequence[Mapping[str, Any]]], notes: Sequence[str]) -> list[str]:
+    """Write the figures and report.md of an evaluation into `folder`; the names of the files written.
+
+    training_metrics[policy]: that policy's training metric rows (train/metrics.jsonl); one policy's curves
+    are training_curves.png, several policies' training_curves_<name>.png.
+    """
+    figures = {"Reward vs KL": "reward_vs_kl.png", "Win rate vs temperature": "win_rate_vs_temperature.png"}
+    plot_reward_vs_kl(summary_rows, os.path.join(folder, figures["Reward vs KL"]))
+    plot_win_rate_vs_temperature(summary_rows, os.path.join(folder, figures["Win rate vs temperature"]))
+    for policy, metrics in training_metrics.items():
+        name = "training_curves.png" if len(training_metrics) == 1 else f"training_curves_{policy}.png"
+        plot_training_curves(metrics, os.path.join(folder, name))
+        figures[f"Training curves ({policy})"] = name
+    write_report_md(os.path.join(folder, "report.md"), title=title, summary_rows=summary_rows, figures=figures,
+                    notes=notes)
+    return [*figures.values(), "report.md"]

@@ -1,0 +1,44 @@
+"""Judging samples against a baseline's answers to the same prompts, in both orders.
+
+Judgment rows are those of `pipeline.data.schemas.JUDGMENTS`: model, baseline, temperature, prompt_index,
+the two verdicts (the model's answer shown first, then second), the score (1 win, 0.5 tie, inconsistent
+or unparsed, 0 loss) and length_diff (the model's completion tokens minus the baseline's).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pipeline.evaluation.judges import Judge, judge_both_orders
+
+
+def judge_samples(judge: Judge, samples: Sequence[dict], baseline: str, baseline_texts: Sequence[str],
+                  baseline_lengths: Sequence[int]) -> list[dict]:
+    """Each sample row against baseline_texts[i] (baseline_lengths[i] tokens long): one judgment row each."""
+    result = judge_both_orders(judge, [r["prompt"] for r in samples], [r["completion"] for r in samples],
+                               baseline_texts)
+    return [
+        {"model": r["model"], "baseline": baseline, "temperature": float(r["temperature"]),
+         "prompt_index": r["prompt_index"], "verdict_first": a, "verdict_second": b, "score": float(score),
+         "length_diff": len(r["completion_ids"]) - length}
+        for r, length, a, b, score in zip(samples, baseline_lengths, result.verdicts_ab, result.verdicts_ba,
+                                          result.scores)
+    ]
+
+
+def judge_against_reference(judge: Judge, rows: Sequence[dict], models: Sequence[str],
+                            temperatures: Sequence[float]) -> list[dict]:
+    """Each sample of `models` against the reference's sample of the same prompt, index and temperature.
+
+    rows: sample rows of every model, the reference's included. Returns judgment rows with baseline
+    "reference", one judge call per (model, temperature).
+    """
+    reference = {(r["temperature"], r["prompt_index"], r["sample_index"]): r for r in rows if r["model"] == "reference"}
+    out = []
+    for name in models:
+        for t in temperatures:
+            mine = [r for r in rows if r["model"] == name and r["temperature"] == t]
+            theirs = [reference[(r["temperature"], r["prompt_index"], r["sample_index"])] for r in mine]
+            out += judge_samples(judge, mine, "reference", [r["completion"] for r in theirs],
+                                 [len(r["completion_ids"]) for r in theirs])
+    return out

@@ -1,0 +1,65 @@
+"""Rewards and judges by name: what `evaluate.reward` and `evaluate.judge` refer to.
+
+A task plugs its own in as Python entry points, declared in its package's pyproject.toml under the groups
+raydpo.rewards (an entry is a reward: texts -> one float each) and raydpo.judges (an entry takes the
+evaluate config section and returns a Judge); the demo task's are there. Evaluation finds them by name
+and never imports a task. The API judge is evaluation's own: "api", set up by `evaluate.judge_api`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import EvaluateConfig
+from pipeline.evaluation.api_judge import make_api_judge
+from pipeline.evaluation.judges import Judge
+
+REWARD_GROUP = "raydpo.rewards"
+JUDGE_GROUP = "raydpo.judges"
+API_JUDGE = "api"
+
+# A task reward: texts (prompt + completion) -> float64 array of shape (len(texts),).
+Reward = Callable[[Sequence[str]], np.ndarray]
+# A judge entry point: the evaluate config section -> a Judge.
+JudgeFactory = Callable[[EvaluateConfig], Judge]
+
+
+def make_reward(name: str | None) -> Reward | None:
+    """The reward registered under `name`; None for None (a task without a reward)."""
+    if name is None:
+        return None
+    return _load(REWARD_GROUP, name, setting="evaluate.reward", kind="reward", builtin=(), none_allowed=True)
+
+
+def make_judge(evaluate_config: EvaluateConfig) -> Judge:
+    """The judge `evaluate_config.judge` names: "api" (configured by `judge_api`) or a registered one."""
+    name = evaluate_config.judge
+    if name == API_JUDGE:
+        return make_api_judge(evaluate_config.judge_api, where="evaluate.judge_api")
+    factory: JudgeFactory = _load(JUDGE_GROUP, name, setting="evaluate.judge", kind="judge", builtin=(API_JUDGE,))
+    return factory(evaluate_config)
+
+
+def registered(group: str) -> list[str]:
+    """The names registered in an entry point group, sorted."""
+    return sorted({ep.name for ep in entry_points(group=group)})
+
+
+def _load(group: str, name: str, *, setting: str, kind: str, builtin: Sequence[str],
+          none_allowed: bool = False) -> Any:
+    """The object registered as `name` in `group`; a ValueError naming `setting` and the known names if
+    there is none, or if installed packages register different objects under that name."""
+    targets = {ep.value: ep for ep in entry_points(group=group, name=name)}
+    if not targets:
+        known = ", ".join(sorted({*registered(group), *builtin})) or "none"
+        raise ValueError(f"{setting}: unknown {kind} {name!r} (known: {known}"
+                         f"{'; null for none' if none_allowed else ''})")
+    if len(targets) > 1:
+        raise ValueError(f"{setting}: {kind} {name!r} is registered more than once ({', '.join(sorted(targets))}) "
+                         f"in the entry point group {group}")
+    (entry,) = targets.values()
+    return entry.load()
