@@ -125,10 +125,10 @@ class ModelScorer:
 
     def __init__(self, model_uri: str, **scorer_kwargs):
         from pipeline.runtime.model_copy import local_model
-        from pipeline.stages.score import ReferenceScorer
+        from pipeline.model.scoring import SequenceScorer
 
         with local_model(model_uri) as path:
-            self.scorer = ReferenceScorer(path, **scorer_kwargs)
+            self.scorer = SequenceScorer(path, **scorer_kwargs)
 
     def score(self, table: pa.Table) -> pa.Table:
         return self.scorer(table)
@@ -138,7 +138,7 @@ def scoring_job(model_path: str, table: pa.Table, *, config: Config):
     """An ActorJobs job for log p(chosen | prompt) and log p(rejected | prompt) under `model_path` for every
     row, by the score stage's scorer in an actor (which fetches `model_path` itself when it is a URI).
     `logps` turns the job's results into the two arrays."""
-    from pipeline.stages.score import scorer_options
+    from pipeline.model.scoring import scorer_options
 
     def start():
         return ray.remote(num_cpus=1, num_gpus=1 if config.evaluate.use_gpu else 0)(ModelScorer).remote(
@@ -149,7 +149,7 @@ def scoring_job(model_path: str, table: pa.Table, *, config: Config):
 
 def logps(results: list) -> tuple[np.ndarray, np.ndarray]:
     scored = results[0]
-    return scored["ref_chosen_logps"].to_numpy(), scored["ref_rejected_logps"].to_numpy()
+    return scored["chosen_logps"].to_numpy(), scored["rejected_logps"].to_numpy()
 
 
 def held_out_split(data_dir: RunDir) -> tuple[pa.Table | None, str | None]:
