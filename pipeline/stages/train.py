@@ -94,6 +94,8 @@ def check_training(config: Config, upstream: dict, *, where: str) -> int:
 
 def make_trainer(run: StageRun, steps: int):
     """A TorchTrainer over the upstream's train shards, resuming from this work's last checkpoint."""
+    # Ray Train (and the worker module, which imports it) only here: seconds of import that the
+    # commands which never build a trainer need not pay.
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 

@@ -3,8 +3,9 @@
 Ray Train runs `train_loop_per_worker` on every worker. The step itself is
 `pipeline.model.train_step.train_step` with the objective the loss declares
 (`pipeline.model.objectives.objective_for`); this module adds only what needs Ray Train: the worker's
-rank and device, its data shard, DDP, and reporting checkpoints. The train stage imports this module
-inside `run()`, where it starts Ray Train, so that importing the stage stays free of Ray Train.
+rank and device, its data shard, DDP, and reporting checkpoints. Ray Train is imported at the top
+here; the train stage imports this module only where it builds the TorchTrainer, so that importing the
+stage (every CLI command does) does not pay for Ray Train.
 """
 
 from __future__ import annotations
