@@ -324,8 +324,3 @@ def section_hash(config: Config, keys: tuple[str, ...]) -> str:
         picked[key] = node
     blob = json.dumps(picked, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def loss_names(config: Config) -> list[str]:
-    loss = config.train.loss
-    return [loss] if isinstance(loss, str) else list(loss)

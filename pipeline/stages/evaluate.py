@@ -41,12 +41,13 @@ from pipeline.evaluation.report import report_notes, write_report_files
 from pipeline.evaluation.samples import add_kl_and_reward, completions_to_score, sample_rows
 from pipeline.evaluation.summary import evaluation_summary
 from pipeline.model.loading import load_tokenizer
+from pipeline.model.scoring import SequenceScorer, scorer_options
 from pipeline.runtime.actors import ActorJobs
+from pipeline.runtime.model_copy import local_model
 from pipeline.runtime.resources import Request
 from pipeline.runtime.sampler import start_sampler
 from pipeline.runtime.storage import RunDir, read_parquet_dir
 from pipeline.stages.base import Stage, StageRun
-from pipeline.stages.score import scorer_options
 
 log = logging.getLogger(__name__)
 
@@ -111,11 +112,8 @@ class ModelScorer:
     """Actor body: the score stage's scorer over a model given by path, hub id or URI (fetched on this node)."""
 
     def __init__(self, model_uri: str, **scorer_kwargs):
-        from pipeline.runtime.model_copy import local_model
-        from pipeline.stages.score import ReferenceScorer
-
         with local_model(model_uri) as path:
-            self.scorer = ReferenceScorer(path, **scorer_kwargs)
+            self.scorer = SequenceScorer(path, **scorer_kwargs)
 
     def score(self, table: pa.Table) -> pa.Table:
         return self.scorer(table)
@@ -134,7 +132,7 @@ def scoring_job(model_path: str, table: pa.Table, *, config: Config):
 
 def logps(results: list) -> tuple[np.ndarray, np.ndarray]:
     scored = results[0]
-    return scored["ref_chosen_logps"].to_numpy(), scored["ref_rejected_logps"].to_numpy()
+    return scored["chosen_logps"].to_numpy(), scored["rejected_logps"].to_numpy()
 
 
 def held_out_split(data_dir: RunDir) -> tuple[pa.Table | None, str | None]:
