@@ -8,8 +8,11 @@ from collections import Counter
 import pyarrow as pa
 import pytest
 
-from pipeline.data.encode import OUTCOME_SCHEMA, REASONS, make_pairs, process_records
-from pipeline.data.sources import read_records, to_raw_json
+from pipeline.data.encode import process_records
+from pipeline.data.outcomes import OUTCOME_SCHEMA, REASONS
+from pipeline.data.records import to_raw_json
+from pipeline.data.scored import make_pairs
+from pipeline.data.sources import read_records
 from pipeline.demo.tiny_model import EOS, train_tokenizer
 
 pytestmark = pytest.mark.unit

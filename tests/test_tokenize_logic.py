@@ -3,8 +3,9 @@
 import pyarrow as pa
 import pytest
 
-from pipeline.data.encode import OUTCOME_SCHEMA
-from pipeline.stages.tokenize import check_strict, finish_outcomes, is_eval
+from pipeline.data.audit import check_strict
+from pipeline.data.outcomes import OUTCOME_SCHEMA
+from pipeline.data.split import finish_outcomes, is_eval
 
 pytestmark = pytest.mark.unit
 
