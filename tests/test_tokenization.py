@@ -144,6 +144,89 @@ def test_implicit_prompt_message_lists(tok):
     assert decode(tok, out["chosen_ids"]) == f"the fox{EOS}\n"
 
 
+def test_implicit_prompt_strings_split_before_the_first_differing_word(tok):
+    """TRL's own example: no prompt column, two texts sharing a prefix; the prompt is that prefix's words."""
+    implicit, explicit = run(
+        tok,
+        {"chosen": "The sky is blue.", "rejected": "The sky is green."},
+        {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."},
+    )
+    assert implicit["reason"] is None
+    assert decode(tok, implicit["prompt_ids"]) == "The sky is"
+    assert decode(tok, implicit["chosen_ids"]) == " blue." + EOS
+    assert decode(tok, implicit["rejected_ids"]) == " green." + EOS
+    assert implicit["id"] == explicit["id"]
+
+
+def test_implicit_prompt_strings_never_cut_inside_a_word(tok):
+    (row,) = run(tok, {"chosen": "Q: what is the cab", "rejected": "Q: what is the dab"})
+    assert decode(tok, row["prompt_ids"]) == "Q: what is the"
+    (row,) = run(tok, {"chosen": "the fox\n\nran", "rejected": "the fox\n\nsat"})
+    assert decode(tok, row["prompt_ids"]) == "the fox"  # the spaces before the word go with the responses
+    assert decode(tok, row["chosen_ids"]) == "\n\nran" + EOS
+    # No space at all in the shared text: cut where the texts part (the token rules keep ids whole).
+    (row,) = run(tok, {"chosen": "what?the fox", "rejected": "what?a fox"})
+    assert decode(tok, row["prompt_ids"]) == "what?"
+    assert decode(tok, row["prompt_ids"] + row["chosen_ids"]) == "what?the fox" + EOS
+
+
+def test_implicit_prompt_prefers_the_hh_marker_to_the_last_shared_word(tok):
+    shared = "\n\nHuman: what is the answer?\n\nAssistant:"
+    (row,) = run(tok, {"chosen": shared + " the answer is yes", "rejected": shared + " the answer is no"})
+    assert decode(tok, row["prompt_ids"]) == shared
+    assert decode(tok, row["chosen_ids"]) == " the answer is yes" + EOS
+
+
+def test_implicit_prompt_conversational_rows_from_the_trl_docs(tok):
+    implicit = {"chosen": [{"role": "user", "content": "What color is the sky?"},
+                           {"role": "assistant", "content": "It is blue."}],
+                "rejected": [{"role": "user", "content": "What color is the sky?"},
+                             {"role": "assistant", "content": "It is green."}]}
+    explicit = {"prompt": [{"role": "user", "content": "What color is the sky?"}],
+                "chosen": [{"role": "assistant", "content": "It is blue."}],
+                "rejected": [{"role": "assistant", "content": "It is green."}]}
+    a, b = run(tok, implicit, explicit, chat_template=TEMPLATE)
+    assert a["reason"] is None and a["id"] == b["id"] and a["prompt_ids"] == b["prompt_ids"]
+    assert decode(tok, a["chosen_ids"]) == f"It is blue.{EOS}\n"
+
+
+# A row shaped as on the HuggingFaceH4/ultrafeedback_binarized card: a text prompt, and chosen/rejected as whole
+# conversations that repeat it as their first user turn.
+ULTRAFEEDBACK_BINARIZED = {
+    "prompt": "Which animal is fast?",
+    "prompt_id": "5f1c0e2a",
+    "chosen": [{"content": "Which animal is fast?", "role": "user"},
+               {"content": "The cheetah is the fastest land animal.", "role": "assistant"}],
+    "rejected": [{"content": "Which animal is fast?", "role": "user"},
+                 {"content": "The snail.", "role": "assistant"}],
+    "messages": [{"content": "Which animal is fast?", "role": "user"},
+                 {"content": "The cheetah is the fastest land animal.", "role": "assistant"}],
+    "score_chosen": 8.0,
+    "score_rejected": 3.0,
+}
+
+
+def test_ultrafeedback_binarized_rows_take_the_prompt_from_the_conversations(tok):
+    (row,) = run(tok, ULTRAFEEDBACK_BINARIZED, chat_template=TEMPLATE)
+    assert row["reason"] is None
+    assert decode(tok, row["prompt_ids"]) == f"<|user|>\nWhich animal is fast?{EOS}\n<|assistant|>\n"
+    assert decode(tok, row["chosen_ids"]) == f"The cheetah is the fastest land animal.{EOS}\n"
+    assert decode(tok, row["rejected_ids"]) == f"The snail.{EOS}\n"
+    (named,) = run(tok, ULTRAFEEDBACK_BINARIZED, chat_template=TEMPLATE, format="conversational")
+    assert named["id"] == row["id"]
+
+
+def test_text_prompt_with_assistant_only_message_lists(tok):
+    row = {"prompt": "Which animal is fast?", "chosen": [{"role": "assistant", "content": "The cheetah."}],
+           "rejected": [{"role": "assistant", "content": "The snail."}]}
+    (out,) = run(tok, row, chat_template=TEMPLATE)
+    assert decode(tok, out["prompt_ids"]) == f"<|user|>\nWhich animal is fast?{EOS}\n<|assistant|>\n"
+    # Lists that share no turn and do not start with the assistant's: nothing says where the prompt ends.
+    row = {"prompt": "p", "chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+           "rejected": [{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}
+    assert run(tok, row, chat_template=TEMPLATE)[0]["reason"] == "no_shared_prompt"
+
+
 def test_unpaired_kto_rows(tok):
     good, bad = run(
         tok,
@@ -228,7 +311,7 @@ def test_column_mapping(tok):
                  columns={"chosen": "rejected", "rejected": "chosen"})
     assert pair_texts(tok, [row]) == [("no", "yes")]
     (row,) = run(tok, {"question": "Q: ", "chosen": "a", "rejected": "b"}, columns={"prompt": "missing_col"})
-    assert row["reason"] == "no_shared_prompt"  # no prompt at all: read as implicit, and it has no marker
+    assert row["reason"] == "no_shared_prompt"  # no prompt at all: read as implicit, and "a", "b" share nothing
 
 
 def test_pair_with_a_label_column_is_still_a_pair(tok):
@@ -282,7 +365,8 @@ REJECTED_ROWS = [
     ("unknown_role", {"prompt": [{"role": "narrator", "content": "x"}], "chosen": ASSISTANT_A,
                       "rejected": ASSISTANT_B}),
     ("no_pair", {"prompt": "p", "completions": [{"text": "only", "score": 1}]}),
-    ("no_shared_prompt", {"chosen": "Human: a", "rejected": "Human: b"}),
+    ("no_shared_prompt", {"chosen": "Yes.", "rejected": "No."}),
+    ("no_shared_prompt", {"chosen": " yes", "rejected": " no"}),  # only a space in common
     ("no_shared_prompt", {"chosen": ASSISTANT_A, "rejected": ASSISTANT_B}),
 ]
 

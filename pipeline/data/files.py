@@ -60,11 +60,11 @@ def read_directory(filesystem: pafs.FileSystem, entries: list[pafs.FileInfo], di
         name = entry.base_name
         if name.startswith((".", "_")) or name.upper().startswith(("README", "LICENSE")):
             continue
+        where = join_display(display, name)
         if entry.type == pafs.FileType.Directory:
-            raise InputError(f"{join_display(display, name)}: subdirectories are not read; point at one directory of files")
+            raise InputError(f"{where}: subdirectories are not read; point at one directory of files")
         if not name.lower().endswith(KNOWN_SUFFIXES):
-            expected = ", ".join(KNOWN_SUFFIXES)
-            raise InputError(f"{join_display(display, name)}: unknown file type (expected one of {expected})")
+            raise InputError(f"{where}: unknown file type (expected one of {', '.join(KNOWN_SUFFIXES)})")
         files.append(entry)
     if not files:
         raise InputError(f"{display}: directory holds no data files")

@@ -43,7 +43,7 @@ REASONS = (
     "nul_byte",  # a "\x00" in a text
     "unknown_role",  # a message role outside system/user/assistant/tool
     "no_pair",  # a scored row from which `pairing` makes no pair (fewer than two distinct scores, gaps too small)
-    "no_shared_prompt",  # implicit_prompt: chosen and rejected share no prompt (no marker / no leading turns)
+    "no_shared_prompt",  # implicit_prompt: chosen and rejected share no text (no leading turns) before they part
     "template_mismatch",  # the full conversation's rendering does not start with the prompt's rendering
     "template_error",  # the chat template raised on this row (e.g. roles that do not alternate)
     "identical_after_truncation",  # chosen and rejected became the same tokens once cut to max_length

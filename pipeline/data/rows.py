@@ -7,11 +7,14 @@ is null counts as absent):
                      (see `pipeline.data.scored`)
     unpaired (KTO)   {"prompt": str | messages, "completion": str | messages, "label": bool}
     standard         {"prompt": str, "chosen": str, "rejected": str}
-    conversational   {"prompt": messages, "chosen": messages, "rejected": messages}
+    conversational   {"prompt": messages, "chosen": messages, "rejected": messages}, or a text prompt with
+                     message-list responses that repeat it as their leading turns (UltraFeedback binarized:
+                     the prompt is then those shared turns) or that hold only the assistant's turns
     implicit_prompt  {"chosen": str | messages, "rejected": str | messages}, no prompt: for strings the
-                     prompt is the shared prefix up to and including the last "\\n\\nAssistant:" marker
-                     (Anthropic HH); for message lists it is the shared leading messages before the last
-                     assistant turn.
+                     prompt is the shared prefix, up to and including the last "\\n\\nAssistant:" marker in it
+                     (Anthropic HH) when there is one, else up to the end of the last word before the texts
+                     part (TRL's rule, on a word boundary); for message lists it is the shared leading
+                     messages before the last assistant turn.
 Auto detection, first match wins: "completions" -> scored; "chosen"/"rejected" with "prompt" -> standard,
 or conversational when any of the three is a list; "chosen"/"rejected" without "prompt" -> implicit_prompt;
 "completion" or "label" -> unpaired; none of these -> "missing_field". Other keys are ignored.
@@ -83,6 +86,8 @@ def row_examples(
     """
     if kind in ("standard", "conversational"):
         prompt, chosen, rejected = _fields(row, "prompt", "chosen", "rejected")
+        if kind == "conversational" and isinstance(prompt, str):
+            prompt, chosen, rejected = _split_with_prompt_text(prompt, chosen, rejected)
         want = list if kind == "conversational" else str
         if not all(isinstance(v, want) for v in (prompt, chosen, rejected)):
             raise Reject("wrong_type")
@@ -100,6 +105,27 @@ def row_examples(
     raise AssertionError(kind)
 
 
+def _split_with_prompt_text(prompt: str, chosen, rejected) -> tuple:
+    """A text prompt beside message-list responses (UltraFeedback binarized): the lists carry the prompt.
+
+    When they repeat it as their shared leading turns, those turns are the prompt (the text is then not
+    needed); when they hold only the responses (they start with an assistant turn), the text is the user
+    turn before them.
+    """
+    if not (isinstance(chosen, list) and isinstance(rejected, list)):
+        raise Reject("wrong_type")
+    try:
+        return split_implicit(chosen, rejected)
+    except Reject as reject:
+        if reject.reason != "no_shared_prompt" or not _starts_with_assistant(chosen, rejected):
+            raise
+    return [{"role": "user", "content": prompt}], chosen, rejected
+
+
+def _starts_with_assistant(*message_lists: list) -> bool:
+    return all(messages and messages[0].get("role") == "assistant" for messages in message_lists)
+
+
 def _fields(row: dict, *keys: str) -> list:
     values = [row.get(key) for key in keys]
     if any(value is None for value in values):
@@ -108,15 +134,10 @@ def _fields(row: dict, *keys: str) -> list:
 
 
 def split_implicit(chosen, rejected) -> tuple:
-    """Split HH-style texts (or message lists) into (prompt, chosen_response, rejected_response)."""
+    """Split full texts (or message lists) into (prompt, chosen_response, rejected_response)."""
     same_shape(chosen, [rejected])
     if isinstance(chosen, str):
-        shared = common_prefix_length(chosen, rejected)
-        marker_at = chosen.rfind(HH_ASSISTANT_MARKER, 0, shared)
-        if marker_at < 0:
-            raise Reject("no_shared_prompt")
-        cut = marker_at + len(HH_ASSISTANT_MARKER)
-        return chosen[:cut], chosen[cut:], rejected[cut:]
+        return _split_texts(chosen, rejected)
     chosen_messages, rejected_messages = checked_messages(chosen), checked_messages(rejected)
     shared = common_prefix_length(chosen_messages, rejected_messages)
     # The response starts at the last assistant turn that the shared prefix can still reach.
@@ -125,3 +146,30 @@ def split_implicit(chosen, rejected) -> tuple:
         raise Reject("no_shared_prompt")
     cut = starts[-1]
     return chosen_messages[:cut], chosen_messages[cut:], rejected_messages[cut:]
+
+
+def _split_texts(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """The prompt is the shared prefix: up to the last HH assistant marker in it, else up to its last word."""
+    shared = common_prefix_length(chosen, rejected)
+    marker_at = chosen.rfind(HH_ASSISTANT_MARKER, 0, shared)
+    cut = marker_at + len(HH_ASSISTANT_MARKER) if marker_at >= 0 else _word_boundary(chosen, shared)
+    if not chosen[:cut].strip():
+        raise Reject("no_shared_prompt")
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def _word_boundary(text: str, shared: int) -> int:
+    """Where `text[:shared]` stops before the word in which the texts part, and before the spaces ahead of it.
+
+    "The sky is blue." / "The sky is green." part at "b"/"g": the prompt is "The sky is", each response starts
+    with its space, as a tokenizer that puts a word's leading space in its token wants it. A shared prefix
+    with no space at all is cut where the texts part; the token rules then move the cut to a token boundary.
+    """
+    cut = shared
+    while cut > 0 and not text[cut - 1].isspace():
+        cut -= 1
+    if cut == 0:
+        return shared
+    while cut > 0 and text[cut - 1].isspace():
+        cut -= 1
+    return cut
