@@ -227,6 +227,63 @@ def test_text_prompt_with_assistant_only_message_lists(tok):
     assert run(tok, row, chat_template=TEMPLATE)[0]["reason"] == "no_shared_prompt"
 
 
+# TRL's tool-calling example conversation (dataset formats doc), split into a prompt and two responses.
+TOOL_PROMPT = [{"role": "user", "content": "Turn on the living room lights."}]
+TOOL_CALL = [{"role": "assistant", "tool_calls": [
+    {"type": "function", "function": {"name": "control_light", "arguments": {"room": "living room", "state": "on"}}}]}]
+TOOL_ROW = {"prompt": TOOL_PROMPT, "chosen": TOOL_CALL,
+            "rejected": [{"role": "assistant", "content": "I cannot reach the lights."}]}
+# Renders tool calls, and content given as a list of text parts, besides plain string content.
+RICH_TEMPLATE = TEMPLATE.replace(
+    "{{ m['content'] }}",
+    "{% if m['tool_calls'] is defined %}{% for c in m['tool_calls'] %}<call>{{ c['function']['name'] }} "
+    "{{ c['function']['arguments'] | tojson }}</call>{% endfor %}"
+    "{% elif m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for p in m['content'] %}{{ p['text'] }}{% endfor %}{% endif %}",
+)
+
+
+def test_tool_calls_render_where_the_template_renders_them(tok):
+    (row,) = run(tok, TOOL_ROW, chat_template=RICH_TEMPLATE)
+    assert row["reason"] is None
+    call = '<call>control_light {"room": "living room", "state": "on"}</call>'
+    assert decode(tok, row["chosen_ids"]) == call + EOS + "\n"
+    # The whole exchange as a prompt: the call, the tool's answer, then the assistant's turn to write.
+    done = {"prompt": TOOL_PROMPT + TOOL_CALL + [
+                {"role": "tool", "name": "control_light", "content": "The lights in the living room are now on."}],
+            "chosen": [{"role": "assistant", "content": "Done!"}],
+            "rejected": [{"role": "assistant", "content": "Which room?"}]}
+    (row,) = run(tok, done, chat_template=RICH_TEMPLATE, max_prompt_length=256, max_length=512)
+    assert row["reason"] is None and not row["prompt_truncated"]
+    assert "<call>control_light" in decode(tok, row["prompt_ids"])
+
+
+def test_tool_calls_a_template_ignores_are_rejected_not_dropped(tok):
+    (row,) = run(tok, TOOL_ROW, chat_template=TEMPLATE)
+    assert row["reason"] == "unsupported_tool_calls"
+
+
+def test_text_parts_render_like_string_content(tok):
+    parts = {"prompt": [{"role": "user", "content": [{"type": "text", "text": "What color is the sky?"}]}],
+             "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "It is blue."}]}],
+             "rejected": [{"role": "assistant", "content": "It is green."}]}
+    strings = {"prompt": [{"role": "user", "content": "What color is the sky?"}],
+               "chosen": [{"role": "assistant", "content": "It is blue."}],
+               "rejected": [{"role": "assistant", "content": "It is green."}]}
+    a, b = run(tok, parts, strings, chat_template=RICH_TEMPLATE)
+    assert a["reason"] is None and a["id"] == b["id"]
+    # A template that reads content as a string would print the list: rejected, naming the cause.
+    assert run(tok, parts, chat_template=TEMPLATE)[0]["reason"] == "unsupported_content_parts"
+
+
+def test_image_parts_are_rejected_as_non_text(tok):
+    image = {"prompt": [{"role": "user", "content": [{"type": "image", "url": "https://example.com/sky.png"},
+                                                     {"type": "text", "text": "What color is the sky?"}]}],
+             "chosen": [{"role": "assistant", "content": "It is blue."}],
+             "rejected": [{"role": "assistant", "content": "It is green."}]}
+    assert run(tok, image, chat_template=RICH_TEMPLATE)[0]["reason"] == "non_text_content"
+
+
 def test_unpaired_kto_rows(tok):
     good, bad = run(
         tok,
@@ -365,6 +422,17 @@ REJECTED_ROWS = [
     ("unknown_role", {"prompt": [{"role": "narrator", "content": "x"}], "chosen": ASSISTANT_A,
                       "rejected": ASSISTANT_B}),
     ("no_pair", {"prompt": "p", "completions": [{"text": "only", "score": 1}]}),
+    ("unsupported_tool_calls", TOOL_ROW),
+    ("unsupported_content_parts", {"prompt": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+                                   "chosen": ASSISTANT_A, "rejected": ASSISTANT_B}),
+    ("non_text_content", {"prompt": [{"role": "user", "content": [{"type": "image", "url": "x.png"}]}],
+                          "chosen": ASSISTANT_A, "rejected": ASSISTANT_B}),
+    ("wrong_type", {"prompt": MSG, "chosen": [{"role": "assistant", "tool_calls": "control_light"}],
+                    "rejected": ASSISTANT_B}),
+    ("missing_field", {"prompt": MSG, "chosen": [{"role": "assistant", "tool_calls": [{"type": "function"}]}],
+                       "rejected": ASSISTANT_B}),
+    ("wrong_type", {"prompt": MSG, "chosen": [{"role": "assistant", "content": {"text": "a"}}],
+                    "rejected": ASSISTANT_B}),
     ("no_shared_prompt", {"chosen": "Yes.", "rejected": "No."}),
     ("no_shared_prompt", {"chosen": " yes", "rejected": " no"}),  # only a space in common
     ("no_shared_prompt", {"chosen": ASSISTANT_A, "rejected": ASSISTANT_B}),

@@ -1,7 +1,8 @@
 """The checks every example's fields pass, in a fixed order, before it is rendered to text.
 
-The order is fixed so that a row with several faults always gets the same reason: types, invalid_utf8,
-nul_byte, unknown_role, empty_prompt, empty_response, identical_responses.
+The order is fixed so that a row with several faults always gets the same reason: types (with
+non_text_content), invalid_utf8, nul_byte, unknown_role, empty_prompt, empty_response, identical_responses;
+then, while rendering, what the chat template cannot render (unsupported_tool_calls, unsupported_content_parts).
 """
 
 from __future__ import annotations

@@ -47,6 +47,9 @@ REASONS = (
     "template_mismatch",  # the full conversation's rendering does not start with the prompt's rendering
     "template_error",  # the chat template raised on this row (e.g. roles that do not alternate)
     "identical_after_truncation",  # chosen and rejected became the same tokens once cut to max_length
+    "unsupported_tool_calls",  # a message carries tool_calls and the chat template does not render them
+    "unsupported_content_parts",  # a message's content is a list of text parts and the template reads only strings
+    "non_text_content",  # a content part that is not text (an image, audio): a text model cannot train on it
 )
 
 
