@@ -22,11 +22,12 @@ from collections.abc import Iterator
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from pipeline.config import ConfigError, DataConfig
 from pipeline.data.files import KNOWN_SUFFIXES, list_directory, read_directory, read_file
-from pipeline.data.hf_datasets import is_saved_dataset, read_hub, read_saved
+from pipeline.data.hf_datasets import DEFAULT_SPLIT, is_saved_dataset, read_hub, read_saved
 from pipeline.data.records import RECORD_SCHEMA, InputError, Record, record_table
 
-__all__ = ["RECORD_SCHEMA", "InputError", "input_fingerprint", "is_hub_name", "read_records"]
+__all__ = ["RECORD_SCHEMA", "InputError", "input_fingerprint", "is_hub_name", "read_inputs", "read_records"]
 
 _HUB_PREFIX = "hf://datasets/"
 _BARE_HUB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -37,7 +38,7 @@ def is_hub_name(path: str) -> bool:
     return bool(_BARE_HUB_NAME.match(path))
 
 
-def read_records(path: str, *, filesystem: pafs.FileSystem | None = None, split: str = "train") -> pa.Table:
+def read_records(path: str, *, filesystem: pafs.FileSystem | None = None, split: str | None = None) -> pa.Table:
     """Read every row of `path` into a table with `RECORD_SCHEMA` (source, raw, read_error).
 
     Rows keep their order: files sorted by name, rows in file order. Every input row yields exactly one
@@ -45,10 +46,11 @@ def read_records(path: str, *, filesystem: pafs.FileSystem | None = None, split:
     file is a row too, and a malformed one ("malformed_json"): blank lines are counted, never dropped.
     NaN/Infinity literals are not JSON and make a line "malformed_json".
 
-    `split` is used only for hub datasets. Raises `InputError` for an input that cannot be read at all.
+    `split` picks one split of a hub dataset or a save_to_disk DatasetDict folder (None: "train"); an input
+    that does not hold it refuses it. Raises `InputError` for an input that cannot be read at all.
     """
     if filesystem is not None:
-        return record_table(path, _read_path(filesystem, path, path))
+        return record_table(path, _read_path(filesystem, path, path, split))
     if path.startswith("hf://"):
         if not path.startswith(_HUB_PREFIX) or len(path) == len(_HUB_PREFIX):
             raise InputError(f"{path}: hub paths look like hf://datasets/<owner>/<name>")
@@ -58,27 +60,43 @@ def read_records(path: str, *, filesystem: pafs.FileSystem | None = None, split:
             filesystem, inner = pafs.FileSystem.from_uri(path)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, ValueError) as exc:
             raise InputError(f"{path}: cannot open this URI with pyarrow: {exc}") from exc
-        return record_table(path, _read_path(filesystem, inner, path))
+        return record_table(path, _read_path(filesystem, inner, path, split))
     inner = os.path.abspath(path)
     # "owner/name" with no such local path is a hub dataset; "dir/file.jsonl" stays a missing file.
     if is_hub_name(path) and not path.lower().endswith(KNOWN_SUFFIXES) and not os.path.exists(inner):
         return record_table(path, read_hub(path, split, bare=True))
-    return record_table(path, _read_path(pafs.LocalFileSystem(), inner, path))
+    return record_table(path, _read_path(pafs.LocalFileSystem(), inner, path, split))
 
 
-def _read_path(filesystem: pafs.FileSystem, inner: str, display: str) -> Iterator[Record]:
+def _read_path(filesystem: pafs.FileSystem, inner: str, display: str, split: str | None) -> Iterator[Record]:
     try:
         info = filesystem.get_file_info(inner)
     except OSError as exc:
         raise InputError(f"{display}: cannot stat: {exc}") from exc
     if info.type == pafs.FileType.NotFound:
         raise InputError(f"{display}: no such file or directory")
-    if info.type != pafs.FileType.Directory:
+    entries = list_directory(filesystem, inner, display) if info.type == pafs.FileType.Directory else None
+    if entries is not None and is_saved_dataset(entries):
+        return read_saved(filesystem, inner, display, entries, split=split)
+    if split is not None:
+        raise InputError(f"{display}: no split {split!r}: only hub datasets and DatasetDict folders have splits")
+    if entries is None:
         return read_file(filesystem, inner, display)
-    entries = list_directory(filesystem, inner, display)
-    if is_saved_dataset(entries):
-        return read_saved(filesystem, inner, display, entries)
     return read_directory(filesystem, entries, display)
+
+
+def read_inputs(data: DataConfig) -> tuple[pa.Table, frozenset[str] | None]:
+    """The records `data` names, and which of them are its eval split (their sources; None: no eval split).
+
+    With `data.eval_split`, that split's records follow the training split's in one table.
+    """
+    records = read_records(data.path, split=data.split)
+    if data.eval_split is None:
+        return records, None
+    if data.eval_split == (data.split or DEFAULT_SPLIT):
+        raise ConfigError(f"data.eval_split: {data.eval_split!r} is the split trained on; name another one")
+    eval_records = read_records(data.path, split=data.eval_split)
+    return pa.concat_tables([records, eval_records]), frozenset(eval_records["source"].to_pylist())
 
 
 def input_fingerprint(path: str) -> str:

@@ -52,3 +52,23 @@ def is_eval(prompt_ids: pa.Array, fraction: float) -> np.ndarray:
 
     buckets = np.array([bucket(ids) for ids in prompt_ids.to_pylist()], dtype=np.float64)
     return buckets / 2**32 < fraction
+
+
+def held_out_rows(
+    good: pa.Table, rejected: pa.Table, *, eval_sources: frozenset[str] | None, fraction: float
+) -> np.ndarray:
+    """Which good rows (after `finish_outcomes`) go to eval.
+
+    With no eval split (`eval_sources` None), the prompt-hash split (`is_eval`). With one, the pairs its
+    records produced: a pair that both splits hold is kept once (its other copy rejected as a duplicate
+    pair) and held out, so that nothing evaluated on was trained on.
+    """
+    if eval_sources is None:
+        return is_eval(good["prompt_ids"], fraction)
+    eval_ids = {
+        row_id
+        for table in (good, rejected)
+        for source, row_id in zip(table["source"].to_pylist(), table["id"].to_pylist())
+        if row_id is not None and source in eval_sources
+    }
+    return np.array([row_id in eval_ids for row_id in good["id"].to_pylist()], dtype=bool)

@@ -19,8 +19,8 @@ from pipeline.config import Config
 from pipeline.data.audit import audit, check_strict
 from pipeline.data.encode import process_records
 from pipeline.data.schemas import TOKENIZED
-from pipeline.data.sources import input_fingerprint, read_records
-from pipeline.data.split import finish_outcomes, is_eval, with_lengths
+from pipeline.data.sources import input_fingerprint, read_inputs
+from pipeline.data.split import finish_outcomes, held_out_rows, with_lengths
 from pipeline.stages.base import Stage, StageRun
 
 log = logging.getLogger(__name__)
@@ -78,12 +78,12 @@ def write_outputs(writer, splits: dict[str, pa.Table], rejected: pa.Table) -> No
 def tokenize(run: StageRun) -> dict:
     """Tokenize `data.path` into `<run_dir>/tokenize/{train,eval}`, rejected rows kept with their reasons."""
     config = run.config
-    records = read_records(config.data.path)
+    records, eval_sources = read_inputs(config.data)
     good, rejected = finish_outcomes(tokenize_rows(config, records))
     reasons = Counter(rejected["reason"].to_pylist())
     check_strict(config.tokenize.strict, reasons)
     good = with_lengths(good)
-    held_out = is_eval(good["prompt_ids"], config.data.eval_fraction)
+    held_out = held_out_rows(good, rejected, eval_sources=eval_sources, fraction=config.data.eval_fraction)
     splits = {"train": good.filter(pa.array(~held_out)), "eval": good.filter(pa.array(held_out))}
     write_outputs(run.writer, splits, rejected)
     rows_in, rows_out = records.num_rows, good.num_rows
