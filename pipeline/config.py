@@ -26,6 +26,12 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class DataConfig:
     path: str = ""  # JSONL / Parquet / datasets dir / hub name; local path or pyarrow filesystem URI
+    # The split of a hub dataset or of a save_to_disk DatasetDict folder to read; None reads "train". Inputs
+    # without splits (files, one saved dataset) refuse a split they do not hold.
+    split: str | None = None
+    # A split of the same dataset to evaluate on (e.g. "test_prefs"), in place of holding prompts out by hash:
+    # its rows all go to eval, `split`'s to train, and eval_fraction is not used. A pair in both is held out.
+    eval_split: str | None = None
     format: str = "auto"  # auto | standard | conversational | implicit_prompt | unpaired | scored
     columns: dict[str, str] = field(default_factory=dict)  # our name -> the user's column name
     chat_template: str | None = None  # Jinja template for tokenizers that have none

@@ -13,7 +13,7 @@ from pipeline.stages import EVALUATE, SCORE, TOKENIZE, TRAIN
 from pipeline.stages.evaluate import Policy, held_out_measures
 from pipeline.config import load_config
 from pipeline.runtime.storage import RunDir, read_parquet_dir
-from tests.conftest import write_pairs
+from tests.conftest import write_dataset_dict, write_pairs
 
 pytestmark = pytest.mark.stage
 
@@ -284,3 +284,18 @@ def test_kto_held_out_separation_is_chance_when_policy_equals_reference(kto_run)
     assert (result["kind"], result["rows"], result["desirable"], result["undesirable"]) == ("unpaired", 6, 4, 2)
     assert result["auc"] == 0.5
     assert result["reward_desirable_mean"] == 0.0 and result["reward_undesirable_mean"] == 0.0
+
+
+def test_a_named_eval_split_is_the_eval_set(config, tmp_path):
+    """data.eval_split: a DatasetDict's own test split is held out instead of prompts by hash."""
+    train = [{"prompt": f"review {i}:", "chosen": " great film", "rejected": " awful film"} for i in range(8)]
+    test = [{"prompt": "review 90:", "chosen": " a truly delightful film", "rejected": " an awful, dull film"},
+            train[0]]  # also in train: held out, never trained on
+    data = write_dataset_dict(tmp_path / "dd", {"train": train, "test": test})
+    split_config = config.replace(run_dir=str(tmp_path / "run"), data=dataclasses.replace(
+        config.data, path=str(data), eval_split="test", eval_fraction=0.0))
+    manifest = TOKENIZE.run(split_config)
+    assert (manifest["rows_in"], manifest["rows_train"], manifest["rows_eval"]) == (10, 7, 2)
+    assert manifest["dropped"] == {"duplicate_pair": 1}
+    held_out = read_parquet_dir(RunDir(split_config.run_dir), "tokenize/eval")
+    assert held_out.num_rows == 2
