@@ -8,6 +8,7 @@ key: it must have been sent with every request and written nowhere.
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -41,9 +42,8 @@ def dpo(judge, run_dir):
     judge_settings = {
         "evaluate.judge": "api", "evaluate.judge_api.base_url": judge.url, "evaluate.judge_api.model": "judge-model",
         "evaluate.judge_api.api_key_env": KEY_ENV, "evaluate.judge_api.prompt_template": json.dumps(TEMPLATE),
-        "evaluate.judge_api.max_retries": "1", "evaluate.judge_api.backoff_base_s": "0.01",
-        "evaluate.judge_api.cache_path": "${run_dir}/judge_cache.sqlite",
-    }
+        "evaluate.judge_api.max_retries": "1",
+    }  # no cache_path: the cache is on by default, at <run_dir>/judge_cache.sqlite
     sets = [f"run_dir={run_dir}", *(f"{k}={v}" for k, v in judge_settings.items())]
 
     def run(command: str, *extra: str) -> subprocess.CompletedProcess:
@@ -77,6 +77,11 @@ def test_cli_runs_every_stage(dpo, run_dir):
     assert summary["implicit_reward_accuracy"]["pairs"] > 0
     tokenize = json.loads((run_dir / "tokenize" / "manifest.json").read_text())
     assert tokenize["rows_in"] == tokenize["rows_out"] + sum(tokenize["dropped"].values())
+    # Progress a user can follow: evaluate's sampling and judging counts, the judge's tally in the manifest.
+    judge_stats = json.loads((run_dir / "evaluate" / "manifest.json").read_text())["judge_stats"]
+    assert judge_stats["requests"] > 0 and judge_stats["unparsed"] == 0
+    assert "evaluate: sampled " in done.stderr
+    assert re.search(r"evaluate: judged (\d+) of \1 \(api:judge-model\)", done.stderr)  # the last count: all in
 
 
 def test_unknown_key_fails_before_any_work(dpo):
