@@ -103,9 +103,14 @@ class TrainConfig:
     compile: bool = False  # torch.compile each decoder block (GPU: the largest single speed-up we measured)
     packing: bool = False  # sequences end to end in one row, no padding (use model.attn_implementation: flex_attention on GPU)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
-    logging_steps: int = 1
+    logging_steps: int = 1  # every logged step: a progress line, a metrics.jsonl row, the trackers
     checkpoint_steps: int = 0  # 0: checkpoint only at the end
     seed: int = 0
+    # Experiment trackers, any of tensorboard | mlflow | wandb (pipeline/runtime/tracking.py). TensorBoard by
+    # default: free, local, files in the run directory, nothing to sign up for or serve.
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    tracker_project: str = "raydpo"  # MLflow experiment and W&B project
+    mlflow_tracking_uri: str | None = None  # None: a local file store at <run_dir>/mlruns
 
 
 @dataclass(frozen=True)
@@ -309,10 +314,12 @@ def _coerce(hint, value, *, path: str):
     raise ConfigError(f"{path}: unsupported type {hint}")
 
 
-# Where and how fast a stage runs, not what it computes: changing these never reruns a finished stage.
+# Where and how fast a stage runs, or where it reports, not what it computes: changing these never reruns a
+# finished stage.
 RESOURCE_FIELDS = (
     "score.num_actors", "score.cpus_per_actor", "score.gpus_per_actor",
     "train.cpus_per_worker", "train.torch_threads", "evaluate.max_actors",
+    "train.report_to", "train.tracker_project", "train.mlflow_tracking_uri",
 )
 
 

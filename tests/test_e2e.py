@@ -82,6 +82,18 @@ def test_cli_runs_every_stage(dpo, run_dir):
     assert judge_stats["requests"] > 0 and judge_stats["unparsed"] == 0
     assert "evaluate: sampled " in done.stderr
     assert re.search(r"evaluate: judged (\d+) of \1 \(api:judge-model\)", done.stderr)  # the last count: all in
+    # A line per logged step, each once, with the time left; TensorBoard (the default tracker) has the loss
+    # curve and the evaluate summary, read by its own reader.
+    step_lines = [line for line in (done.stdout + done.stderr).splitlines() if re.search(r"train step \d+/4:", line)]
+    assert len(step_lines) == len(set(step_lines)) == 4 and all(" left" in line for line in step_lines), step_lines
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events_dir,) = (run_dir / "tensorboard").iterdir()
+    events = EventAccumulator(str(events_dir))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert {"eval/T1/policy/win_rate", "eval/T1/policy/win_rate_ci_low", "eval/T0/reference/reward_mean"} <= set(
+        events.Tags()["scalars"])
 
 
 def test_unknown_key_fails_before_any_work(dpo):

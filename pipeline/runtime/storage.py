@@ -94,6 +94,17 @@ class RunDir:
     def read_json(self, rel: str) -> Any:
         return json.loads(self.read_text(rel))
 
+    def upload_dir(self, local: str, rel: str) -> None:
+        """Copy the local folder `local`, every file under it, to `rel` in the run directory."""
+        fs = self.fs
+        for root, _, files in os.walk(local):
+            for name in files:
+                src = os.path.join(root, name)
+                dst = self.path(rel, os.path.relpath(src, local))
+                fs.create_dir(dst.rsplit("/", 1)[0], recursive=True)
+                with open(src, "rb") as f, fs.open_output_stream(dst) as out:
+                    shutil.copyfileobj(f, out)
+
     @contextmanager
     def local_file(self, rel: str) -> Iterator[str]:
         """A local path for the file `rel`, for a library that opens files by path (SQLite).

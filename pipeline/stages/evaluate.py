@@ -48,6 +48,7 @@ from pipeline.runtime.model_copy import local_model
 from pipeline.runtime.resources import Request
 from pipeline.runtime.sampler import start_sampler
 from pipeline.runtime.storage import RunDir, read_parquet_dir
+from pipeline.runtime.tracking import Trackers, TrackingRun, summary_metrics
 from pipeline.stages.base import Stage, StageRun
 
 log = logging.getLogger(__name__)
@@ -199,6 +200,7 @@ def evaluate_policies(run: StageRun, policies: list[Policy]) -> dict:
                                  chosen_texts=chosen.texts if chosen else None, candidates=sampled.candidates)
 
     write_results(run.writer, config, policies, samples=samples, judgments=judgments, summary=summary, accuracy=accuracy)
+    log_to_trackers(policies, summary["rows"], baselines=["reference", *compared[len(policies):]])
     log.info("evaluate: report in %s", run.run_dir.uri_of("evaluate", "report.md"))
     stats = getattr(judge, "stats", None)  # the API judge's requests, cache hits, parse failures, spend
     return {"rows_in": len(prompts), "rows_out": samples.num_rows, "dropped": {},
@@ -314,6 +316,21 @@ def write_results(writer, config: Config, policies: list[Policy], *, samples: pa
         for name in names:
             with open(os.path.join(tmp, name), "rb") as f, writer.run.fs.open_output_stream(writer.path(name)) as out:
                 out.write(f.read())
+
+
+def log_to_trackers(policies: list[Policy], rows: list[dict], *, baselines: list[str]) -> None:
+    """Each policy's summary rows, with the baselines', into the tracking run of its training (the train
+    manifest names it), at its last training step."""
+    for p in policies:
+        manifest = p.run_dir.manifest("train") or {}
+        tracking = manifest.get("tracking")
+        if not tracking or not tracking["report_to"]:
+            continue  # trained without trackers
+        trackers = Trackers(TrackingRun.from_dict(tracking))
+        try:
+            trackers.log(summary_metrics(rows, [p.name, *baselines]), step=manifest["steps"])
+        finally:
+            trackers.close()
 
 
 def evaluate_requests(config: Config) -> list[Request]:

@@ -26,7 +26,7 @@ from pipeline.config import Config
 from pipeline.model.losses import is_unpaired, loss_weights, needs_reference
 from pipeline.model.train_step import accumulation, total_steps
 from pipeline.runtime.resources import Request
-from pipeline.runtime.storage import RunDir
+from pipeline.runtime.tracking import check_trackers, flat_params, tracking_run
 from pipeline.stages.base import Stage, StageRun
 
 log = logging.getLogger(__name__)
@@ -87,30 +87,42 @@ def check_training(config: Config, upstream: dict, *, where: str) -> int:
     accumulation(train)  # a bad batch layout
     loss_weights(train.loss)  # an unknown loss name
     check_data_kind(config, upstream, where=where)
+    check_trackers(train, config.run_dir)
     if train.batch_size > upstream["rows_train"]:
         raise ValueError(f"train.batch_size ({train.batch_size}) is larger than the {upstream['rows_train']} training pairs")
     return total_steps(train, upstream["rows_train"])
+
+
+def attempt_name(run: StageRun) -> str:
+    """The attempt's folder under train.work, tied to this config and this data: a rerun of the same work
+    resumes from its last checkpoint (and its tracking run); changed work starts fresh."""
+    return f"{run.stage.config_hash(run.config)}-{run.upstream['manifest_hash'][:8]}"
+
+
+# Ray Train V2 sends a worker's print() to its log file and, when sys.stdout is not the process's own (in
+# a Ray worker it never is), to stdout as well: each line would reach the driver twice.
+WORKER_ENV = {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
 
 
 def make_trainer(run: StageRun, steps: int):
     """A TorchTrainer over the upstream's train shards, resuming from this work's last checkpoint."""
     # Ray Train (and the worker module, which imports it) only here: seconds of import that the
     # commands which never build a trainer need not pay.
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipeline.stages.train_worker import train_loop_per_worker
 
     config, train, run_dir = run.config, run.config.train, run.run_dir
     source = upstream_stage(config)
-    # The attempt's name ties checkpoints to this config and this data: a rerun of the same work
-    # resumes from its last checkpoint; changed work starts fresh.
-    name = f"{run.stage.config_hash(config)}-{run.upstream['manifest_hash'][:8]}"
+    name = attempt_name(run)
     storage = run_dir.uri_of("train.work")
     if run.force and run_dir.exists("train.work", name):
         run_dir.fs.delete_dir(run_dir.path("train.work", name))
     if "://" not in storage:
         os.makedirs(storage, exist_ok=True)
+    shards = ray.data.read_parquet(run.data_dir.uri_of(source, "train"))
+    shards.context.enable_progress_bars = False  # a bar drawn from the worker would tear the training lines
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -120,6 +132,10 @@ def make_trainer(run: StageRun, steps: int):
             "attn_implementation": config.model.attn_implementation,
             "total_steps": steps,
             "with_reference": source == "score",
+            "run_dir": run_dir.uri,
+            "attempt": name,
+            "tracking": tracking_run(train, run_dir.uri, name).to_dict(),
+            "params": flat_params(config.to_dict()),
         },
         scaling_config=ScalingConfig(
             num_workers=train.num_workers,
@@ -131,24 +147,28 @@ def make_trainer(run: StageRun, steps: int):
             storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=0),
+            worker_runtime_env=WORKER_ENV,
+            # Ray Train's INFO lines include one per report, and each logged step is a report; warnings and
+            # errors still show, and our own step lines say what a person watching needs.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
-        datasets={"train": ray.data.read_parquet(run.data_dir.uri_of(source, "train"))},
+        datasets={"train": shards},
         dataset_config=ingest_config(train.num_workers),
     )
 
 
 def export_final(run: StageRun, checkpoint) -> list[dict]:
-    """The last checkpoint, less its optimizer state, as `train/final` (a Hugging Face directory), and
-    its metrics history as `train/metrics.jsonl`; returns the history."""
+    """The last checkpoint, less its optimizer state, as `train/final` (a Hugging Face directory), and the
+    attempt's live metrics.jsonl as `train/metrics.jsonl`, the very lines logged as training ran; returns them."""
     writer = run.writer
     with checkpoint.as_directory() as ckpt:
-        history = json.loads(open(os.path.join(ckpt, "trainer_state.json")).read())["history"]
         with tempfile.TemporaryDirectory() as tmp:
             final = os.path.join(tmp, "final")
             shutil.copytree(ckpt, final, ignore=shutil.ignore_patterns("optimizer.safetensors", "trainer_state.json", ".*"))
-            _upload_dir(run.run_dir, final, f"{writer.staging}/final")
-    writer.write_text("metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
-    return history
+            run.run_dir.upload_dir(final, f"{writer.staging}/final")
+    metrics = run.run_dir.read_text(f"train.work/{attempt_name(run)}/metrics.jsonl")
+    writer.write_text("metrics.jsonl", metrics)
+    return [json.loads(line) for line in metrics.splitlines() if line.strip()]
 
 
 def train_stage(run: StageRun) -> dict:
@@ -169,6 +189,8 @@ def train_stage(run: StageRun) -> dict:
         "steps": steps,
         "final_metrics": history[-1] if history else {},
         "checkpoint": result.checkpoint.path,
+        # Where the evaluate stage logs its summary: the same tracking run as the training curves.
+        "tracking": tracking_run(run.config.train, run.run_dir.uri, attempt_name(run)).to_dict(),
     }
 
 
@@ -186,14 +208,3 @@ TRAIN = Stage(
     upstream=upstream_stage,
     requests=train_requests,
 )
-
-
-def _upload_dir(run_dir: RunDir, local: str, rel: str) -> None:
-    fs = run_dir.fs
-    for root, _, files in os.walk(local):
-        for name in files:
-            src = os.path.join(root, name)
-            dst = run_dir.path(rel, os.path.relpath(src, local))
-            fs.create_dir(dst.rsplit("/", 1)[0], recursive=True)
-            with open(src, "rb") as f, fs.open_output_stream(dst) as out:
-                shutil.copyfileobj(f, out)

@@ -3,9 +3,11 @@
 Ray Train runs `train_loop_per_worker` on every worker. The step itself is
 `pipeline.model.train_step.train_step` with the objective the loss declares
 (`pipeline.model.objectives.objective_for`); this module adds only what needs Ray Train: the worker's
-rank and device, its data shard, DDP, and reporting checkpoints. Ray Train is imported at the top
-here; the train stage imports this module only where it builds the TorchTrainer, so that importing the
-stage (every CLI command does) does not pay for Ray Train.
+rank and device, its data shard, DDP, and reporting metrics and checkpoints. Every logged step goes out as
+it happens: to `ray.train.report` from every rank, and from rank 0 to the attempt's metrics.jsonl, to the
+trackers `train.report_to` names, and as a line with the step, tokens/s and the time left. Ray Train is
+imported at the top here; the train stage imports this module only where it builds the TorchTrainer, so
+that importing the stage (every CLI command does) does not pay for Ray Train.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from pipeline.model.loading import compile_decoder_layers, load_model, load_toke
 from pipeline.model.objectives import objective_for
 from pipeline.model.train_step import Objective, StepResult, accumulation, disable_dropout, lr_factor, train_step
 from pipeline.runtime.checkpoints import load_training_state, save_training_state
+from pipeline.runtime.storage import RunDir
+from pipeline.runtime.tracking import MetricsLog, Trackers, TrackingRun, train_metrics
 
 
 @dataclass
@@ -60,20 +64,61 @@ def train_loop_per_worker(loop_config: dict) -> None:
                               with_reference=loop_config["with_reference"])
     steps, accum = loop_config["total_steps"], accumulation(train)
     stream = micro_batches(ray.train.get_dataset_shard("train"), size=train.micro_batch_size, skip=worker.start_step * accum)
-    for step in range(worker.start_step, steps):
-        start = time.perf_counter()
-        lr = train.learning_rate * lr_factor(step, total=steps, warmup=train.warmup_steps, schedule=train.lr_schedule)
-        epochs, batches = zip(*(next(stream) for _ in range(accum)))
-        result = train_step(worker.model, worker.optimizer, batches, objective=objective, lr=lr,
-                            max_grad_norm=train.max_grad_norm, world=world)
-        done = step + 1
-        if done % train.logging_steps == 0 or done == steps:
-            row = history_row(result, step=done, epoch=epochs[-1], lr=lr, elapsed=time.perf_counter() - start)
-            worker.history.append(row)
-            if rank == 0 and (done % max(1, steps // 10) == 0 or done == steps):
-                print_progress(row, objective, steps=steps)
-        if done == steps or (train.checkpoint_steps and done % train.checkpoint_steps == 0):
-            report(worker, step=done, rank=rank)
+    step_log = StepLog(loop_config, worker, objective, steps=steps) if rank == 0 else None
+    try:
+        for step in range(worker.start_step, steps):
+            start = time.perf_counter()
+            lr = train.learning_rate * lr_factor(step, total=steps, warmup=train.warmup_steps, schedule=train.lr_schedule)
+            epochs, batches = zip(*(next(stream) for _ in range(accum)))
+            result = train_step(worker.model, worker.optimizer, batches, objective=objective, lr=lr,
+                                max_grad_norm=train.max_grad_norm, world=world)
+            done = step + 1
+            logged = done % train.logging_steps == 0 or done == steps
+            checkpoint = done == steps or bool(train.checkpoint_steps and done % train.checkpoint_steps == 0)
+            if logged:
+                worker.history.append(history_row(result, step=done, epoch=epochs[-1], lr=lr,
+                                                  elapsed=time.perf_counter() - start))
+                if step_log:
+                    step_log.logged(worker.history[-1])
+            if logged or checkpoint:  # the same on every rank: Ray Train needs each rank's every report
+                report(worker, step=done, rank=rank, checkpoint=checkpoint, step_log=step_log)
+    finally:
+        if step_log:
+            step_log.close()
+
+
+class StepLog:
+    """Rank 0's outlets for each logged step: the attempt's live metrics.jsonl, the trackers, a progress line."""
+
+    def __init__(self, loop_config: dict, worker: Worker, objective: Objective, *, steps: int):
+        self.objective, self.steps, self.first_step = objective, steps, worker.start_step
+        run_dir = RunDir(loop_config["run_dir"])
+        self.metrics = MetricsLog(run_dir, f"train.work/{loop_config['attempt']}/metrics.jsonl", worker.history)
+        tracking = TrackingRun.from_dict(loop_config["tracking"])
+        self.trackers = (Trackers(tracking, params=loop_config["params"], resume_step=worker.start_step)
+                         if tracking.report_to else None)
+        self.started = time.perf_counter()
+
+    def logged(self, row: dict) -> None:
+        self.metrics.append(row)
+        if self.trackers:
+            self.trackers.log(train_metrics(row), step=row["step"])
+        per_step = (time.perf_counter() - self.started) / (row["step"] - self.first_step)
+        left = int(per_step * (self.steps - row["step"]))
+        left = f"{left // 3600}:{left % 3600 // 60:02d}:{left % 60:02d}"
+        print(f"train step {row['step']}/{self.steps}: loss {row['loss']:.4f} {self.objective.progress(row)} "
+              f"lr {row['learning_rate']:.2e} {row['tokens_per_s']:.0f} tokens/s, {left} left", flush=True)
+
+    def checkpointed(self) -> None:
+        """A checkpoint is being reported: bring the copies on a remote run directory up to date."""
+        self.metrics.flush()
+        if self.trackers:
+            self.trackers.sync()
+
+    def close(self) -> None:
+        self.metrics.flush()
+        if self.trackers:
+            self.trackers.close()
 
 
 def set_up(loop_config: dict, train: TrainConfig, *, device: torch.device, rank: int) -> Worker:
@@ -131,20 +176,15 @@ def history_row(result: StepResult, *, step: int, epoch: int, lr: float, elapsed
     }
 
 
-def print_progress(row: dict, objective: Objective, *, steps: int) -> None:
-    print(
-        f"train step {row['step']}/{steps}: loss {row['loss']:.4f} {objective.progress(row)} "
-        f"lr {row['learning_rate']:.2e} {row['tokens_per_s']:.0f} tokens/s",
-        flush=True,
-    )
-
-
-def report(worker: Worker, *, step: int, rank: int) -> None:
-    """Report the last logged metrics to Ray Train; rank 0 adds a checkpoint (the model, optimizer and history)."""
+def report(worker: Worker, *, step: int, rank: int, checkpoint: bool, step_log: StepLog | None) -> None:
+    """Report the last logged metrics to Ray Train; with `checkpoint`, rank 0 adds one (the model, optimizer
+    and history)."""
     metrics = worker.history[-1] if worker.history else {"step": step}
-    if rank != 0:
+    if rank != 0 or not checkpoint:
         ray.train.report(metrics)
         return
+    if step_log:
+        step_log.checkpointed()  # first: a checkpoint never gets ahead of the live metrics on a remote run dir
     with tempfile.TemporaryDirectory() as tmp:
         save_pretrained(worker.bare_model, worker.tokenizer, tmp)
         save_training_state(tmp, worker.optimizer, step=step, history=worker.history)
