@@ -91,21 +91,24 @@ class StepLog:
     """Rank 0's outlets for each logged step: the attempt's live metrics.jsonl, the trackers, a progress line."""
 
     def __init__(self, loop_config: dict, worker: Worker, objective: Objective, *, steps: int):
-        self.objective, self.steps, self.first_step = objective, steps, worker.start_step
+        self.objective, self.steps = objective, steps
         run_dir = RunDir(loop_config["run_dir"])
         self.metrics = MetricsLog(run_dir, f"train.work/{loop_config['attempt']}/metrics.jsonl", worker.history)
         tracking = TrackingRun.from_dict(loop_config["tracking"])
         self.trackers = (Trackers(tracking, params=loop_config["params"], resume_step=worker.start_step)
                          if tracking.report_to else None)
-        self.started = time.perf_counter()
+        self.first: tuple[float, int] | None = None  # (time, step) of the first logged step: the rate's start
 
     def logged(self, row: dict) -> None:
         self.metrics.append(row)
         if self.trackers:
             self.trackers.log(train_metrics(row), step=row["step"])
-        per_step = (time.perf_counter() - self.started) / (row["step"] - self.first_step)
-        left = int(per_step * (self.steps - row["step"]))
-        left = f"{left // 3600}:{left % 3600 // 60:02d}:{left % 60:02d}"
+        now = time.perf_counter()
+        if self.first is None:  # the first step pays for the data pipeline's start: no rate from it
+            self.first, left = (now, row["step"]), "-:--:--"
+        else:
+            seconds = int((now - self.first[0]) / (row["step"] - self.first[1]) * (self.steps - row["step"]))
+            left = f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
         print(f"train step {row['step']}/{self.steps}: loss {row['loss']:.4f} {self.objective.progress(row)} "
               f"lr {row['learning_rate']:.2e} {row['tokens_per_s']:.0f} tokens/s, {left} left", flush=True)
 
