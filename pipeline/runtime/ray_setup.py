@@ -29,7 +29,8 @@ def init_ray(config: RayConfig) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=config.num_cpus, log_to_driver=True)
+        # "local": without it Ray joins any cluster `ray start` left running on this machine (and then refuses num_cpus).
+        ray.init(address="local", num_cpus=config.num_cpus, log_to_driver=True)
     _configure_ray_data(progress_bars=on_a_terminal())
     log.info("Ray resources: %s", ray.cluster_resources())
 
