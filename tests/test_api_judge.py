@@ -165,7 +165,7 @@ def api_key(monkeypatch):
 
 def make_judge(server: FakeChatServer, **overrides) -> ApiJudge:
     settings = dict(base_url=server.url, model="judge-model", api_key_env=KEY_ENV, prompt_template=TEMPLATE,
-                    timeout_s=0.5, max_retries=3, max_concurrency=4)
+                    timeout_s=5.0, max_retries=3, max_concurrency=4)  # generous: a loaded machine is no timeout
     settings.update(overrides)
     return ApiJudge(ApiJudgeConfig(**settings))
 
@@ -211,7 +211,7 @@ def test_transient_failures_are_retried_until_they_succeed(server, caplog):
         ("status", 500, {"retry-after-ms": "10"}),
         ("status", 503, {"retry-after-ms": "10"}),
     ])
-    judge = make_judge(server, max_concurrency=1, max_retries=6)
+    judge = make_judge(server, max_concurrency=1, max_retries=6, timeout_s=0.5)
     prompts, first, second, expected = pairs(4)
     with caplog.at_level(logging.WARNING, logger="pipeline.evaluation.api_judge"):
         assert judge.judge(prompts, first, second) == expected
