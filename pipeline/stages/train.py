@@ -28,6 +28,7 @@ from pipeline.model.train_step import accumulation, total_steps
 from pipeline.runtime.resources import Request
 from pipeline.runtime.storage import RunDir
 from pipeline.stages.base import Stage, StageRun
+from pipeline.stages.capacity import check_fits
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +186,7 @@ TRAIN = Stage(
     body=train_stage,
     upstream=upstream_stage,
     requests=train_requests,
+    check=check_fits,
 )
 
 
