@@ -61,6 +61,15 @@ def load_model(
     return model if spread else model.to(device)
 
 
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The model's list of decoder blocks (`layers` in Llama-style models, `h` in GPT-2), under any wrapper."""
+    base = model.get_decoder()
+    layers = next((getattr(base, name) for name in ("layers", "h") if hasattr(base, name)), None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__} has no decoder layer list (layers or h)")
+    return layers
+
+
 def compile_decoder_layers(model) -> None:
     """`torch.compile` each decoder block in place (regional compilation).
 
@@ -69,11 +78,7 @@ def compile_decoder_layers(model) -> None:
     the element-wise work between matrix products (norms, rotary embeddings, activations, autocast casts)
     made the 1.1B train step 1.5x faster on an H100 (benchmarks/README.md).
     """
-    base = model.get_decoder()
-    layers = next((getattr(base, name) for name in ("layers", "h") if hasattr(base, name)), None)
-    if layers is None:
-        raise ValueError(f"compile: {type(model).__name__} has no decoder layer list (layers or h) to compile")
-    for layer in layers:
+    for layer in decoder_layers(model):
         layer.compile()
 
 
