@@ -31,6 +31,16 @@ def read_model_config(path: str) -> dict:
     return json.loads(Path(hf_hub_download(path, "config.json")).read_text())
 
 
+def local_checkpoint(path: str) -> str:
+    """A directory holding `path`'s files: `path` itself, or the hub's local copy of its config and
+    safetensors (downloaded once per node into the hub cache)."""
+    if Path(path).is_dir():
+        return path
+    from huggingface_hub import snapshot_download  # only for hub ids
+
+    return snapshot_download(path, allow_patterns=["*.json", "*.safetensors"])
+
+
 def load_tokenizer(path: str, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer  # slow: see the module docstring
 

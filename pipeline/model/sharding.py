@@ -162,12 +162,3 @@ def full_state_dict(model: torch.nn.Module, *, rank: int) -> dict[str, torch.Ten
         return {k: v.detach().cpu() for k, v in model.state_dict().items()} if rank == 0 else {}
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return state if rank == 0 else {}
-
-
-def grad_norm(model: torch.nn.Module, max_norm: float) -> float:
-    """Clip the gradients to `max_norm` (none when <= 0) and return their total norm before clipping,
-    the same number on every rank whether the gradients are sharded (DTensors) or whole."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
-    if isinstance(norm, DTensor):
-        norm = norm.full_tensor()
-    return float(norm)
