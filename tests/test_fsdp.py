@@ -27,6 +27,7 @@ BASE = dict(loss="dpo", beta=0.1, learning_rate=1e-3, lr_schedule="constant", ba
 RUNS = {
     "full": (BASE, STEPS, 2),
     "packed_chunked": ({**BASE, "packing": True, "chunked_logps": True, "logps_chunk_size": 3}, 2, None),
+    "cpu_offload": ({**BASE, "cpu_offload": True}, 2, None),
     "kto": ({**BASE, "loss": "kto", "batch_size": 6, "micro_batch_size": 3}, 2, None),
     "lora": ({**BASE, "learning_rate": 1e-2, "lora": {"r": 4, "alpha": 8, "target_modules": "all-linear"}}, 3, None),
 }
@@ -45,7 +46,7 @@ def rows_for(name: str) -> dict:
 def fsdp_runs(llama_dir, tmp_path_factory):
     """Every run of RUNS by two FSDP workers, in one process group: (per-step results, output dir)."""
     out = tmp_path_factory.mktemp("fsdp")
-    runs = {name: ({**train, "strategy": "fsdp", "num_workers": 2}, rows_for(name), steps, checkpoint_at)
+    runs = {name: ({"strategy": "fsdp", **train, "num_workers": 2}, rows_for(name), steps, checkpoint_at)
             for name, (train, steps, checkpoint_at) in RUNS.items()}
     results = spawn("scenarios", world=2, result_file=out / "results.json", model_dir=llama_dir, out=str(out), runs=runs,
                     resume="full")
@@ -56,8 +57,8 @@ def fsdp_runs(llama_dir, tmp_path_factory):
 def ddp_runs(llama_dir, tmp_path_factory):
     """Every run of RUNS by one DDP worker (this process), the whole global batch in micro-batches."""
     out = tmp_path_factory.mktemp("ddp")
-    results = {name: run_steps(llama_dir, TrainConfig(**train), rows_for(name), steps, out=out / name)
-               for name, (train, steps, _) in RUNS.items()}
+    results = {name: run_steps(llama_dir, TrainConfig(**{**train, "cpu_offload": False}), rows_for(name), steps,
+                               out=out / name) for name, (train, steps, _) in RUNS.items()}
     return results, out
 
 

@@ -232,7 +232,7 @@ def activations(shape: ModelShape, work: Workload, *, precision: str, lora: Lora
     # Beside the 6 saved bytes a logit, the head's backward holds 10 more (the gradients of the fp32
     # copy and of the bf16 logits, a fp32 temporary): 16 in all matches the 1.1B benchmark's gap
     # between full and chunked logits on the H100. Chunked: one chunk at a time.
-    transient = (work.chunk_size * 16 if work.chunk_size else work.tokens * 10) * shape.vocab
+    transient = (min(work.chunk_size, work.tokens) * 16 if work.chunk_size else work.tokens * 10) * shape.vocab
     return saved_activations(shape, work, precision=precision, lora=lora) + work.tokens * layer + transient
 
 

@@ -25,25 +25,37 @@ def load_policy(model_path: str, train: TrainConfig, *, device: torch.device, tr
     resuming: the weights that train come from a checkpoint next, so under fsdp without LoRA the
     base weights are not read from `model_path` first (a frozen LoRA base always is).
     """
-    dtype = torch.bfloat16 if train.lora and device.type == "cuda" else torch.float32
-    options = dict(dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
+    options = dict(dtype=base_dtype(train, device), trust_remote_code=trust_remote_code,
+                   attn_implementation=attn_implementation)
     sharded = train.strategy == "fsdp"
     model = build_on_meta(model_path, **options) if sharded else load_model(model_path, device=device, **options)
+    model = prepare_policy(model, train, device=device, base_path=model_path)
+    if sharded and (train.lora or not resuming):
+        load_safetensors(model, local_checkpoint(model_path))
+    if train.lora:
+        init_adapters(model, seed=train.seed)  # the same draw under ddp and fsdp
+    return model
+
+
+def base_dtype(train: TrainConfig, device: torch.device) -> torch.dtype:
+    """fp32 master weights, except a frozen LoRA base on GPU: bf16."""
+    return torch.bfloat16 if train.lora and device.type == "cuda" else torch.float32
+
+
+def prepare_policy(model: torch.nn.Module, train: TrainConfig, *, device: torch.device, base_path: str) -> torch.nn.Module:
+    """Dropout off, LoRA's adapters, gradient checkpointing, compile, and under fsdp the shards (given
+    storage, not yet values) of `model`, which is whole on `device` (ddp) or on the meta device (fsdp)."""
     disable_dropout(model)  # before the adapters: LoRA's own dropout is train.lora.dropout
     if train.lora:
-        model = add_adapters(model, train.lora, base_path=model_path)
+        model = add_adapters(model, train.lora, base_path=base_path)
     if train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if train.compile:
         compile_decoder_layers(model)
     model.train()
-    if sharded:
+    if train.strategy == "fsdp":
         shard(model, device=device, cpu_offload=train.cpu_offload)
         materialize(model, device=device, cpu_offload=train.cpu_offload)
-        if train.lora or not resuming:
-            load_safetensors(model, local_checkpoint(model_path))
-    if train.lora:
-        init_adapters(model, seed=train.seed)  # the same draw under ddp and fsdp
     return model
 
 

@@ -78,8 +78,9 @@ def mixed_precision(device: torch.device) -> MixedPrecisionPolicy:
 
 def shard(model: torch.nn.Module, *, device: torch.device, cpu_offload: bool = False) -> torch.nn.Module:
     """`fully_shard` each decoder layer, then the root (embeddings, final norm, output layer)."""
-    options = dict(mp_policy=mixed_precision(device), offload_policy=CPUOffloadPolicy() if cpu_offload else None)
-    options = {k: v for k, v in options.items() if v is not None}
+    options: dict = {"mp_policy": mixed_precision(device)}
+    if cpu_offload:  # pinned host memory needs a GPU
+        options["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
     for layer in decoder_layers(model):
         fully_shard(layer, **options)
     fully_shard(model, **options)
