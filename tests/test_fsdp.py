@@ -1,6 +1,7 @@
 """FSDP2 against DDP, without Ray: two FSDP workers (processes joined over gloo, where fully_shard runs
 on CPU) give the same per-step losses, metrics and final weights as one DDP worker with the same
-global batch, within 1e-5 in float32, also with packing and chunked log-probs, for KTO and for LoRA;
+global batch, within 1e-5 in float32, also with packing and chunked log-probs, with CPU offload, with
+gradient checkpointing, for KTO and for LoRA;
 a run resumed from its sharded checkpoint into a new model and optimizer reproduces the uninterrupted
 one; the export is a Hugging Face directory that from_pretrained loads, equal to the DDP one.
 
@@ -28,6 +29,7 @@ RUNS = {
     "full": (BASE, STEPS, 2),
     "packed_chunked": ({**BASE, "packing": True, "chunked_logps": True, "logps_chunk_size": 3}, 2, None),
     "cpu_offload": ({**BASE, "cpu_offload": True}, 2, None),
+    "checkpointing": ({**BASE, "gradient_checkpointing": True}, 2, None),
     "kto": ({**BASE, "loss": "kto", "batch_size": 6, "micro_batch_size": 3}, 2, None),
     "lora": ({**BASE, "learning_rate": 1e-2, "lora": {"r": 4, "alpha": 8, "target_modules": "all-linear"}}, 3, None),
 }

@@ -55,6 +55,6 @@ def check_fits(config: Config) -> None:
         f"train: {setup.label} at train.num_workers={train.num_workers} needs {memory.peak / GIB:.1f} GiB per GPU "
         f"(weights {memory.weights / GIB:.1f}, gradients {memory.gradients / GIB:.1f}, optimizer "
         f"{memory.optimizer / GIB:.1f}, activations {memory.activations / GIB:.1f}) but this cluster's GPUs have "
-        f"{gpus.gib:.1f} GiB ({gpus.source}), {usable / GIB:.1f} usable{suggestion} (`dpo plan --config X "
-        f"--gpu-gib {gpus.gib:g}` shows the table)"
+        f"{gpus.gib:.1f} GiB ({gpus.source}), {usable / GIB:.1f} usable{suggestion} (`dpo plan --gpu-gib {gpus.gib:g}` "
+        "on this config shows the table)"
     )
