@@ -58,6 +58,14 @@ SHAPES = {
     # The Llama 1.1B shape of the issue (TinyLlama's): ~1024 tokens a pair.
     "llama1b": Shape("llama1b", "llama", hidden=2048, layers=22, heads=32, kv_heads=4, mlp=5632, vocab=32000,
                      prompt_len=256, response_len=256, pairs_per_step=8, score_micro_batch=16),
+    # Larger Llama shapes for the scale rows (--strategy fsdp, --cpu-offload, --lora): Llama 3.2 3B (its
+    # output layer untied here), Llama 3.1 8B, Llama 2 13B; 1024 tokens a pair, 2 pairs a step.
+    "llama3b": Shape("llama3b", "llama", hidden=3072, layers=28, heads=24, kv_heads=8, mlp=8192, vocab=128256,
+                     prompt_len=256, response_len=256, pairs_per_step=2, score_micro_batch=8),
+    "llama8b": Shape("llama8b", "llama", hidden=4096, layers=32, heads=32, kv_heads=8, mlp=14336, vocab=128256,
+                     prompt_len=256, response_len=256, pairs_per_step=2, score_micro_batch=8),
+    "llama13b": Shape("llama13b", "llama", hidden=5120, layers=40, heads=40, kv_heads=40, mlp=13824, vocab=32000,
+                      prompt_len=256, response_len=256, pairs_per_step=2, score_micro_batch=8),
 }
 
 

@@ -1,7 +1,8 @@
 """Train-step throughput with reference log-probs precomputed: our step against a plain loop and TRL.
 
-    python benchmarks/train_step.py --shape tiny|gpt162m|llama1b [--compare trl] [--steps N] [--warmup N]
-                                    [--chunked] [--grad-checkpointing] [--compile]
+    python benchmarks/train_step.py --shape tiny|gpt162m|llama1b|llama3b|llama8b|llama13b [--compare trl]
+                                    [--steps N] [--warmup N] [--chunked] [--grad-checkpointing] [--compile]
+                                    [--strategy ddp|fsdp] [--cpu-offload] [--lora R]
 
 Our step is the train stage's own `pipeline.model.train_step.train_step` (forward, backward, grad
 clipping, AdamW fused on CUDA) with the paired objective, bf16 autocast over float32 master weights on
@@ -10,6 +11,12 @@ logits -> float32 log_softmax -> gather, through the same `train_step`), our ste
 asked for alone and all together. Tokens = non-pad tokens of the chosen and rejected sequences, prompt
 included. The last line is `speedup_vs_trl: <float>` (best raydpo row over best TRL row, `nan` when no
 TRL figure applies).
+
+`--strategy fsdp` (one process: a process group of one, FSDP2 on its one GPU), `--cpu-offload` and
+`--lora R` build the policy the way the train stage does (`pipeline.model.policy.prepare_policy`:
+bf16 compute over fp32 shards; LoRA on a frozen bf16 base), so one GPU shows how large a shape each
+trains. Each row also prints the capacity plan's peak for it (`pipeline.model.capacity`), beside the
+measured one.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import argparse
 import contextlib
 import itertools
 import math
+import socket
 import tempfile
 from collections.abc import Iterable
 from typing import NamedTuple
@@ -30,18 +38,29 @@ from common import Row
 OPTIONS = ("packing", "chunked", "grad_checkpointing", "compile")
 
 
-def prepare_model(shape: common.Shape, device: torch.device, *, grad_checkpointing: bool, compile: bool, attn: str = "sdpa"):
-    model = common.build_model(shape, device, attn=attn).train()
-    if grad_checkpointing:
-        # transformers 5 renames it activation_checkpointing_enable; the old name warns.
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if compile:
-        from pipeline.model.loading import compile_decoder_layers
+def build_policy(shape: common.Shape, device: torch.device, train, *, attn: str = "sdpa"):
+    """The train stage's policy for `train` (`prepare_policy`: strategy, LoRA, checkpointing, compile),
+    built from the shape's config with random weights (FSDP's shards drawn shard by shard)."""
+    from transformers import AutoModelForCausalLM
 
-        compile_decoder_layers(model)  # what train.compile does
+    from pipeline.model.lora import init_adapters
+    from pipeline.model.policy import base_dtype, prepare_policy
+    from pipeline.model.sharding import parameters_on_meta
+
+    dtype = base_dtype(train, device)
+    if train.strategy == "fsdp":
+        with parameters_on_meta():
+            model = AutoModelForCausalLM.from_config(common.model_config(shape, attn=attn), dtype=dtype)
+    else:
+        model = common.build_model(shape, device, dtype=dtype, attn=attn)
+    model = prepare_policy(model, train, device=device, base_path=f"benchmark-{shape.name}")
+    if train.strategy == "fsdp":
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for param in model.parameters():  # values do not change speed or memory
+                param.normal_(0.0, 0.02)
+    if train.lora:
+        init_adapters(model, seed=0)
     return model
 
 
@@ -115,22 +134,25 @@ def measure_train(
     packed_attn: str = "sdpa",
     chunk_size: int = 1024,
     profile: bool = False,
+    scale: dict | None = None,
 ) -> Measured:
     """Time `steps` optimizer steps after `warmup` over `batches` (a list is cycled; an iterator, such as
-    Ray Data's, is read once and must hold warmup + steps batches)."""
+    Ray Data's, is read once and must hold warmup + steps batches). `scale`: TrainConfig's strategy,
+    cpu_offload and lora for the policy (default ddp, full fine-tuning)."""
     from pipeline.config import TrainConfig
     from pipeline.model.objectives import objective_for
+    from pipeline.model.policy import make_optimizer
     from pipeline.model.train_step import train_step
 
     common.free_memory(device)
-    model = prepare_model(shape, device, grad_checkpointing=grad_checkpointing, compile=compile,
-                          attn=packed_attn if packing else "sdpa")
-    params = common.num_params(model)
-    lr = 1e-6
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=device.type == "cuda")
     pairs = len(batches[0]["prompt_ids"])
-    train = TrainConfig(loss="dpo", beta=0.1, batch_size=pairs, micro_batch_size=pairs, max_grad_norm=1.0,
-                        chunked_logps=chunked, logps_chunk_size=chunk_size, packing=packing)
+    lr = 1e-6
+    train = TrainConfig(loss="dpo", beta=0.1, learning_rate=lr, batch_size=pairs, micro_batch_size=pairs,
+                        max_grad_norm=1.0, chunked_logps=chunked, logps_chunk_size=chunk_size, packing=packing,
+                        gradient_checkpointing=grad_checkpointing, compile=compile, **(scale or {}))
+    model = build_policy(shape, device, train, attn=packed_attn if packing else "sdpa")
+    params = common.num_params(model)
+    optimizer = make_optimizer(model, train, device=device)
     objective = (PlainLoop(device, beta=train.beta) if plain
                  else objective_for(train, pad_id=common.PAD_ID, device=device, with_reference=True))
     tokens, start, first_batch = 0, None, None
@@ -265,6 +287,12 @@ def trl_rows(shape, rows, device, *, steps: int, warmup: int, label: str, params
     return out
 
 
+def setup_label(scale: dict) -> str:
+    from pipeline.model.capacity import Setup
+
+    return Setup(scale["strategy"], cpu_offload=scale["cpu_offload"], lora=scale.get("lora")).label
+
+
 def speedup(rows: list[Row]) -> float:
     ours, theirs = common.best(rows, "raydpo"), common.best(rows, "trl")
     if ours is None or theirs is None:
@@ -285,7 +313,39 @@ def parse_args(argv=None):
     p.add_argument("--packed-attn", default="sdpa", help="attention for packed rows: sdpa | flex_attention | flash_attention_2")
     p.add_argument("--chunk-size", type=int, default=1024, help="response tokens per logits chunk")
     p.add_argument("--profile", action="store_true", help="print the top kernels of each row's timed steps")
+    p.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp", help="train.strategy of every row")
+    p.add_argument("--cpu-offload", action="store_true", help="train.cpu_offload (with --strategy fsdp)")
+    p.add_argument("--lora", type=int, default=0, metavar="R", help="train.lora with rank R on every linear (0: off)")
     return p.parse_args(argv)
+
+
+def scale_options(args) -> dict:
+    """TrainConfig's strategy, cpu_offload and lora from the arguments; under fsdp, a process group of one."""
+    from pipeline.config import LoraConfig
+
+    if args.strategy == "fsdp" and not torch.distributed.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        backend = "nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo"
+        torch.distributed.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    lora = {"lora": LoraConfig(r=args.lora, alpha=2.0 * args.lora)} if args.lora else {}
+    return {"strategy": args.strategy, "cpu_offload": args.cpu_offload, **lora}
+
+
+def planned_gib(shape: common.Shape, batches: list[dict], scale: dict, options: dict, *, chunk_size: int) -> float | None:
+    """The capacity plan's peak for a row (`pipeline.model.capacity`, one worker), None for non-Llama shapes."""
+    from pipeline.model.capacity import GIB, ModelShape, Setup, Workload, estimate
+
+    if shape.arch != "llama":
+        return None
+    longest = max(len(p) + max(len(c), len(r)) for b in batches
+                  for p, c, r in zip(b["prompt_ids"], b["chosen_ids"], b["rejected_ids"]))
+    work = Workload(tokens=2 * len(batches[0]["prompt_ids"]) * longest,
+                    chunk_size=chunk_size if options.get("chunked") else None,
+                    gradient_checkpointing=options.get("grad_checkpointing", False), accumulates=False)
+    setup = Setup(scale["strategy"], cpu_offload=scale["cpu_offload"], lora=scale.get("lora"))
+    return estimate(ModelShape.from_config(common.model_config(shape).to_dict()), setup, work, workers=1).peak / GIB
 
 
 def main(argv=None) -> None:
@@ -298,13 +358,22 @@ def main(argv=None) -> None:
 
     rows: list[Row] = []
     params = 0
+    scale = scale_options(args)
+    suffix = "" if scale == {"strategy": "ddp", "cpu_offload": False} else f" [{setup_label(scale)}]"
     for name, options in variants(args):
-        rate, memory, params, _ = measure_train(
-            shape, batches, device, steps=args.steps, warmup=args.warmup, chunk_size=args.chunk_size,
-            packed_attn=args.packed_attn, profile=args.profile, **options
-        )
-        rows.append(Row(name, rate, common.mfu(rate, params, device), memory, label))
-        print(f"  {name}: {rate:,.0f} tokens/s", flush=True)
+        try:
+            rate, memory, params, _ = measure_train(
+                shape, batches, device, steps=args.steps, warmup=args.warmup, chunk_size=args.chunk_size,
+                packed_attn=args.packed_attn, profile=args.profile, scale=scale, **options
+            )
+        except torch.OutOfMemoryError:  # the largest shape a setting trains is what these rows look for
+            rows.append(Row(name + suffix + ": out of memory", None, device=label))
+            common.free_memory(device)
+            continue
+        rows.append(Row(name + suffix, rate, common.mfu(rate, params, device), memory, label))
+        plan = planned_gib(shape, batches, scale, options, chunk_size=args.chunk_size)
+        print(f"  {name}{suffix}: {rate:,.0f} tokens/s, peak {memory}"
+              + (f" (capacity plan: {plan:.2f} GiB)" if plan is not None else ""), flush=True)
     print(f"model: {params / 1e6:.1f}M parameters; MFU = 6 x params x tokens/s / peak")
     if args.compare == "trl":
         rows += trl_rows(shape, rows_data, device, steps=args.steps, warmup=args.warmup, label=label, params=params)

@@ -62,18 +62,56 @@ class TokenizeConfig:
     batch_size: int = 512
 
 
+def check_gpus_per_actor(value: float, *, path: str) -> None:
+    """A GPU fraction (several small models share a GPU) or a whole number of GPUs (one model spread over them)."""
+    if value <= 0 or (value > 1 and value != int(value)):
+        raise ConfigError(f"{path}: {value:g} GPUs; give a fraction up to 1 or a whole number of GPUs")
+
+
 @dataclass(frozen=True)
 class ScoreConfig:
     num_actors: int = 1  # reference-model replicas in the Ray Data actor pool
     batch_size: int = 16  # pairs per forward pass
     use_gpu: bool = False
-    gpus_per_actor: float = 1.0  # a fraction packs several small reference models on one GPU
+    # A fraction packs several small reference models on one GPU; a whole number above 1 spreads one
+    # model too large for a GPU over that many (layers placed in turn on each, GPU only).
+    gpus_per_actor: float = 1.0
     cpus_per_actor: float = 1.0
     # The train stage's speed switches, for the forward pass (same log-probs within float error; see README):
     packing: bool = False
     chunked_logps: bool = False
     logps_chunk_size: int = 1024
     compile: bool = False
+
+    def __post_init__(self):
+        check_gpus_per_actor(self.gpus_per_actor, path="score.gpus_per_actor")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters through PEFT (Hu et al. 2021): the base stays frozen, each adapted linear W
+    gains (alpha / r) B A with A (r, in) and B (out, r); B starts at zero, so step 0 is the base model."""
+
+    r: int = 16  # the adapters' rank
+    alpha: float = 32.0  # scale alpha / r; twice r is the usual choice
+    dropout: float = 0.0  # on each adapter's input; 0 keeps the policy deterministic like the rest of training
+    target_modules: str | list[str] = "all-linear"  # every linear of the decoder layers, or their names (q_proj, ...)
+    merge: bool = True  # also export the merged weights, which evaluate and vLLM load like any model
+
+    def __post_init__(self):
+        if self.r < 1:
+            raise ConfigError(f"train.lora.r: {self.r}; the rank must be at least 1")
+        if self.alpha <= 0:
+            raise ConfigError(f"train.lora.alpha: {self.alpha:g}; must be positive")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"train.lora.dropout: {self.dropout:g}; must be in [0, 1)")
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            raise ConfigError(f"train.lora.target_modules: {self.target_modules!r}; give all-linear or a list of module names")
+        if not self.target_modules:
+            raise ConfigError("train.lora.target_modules: empty; give all-linear or a list of module names")
+
+
+STRATEGIES = ("ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -97,6 +135,11 @@ class TrainConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0  # keep below the node's CPUs: Ray Data needs slots to feed workers
+    # ddp: every worker holds the whole model. fsdp: FSDP2 shards weights, gradients and optimizer
+    # state over the workers (bf16 compute, fp32 master weights and gradient reduction on GPU).
+    strategy: str = "ddp"
+    cpu_offload: bool = False  # fsdp only: shards, gradients and optimizer state on the host (slower, far less GPU memory)
+    lora: LoraConfig | None = None  # None: full fine-tuning
     torch_threads: int = 0  # 0: leave torch's default
     chunked_logps: bool = False  # response positions only, lm_head chunk by chunk: no (N, T, V) fp32 logits
     logps_chunk_size: int = 1024
@@ -111,6 +154,14 @@ class TrainConfig:
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     tracker_project: str = "raydpo"  # MLflow experiment and W&B project
     mlflow_tracking_uri: str | None = None  # None: a local file store at <run_dir>/mlruns
+
+    def __post_init__(self):
+        if isinstance(self.lora, dict):  # a TrainConfig rebuilt from dataclasses.asdict (the Train workers')
+            object.__setattr__(self, "lora", LoraConfig(**self.lora))
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"train.strategy: {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
+        if self.cpu_offload and self.strategy != "fsdp":
+            raise ConfigError("train.cpu_offload: offloads FSDP's shards; it needs train.strategy: fsdp")
 
 
 @dataclass(frozen=True)
@@ -130,10 +181,14 @@ class EvaluateConfig:
     best_of_n: int = 0
     judge_vs_chosen: bool = True  # also judge every model against the held-out pairs' chosen responses
     use_gpu: bool = False
+    gpus_per_actor: float = 1.0  # GPUs per sampler and scorer actor (with use_gpu); above 1 a model too large for one GPU is spread over them
     # Sampler and scorer actors alive at once: every model is sampled side by side where the cluster
     # has room (one GPU each with use_gpu). Resources only: never reruns a finished evaluate.
     max_actors: int = 4
     seed: int = 0
+
+    def __post_init__(self):
+        check_gpus_per_actor(self.gpus_per_actor, path="evaluate.gpus_per_actor")
 
 
 @dataclass(frozen=True)
@@ -318,7 +373,7 @@ def _coerce(hint, value, *, path: str):
 # finished stage.
 RESOURCE_FIELDS = (
     "score.num_actors", "score.cpus_per_actor", "score.gpus_per_actor",
-    "train.cpus_per_worker", "train.torch_threads", "evaluate.max_actors",
+    "train.cpus_per_worker", "train.torch_threads", "evaluate.max_actors", "evaluate.gpus_per_actor",
     "train.report_to", "train.tracker_project", "train.mlflow_tracking_uri",
 )
 

@@ -37,6 +37,26 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny_model"))
 
 
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> str:
+    """A 2-layer Llama (width 64, untied output layer) with the tests' tokenizer, saved as safetensors."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.demo.tiny_model import train_tokenizer
+    from pipeline.model.loading import save_pretrained
+
+    tokenizer = train_tokenizer(CORPUS * 20, vocab_size=300)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id))
+    path = tmp_path_factory.mktemp("tiny_llama")
+    save_pretrained(model, tokenizer, path)
+    return str(path)
+
+
 def write_pairs(path: Path, n: int, *, seed: int = 0) -> Path:
     """n distinct preference pairs as JSONL, made from the corpus."""
     import random

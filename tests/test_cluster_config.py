@@ -54,6 +54,21 @@ def test_gpu_workers_scale_from_zero(cluster):
     assert not re.match(r"(g\d|p\d)", head_type), "the head should be a CPU instance"
 
 
+def test_a_worker_type_fits_the_8b_config(cluster):
+    """configs/llama8b.yaml's 8 FSDP workers fit one node of the 8-GPU type, and the plan fits its GPUs."""
+    from pipeline.config import load_config
+    from pipeline.model.capacity import configured_setup, estimate, for_run, usable_bytes
+
+    config = load_config(ROOT / "configs" / "llama8b.yaml", [f"model.path={ROOT / 'docs/shapes/llama-3.1-8b'}"])
+    types = cluster["available_node_types"]
+    (gpu8,) = [t for t in types.values() if t["node_config"]["InstanceType"] == "p4d.24xlarge"]
+    assert gpu8["min_workers"] == 0 and config.train.num_workers == 8 == config.score.num_actors
+    assert cluster["max_workers"] == sum(t.get("max_workers", 0) for name, t in types.items() if name != cluster["head_node_type"])
+    shape, work = for_run(config)
+    assert estimate(shape, configured_setup(config.train), work, workers=8).peak <= usable_bytes(40)  # A100 40 GB
+    assert config.train.cpus_per_worker * 8 <= 96  # p4d.24xlarge's vCPUs
+
+
 def test_dashboard_stays_on_loopback(cluster):
     (head_start,) = [c for c in cluster["head_start_ray_commands"] if "ray start" in c]
     assert "--dashboard-host=127.0.0.1" in head_start
@@ -86,10 +101,12 @@ def test_rayjob_has_what_kuberay_needs(rayjob):
     cluster = spec["rayClusterSpec"]
     assert cluster["headGroupSpec"]["template"]["spec"]["containers"]
     assert cluster.get("authOptions", {}).get("mode") == "token"
-    (gpu_group,) = cluster["workerGroupSpecs"]
-    assert gpu_group["minReplicas"] == 0
-    (worker,) = gpu_group["template"]["spec"]["containers"]
-    assert str(worker["resources"]["limits"]["nvidia.com/gpu"]) == "1"
+    gpus = {}
+    for group in cluster["workerGroupSpecs"]:
+        assert group["minReplicas"] == 0, group["groupName"]  # no GPU billed at rest
+        (worker,) = group["template"]["spec"]["containers"]
+        gpus[group["groupName"]] = str(worker["resources"]["limits"]["nvidia.com/gpu"])
+    assert gpus == {"gpu": "1", "gpu8": "8"}  # one-GPU workers, and a node for an 8B run (configs/llama8b.yaml)
     yaml.safe_load(spec["runtimeEnvYAML"])  # a runtime env, parsed by Ray from this string
 
 

@@ -270,7 +270,8 @@ def write_unpaired(path, n: int) -> None:
 
 @pytest.fixture(scope="module")
 def kto_run(tmp_path_factory, tiny_model_dir, ray_local):
-    """Tokenize, score and train (lr 0, two steps) a small unpaired dataset with train.loss=kto."""
+    """Tokenize, score and train (lr 0, two steps) a small unpaired dataset with train.loss=kto, on two
+    FSDP workers: their shards reported per rank, the export gathered from them."""
     root = tmp_path_factory.mktemp("kto")
     write_unpaired(root / "unpaired.jsonl", 22)  # by prompt hash, 16 rows train (10 desirable), 6 held out
     config = load_config(None, [
@@ -288,8 +289,10 @@ def kto_run(tmp_path_factory, tiny_model_dir, ray_local):
         "train.learning_rate=0.0",  # policy == reference: every log-ratio is 0 and so is z
         "train.max_steps=2",
         "train.batch_size=16",  # every step is the whole split, so its class counts are known
-        "train.micro_batch_size=8",  # two micro-batches per step share the step's z
-        "train.cpus_per_worker=0.5",
+        "train.micro_batch_size=4",  # two micro-batches per worker and step share the step's z
+        "train.strategy=fsdp",
+        "train.num_workers=2",
+        "train.cpus_per_worker=0.5",  # two workers take one of the two CPUs: Ray Data keeps the other
     ])
     return config, {"tokenize": TOKENIZE.run(config), "score": SCORE.run(config), "train": TRAIN.run(config)}
 

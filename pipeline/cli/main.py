@@ -4,6 +4,7 @@
     dpo tokenize|score|train|evaluate --config X       one stage
     dpo sweep --config X --set train.beta=[0.05,0.5]   several policies from one score stage
     dpo inspect tokenize --config X                    the tokenize audit as a table
+    dpo plan --config X [--gpu-gib 80 ...]             GPU memory per strategy and the fewest GPUs that fit
     dpo submission-id --config X [--stage S]           the `ray job submit --submission-id` of this work
     --set a.b=value                                    override any config key (repeatable)
     --force                                            redo the named stage(s) even if finished
@@ -18,9 +19,11 @@ import sys
 
 from pipeline.cli import sweep
 from pipeline.cli.audit import print_tokenize_audit
+from pipeline.cli.capacity import print_plan
 from pipeline.cli.plan import plan_run, run_stages, submission_id
 from pipeline.config import ConfigError, load_config
 from pipeline.data.sources import InputError
+from pipeline.model.capacity import CapacityError
 from pipeline.runtime.resources import ResourceError
 from pipeline.runtime.storage import RunDir
 from pipeline.stages import STAGE_NAMES
@@ -28,7 +31,7 @@ from pipeline.stages import STAGE_NAMES
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpo", description="Direct Preference Optimization as Ray stages.")
-    parser.add_argument("command", choices=("run", *STAGE_NAMES, "sweep", "inspect", "submission-id"))
+    parser.add_argument("command", choices=("run", *STAGE_NAMES, "sweep", "inspect", "submission-id", "plan"))
     parser.add_argument("target", nargs="?", help="for inspect: the stage to show (tokenize)")
     parser.add_argument("--config", required=True, help="experiment YAML (see configs/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -37,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--from-stage", choices=STAGE_NAMES, help="run: redo this stage and every stage after it")
     parser.add_argument("--only", choices=STAGE_NAMES, help="run: redo this stage alone (the stages before it must be finished)")
     parser.add_argument("--to-stage", choices=STAGE_NAMES, help="run: stop after this stage")
+    parser.add_argument("--gpu-gib", type=float, action="append", metavar="GIB",
+                        help="plan: the memory of one GPU; repeat for several sizes (default 80)")
     parser.add_argument("--stage", default="run", choices=("run", *STAGE_NAMES),
                         help="submission-id: the id of a job running this stage (default: the whole run)")
     return parser
@@ -45,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
-    except (ConfigError, InputError, ResourceError) as err:
+    except (ConfigError, InputError, ResourceError, CapacityError) as err:
         print(f"dpo: error: {err}", file=sys.stderr)
         return 2
 
@@ -62,6 +67,9 @@ def _main(argv: list[str] | None) -> int:
         raise ConfigError("--from-stage, --only and --to-stage go with `dpo run`")
     if args.command == "submission-id":
         print(submission_id(config, args.stage))
+        return 0
+    if args.command == "plan":
+        print_plan(config, args.gpu_gib)
         return 0
     if args.command == "inspect":
         if args.target != "tokenize":

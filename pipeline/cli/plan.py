@@ -136,6 +136,9 @@ def run_stages(config: Config, stages: tuple[str, ...], *, force: bool | frozens
     init_ray(config.ray)
     # A request this cluster can never satisfy fails now, naming the resource, instead of hanging.
     check_resources(cluster_requests(config, stages))
+    for stage in enabled_stages(config):
+        if stage.name in stages:
+            stage.check(config)  # e.g. a train run too large for the cluster's GPUs
     forced = frozenset(stages) if force is True else frozenset(force or ())
     manifests = {}
     if config.demo.enabled and "tokenize" in stages:

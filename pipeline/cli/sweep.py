@@ -85,6 +85,8 @@ def run(config_path: str, overrides: list[str], *, force: bool = False) -> dict:
     # the base's own loss may be reference-free while a swept one is not.
     scored = next((m.config for m in sweep if SCORE.enabled(m.config)), base)
     run_stages(base.replace(train=scored.train), ("tokenize", "score"), force=force)
+    for member in sweep:
+        TRAIN.check(member.config)  # a member too large for the cluster's GPUs fails before any trains
     slots = min(len(sweep), parallel_slots(base))
     log.info("sweep: %d members, %d training at a time", len(sweep), slots)
     with ThreadPoolExecutor(max_workers=slots) as pool:

@@ -70,7 +70,9 @@ def response_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch
     if position_ids is not None:
         inputs["position_ids"] = position_ids
     try:
-        if "logits_to_keep" in inspect.signature(bare.forward).parameters:
+        # PEFT's wrapper passes keyword arguments through to the model it wraps: ask that one.
+        inner = bare.get_base_model() if hasattr(bare, "get_base_model") else bare
+        if "logits_to_keep" in inspect.signature(inner.forward).parameters:
             # Through the (possibly DDP-wrapped) model: its head makes logits for one position only.
             model(**inputs, logits_to_keep=1)
         elif model is bare:

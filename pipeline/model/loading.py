@@ -7,6 +7,7 @@ imports this module at start-up, and transformers costs seconds there.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -16,6 +17,28 @@ def save_pretrained(model, tokenizer, directory: str | Path) -> None:
     """Write a Hugging Face checkpoint: safetensors weights, config, tokenizer files."""
     model.save_pretrained(str(directory), safe_serialization=True)
     tokenizer.save_pretrained(str(directory))
+
+
+def read_model_config(path: str) -> dict:
+    """A model's config.json as a dict, from a directory or the hub (the file alone: no weights)."""
+    local = Path(path) / "config.json"
+    if local.is_file():
+        return json.loads(local.read_text())
+    if Path(path).is_dir() or Path(path).is_absolute() or "://" in path:
+        raise FileNotFoundError(f"{path}: no config.json there")
+    from huggingface_hub import hf_hub_download  # only for hub ids; a directory needs no hub client
+
+    return json.loads(Path(hf_hub_download(path, "config.json")).read_text())
+
+
+def local_checkpoint(path: str) -> str:
+    """A directory holding `path`'s files: `path` itself, or the hub's local copy of its config and
+    safetensors (downloaded once per node into the hub cache)."""
+    if Path(path).is_dir():
+        return path
+    from huggingface_hub import snapshot_download  # only for hub ids
+
+    return snapshot_download(path, allow_patterns=["*.json", "*.safetensors"])
 
 
 def load_tokenizer(path: str, *, trust_remote_code: bool = False):
@@ -31,14 +54,30 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False):
 
 def load_model(
     path: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu", trust_remote_code: bool = False,
-    attn_implementation: str | None = None,
+    attn_implementation: str | None = None, spread: bool = False,
 ):
-    """Load a causal LM from a hub id or a directory, in `dtype`, on `device`."""
+    """Load a causal LM from a hub id or a directory, in `dtype`, on `device`.
+
+    spread: place the layers over every GPU this process sees (accelerate's device_map="auto"), for a
+    model larger than one GPU; inputs then go to the first (`device="cuda"`), and accelerate's hooks
+    move activations from GPU to GPU. Needs accelerate (installed with the peft extra).
+    """
     from transformers import AutoModelForCausalLM  # slow: see the module docstring
 
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    if spread:
+        extra["device_map"] = "auto"
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
-    return model.to(device)
+    return model if spread else model.to(device)
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The model's list of decoder blocks (`layers` in Llama-style models, `h` in GPT-2), under any wrapper."""
+    base = model.get_decoder()
+    layers = next((getattr(base, name) for name in ("layers", "h") if hasattr(base, name)), None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__} has no decoder layer list (layers or h)")
+    return layers
 
 
 def compile_decoder_layers(model) -> None:
@@ -49,11 +88,7 @@ def compile_decoder_layers(model) -> None:
     the element-wise work between matrix products (norms, rotary embeddings, activations, autocast casts)
     made the 1.1B train step 1.5x faster on an H100 (benchmarks/README.md).
     """
-    base = model.get_decoder()
-    layers = next((getattr(base, name) for name in ("layers", "h") if hasattr(base, name)), None)
-    if layers is None:
-        raise ValueError(f"compile: {type(model).__name__} has no decoder layer list (layers or h) to compile")
-    for layer in layers:
+    for layer in decoder_layers(model):
         layer.compile()
 
 

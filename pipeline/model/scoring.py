@@ -76,11 +76,12 @@ def score_unpaired(model, table: pa.Table, *, pad_id: int, micro_batch: int, dev
     )
 
 
-def scorer_options(config: Config, *, use_gpu: bool) -> dict:
-    """SequenceScorer's keyword arguments for `config`: the score section's switches, the model's dtype."""
+def scorer_options(config: Config, *, use_gpu: bool, gpus: float = 1.0) -> dict:
+    """SequenceScorer's keyword arguments for `config`: the score section's switches, the model's dtype;
+    `gpus` is what the actor holds, and more than one spreads the model over them."""
     score = config.score
     return dict(
-        dtype=config.model.dtype, use_gpu=use_gpu, micro_batch=score.batch_size,
+        dtype=config.model.dtype, use_gpu=use_gpu, spread=use_gpu and gpus > 1, micro_batch=score.batch_size,
         trust_remote_code=config.model.trust_remote_code, attn_implementation=config.model.attn_implementation,
         packing=score.packing, chunk_size=score.logps_chunk_size if score.chunked_logps else None, compile=score.compile,
     )
@@ -95,11 +96,11 @@ class SequenceScorer:
 
     def __init__(self, model_path: str, *, dtype: str, use_gpu: bool, micro_batch: int, trust_remote_code: bool,
                  attn_implementation: str | None = None, packing: bool = False, chunk_size: int | None = None,
-                 compile: bool = False, prefix: str = ""):
+                 compile: bool = False, prefix: str = "", spread: bool = False):
         self.device = pick_device(use_gpu)
         self.model = load_model(
             model_path, dtype=getattr(torch, dtype), device=self.device, trust_remote_code=trust_remote_code,
-            attn_implementation=attn_implementation,
+            attn_implementation=attn_implementation, spread=spread,
         ).eval()
         if compile:
             compile_decoder_layers(self.model)

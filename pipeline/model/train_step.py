@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from pipeline.config import TrainConfig
 from pipeline.model.batch_logps import batch_sequence_logps
@@ -179,24 +180,37 @@ def train_step(
     """One optimizer step over this worker's micro-batches (numpy dicts of scored rows).
 
     Each micro-batch's loss is its per-row losses summed over the rows of the whole step, so the
-    accumulated gradient equals that of one large batch; DDP (world > 1) averages it over workers and
-    synchronises only on the last micro-batch. Gradients are clipped to max_grad_norm, or not at all
-    when it is <= 0. The metrics are summed over micro-batches and workers.
+    accumulated gradient equals that of one large batch; DDP or FSDP (world > 1) averages it over
+    workers. DDP synchronises only on the last micro-batch. FSDP reduce-scatters after every one,
+    each rank accumulating its gradient shard: skipping that (`set_requires_gradient_sync(False)`)
+    would keep every layer's whole gradient in fp32 on each GPU, as much memory as DDP's gradients.
+    Gradients are clipped to max_grad_norm, or not at all when it is <= 0. The metrics are summed
+    over micro-batches and workers.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
     shared, metrics = objective.begin_step(model, batches, world=world)
     scale = 1.0 / sum(len(batch["prompt_ids"]) for batch in batches)
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     for i, batch in enumerate(batches):
-        sync = world == 1 or i == len(batches) - 1
-        with nullcontext() if sync else model.no_sync():
+        defer = ddp and world > 1 and i < len(batches) - 1
+        with model.no_sync() if defer else nullcontext():
             loss, batch_metrics = objective.micro_batch_loss(model, batch, shared, scale=scale)
             loss.backward()
         metrics += batch_metrics
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf"))
+    grad_norm = clip_gradients(model, max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if world > 1:
         metrics.all_reduce()
     totals = metrics.totals()
-    return StepResult(objective.loss_metrics(totals, shared), float(grad_norm), int(totals["tokens"]))
+    return StepResult(objective.loss_metrics(totals, shared), grad_norm, int(totals["tokens"]))
+
+
+def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
+    """Clip the gradients to `max_norm` (not at all when <= 0) and return their total norm before
+    clipping: the same number on every rank, whether the gradients are whole or FSDP's shards."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
+    if isinstance(norm, DTensor):  # sharded gradients: the norm is a partial sum until gathered
+        norm = norm.full_tensor()
+    return float(norm)

@@ -1,8 +1,14 @@
-"""Training checkpoints with no pickle: Hugging Face weights plus optimizer state in safetensors.
+"""Training checkpoints, the same layout whatever the strategy:
 
-A checkpoint directory is a loadable Hugging Face model (model.safetensors, config.json, tokenizer
-files) with two extra files: optimizer.safetensors (AdamW moments) and trainer_state.json (step, the
-metrics history, the optimizer's hyper-parameters).
+    state/              torch.distributed.checkpoint shards of what trains (all weights, or LoRA's
+                        adapters) and of the optimizer state; each rank writes files of its own name
+                        (rank 0 also the metadata), so the ranks' directories merged are the whole state
+    trainer_state.json  the step and the metrics history (rank 0)
+    hf/                 in the last checkpoint only: the trained policy as a Hugging Face directory
+
+Every rank writes its part into a local directory and reports it to Ray Train, which merges them in
+the run's storage; a resumed worker reads its own shards back from the merged directory. No pickle:
+DCP's tensor files and JSON.
 """
 
 from __future__ import annotations
@@ -11,44 +17,38 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
-OPTIMIZER_FILE = "optimizer.safetensors"
+from pipeline.model.export import export_pretrained
+from pipeline.model.sharding import load_checkpoint, save_checkpoint
+
+STATE_DIR = "state"
 STATE_FILE = "trainer_state.json"
+HF_DIR = "hf"
 
 
-def save_training_state(directory: str | Path, optimizer: torch.optim.Optimizer, *, step: int, history: list[dict]) -> None:
-    """Write the optimizer's state beside the model in `directory`: tensors to safetensors, the rest to JSON."""
+def write_checkpoint(directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, rank: int,
+                     step: int, history: list[dict]) -> None:
+    """This rank's part of a checkpoint of `model` (unwrapped from DDP) and `optimizer` after `step`.
+    Every rank must call it: saving sharded state is a collective."""
     directory = Path(directory)
-    state = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for index, slots in state["state"].items():
-        for name, value in slots.items():
-            if torch.is_tensor(value):
-                tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{index}.{name}"] = value
-    save_file(tensors, str(directory / OPTIMIZER_FILE))
-    (directory / STATE_FILE).write_text(json.dumps({
-        "step": step,
-        "history": history,
-        "param_groups": state["param_groups"],
-        "scalars": scalars,
-    }))
+    save_checkpoint(str(directory / STATE_DIR), model, optimizer)
+    if rank == 0:
+        (directory / STATE_FILE).write_text(json.dumps({"step": step, "history": history}))
 
 
-def load_training_state(directory: str | Path, optimizer: torch.optim.Optimizer) -> tuple[int, list[dict]]:
-    """Restore the optimizer in place; return (step, metrics history) saved with it."""
+def write_export(directory: str | Path, model: torch.nn.Module, tokenizer, *, rank: int, merge: bool = True) -> None:
+    """The trained policy as `directory/hf` (see pipeline.model.export); every rank must call it."""
+    export_pretrained(model, tokenizer, str(Path(directory) / HF_DIR), rank=rank, merge=merge)
+
+
+def read_checkpoint(directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, list[dict]]:
+    """Restore `model` and `optimizer` from a merged checkpoint directory; return (step, history)."""
     directory = Path(directory)
-    meta = json.loads((directory / STATE_FILE).read_text())
-    device = next(p.device for group in optimizer.param_groups for p in group["params"])
-    slots: dict[int, dict] = {}
-    for key, value in load_file(str(directory / OPTIMIZER_FILE)).items():
-        index, name = key.split(".", 1)
-        # AdamW keeps `step` on the CPU unless it is capturable/fused; moments live with the params.
-        slots.setdefault(int(index), {})[name] = value if name == "step" else value.to(device)
-    for key, value in meta["scalars"].items():
-        index, name = key.split(".", 1)
-        slots.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": slots, "param_groups": meta["param_groups"]})
+    load_checkpoint(str(directory / STATE_DIR), model, optimizer)
+    return read_history(directory)
+
+
+def read_history(directory: str | Path) -> tuple[int, list[dict]]:
+    """(step, metrics history) of a checkpoint directory."""
+    meta = json.loads((Path(directory) / STATE_FILE).read_text())
     return meta["step"], meta["history"]

@@ -186,6 +186,11 @@ def _group_maxima_config():
     return growable or None
 
 
+def autoscaler_groups() -> list:
+    """The node groups the autoscaler reported to the GCS that can grow (each with .resources); empty if none."""
+    return _group_maxima_config() or []
+
+
 def _group_maxima() -> list[dict[str, float]]:
     """Nodes the autoscaler may still add: max_count nodes of each group's shape (an upper bound, since
     nodes of that group already alive are counted again: we would rather let a stage wait than refuse it)."""

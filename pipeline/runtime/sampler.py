@@ -16,15 +16,17 @@ from pipeline.runtime.model_copy import local_model
 class Sampler:
     """Actor body: `generate` returns, per prompt, n completions as plain dicts (text, token_ids, token_logps)."""
 
-    def __init__(self, kind: str, model_path: str, *, use_gpu: bool, dtype: str, trust_remote_code: bool):
+    def __init__(self, kind: str, model_path: str, *, use_gpu: bool, dtype: str, trust_remote_code: bool, gpus: int = 1):
         # The engines pull in transformers (seconds to import): imported here, in the actor that loads the
         # model, so a driver that only starts samplers never pays for it.
         from pipeline.model.engines import make_engine
 
         # model_path may be a URI (a policy in an s3:// run directory): this actor copies it to its own node.
         with local_model(model_path) as path:
+            # Several GPUs: the engine spreads the model over them (gpus > 1 only on GPU).
+            spread = {"gpus": gpus} if use_gpu and gpus > 1 else {}
             self.engine = make_engine(
-                kind, path, device="cuda" if use_gpu else "cpu", dtype=dtype, trust_remote_code=trust_remote_code
+                kind, path, device="cuda" if use_gpu else "cpu", dtype=dtype, trust_remote_code=trust_remote_code, **spread
             )
 
     def engine_name(self) -> str:
@@ -37,8 +39,10 @@ class Sampler:
         return [[asdict(c) for c in completions] for completions in results]
 
 
-def start_sampler(kind: str, model_path: str, *, use_gpu: bool = False, dtype: str = "float32", trust_remote_code: bool = False):
+def start_sampler(kind: str, model_path: str, *, use_gpu: bool = False, gpus: float = 1.0, dtype: str = "float32",
+                  trust_remote_code: bool = False):
     """Start a sampler actor holding `model_path` (a directory, hub id, or URI such as s3://bucket/run/train/final,
-    which the actor fetches itself); kill it with ray.kill when done to free its GPU."""
-    actor_class = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(Sampler)
-    return actor_class.remote(kind, model_path, use_gpu=use_gpu, dtype=dtype, trust_remote_code=trust_remote_code)
+    which the actor fetches itself) on `gpus` GPUs when use_gpu; kill it with ray.kill when done to free them."""
+    actor_class = ray.remote(num_cpus=1, num_gpus=gpus if use_gpu else 0)(Sampler)
+    return actor_class.remote(kind, model_path, use_gpu=use_gpu, dtype=dtype, trust_remote_code=trust_remote_code,
+                              gpus=max(1, int(gpus)))

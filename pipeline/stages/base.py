@@ -43,6 +43,8 @@ class Stage:
     requests(config): the actors or workers it places on the cluster, checked before anything starts.
     enabled(config): False where the configured run has no use for the stage (score, for losses that
     never read a reference).
+    check(config): refuses, by raising, what the cluster cannot run, before any stage starts (train: a
+    GPU run whose memory plan does not fit the cluster's GPUs).
     """
 
     name: str
@@ -52,6 +54,7 @@ class Stage:
     input_hash: Callable[[Config], str | None] = _nothing
     requests: Callable[[Config], list[Request]] = _no_requests
     enabled: Callable[[Config], bool] = _always
+    check: Callable[[Config], None] = _nothing
 
     def config_hash(self, config: Config) -> str:
         return section_hash(config, self.sections)

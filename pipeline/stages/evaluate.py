@@ -87,7 +87,8 @@ def sampling_job(model_path: str, prompts: list[list[int]], ev: EvaluateConfig, 
     candidates s*N .. s*N+N-1), drawn from seeds of their own so that no candidate is the very sample it
     will be judged against. `split_samples` turns the job's results into (samples, candidates)."""
     def start():
-        return start_sampler(ev.engine, model_path, use_gpu=ev.use_gpu, dtype=dtype, trust_remote_code=trust_remote_code)
+        return start_sampler(ev.engine, model_path, use_gpu=ev.use_gpu, gpus=ev.gpus_per_actor, dtype=dtype,
+                             trust_remote_code=trust_remote_code)
 
     def calls(actor) -> list:
         refs = []
@@ -125,9 +126,11 @@ def scoring_job(model_path: str, table: pa.Table, *, config: Config):
     """An ActorJobs job for log p(chosen | prompt) and log p(rejected | prompt) under `model_path` for every
     row, by the score stage's scorer in an actor (which fetches `model_path` itself when it is a URI).
     `logps` turns the job's results into the two arrays."""
+    ev = config.evaluate
+
     def start():
-        return ray.remote(num_cpus=1, num_gpus=1 if config.evaluate.use_gpu else 0)(ModelScorer).remote(
-            model_path, **scorer_options(config, use_gpu=config.evaluate.use_gpu))
+        return ray.remote(num_cpus=1, num_gpus=ev.gpus_per_actor if ev.use_gpu else 0)(ModelScorer).remote(
+            model_path, **scorer_options(config, use_gpu=ev.use_gpu, gpus=ev.gpus_per_actor))
 
     return start, lambda actor: [actor.score.remote(table.select(["prompt_ids", "chosen_ids", "rejected_ids"]))]
 
@@ -334,7 +337,8 @@ def log_to_trackers(policies: list[Policy], rows: list[dict], *, baselines: list
 
 
 def evaluate_requests(config: Config) -> list[Request]:
-    bundle = {"CPU": 1.0, **({"GPU": 1.0} if config.evaluate.use_gpu else {})}
+    ev = config.evaluate
+    bundle = {"CPU": 1.0, **({"GPU": ev.gpus_per_actor} if ev.use_gpu else {})}
     return [Request("evaluate", "actor", 1, bundle, {"CPU": "evaluate (its sampler actor)", "GPU": "evaluate.use_gpu"}, "evaluate")]
 
 

@@ -91,7 +91,8 @@ def score(run: StageRun) -> dict:
     ds, schema = scoring_input(run, splits, unpaired)
     scored = ds.map_batches(
         SequenceScorer,
-        fn_constructor_kwargs=dict(model_path=config.model.reference, prefix="ref_", **scorer_options(config, use_gpu=sc.use_gpu)),
+        fn_constructor_kwargs=dict(model_path=config.model.reference, prefix="ref_",
+                                   **scorer_options(config, use_gpu=sc.use_gpu, gpus=sc.gpus_per_actor)),
         batch_size=sc.batch_size * 8,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=sc.num_actors),

@@ -2,9 +2,11 @@
 
 The reference model is not loaded here: its log-probs come with the data. Each optimizer step sees
 `train.batch_size` pairs over all workers, in micro-batches of `train.micro_batch_size` per worker
-with gradient accumulation, so the update equals that of one big batch. Checkpoints are Hugging Face
-directories (safetensors) plus optimizer state, resumable from the last one. The workers run
-`pipeline.stages.train_worker`; the step itself is `pipeline.model.train_step`.
+with gradient accumulation, so the update equals that of one big batch. `train.strategy` is ddp (each
+worker holds the whole model) or fsdp (FSDP2 shards it over the workers), either with LoRA's adapters
+(`train.lora`). Checkpoints are sharded (`pipeline.runtime.checkpoints`), resumable from the last
+one; the last also holds the policy as a Hugging Face directory, which becomes `train/final`. The
+workers run `pipeline.stages.train_worker`; the step itself is `pipeline.model.train_step`.
 
 `train.loss: kto` trains on unpaired rows instead (`pipeline.model.objectives.KtoObjective`): a step is
 `train.batch_size` rows, and KTO's reference point is estimated once per step from the mismatched pairs
@@ -18,16 +20,17 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 
 import ray
 
 from pipeline.config import Config
 from pipeline.model.losses import is_unpaired, loss_weights, needs_reference
 from pipeline.model.train_step import accumulation, total_steps
+from pipeline.runtime.checkpoints import HF_DIR
 from pipeline.runtime.resources import Request
 from pipeline.runtime.tracking import check_trackers, flat_params, tracking_run
 from pipeline.stages.base import Stage, StageRun
+from pipeline.stages.capacity import check_fits
 
 log = logging.getLogger(__name__)
 
@@ -164,14 +167,11 @@ def make_trainer(run: StageRun, steps: int):
 
 
 def export_final(run: StageRun, checkpoint) -> list[dict]:
-    """The last checkpoint, less its optimizer state, as `train/final` (a Hugging Face directory), and the
-    attempt's live metrics.jsonl as `train/metrics.jsonl`, the very lines logged as training ran; returns them."""
+    """The last checkpoint's Hugging Face directory as `train/final`, and the attempt's live metrics.jsonl as
+    `train/metrics.jsonl`, the very lines logged as training ran; returns them."""
     writer = run.writer
     with checkpoint.as_directory() as ckpt:
-        with tempfile.TemporaryDirectory() as tmp:
-            final = os.path.join(tmp, "final")
-            shutil.copytree(ckpt, final, ignore=shutil.ignore_patterns("optimizer.safetensors", "trainer_state.json", ".*"))
-            run.run_dir.upload_dir(final, f"{writer.staging}/final")
+        run.run_dir.upload_dir(os.path.join(ckpt, HF_DIR), f"{writer.staging}/final")
     metrics = run.run_dir.read_text(f"train.work/{attempt_name(run)}/metrics.jsonl")
     writer.write_text("metrics.jsonl", metrics)
     return [json.loads(line) for line in metrics.splitlines() if line.strip()]
@@ -213,4 +213,5 @@ TRAIN = Stage(
     body=train_stage,
     upstream=upstream_stage,
     requests=train_requests,
+    check=check_fits,
 )

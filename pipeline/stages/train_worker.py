@@ -2,12 +2,14 @@
 
 Ray Train runs `train_loop_per_worker` on every worker. The step itself is
 `pipeline.model.train_step.train_step` with the objective the loss declares
-(`pipeline.model.objectives.objective_for`); this module adds only what needs Ray Train: the worker's
-rank and device, its data shard, DDP, and reporting metrics and checkpoints. Every logged step goes out as
-it happens: to `ray.train.report` from every rank, and from rank 0 to the attempt's metrics.jsonl, to the
-trackers `train.report_to` names, and as a line with the step, tokens/s and the time left. Ray Train is
-imported at the top here; the train stage imports this module only where it builds the TorchTrainer, so
-that importing the stage (every CLI command does) does not pay for Ray Train.
+(`pipeline.model.objectives.objective_for`) and the policy comes from `pipeline.model.policy` (ddp or
+FSDP2, LoRA); this module adds only what needs Ray Train: the worker's rank and device, its data shard,
+DDP's wrapper, and reporting metrics and checkpoints (each rank its own shards; the layout is
+`pipeline.runtime.checkpoints`). Every logged step goes out as it happens: to `ray.train.report` from
+every rank, and from rank 0 to the attempt's metrics.jsonl, to the trackers `train.report_to` names, and
+as a line with the step, tokens/s and the time left. Ray Train is imported at the top here; the train
+stage imports this module only where it builds the TorchTrainer, so that importing the stage (every CLI
+command does) does not pay for Ray Train.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import itertools
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,18 +26,19 @@ import ray.train.torch
 import torch
 
 from pipeline.config import TrainConfig
-from pipeline.model.loading import compile_decoder_layers, load_model, load_tokenizer, save_pretrained
+from pipeline.model.loading import load_tokenizer
 from pipeline.model.objectives import objective_for
-from pipeline.model.train_step import Objective, StepResult, accumulation, disable_dropout, lr_factor, train_step
-from pipeline.runtime.checkpoints import load_training_state, save_training_state
+from pipeline.model.policy import load_policy, make_optimizer
+from pipeline.model.train_step import Objective, StepResult, accumulation, lr_factor, train_step
+from pipeline.runtime.checkpoints import read_checkpoint, write_checkpoint, write_export
 from pipeline.runtime.storage import RunDir
 from pipeline.runtime.tracking import MetricsLog, Trackers, TrackingRun, train_metrics
 
 
 @dataclass
 class Worker:
-    """One worker's training state: the DDP-wrapped policy, its tokenizer and optimizer, and the step
-    it starts at with the metrics logged before it (from the checkpoint it resumes)."""
+    """One worker's training state: the policy (DDP-wrapped, or FSDP's shards), its tokenizer and
+    optimizer, and the step it starts at with the metrics logged before it (from the checkpoint it resumes)."""
 
     model: torch.nn.Module
     tokenizer: Any
@@ -46,7 +48,7 @@ class Worker:
 
     @property
     def bare_model(self) -> torch.nn.Module:
-        """The model without its DDP wrapper: what is saved."""
+        """The model without DDP's wrapper: what is saved (an FSDP model is its own)."""
         return self.model.module if hasattr(self.model, "module") else self.model
 
 
@@ -81,7 +83,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 if step_log:
                     step_log.logged(worker.history[-1])
             if logged or checkpoint:  # the same on every rank: Ray Train needs each rank's every report
-                report(worker, step=done, rank=rank, checkpoint=checkpoint, step_log=step_log)
+                report(worker, step=done, rank=rank, checkpoint=checkpoint, step_log=step_log, export=done == steps,
+                       merge=train.lora is None or train.lora.merge)
     finally:
         if step_log:
             step_log.close()
@@ -125,31 +128,22 @@ class StepLog:
 
 
 def set_up(loop_config: dict, train: TrainConfig, *, device: torch.device, rank: int) -> Worker:
-    """Load the policy (from the last checkpoint when Ray Train resumes one), wrap it in DDP, make its optimizer."""
+    """Build the policy (`pipeline.model.policy`), wrap it in DDP under ddp, make its optimizer, and
+    restore both from the last checkpoint when Ray Train resumes one."""
     checkpoint = ray.train.get_checkpoint()
-    start_step, history = 0, []
-    with (checkpoint.as_directory() if checkpoint else nullcontext(None)) as checkpoint_dir:
-        source = checkpoint_dir or loop_config["model_path"]
-        model = load_model(
-            source, dtype=torch.float32, trust_remote_code=loop_config["trust_remote_code"],
-            attn_implementation=loop_config.get("attn_implementation"),
-        )
-        tokenizer = load_tokenizer(source, trust_remote_code=loop_config["trust_remote_code"])
-        disable_dropout(model)
-        if train.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if train.compile:
-            compile_decoder_layers(model)
-        model.train()
+    model_path, trust_remote_code = loop_config["model_path"], loop_config["trust_remote_code"]
+    model = load_policy(model_path, train, device=device, trust_remote_code=trust_remote_code,
+                        attn_implementation=loop_config.get("attn_implementation"), resuming=checkpoint is not None)
+    if train.strategy == "ddp":
         model = ray.train.torch.prepare_model(model)
-        optimizer = torch.optim.AdamW(
-            model.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay, fused=device.type == "cuda"
-        )
-        if checkpoint_dir:
-            start_step, history = load_training_state(checkpoint_dir, optimizer)
-            if rank == 0:
-                print(f"train: resuming at step {start_step} from checkpoint {checkpoint.path}", flush=True)
-    return Worker(model, tokenizer, optimizer, start_step, history)
+    worker = Worker(model, load_tokenizer(model_path, trust_remote_code=trust_remote_code),
+                    make_optimizer(model, train, device=device), 0, [])
+    if checkpoint:
+        with checkpoint.as_directory() as checkpoint_dir:
+            worker.start_step, worker.history = read_checkpoint(checkpoint_dir, worker.bare_model, worker.optimizer)
+        if rank == 0:
+            print(f"train: resuming at step {worker.start_step} from checkpoint {checkpoint.path}", flush=True)
+    return worker
 
 
 def micro_batches(shard, *, size: int, skip: int) -> Iterator[tuple[int, dict]]:
@@ -179,16 +173,19 @@ def history_row(result: StepResult, *, step: int, epoch: int, lr: float, elapsed
     }
 
 
-def report(worker: Worker, *, step: int, rank: int, checkpoint: bool, step_log: StepLog | None) -> None:
-    """Report the last logged metrics to Ray Train; with `checkpoint`, rank 0 adds one (the model, optimizer
-    and history)."""
+def report(worker: Worker, *, step: int, rank: int, checkpoint: bool, step_log: StepLog | None, export: bool,
+           merge: bool) -> None:
+    """Report the last logged metrics to Ray Train; with `checkpoint`, each rank adds its part of one, and
+    the last (`export`) also holds the policy as a Hugging Face directory, merged with LoRA's adapters if
+    `merge`."""
     metrics = worker.history[-1] if worker.history else {"step": step}
-    if rank != 0 or not checkpoint:
+    if not checkpoint:
         ray.train.report(metrics)
         return
     if step_log:
         step_log.checkpointed()  # first: a checkpoint never gets ahead of the live metrics on a remote run dir
     with tempfile.TemporaryDirectory() as tmp:
-        save_pretrained(worker.bare_model, worker.tokenizer, tmp)
-        save_training_state(tmp, worker.optimizer, step=step, history=worker.history)
+        write_checkpoint(tmp, worker.bare_model, worker.optimizer, rank=rank, step=step, history=worker.history)
+        if export:
+            write_export(tmp, worker.bare_model, worker.tokenizer, rank=rank, merge=merge)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"step-{step:07d}")

@@ -39,13 +39,16 @@ class HFEngine:
         dtype: str | torch.dtype = "float32",
         batch_size: int = 32,
         trust_remote_code: bool = False,
+        gpus: int = 1,
     ):
+        """gpus > 1 (with device="cuda"): the model's layers are spread over the GPUs this process sees."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = device
         self.batch_size = batch_size
         self.tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
-        self.model = load_model(model_path, dtype=_torch_dtype(dtype), device=device, trust_remote_code=trust_remote_code)
+        self.model = load_model(model_path, dtype=_torch_dtype(dtype), device=device, trust_remote_code=trust_remote_code,
+                                spread=gpus > 1)
         self.model.eval()
         checkpoint_eos = _as_id_list(getattr(self.model.generation_config, "eos_token_id", None))
         self.eos_ids = sorted({self.tokenizer.eos_token_id, *checkpoint_eos})

@@ -47,9 +47,12 @@ class VLLMEngine:
         dtype: str = "auto",
         batch_size: int | None = None,
         trust_remote_code: bool = False,
+        gpus: int = 1,
         **llm_kwargs: Any,
     ):
         del device, batch_size  # see the class docstring
+        if gpus > 1:  # one model over this process's GPUs: vLLM's tensor parallelism
+            llm_kwargs.setdefault("tensor_parallel_size", gpus)
         try:
             import vllm  # optional and heavy: see the module docstring
         except ImportError as err:
