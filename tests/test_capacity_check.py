@@ -23,7 +23,7 @@ pytestmark = pytest.mark.stage
 def ray_with_a_labelled_gpu():
     import ray
 
-    ray.init(num_cpus=1, num_gpus=1, resources={"accelerator_type:H100": 1}, include_dashboard=False)
+    ray.init(address="local", num_cpus=1, num_gpus=1, resources={"accelerator_type:H100": 1}, include_dashboard=False)
     yield
     ray.shutdown()
 
