@@ -3,6 +3,8 @@ done, results come back by name, and a failure surfaces with no actor left behin
 
 from __future__ import annotations
 
+import logging
+import re
 import time
 
 import pytest
@@ -15,7 +17,7 @@ pytestmark = pytest.mark.stage
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)  # a new local Ray, never one `ray start` left
     yield
     ray.shutdown()
 
@@ -50,9 +52,10 @@ def job(seconds: float, value, started: list | None = None):
     return start, lambda actor: [actor.work.remote(seconds, value), actor.work.remote(0.0, value + "!")]
 
 
-def test_jobs_run_side_by_side_up_to_the_cap_and_return_by_name():
+def test_jobs_run_side_by_side_up_to_the_cap_and_return_by_name(caplog):
     started = []
-    with ActorJobs(max_actors=2) as jobs:
+    caplog.set_level(logging.INFO, logger="pipeline.runtime.actors")
+    with ActorJobs(max_actors=2, label="evaluate") as jobs:
         for name in "abcd":
             jobs.submit(name, *job(1.5, name, started))
         assert len(started) == 2  # the others wait for a slot
@@ -61,6 +64,9 @@ def test_jobs_run_side_by_side_up_to_the_cap_and_return_by_name():
         assert jobs.wait_for("bc")["c"][1][0] == "c!"
     assert {n: [r[0] for r in results[n]] for n in results} == {"d": ["d", "d!"], "a": ["a", "a!"]}
     assert len(started) == 4
+    # Each job's end is logged as it happens, with the counts a person watching needs.
+    assert re.search(r"evaluate: [ab] done \(1 of 4 jobs done, 2 running, 1 waiting\)", caplog.text)
+    assert "of 4 jobs done, 0 running, 0 waiting)" in caplog.text
     spans = [(r[0][1], r[0][2]) for r in (results["a"], results["d"])] + \
             [(r[0][1], r[0][2]) for r in jobs.wait_for("bc").values()]
     assert most_at_once(spans) == 2  # side by side, never more than the cap

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.stage
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False)  # the check needs no dashboard: a lighter start
+    ray.init(address="local", num_cpus=2, include_dashboard=False)  # new, light: the check needs no dashboard
     yield
     ray.shutdown()
 
