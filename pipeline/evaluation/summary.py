@@ -1,6 +1,6 @@
 """The evaluation's numbers: one summary row per (model, temperature), and the summary.json document.
 
-Win rates carry a bootstrap 95% interval (stats.py) and, against the reference, a length-controlled twin
+Win rates carry a bootstrap 95% interval over prompts (stats.py) and, against the reference, a length-controlled twin
 (length_control.py), since DPO is known to lengthen answers.
 """
 
@@ -65,14 +65,16 @@ def _judged(vs_reference: pd.DataFrame, vs_chosen: pd.DataFrame, *, n_boot: int,
     """The judged columns of one summary row, from its comparisons against each baseline."""
     row = dict.fromkeys(_JUDGED_COLUMNS)
     row.update(judged_vs_chosen=int(len(vs_chosen)), unparsed_vs_chosen=unparsed_comparisons(vs_chosen))
+    # Intervals resample prompts: a prompt's comparisons are correlated (stats.py).
     if len(vs_chosen):
-        rate = win_rate(vs_chosen.score.to_numpy(), n_boot=n_boot, seed=seed)
+        rate = win_rate(vs_chosen.score.to_numpy(), groups=vs_chosen.prompt_index.to_numpy(), n_boot=n_boot, seed=seed)
         row.update({k.replace("win_rate", "win_rate_vs_chosen"): v for k, v in rate.items()})
     if len(vs_reference):
-        scores = vs_reference.score.to_numpy()
-        row.update(win_rate(scores, n_boot=n_boot, seed=seed))
+        scores, prompts = vs_reference.score.to_numpy(), vs_reference.prompt_index.to_numpy()
+        row.update(win_rate(scores, groups=prompts, n_boot=n_boot, seed=seed))
         # DPO is known to lengthen answers: the judge's preference with length regressed out.
-        lc = length_controlled_win_rate(scores, vs_reference.length_diff.to_numpy(dtype=float), n_boot=n_boot, seed=seed)
+        lc = length_controlled_win_rate(scores, vs_reference.length_diff.to_numpy(dtype=float), groups=prompts,
+                                        n_boot=n_boot, seed=seed)
         row.update({k: lc[k] for k in _LC_COLUMNS})
     return row
 
