@@ -104,7 +104,13 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    engine: str = "hf"  # hf | vllm | auto
+    engine: str = "hf"  # hf | vllm | auto (vllm where it is installed and faster: on GPUs; see README "Sampling engines")
+    # vLLM only: GPUs per sampler actor, the model split over them by tensor parallelism, in a placement
+    # group of that many one-GPU bundles on one node. Needs use_gpu. Resources only (never reruns evaluate).
+    tensor_parallel_size: int = 1
+    # vLLM only: each sampler's KV cache in GiB; None is vLLM's share of GPU memory on a GPU and 1 GiB on
+    # the CPU (where vLLM would otherwise reserve 90% of the machine's memory). Resources only.
+    vllm_kv_cache_gib: float | None = None
     num_prompts: int = 64  # held-out prompts sampled per model and temperature
     samples_per_prompt: int = 1
     temperatures: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
@@ -306,7 +312,8 @@ def _coerce(hint, value, *, path: str):
 # Where and how fast a stage runs, not what it computes: changing these never reruns a finished stage.
 RESOURCE_FIELDS = (
     "score.num_actors", "score.cpus_per_actor", "score.gpus_per_actor",
-    "train.cpus_per_worker", "train.torch_threads", "evaluate.max_actors",
+    "train.cpus_per_worker", "train.torch_threads", "evaluate.max_actors", "evaluate.tensor_parallel_size",
+    "evaluate.vllm_kv_cache_gib",
 )
 
 

@@ -99,20 +99,24 @@ def sampling_costs(rows: Sequence[dict]) -> dict[tuple[str, float], dict]:
 def evaluation_summary(rows: Sequence[dict], samples: pa.Table, judgments: pa.Table, ev: EvaluateConfig, *,
                        kl_bounds: Mapping[tuple[str, float], float], accuracy: Mapping[str, dict],
                        policy_names: Sequence[str], num_prompts: int, chosen_texts: Sequence[str | None] | None,
-                       candidates: Sequence[dict]) -> dict:
+                       candidates: Sequence[dict], engines: Mapping[str, str] | None = None) -> dict:
     """The document written as summary.json.
 
     rows: the sample rows behind `samples` (with their sampling costs); accuracy: held-out measures per
     policy (a single policy's given bare); chosen_texts: each prompt's preferred response or None, or
     None for all when the samples were not judged against preferred responses;
-    candidates: the best-of-N candidates drawn (empty without that baseline).
+    candidates: the best-of-N candidates drawn (empty without that baseline); engines: the engine that
+    sampled each model, named in the summary ("engine": one name when all agree, else the mapping;
+    "engine_requested": evaluate.engine as configured, e.g. "auto").
     """
+    used = sorted(set((engines or {}).values()))
     verdicts = judgments.to_pandas()
     return {
         "rows": summarize(samples, judgments, ev.temperatures, n_boot=ev.bootstrap_samples, seed=ev.seed,
                           costs=sampling_costs(rows), kl_bounds=kl_bounds),
         "implicit_reward_accuracy": accuracy.get(policy_names[0]) if len(policy_names) == 1 else dict(accuracy),
-        "judge": ev.judge, "reward": ev.reward, "engine": ev.engine,
+        "judge": ev.judge, "reward": ev.reward, "engine_requested": ev.engine,
+        "engine": used[0] if len(used) == 1 else dict(engines or {}) or ev.engine,
         "unparsed_verdicts": int(sum(v == "unparsed" for col in ("verdict_first", "verdict_second")
                                      for v in judgments[col].to_pylist())),
         "unparsed_comparisons_by_baseline": {b: unparsed_comparisons(verdicts[verdicts.baseline == b])
