@@ -86,7 +86,9 @@ class VLLMEngine:
                 stacklevel=2,
             )
         kwargs.update(llm_kwargs)
+        before = set(multiprocessing.active_children())
         self._llm = vllm.LLM(**kwargs)
+        self._processes = [p for p in multiprocessing.active_children() if p not in before]  # the engine core
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
         """`params.n` completions for each prompt (lists of token ids), in prompt order."""
@@ -133,9 +135,10 @@ class VLLMEngine:
         shutdown = getattr(getattr(getattr(llm, "llm_engine", None), "engine_core", None), "shutdown", None)
         if callable(shutdown):
             shutdown()
-        # vLLM kills an engine core that outstays its grace period without waiting for it: reap it here
-        # (active_children joins finished children), or it stays a zombie for as long as this process lives.
-        multiprocessing.active_children()
+        # vLLM kills an engine core that outstays its grace period without waiting for it: reap it here, or it
+        # stays a zombie for as long as this process lives.
+        for process in self._processes:
+            process.join(timeout=30)
         del llm
         gc.collect()
         if torch.cuda.is_available():
