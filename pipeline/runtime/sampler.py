@@ -117,6 +117,14 @@ def start_sampler(kind: str, model_path: str, *, use_gpu: bool = False, dtype: s
     engine_kwargs = {} if placement.engine == "hf" else {"kv_cache_gib": kv_cache_gib}
     if tensor_parallel_size > 1:
         engine_kwargs.update(tensor_parallel_size=tensor_parallel_size, distributed_executor_backend="ray")
+    return start_placed(Sampler, placement, kind, model_path, use_gpu=use_gpu, dtype=dtype,
+                        trust_remote_code=trust_remote_code, engine_kwargs=engine_kwargs)
+
+
+def start_placed(actor_body: type, placement: SamplerPlacement, *args, **kwargs):
+    """Start `actor_body(*args, **kwargs)` as an actor holding `placement`: in a new placement group of its
+    bundles when it has any (the actor in the first one, and every task or actor it starts inside the group),
+    else with its own CPUs and GPUs. `stop_sampler` kills it and removes the group."""
     options = dict(num_cpus=placement.num_cpus, num_gpus=placement.num_gpus)
     if placement.env:
         options["runtime_env"] = {"env_vars": placement.env}
@@ -126,8 +134,7 @@ def start_sampler(kind: str, model_path: str, *, use_gpu: bool = False, dtype: s
         # capture_child_tasks: the workers vLLM starts from inside the actor land in the group's bundles.
         options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
             group, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)
-    actor = ray.remote(**options)(Sampler).remote(kind, model_path, use_gpu=use_gpu, dtype=dtype,
-                                                  trust_remote_code=trust_remote_code, engine_kwargs=engine_kwargs)
+    actor = ray.remote(**options)(actor_body).remote(*args, **kwargs)
     if group is not None:
         _GROUPS[actor._actor_id.hex()] = group
     return actor

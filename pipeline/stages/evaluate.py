@@ -316,7 +316,7 @@ def evaluate_requests(config: Config) -> list[Request]:
     """One sampler actor: what its engine holds (pipeline/runtime/sampler.py), all on one node."""
     ev = config.evaluate
     held = sampler_placement(ev.engine, use_gpu=ev.use_gpu, tensor_parallel_size=ev.tensor_parallel_size).total
-    bundle = {"CPU": held["CPU"], **({"GPU": held["GPU"]} if ev.use_gpu else {})}
+    bundle = {**({"GPU": held["GPU"]} if ev.use_gpu else {}), "CPU": held["CPU"]}  # the scarcer one named first
     gpu_key = "evaluate.tensor_parallel_size" if ev.tensor_parallel_size > 1 else "evaluate.use_gpu"
     return [Request("evaluate", "actor", 1, bundle, {"CPU": f"evaluate.engine={ev.engine} (its sampler actor)",
                                                      "GPU": gpu_key}, "evaluate")]
