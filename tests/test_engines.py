@@ -455,3 +455,12 @@ def test_vllm_sampler_runs_outside_its_actor_holds_two_cpus_and_shuts_down(vllm_
     _, alive = psutil.wait_procs(engine_procs, timeout=60)
     assert not alive, [p.name() for p in alive]
     assert psutil.Process(pid).is_running()  # the actor itself lives on until stop_sampler kills it
+
+
+@needs_vllm
+def test_vllm_on_the_cpu_refuses_a_head_size_it_has_no_kernel_for(tmp_path):
+    from transformers import GPT2Config
+
+    GPT2Config(n_embd=32, n_head=2, n_layer=1, vocab_size=300).save_pretrained(tmp_path)  # head size 16
+    with pytest.raises(ValueError, match=r"head size 16 .* vLLM's CPU build supports \[32, "):
+        make_engine("vllm", str(tmp_path), device="cpu")

@@ -28,7 +28,9 @@ def init_ray(config: RayConfig) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=config.num_cpus, log_to_driver=True)
+        # address="local": a new Ray of our own, even where a `ray start` cluster runs on this machine (which a
+        # bare ray.init() would join instead, refusing num_cpus).
+        ray.init(address="local", num_cpus=config.num_cpus, log_to_driver=True)
     _quiet_ray_data()
     log.info("Ray resources: %s", ray.cluster_resources())
 

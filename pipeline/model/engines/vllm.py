@@ -73,6 +73,7 @@ class VLLMEngine:
         kwargs: dict[str, Any] = dict(model=model_path, tokenizer=model_path, dtype=dtype, trust_remote_code=trust_remote_code)
         on_cpu = device.startswith("cpu")
         if on_cpu:
+            _check_cpu_head_size(model_path, trust_remote_code=trust_remote_code)
             kwargs["enforce_eager"] = True  # compiling would add minutes to a CPU start-up
             kv_cache_gib = CPU_KV_CACHE_GIB if kv_cache_gib is None else kv_cache_gib
         if kv_cache_gib is not None:
@@ -152,3 +153,18 @@ def _vllm_has_engine_arg(name: str) -> bool:
         return name in {f.name for f in dataclasses.fields(EngineArgs)}
     except (ImportError, TypeError):
         return False
+
+
+def _check_cpu_head_size(model_path: str, *, trust_remote_code: bool) -> None:
+    """Refuse a model whose attention head size vLLM's CPU attention has no kernel for: vLLM itself only
+    fails at the first generate, with its engine dead and the cause deep in a worker's log."""
+    from transformers import AutoConfig  # the engines' dependency anyway; deferred with vllm's imports
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend  # optional and heavy: see the module docstring
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    heads = getattr(config, "num_attention_heads", None)
+    head_size = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
+    supported = CPUAttentionBackend.get_supported_head_sizes()
+    if head_size is not None and head_size not in supported:
+        raise ValueError(f"{model_path}: attention head size {head_size} (hidden size {config.hidden_size} / "
+                         f"{heads} heads); vLLM's CPU build supports {supported}: use evaluate.engine: hf")
