@@ -442,6 +442,16 @@ def test_kl_estimates_of_both_engines_agree_within_sampling_error(vllm_sampler, 
 
 
 @needs_vllm
+def test_vllm_samples_more_prompt_tokens_than_one_scheduler_step_holds(vllm_sampler, tokenizer):
+    """64 prompts x 2 samples x 60 tokens is 7,680 prompt tokens, more than vLLM's CPU step budget (4,096):
+    some prompts wait for a later step. Split prompts killed vLLM 0.32's engine on seeded requests."""
+    ids = torch.randint(3, len(tokenizer), (64, 60), generator=torch.Generator().manual_seed(0)).tolist()
+    out = vllm_sampler.generate(ids, SamplingParams(n=2, temperature=1.0, max_tokens=4, seed=1))
+    assert [len(samples) for samples in out] == [2] * 64
+    assert all(1 <= len(c.token_ids) <= 4 for samples in out for c in samples)
+
+
+@needs_vllm
 def test_vllm_sampler_runs_outside_its_actor_holds_two_cpus_and_shuts_down(vllm_sampler):
     """Last in the module: it closes the shared sampler."""
     import psutil

@@ -75,6 +75,10 @@ class VLLMEngine:
         if on_cpu:
             _check_cpu_head_size(model_path, trust_remote_code=trust_remote_code)
             kwargs["enforce_eager"] = True  # compiling would add minutes to a CPU start-up
+            # A prompt split across scheduler steps makes vLLM 0.32 rewind the request's random generator,
+            # which CPU generators cannot do: a seeded request (ours all are) then kills the engine
+            # ("CPU Generator does not use offset"). Whole prompts only.
+            kwargs["enable_chunked_prefill"] = False
             kv_cache_gib = CPU_KV_CACHE_GIB if kv_cache_gib is None else kv_cache_gib
         if kv_cache_gib is not None:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
