@@ -21,7 +21,7 @@ pytestmark = pytest.mark.stage
 @pytest.fixture(scope="module", autouse=True)
 def ray_local():
     # Logical GPUs: Ray schedules them like real ones, and nothing here touches a device.
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False)
     yield
     ray.shutdown()
 

@@ -122,7 +122,7 @@ def vllm_sampler(checkpoint):
 
     from pipeline.runtime.sampler import start_sampler, stop_sampler
 
-    ray.init(num_cpus=3, include_dashboard=False)
+    ray.init(address="local", num_cpus=3, include_dashboard=False)  # local: never a `ray start` cluster of this machine
     actor = start_sampler("vllm", checkpoint, use_gpu=torch.cuda.is_available(), dtype="float32", kv_cache_gib=0.0625)
     try:
         yield SamplerEngine(actor)

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from transformers import AutoConfig
 
 from pipeline.model.engines.contract import Completion, SamplingParams
 from pipeline.model.engines.seeding import prompt_stream_keys, stream_seed
@@ -162,7 +163,6 @@ def _vllm_has_engine_arg(name: str) -> bool:
 def _check_cpu_head_size(model_path: str, *, trust_remote_code: bool) -> None:
     """Refuse a model whose attention head size vLLM's CPU attention has no kernel for: vLLM itself only
     fails at the first generate, with its engine dead and the cause deep in a worker's log."""
-    from transformers import AutoConfig  # the engines' dependency anyway; deferred with vllm's imports
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend  # optional and heavy: see the module docstring
 
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
