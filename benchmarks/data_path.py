@@ -3,7 +3,7 @@
     python benchmarks/data_path.py --shape tiny|gpt162m|llama1b [--steps N] [--warmup N] [--prefetch N]
 
 Synthetic scored pairs are written as Parquet shards (the score stage's schema) to a temporary directory.
-The same train step (`pipeline.stages.train.micro_batch_loss` + backward + AdamW) then runs twice: fed from
+The same train step (`pipeline.model.train_step.train_step`: forward, backward, AdamW) then runs twice: fed from
 `ray.data.read_parquet(...).iter_batches(batch_size=micro, batch_format="numpy", prefetch_batches=...)`, as
 the train workers read their shards, and fed from the same batches already in memory. Prints both
 tokens/s and their ratio (target >= 0.95). Warmup steps (Ray Data's start-up included) are not timed;

@@ -3,7 +3,7 @@
     python benchmarks/score.py --shape tiny|gpt162m|llama1b [--compare trl] [--pairs N]
                                [--chunked] [--packing] [--compile] [--packed-attn flex_attention]
 
-Rows: `pipeline.stages.score.score_pairs` as the score stage runs it (inference_mode, micro-batches of similar
+Rows: `pipeline.model.scoring.score_pairs` as the score stage runs it (inference_mode, micro-batches of similar
 length), the same loop in the data's own order (no length bucketing), then one row per switch asked for
 (`score.chunked_logps`, `score.packing`, `score.compile`) and, with more than one, all of them
 together. Weights are bf16 on CUDA (the score stage loads `model.dtype`), float32 on CPU. The train-step
@@ -72,7 +72,7 @@ def measure_score(
     decoder block compiled when `compile` (what score.compile does).
     """
     from pipeline.model.loading import compile_decoder_layers
-    from pipeline.stages.score import score_pairs
+    from pipeline.model.scoring import score_pairs
 
     common.free_memory(device)
     model = common.build_model(shape, device, dtype=dtype, attn=packed_attn if packing else "sdpa").eval()

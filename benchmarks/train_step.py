@@ -3,9 +3,10 @@
     python benchmarks/train_step.py --shape tiny|gpt162m|llama1b [--compare trl] [--steps N] [--warmup N]
                                     [--chunked] [--grad-checkpointing] [--compile]
 
-Our step is `pipeline.stages.train.micro_batch_loss` + backward + grad clipping + AdamW (fused on CUDA), bf16
-autocast over float32 master weights on CUDA, float32 on CPU; the model is built from a config (random
-weights). Rows: a plain loop (full logits -> float32 log_softmax -> gather), our step, and each option
+Our step is the train stage's own `pipeline.model.train_step.train_step` (forward, backward, grad
+clipping, AdamW fused on CUDA) with the paired objective, bf16 autocast over float32 master weights on
+CUDA, float32 on CPU; the model is built from a config (random weights). Rows: a plain loop (full
+logits -> float32 log_softmax -> gather, through the same `train_step`), our step, and each option
 asked for alone and all together. Tokens = non-pad tokens of the chosen and rejected sequences, prompt
 included. The last line is `speedup_vs_trl: <float>` (best raydpo row over best TRL row, `nan` when no
 TRL figure applies).
@@ -68,6 +69,30 @@ def plain_loop_loss(model, batch: dict, *, device: torch.device, beta: float, sc
     return out.losses.sum() * scale, int(attention_mask.sum())
 
 
+class PlainLoop:
+    """`plain_loop_loss` as a train-step objective, so the baseline row runs the very step ours does."""
+
+    def __init__(self, device: torch.device, *, beta: float):
+        self.device, self.beta = device, beta
+
+    def begin_step(self, model, batches, *, world: int):
+        from pipeline.model.train_step import StepMetrics
+
+        return None, StepMetrics.of(self.device)
+
+    def micro_batch_loss(self, model, batch: dict, shared, *, scale: float):
+        from pipeline.model.train_step import StepMetrics
+
+        loss, tokens = plain_loop_loss(model, batch, device=self.device, beta=self.beta, scale=scale)
+        return loss, StepMetrics.of(self.device, rows=len(batch["prompt_ids"]), tokens=tokens)
+
+    def loss_metrics(self, totals: dict, shared) -> dict:
+        return {}
+
+    def progress(self, row: dict) -> str:
+        return ""
+
+
 class Measured(NamedTuple):
     tokens_per_s: float
     memory: str  # peak memory, formatted
@@ -94,16 +119,20 @@ def measure_train(
     """Time `steps` optimizer steps after `warmup` over `batches` (a list is cycled; an iterator, such as
     Ray Data's, is read once and must hold warmup + steps batches)."""
     from pipeline.config import TrainConfig
-    from pipeline.stages.train import micro_batch_loss
+    from pipeline.model.objectives import objective_for
+    from pipeline.model.train_step import train_step
 
     common.free_memory(device)
     model = prepare_model(shape, device, grad_checkpointing=grad_checkpointing, compile=compile,
                           attn=packed_attn if packing else "sdpa")
     params = common.num_params(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.type == "cuda")
+    lr = 1e-6
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=device.type == "cuda")
     pairs = len(batches[0]["prompt_ids"])
     train = TrainConfig(loss="dpo", beta=0.1, batch_size=pairs, micro_batch_size=pairs, max_grad_norm=1.0,
                         chunked_logps=chunked, logps_chunk_size=chunk_size, packing=packing)
+    objective = (PlainLoop(device, beta=train.beta) if plain
+                 else objective_for(train, pad_id=common.PAD_ID, device=device, with_reference=True))
     tokens, start, first_batch = 0, None, None
     profiler = _profiler(device) if profile else contextlib.nullcontext()
     stream = itertools.cycle(batches) if isinstance(batches, list) else iter(batches)
@@ -117,18 +146,9 @@ def measure_train(
         batch = next(stream)
         if first_batch is None:
             first_batch = common.now(device) - begin
-        if plain:
-            loss, batch_tokens = plain_loop_loss(model, batch, device=device, beta=train.beta, scale=1.0 / pairs)
-        else:
-            loss, _, batch_tokens = micro_batch_loss(
-                model, batch, train=train, pad_id=common.PAD_ID, device=device, with_reference=True, scale=1.0 / pairs
-            )
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), train.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        result = train_step(model, optimizer, [batch], objective=objective, lr=lr, max_grad_norm=train.max_grad_norm)
         if i >= warmup:
-            tokens += batch_tokens
+            tokens += result.tokens
     elapsed = common.now(device) - start
     if profile:
         profiler.__exit__(None, None, None)
@@ -150,7 +170,7 @@ def _profiler(device: torch.device):
 def variants(args) -> list[tuple[str, dict]]:
     """(row name, options) for every row asked for: each option alone, then all of them together."""
     chosen = [o for o in OPTIONS if getattr(args, o)]
-    out = [("plain loop (full logits, fp32 log_softmax)", {"plain": True}), ("raydpo micro_batch_loss", {})]
+    out = [("plain loop (full logits, fp32 log_softmax)", {"plain": True}), ("raydpo train_step", {})]
     label = {"packing": f"packing ({args.packed_attn})", "chunked": "chunked logprobs", "grad_checkpointing": "grad checkpointing", "compile": "torch.compile"}
     for option in chosen:
         out.append((f"raydpo + {label[option]}", {option: True}))

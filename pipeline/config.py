@@ -26,6 +26,12 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class DataConfig:
     path: str = ""  # JSONL / Parquet / datasets dir / hub name; local path or pyarrow filesystem URI
+    # The split of a hub dataset or of a save_to_disk DatasetDict folder to read; None reads "train". Inputs
+    # without splits (files, one saved dataset) refuse a split they do not hold.
+    split: str | None = None
+    # A split of the same dataset to evaluate on (e.g. "test_prefs"), in place of holding prompts out by hash:
+    # its rows all go to eval, `split`'s to train, and eval_fraction is not used. A pair in both is held out.
+    eval_split: str | None = None
     format: str = "auto"  # auto | standard | conversational | implicit_prompt | unpaired | scored
     columns: dict[str, str] = field(default_factory=dict)  # our name -> the user's column name
     chat_template: str | None = None  # Jinja template for tokenizers that have none
@@ -97,9 +103,14 @@ class TrainConfig:
     compile: bool = False  # torch.compile each decoder block (GPU: the largest single speed-up we measured)
     packing: bool = False  # sequences end to end in one row, no padding (use model.attn_implementation: flex_attention on GPU)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
-    logging_steps: int = 1
+    logging_steps: int = 1  # every logged step: a progress line, a metrics.jsonl row, the trackers
     checkpoint_steps: int = 0  # 0: checkpoint only at the end
     seed: int = 0
+    # Experiment trackers, any of tensorboard | mlflow | wandb (pipeline/runtime/tracking.py). TensorBoard by
+    # default: free, local, files in the run directory, nothing to sign up for or serve.
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    tracker_project: str = "raydpo"  # MLflow experiment and W&B project
+    mlflow_tracking_uri: str | None = None  # None: a local file store at <run_dir>/mlruns
 
 
 @dataclass(frozen=True)
@@ -309,11 +320,12 @@ def _coerce(hint, value, *, path: str):
     raise ConfigError(f"{path}: unsupported type {hint}")
 
 
-# Where and how fast a stage runs, not what it computes: changing these never reruns a finished stage.
+# Where and how fast a stage runs, or where it reports, not what it computes: changing these never reruns a
+# finished stage.
 RESOURCE_FIELDS = (
     "score.num_actors", "score.cpus_per_actor", "score.gpus_per_actor",
     "train.cpus_per_worker", "train.torch_threads", "evaluate.max_actors", "evaluate.tensor_parallel_size",
-    "evaluate.vllm_kv_cache_gib",
+    "evaluate.vllm_kv_cache_gib", "train.report_to", "train.tracker_project", "train.mlflow_tracking_uri",
 )
 
 
@@ -331,8 +343,3 @@ def section_hash(config: Config, keys: tuple[str, ...]) -> str:
         picked[key] = node
     blob = json.dumps(picked, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def loss_names(config: Config) -> list[str]:
-    loss = config.train.loss
-    return [loss] if isinstance(loss, str) else list(loss)

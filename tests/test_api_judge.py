@@ -3,6 +3,7 @@
 import json
 import logging
 import pickle
+import re
 import socket
 import threading
 import time
@@ -33,14 +34,20 @@ TEMPLATE = "Q: {prompt}\nA: {first}\nB: {second}\nWhich is better? End with 'Pre
 
 class FakeChatServer:
     """A chat-completions endpoint that prefers the text containing "good", answers a prompt containing
-    "GARBAGE" with prose that holds no verdict, and plays `faults` (one per request, in arrival order)
-    before answering normally. Counts requests in flight."""
+    "GARBAGE" with prose that holds no verdict, and plays `faults` (one per request, in arrival order; None
+    answers normally) before answering normally. Counts requests in flight.
+
+    Like OpenAI and `vllm serve`, it honours `response_format` (a JSON verdict) and `logprobs` (its tokens
+    are the reply's words, with the label's alternatives at the verdict) unless `structured` is False."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.received: list[dict] = []
         self.faults: deque = deque()
         self.always: str | None = None  # a fixed reply text, e.g. a judge that always says A
+        self.structured = True
+        self.suffix = ""  # appended to a text verdict line, e.g. " (though B comes close)"
+        self.label_logprobs = (-0.1, -2.5, -3.5)  # at the verdict: of the chosen label, then the other two
         self.delay_s = 0.0
         self.usage = {"prompt_tokens": 100, "completion_tokens": 10}
         self.in_flight = self.max_in_flight = 0
@@ -58,15 +65,35 @@ class FakeChatServer:
         with self.lock:
             return len(self.received)
 
-    def reply_text(self, content: str) -> str:
-        if self.always is not None:
-            return self.always
+    def choice(self, content: str) -> str | None:
+        """The label this judge prefers ("A", "B", "Tie"), None for a GARBAGE prompt."""
         lines = {line[:2]: line[3:] for line in content.splitlines()}
         if "GARBAGE" in lines["Q:"]:
-            return "Both texts have their charms and I would rather not choose."
+            return None
         a_good, b_good = "good" in lines["A:"], "good" in lines["B:"]
-        choice = "A" if a_good and not b_good else "B" if b_good and not a_good else "Tie"
-        return f"Text {choice} is the better one.\n**Preferred:** {choice}"
+        return "A" if a_good and not b_good else "B" if b_good and not a_good else "Tie"
+
+    def message(self, body: dict) -> tuple[str, dict | None]:
+        """The reply text, and the logprobs field of the choice where asked for."""
+        if self.always is not None:
+            return self.always, None
+        choice = self.choice(body["messages"][-1]["content"])
+        if choice is None:
+            return "Both texts have their charms and I would rather not choose.", None
+        if self.structured and (body.get("response_format") or {}).get("type") == "json_schema":
+            return json.dumps({"comparison": f"Text {choice} is the better one.",
+                               "preferred": "tie" if choice == "Tie" else choice}), None
+        text = f"Text {choice} is the better one.\n**Preferred:** {choice}"
+        logprobs = None
+        if self.structured and body.get("logprobs"):
+            tokens = re.findall(r"\s*\S+", text)
+            content = [{"token": t, "logprob": 0.0, "top_logprobs": [{"token": t, "logprob": 0.0}]} for t in tokens]
+            others = [label for label in ("A", "B", "Tie") if label != choice]
+            content[-1]["top_logprobs"] = [{"token": f" {label}", "logprob": logprob}
+                                           for label, logprob in zip((choice, *others), self.label_logprobs)]
+            content += [{"token": t, "logprob": 0.0, "top_logprobs": []} for t in re.findall(r"\s*\S+", self.suffix)]
+            logprobs = {"content": content}
+        return text + self.suffix, logprobs
 
     def close(self):
         self.httpd.shutdown()
@@ -102,10 +129,10 @@ class _Handler(BaseHTTPRequestHandler):
                 payload = {"error": {"message": f"bad request with {self.headers.get('Authorization')}"}}
             else:
                 status, headers = 200, {}
-                text = fake.reply_text(body["messages"][-1]["content"])
-                payload = {"id": "x", "object": "chat.completion", "model": body["model"],
+                text, logprobs = fake.message(body)
+                payload = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
                            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                        "finish_reason": "stop"}],
+                                        "finish_reason": "stop", "logprobs": logprobs}],
                            "usage": fake.usage}
         finally:
             # Out of flight before the reply is written, so that the client's next request never overlaps.
@@ -138,7 +165,7 @@ def api_key(monkeypatch):
 
 def make_judge(server: FakeChatServer, **overrides) -> ApiJudge:
     settings = dict(base_url=server.url, model="judge-model", api_key_env=KEY_ENV, prompt_template=TEMPLATE,
-                    timeout_s=0.5, backoff_base_s=0.01, max_retries=3, max_concurrency=4)
+                    timeout_s=0.5, max_retries=3, max_concurrency=4)
     settings.update(overrides)
     return ApiJudge(ApiJudgeConfig(**settings))
 
@@ -164,21 +191,25 @@ def test_valid_answers_request_shape_and_key_header(server):
         assert request["body"]["model"] == "judge-model"
         assert request["body"]["temperature"] == 0.0
         assert request["body"]["messages"][0]["role"] == "user"
+        schema = request["body"]["response_format"]["json_schema"]  # verdict: json, the default
+        assert schema["strict"] and schema["schema"]["properties"]["preferred"]["enum"] == ["A", "B", "tie"]
     contents = {r["body"]["messages"][0]["content"] for r in server.received}
     assert render_prompt(TEMPLATE, prompts[0], first[0], second[0]) in contents
     stats = judge.stats
-    assert (stats.requests, stats.retries, stats.cache_hits, stats.unparsed) == (6, 0, 0, 0)
+    assert (stats.requests, stats.retries, stats.cache_hits, stats.unparsed, stats.fallbacks) == (6, 0, 0, 0, 0)
     assert (stats.input_tokens, stats.output_tokens) == (600, 60)
     assert stats.cost_usd == pytest.approx(6 * (100 * 0.01 + 10 * 0.03) / 1000)
 
 
 def test_transient_failures_are_retried_until_they_succeed(server, caplog):
+    # The first two retries wait the client's own backoff (about 0.5 s, then 1 s); the rest wait what the
+    # server asks for in retry-after-ms, as OpenAI's API sends it.
     server.faults.extend([
-        ("status", 429, {"Retry-After": "0"}),
-        ("status", 500, {}),
         ("slow", 1.0),  # beyond timeout_s=0.5
         ("drop",),  # connection closed without a reply
-        ("status", 503, {}),
+        ("status", 429, {"retry-after-ms": "10"}),
+        ("status", 500, {"retry-after-ms": "10"}),
+        ("status", 503, {"retry-after-ms": "10"}),
     ])
     judge = make_judge(server, max_concurrency=1, max_retries=6)
     prompts, first, second, expected = pairs(4)
@@ -187,12 +218,12 @@ def test_transient_failures_are_retried_until_they_succeed(server, caplog):
     assert server.count == 4 + 5
     stats = judge.stats
     assert (stats.requests, stats.retries, stats.unparsed) == (9, 5, 0)
-    assert "retry" in caplog.text and SECRET not in caplog.text
+    assert "retry" in caplog.text and "HTTP 429; retry 3 of 6" in caplog.text and SECRET not in caplog.text
 
 
 def test_retry_after_is_honoured(server):
     server.faults.extend([("status", 429, {"Retry-After": "1"}), ("status", 429, {"retry-after-ms": "300"})])
-    judge = make_judge(server, max_concurrency=1, backoff_base_s=0.0)
+    judge = make_judge(server, max_concurrency=1)
     prompts, first, second, expected = pairs(1)
     assert judge.judge(prompts, first, second) == expected
     t = [r["t"] for r in server.received]
@@ -208,12 +239,13 @@ def test_garbage_reply_is_unparsed_and_counted(server):
     verdicts = judge.judge(prompts, first, second)
     assert verdicts == expected[:2] + ["unparsed"] + expected[3:]
     assert judge.stats.unparsed == 1
+    assert judge.stats.fallbacks == 1  # no JSON verdict in that reply: the regex read it, and found none
     assert judge.stats.retries == 0  # a reply without a verdict is an answer, not a failure
     assert server.count == 4
 
 
 def test_retries_exhausted_raise_naming_the_status(server):
-    server.faults.extend([("status", 500, {})] * 10)
+    server.faults.extend([("status", 500, {"retry-after-ms": "10"})] * 10)
     judge = make_judge(server, max_concurrency=1, max_retries=2)
     prompts, first, second, _ = pairs(1)
     with pytest.raises(ApiJudgeError, match="HTTP 500") as caught:
@@ -228,10 +260,10 @@ def test_unreachable_server_is_retried_then_raises():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     judge = ApiJudge(ApiJudgeConfig(base_url=f"http://127.0.0.1:{port}/v1", model="m", api_key_env=KEY_ENV,
-                                    backoff_base_s=0.01, max_retries=2, timeout_s=0.5))
-    with pytest.raises(ApiJudgeError, match="ConnectionError") as caught:
+                                    max_retries=1, timeout_s=0.5))
+    with pytest.raises(ApiJudgeError, match="gave up after 2 attempts .*ConnectionError") as caught:
         judge.judge(["p"], ["a"], ["b"])
-    assert judge.stats.requests == 3 and judge.stats.retries == 2
+    assert judge.stats.requests == 2 and judge.stats.retries == 1
     assert SECRET not in str(caught.value)
 
 
@@ -405,7 +437,11 @@ def test_builtin_prompts_hold_the_texts_and_the_answer_format():
         assert "THE POST" in text and "FIRST TEXT" in text and "SECOND TEXT" in text
         assert "Preferred: A" in text and "Preferred: B" in text and "Tie" in text
         assert text.index("FIRST TEXT") < text.index("SECOND TEXT")
-        assert ApiJudgeConfig(base_url="http://x/v1", model="m", task=task).template == template
+        for verdict in ("text", "logprobs"):  # both read a "Preferred: X" line
+            assert ApiJudgeConfig(base_url="http://x/v1", model="m", task=task, verdict=verdict).template == template
+        json_prompt = ApiJudgeConfig(base_url="http://x/v1", model="m", task=task).template
+        assert json_prompt.startswith(template.split("Start with")[0]) and '"preferred"' in json_prompt
+        assert "Preferred: A" not in json_prompt
     assert "summar" in PROMPT_TEMPLATES["summarization"] and "helpful" in PROMPT_TEMPLATES["dialogue"]
     # Braces inside the texts are left as they are; placeholders inside them are not filled again.
     assert render_prompt("{prompt}|{first}|{second}", "{first}", "{x}", "}{") == "{first}|{x}|}{"
@@ -420,8 +456,16 @@ def test_config_errors_and_make_api_judge():
         ApiJudgeConfig(base_url="http://x/v1", model="m", max_cost_usd=1.0)
     with pytest.raises(ValueError, match="max_concurrency"):
         ApiJudgeConfig(base_url="http://x/v1", model="m", max_concurrency=0)
+    with pytest.raises(ValueError, match="verdict: 'regex' is not one of json, logprobs, text"):
+        ApiJudgeConfig(base_url="http://x/v1", model="m", verdict="regex")
     with pytest.raises(ValueError, match=r"evaluate\.judge_api\.modle: unknown key"):
         make_api_judge({"base_url": "http://x/v1", "modle": "m"})
-    judge = make_api_judge({"base_url": "http://x/v1", "model": "gpt-4o", "task": "summarization"})
-    assert judge.name == "api:gpt-4o" and judge.config.max_concurrency == 8
+    with pytest.raises(ValueError, match=r"evaluate\.judge_api\.backoff_base_s: removed; the openai client's own"):
+        make_api_judge({"base_url": "http://x/v1", "model": "m", "backoff_base_s": 1.0})
+    judge = make_api_judge({"base_url": "http://x/v1", "model": "gpt-4o", "task": "summarization"},
+                           default_cache_path="/runs/r/judge_cache.sqlite")
+    assert judge.name == "api:gpt-4o" and judge.config.max_concurrency == 8 and judge.config.verdict == "json"
+    assert judge.config.cache_path == "/runs/r/judge_cache.sqlite"  # the stage's default ...
+    assert make_api_judge({"base_url": "http://x/v1", "model": "m", "cache_path": None},
+                          default_cache_path="/runs/r/judge_cache.sqlite").config.cache_path is None  # ... unless off
     assert SECRET not in repr(judge.config)

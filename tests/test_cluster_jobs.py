@@ -273,6 +273,7 @@ def test_submit_on_s3_refuses_a_duplicate_and_a_finished_rerun_is_a_no_op(head, 
     for stage in ("tokenize", "score", "train"):
         assert f"straight/{stage}/manifest.json" in " ".join(s3_files(f"straight/{stage}")), stage
     assert [m["step"] for m in metrics("straight")] == list(range(1, STEPS + 1))
+    assert any("straight/tensorboard/" in p and "tfevents" in p for p in s3_files("straight/tensorboard"))
     assert not (ROOT / "s3:").exists()  # nothing landed on local disk under a mangled URI
 
     # Run again (here, from the laptop side: no Ray needed to see it is finished).
@@ -310,6 +311,10 @@ def test_a_stopped_job_resumes_on_s3_and_matches_the_uninterrupted_run(head, con
     state, logs = follow(head, job_id, timeout=120)
     assert state == "STOPPED", logs[-4000:]
     assert not s3_files("stopped/train/manifest.json"), "training finished before the stop landed"
+    # The stopped run kept its curve, at least up to its last checkpoint (written before the checkpoint).
+    (live,) = [p for p in s3_files("stopped/train.work") if p.endswith("/metrics.jsonl")]
+    kept = [json.loads(line)["step"] for line in s3_text(live.split("/", 1)[1]).splitlines()]
+    assert kept == list(range(1, len(kept) + 1)) and len(kept) >= 4, kept
 
     # The id is still taken; `ray job delete` frees it, and the same submission resumes the work.
     again = submit(head, job_id, config_file, run_dir)

@@ -8,6 +8,7 @@ key: it must have been sent with every request and written nowhere.
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -44,9 +45,8 @@ def dpo(judge, run_dir):
     judge_settings = {
         "evaluate.judge": "api", "evaluate.judge_api.base_url": judge.url, "evaluate.judge_api.model": "judge-model",
         "evaluate.judge_api.api_key_env": KEY_ENV, "evaluate.judge_api.prompt_template": json.dumps(TEMPLATE),
-        "evaluate.judge_api.max_retries": "1", "evaluate.judge_api.backoff_base_s": "0.01",
-        "evaluate.judge_api.cache_path": "${run_dir}/judge_cache.sqlite",
-    }
+        "evaluate.judge_api.max_retries": "1",
+    }  # no cache_path: the cache is on by default, at <run_dir>/judge_cache.sqlite
     sets = [f"run_dir={run_dir}", *(f"{k}={v}" for k, v in judge_settings.items())]
 
     def run(command: str, *extra: str) -> subprocess.CompletedProcess:
@@ -80,6 +80,23 @@ def test_cli_runs_every_stage(dpo, run_dir):
     assert summary["implicit_reward_accuracy"]["pairs"] > 0
     tokenize = json.loads((run_dir / "tokenize" / "manifest.json").read_text())
     assert tokenize["rows_in"] == tokenize["rows_out"] + sum(tokenize["dropped"].values())
+    # Progress a user can follow: evaluate's sampling and judging counts, the judge's tally in the manifest.
+    judge_stats = json.loads((run_dir / "evaluate" / "manifest.json").read_text())["judge_stats"]
+    assert judge_stats["requests"] > 0 and judge_stats["unparsed"] == 0
+    assert "evaluate: sampled " in done.stderr
+    assert re.search(r"evaluate: judged (\d+) of \1 \(api:judge-model\)", done.stderr)  # the last count: all in
+    # A line per logged step, each once, with the time left; TensorBoard (the default tracker) has the loss
+    # curve and the evaluate summary, read by its own reader.
+    step_lines = [line for line in (done.stdout + done.stderr).splitlines() if re.search(r"train step \d+/4:", line)]
+    assert len(step_lines) == len(set(step_lines)) == 4 and all(" left" in line for line in step_lines), step_lines
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events_dir,) = (run_dir / "tensorboard").iterdir()
+    events = EventAccumulator(str(events_dir))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert {"eval/T1/policy/win_rate", "eval/T1/policy/win_rate_ci_low", "eval/T0/reference/reward_mean"} <= set(
+        events.Tags()["scalars"])
 
 
 @needs_vllm

@@ -8,11 +8,12 @@ import sys
 import types
 
 import pyarrow as pa
-import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.data.sources import RECORD_SCHEMA, InputError, read_records
+from pipeline.config import ConfigError, DataConfig
+from pipeline.data.sources import RECORD_SCHEMA, InputError, read_inputs, read_records
+from tests.conftest import write_dataset_dict, write_save_to_disk
 
 pytestmark = pytest.mark.unit
 
@@ -152,24 +153,68 @@ def test_parquet_binary_column_is_an_input_error(tmp_path):
         read_records(str(path))
 
 
-def write_save_to_disk(directory, shards: list[pa.Table]) -> None:
-    """Mimic `Dataset.save_to_disk`: Arrow IPC stream shards, state.json listing them, dataset_info.json."""
-    directory.mkdir()
-    names = [f"data-{i:05d}-of-{len(shards):05d}.arrow" for i in range(len(shards))]
-    for name, table in zip(names, shards):
-        with ipc.new_stream(str(directory / name), table.schema) as writer:
-            writer.write_table(table)
-    state = {"_data_files": [{"filename": n} for n in names], "_fingerprint": "0", "_split": "train"}
-    (directory / "state.json").write_text(json.dumps(state))
-    (directory / "dataset_info.json").write_text(json.dumps({"features": {}}))
-
-
 def test_save_to_disk_directory(tmp_path):
     directory = tmp_path / "saved"
     write_save_to_disk(directory, [pa.table({"prompt": ["a", "b"]}), pa.table({"prompt": ["c"]})])
     rows = records(read_records(str(directory)))
     assert [json.loads(r["raw"])["prompt"] for r in rows] == ["a", "b", "c"]
     assert rows[2]["source"] == f"{directory}/data-00001-of-00002.arrow#0"
+
+
+# Rows as TRL's dataset-format docs write a preference pair, explicit and implicit prompt.
+TRAIN_ROWS = [{"prompt": "The sky is", "chosen": " blue.", "rejected": " green."}]
+TEST_ROWS = [{"chosen": "The sky is blue.", "rejected": "The sky is green."},
+             {"chosen": "The grass is green.", "rejected": "The grass is red."}]
+
+
+def test_save_to_disk_dataset_dict_reads_the_named_split(tmp_path):
+    directory = tmp_path / "dd"
+    write_dataset_dict(directory, {"train": TRAIN_ROWS, "test": TEST_ROWS})
+    rows = records(read_records(str(directory)))  # "train" unless told otherwise
+    assert [json.loads(r["raw"]) for r in rows] == TRAIN_ROWS
+    assert rows[0]["source"] == f"{directory}/train/data-00000-of-00001.arrow#0"
+    rows = records(read_records(str(directory), split="test"))
+    assert [json.loads(r["raw"]) for r in rows] == TEST_ROWS
+    with pytest.raises(InputError, match=r"no split 'validation'; its splits are \['test', 'train'\]"):
+        read_records(str(directory), split="validation")
+
+
+def test_a_split_is_refused_where_there_are_none(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [PAIR])
+    with pytest.raises(InputError, match=r"d\.jsonl: no split 'test'"):
+        read_records(path, split="test")
+    saved = tmp_path / "saved"
+    write_save_to_disk(saved, [pa.table({"prompt": ["a"]})])  # its state.json says split "train"
+    assert read_records(str(saved), split="train").num_rows == 1
+    with pytest.raises(InputError, match=r"one saved dataset \(split 'train'\), so no split 'test'"):
+        read_records(str(saved), split="test")
+
+
+def test_save_to_disk_written_by_the_datasets_package(tmp_path):
+    datasets = pytest.importorskip("datasets", reason="the `datasets` package (the hub extra) is not installed")
+    implicit = [{"chosen": "The sky is blue.", "rejected": "The sky is green."}]
+    conversational = [{"prompt": [{"role": "user", "content": "What color is the sky?"}],
+                       "chosen": [{"role": "assistant", "content": "It is blue."}],
+                       "rejected": [{"role": "assistant", "content": "It is green."}]}]
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_list(implicit), "test": datasets.Dataset.from_list(conversational),
+    }).save_to_disk(str(tmp_path / "dd"))
+    assert [json.loads(r["raw"]) for r in records(read_records(str(tmp_path / "dd")))] == implicit
+    assert [json.loads(r["raw"]) for r in records(read_records(str(tmp_path / "dd"), split="test"))] == conversational
+    datasets.Dataset.from_list(implicit).save_to_disk(str(tmp_path / "one"))
+    assert [json.loads(r["raw"]) for r in records(read_records(str(tmp_path / "one")))] == implicit
+
+
+def test_read_inputs_puts_the_eval_split_after_the_training_split(tmp_path):
+    directory = tmp_path / "dd"
+    write_dataset_dict(directory, {"train": TRAIN_ROWS, "test": TEST_ROWS})
+    table, eval_sources = read_inputs(DataConfig(path=str(directory), eval_split="test"))
+    assert [json.loads(raw) for raw in table["raw"].to_pylist()] == TRAIN_ROWS + TEST_ROWS
+    assert eval_sources == {f"{directory}/test/data-00000-of-00001.arrow#{i}" for i in range(2)}
+    table, eval_sources = read_inputs(DataConfig(path=str(directory), split="test"))
+    assert table.num_rows == 2 and eval_sources is None
+    with pytest.raises(ConfigError, match="data.eval_split: 'train' is the split trained on"):
+        read_inputs(DataConfig(path=str(directory), eval_split="train"))
 
 
 def test_directory_of_jsonl_files_sorted(tmp_path):
@@ -251,7 +296,9 @@ def test_directory_input_errors(tmp_path):
     dataset_dict = tmp_path / "dd"
     (dataset_dict / "train").mkdir(parents=True)
     (dataset_dict / "dataset_dict.json").write_text('{"splits": ["train"]}')
-    with pytest.raises(InputError, match=r"splits \['train'\]"):
+    with pytest.raises(InputError, match=r"no split 'test'; its splits are \['train'\]"):
+        read_records(str(dataset_dict), split="test")
+    with pytest.raises(InputError, match=r"dd/train: not a saved dataset"):
         read_records(str(dataset_dict))
 
 
@@ -283,6 +330,18 @@ def test_hub_name_goes_through_datasets_load_dataset(tmp_path, monkeypatch):
     assert json.loads(rows[1]["raw"])["prompt"] == "p1"
     read_records("hf://datasets/someone/prefs")
     assert calls[-1] == ("someone/prefs", "train")
+
+
+def test_hub_split_that_is_not_there_names_the_ones_that_are(tmp_path, monkeypatch):
+    def load_dataset(name, split):
+        raise ValueError(f'Unknown split "{split}". Should be one of [\'train_prefs\', \'test_prefs\'].')
+
+    fake = types.SimpleNamespace(load_dataset=load_dataset,
+                                 get_dataset_split_names=lambda name: ["train_prefs", "test_prefs"])
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match=r"no split 'train'; its splits are \['train_prefs', 'test_prefs'\]"):
+        read_records("someone/prefs")
 
 
 def test_hub_without_datasets_package_is_an_input_error(tmp_path, monkeypatch):

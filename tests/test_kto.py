@@ -11,11 +11,14 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from pipeline.stages import kto
+from micro_batches import kto_rows, split
+
 from pipeline.config import Config, TrainConfig
-from pipeline.model.losses import kto_reference_point
+from pipeline.data.kto_pairs import kl_partners, with_kl_completions
 from pipeline.model.loading import load_model
-from pipeline.stages.score import is_unpaired, score_unpaired
+from pipeline.model.objectives import KtoObjective, kl_logps
+from pipeline.model.scoring import score_unpaired
+from pipeline.stages.score import is_unpaired
 from pipeline.stages.train import check_data_kind
 
 pytestmark = pytest.mark.unit
@@ -28,8 +31,8 @@ CPU = torch.device("cpu")
 
 @pytest.mark.parametrize("n", [2, 3, 7, 64, 1000])
 def test_partners_are_deterministic_never_self_and_borrow_each_completion_once(n):
-    partners = kto.kl_partners(n)
-    assert np.array_equal(partners, kto.kl_partners(n))  # same split, same pairs: shards are reproducible
+    partners = kl_partners(n)
+    assert np.array_equal(partners, kl_partners(n))  # same split, same pairs: shards are reproducible
     assert not np.any(partners == np.arange(n))  # no prompt is ever paired with its own completion
     assert sorted(partners.tolist()) == list(range(n))  # every completion is borrowed exactly once
     if n == 2:
@@ -37,10 +40,10 @@ def test_partners_are_deterministic_never_self_and_borrow_each_completion_once(n
 
 
 def test_partners_follow_the_seed_and_refuse_a_single_example():
-    assert not np.array_equal(kto.kl_partners(50, seed=0), kto.kl_partners(50, seed=1))
-    assert kto.kl_partners(0).tolist() == []
+    assert not np.array_equal(kl_partners(50, seed=0), kl_partners(50, seed=1))
+    assert kl_partners(0).tolist() == []
     with pytest.raises(ValueError, match="at least 2"):
-        kto.kl_partners(1)
+        kl_partners(1)
 
 
 def unpaired_table(prompts, completions, labels) -> pa.Table:
@@ -56,8 +59,8 @@ def unpaired_table(prompts, completions, labels) -> pa.Table:
 
 def test_with_kl_completions_borrows_the_partners_completion_cut_to_fit():
     table = unpaired_table([[5, 6, 7, 8], [9], [10, 11]], [[20, 21, 22], [30, 31, 32, 33, 34], [40]], [True, False, True])
-    out = kto.with_kl_completions(table, max_length=6)
-    partners = kto.kl_partners(3)
+    out = with_kl_completions(table, max_length=6)
+    partners = kl_partners(3)
     completions = table["chosen_ids"].to_pylist()
     for i, (prompt, kl_ids, partner_id) in enumerate(zip(
         table["prompt_ids"].to_pylist(), out["kl_completion_ids"].to_pylist(), out["kl_partner_id"].to_pylist()
@@ -66,7 +69,7 @@ def test_with_kl_completions_borrows_the_partners_completion_cut_to_fit():
         assert kl_ids == completions[partners[i]][: 6 - len(prompt)]
         assert len(prompt) + len(kl_ids) <= 6
     with pytest.raises(ValueError, match="paired rows"):
-        kto.with_kl_completions(unpaired_table([[1], [2]], [[3], [4]], [True, None]), max_length=8)
+        with_kl_completions(unpaired_table([[1], [2]], [[3], [4]], [True, None]), max_length=8)
 
 
 def test_mixed_paired_and_unpaired_data_is_refused():
@@ -101,27 +104,6 @@ def hand_logp(model, prompt: list[int], completion: list[int]) -> float:
     return sum(float(logprobs[len(prompt) + k - 1, token]) for k, token in enumerate(completion))
 
 
-def kto_rows(n: int, *, seed: int) -> dict:
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(k: int) -> list[int]:
-        return torch.randint(3, 250, (k,), generator=g).tolist()
-
-    return {
-        "prompt_ids": [rand(2 + i % 3) for i in range(n)],
-        "chosen_ids": [rand(1 + i % 4) for i in range(n)],
-        "kl_completion_ids": [rand(2 + i % 2) for i in range(n)],
-        "label": np.array([i % 3 != 1 for i in range(n)]),
-        "ref_chosen_logps": [-25.0 + i for i in range(n)],
-        "ref_kl_logps": [0.0] * n,  # set per test
-    }
-
-
-def split(batch: dict, size: int) -> list[dict]:
-    n = len(batch["prompt_ids"])
-    return [{k: v[i : i + size] for k, v in batch.items()} for i in range(0, n, size)]
-
-
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):
     return load_model(str(tiny_model_dir))
@@ -135,11 +117,11 @@ def test_kl_term_and_loss_of_the_train_path_equal_a_hand_computation(model, offs
     rows["ref_kl_logps"] = [lp - offset - 0.1 * i for i, lp in enumerate(policy_kl)]
     train = TrainConfig(loss="kto", beta=0.5, desirable_weight=1.0, undesirable_weight=1.5)
 
-    kl_policy, kl_ref, tokens = kto.kl_logps(model, split(rows, 4), train=train, pad_id=1, device=CPU)
-    assert_close(kl_policy.double(), torch.tensor(policy_kl, dtype=torch.float64), atol=1e-4, rtol=0)
+    reference, tokens = kl_logps(model, split(rows, 4), train=train, pad_id=1, device=CPU)
+    assert_close(reference.policy_logps.double(), torch.tensor(policy_kl, dtype=torch.float64), atol=1e-4, rtol=0)
     assert tokens == sum(len(p) + len(c) for p, c in zip(rows["prompt_ids"], rows["kl_completion_ids"]))
     z = max(0.0, offset + 0.1 * 2.5)
-    assert float(kto_reference_point(kl_policy, kl_ref)) == pytest.approx(z, abs=1e-5)
+    assert reference.point() == pytest.approx(z, abs=1e-5)
 
     # The loss over the whole step: lambda (1 - sigmoid(beta (r - z))) desirable, (1 - sigmoid(beta (z - r))) not.
     expected = []
@@ -147,27 +129,28 @@ def test_kl_term_and_loss_of_the_train_path_equal_a_hand_computation(model, offs
         r = hand_logp(model, prompt, completion) - ref
         x = 0.5 * (r - z) if label else 0.5 * (z - r)
         expected.append((1.0 if label else 1.5) / (1.0 + math.exp(x)))
-    loss, sums, _ = kto.micro_batch_loss(model, rows, train=train, pad_id=1, device=CPU, kl_policy=kl_policy,
-                                         kl_ref=kl_ref, scale=1.0 / 6)
+    objective = KtoObjective(train, pad_id=1, device=CPU)
+    loss, metrics = objective.micro_batch_loss(model, rows, reference, scale=1.0 / 6)
     assert float(loss.detach()) == pytest.approx(sum(expected) / 6, abs=1e-5)
-    row = kto.metrics_row(torch.cat([sums, torch.zeros(1, dtype=torch.float64)]), kl=z)
+    totals = metrics.totals()
+    row = objective.loss_metrics(totals, reference)
     assert row["loss"] == pytest.approx(sum(expected) / 6, abs=1e-5)
-    assert sums[3].item() == 4 and sums[4].item() == 2  # desirable / undesirable counts
-    assert row["kl"] == z and row["rewards/accuracies"] is None
+    assert totals["chosen"] == 4 and totals["rejected"] == 2  # desirable / undesirable counts
+    assert row["kl"] == pytest.approx(z, abs=1e-5) and row["rewards/accuracies"] is None
 
 
 def test_kto_gradient_accumulation_matches_the_large_batch(model):
     rows = kto_rows(8, seed=2)
-    rows["ref_kl_logps"] = [-12.0 + 0.5 * i for i in range(8)]
     train = TrainConfig(loss="kto", beta=0.1, undesirable_weight=2.0)
+
+    objective = KtoObjective(train, pad_id=1, device=CPU)
 
     def grads(micro: int) -> list[torch.Tensor]:
         model.zero_grad()
         batches = split(rows, micro)
-        kl_policy, kl_ref, _ = kto.kl_logps(model, batches, train=train, pad_id=1, device=CPU)
+        reference, _ = objective.begin_step(model, batches, world=1)
         for batch in batches:
-            loss, _, _ = kto.micro_batch_loss(model, batch, train=train, pad_id=1, device=CPU,
-                                              kl_policy=kl_policy, kl_ref=kl_ref, scale=1.0 / 8)
+            loss, _ = objective.micro_batch_loss(model, batch, reference, scale=1.0 / 8)
             loss.backward()
         return [p.grad.clone() for p in model.parameters()]
 
@@ -176,10 +159,10 @@ def test_kto_gradient_accumulation_matches_the_large_batch(model):
 
 
 def test_score_unpaired_scores_the_completion_and_the_mismatched_pair(model):
-    table = kto.with_kl_completions(
+    table = with_kl_completions(
         unpaired_table([[5, 6, 7], [9, 10], [11]], [[20, 21], [30, 31, 32], [40]], [True, False, True]), max_length=8
     )
-    scored = score_unpaired(model, table, pad_id=1, micro_batch=2, device="cpu")
+    scored = score_unpaired(model, table, pad_id=1, micro_batch=2, device="cpu", prefix="ref_")
     rows = scored.to_pylist()
     for row in rows:
         assert row["ref_chosen_logps"] == pytest.approx(hand_logp(model, row["prompt_ids"], row["chosen_ids"]), abs=1e-4)

@@ -1,4 +1,4 @@
-"""The README's code stays true: its custom-loss example runs and plugs into compute_loss."""
+"""The README's code stays true: its custom-loss example registers and plugs into compute_loss."""
 
 import re
 from pathlib import Path

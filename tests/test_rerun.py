@@ -9,10 +9,10 @@ import pytest
 
 from pipeline.config import ConfigError, load_config
 from pipeline.cli.plan import current_stages, make_plan, plan_run, submission_id
+from pipeline.data.sources import input_fingerprint
 from pipeline.stages import STAGE_NAMES as STAGES
 from pipeline.stages import by_name
 from pipeline.runtime.storage import RunDir
-from pipeline.stages.tokenize import input_fingerprint
 from tests.conftest import write_pairs
 
 pytestmark = pytest.mark.unit

@@ -6,6 +6,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,7 +16,8 @@ from pipeline.stages import EVALUATE, SCORE, TOKENIZE, TRAIN
 from pipeline.stages.evaluate import Policy, held_out_measures
 from pipeline.config import load_config
 from pipeline.runtime.storage import RunDir, read_parquet_dir
-from tests.conftest import write_pairs
+from pipeline.runtime.tracking import TrackingRun
+from tests.conftest import write_dataset_dict, write_pairs
 
 pytestmark = pytest.mark.stage
 
@@ -59,6 +63,7 @@ def config(tmp_path_factory, tiny_model_dir, ray_local):
         "evaluate.reward=vader",
         "evaluate.bootstrap_samples=100",
         "evaluate.best_of_n=2",
+        "train.report_to=[tensorboard, mlflow, wandb]",  # each read back by its own library below
     ]
     return load_config(None, overrides)
 
@@ -197,6 +202,57 @@ def test_inspect_prints_the_audit_with_decoded_rows(finished, config, capsys):
     assert "review" in out  # decoded example rows
 
 
+def test_the_live_metrics_file_is_what_train_metrics_jsonl_holds(finished, config):
+    run_dir = RunDir(config.run_dir)
+    attempt = finished["train"]["tracking"]["attempt"]
+    assert run_dir.read_text(f"train.work/{attempt}/metrics.jsonl") == run_dir.read_text("train/metrics.jsonl")
+
+
+def test_each_tracker_holds_the_training_curve_the_config_and_the_evaluate_summary(finished, config, monkeypatch):
+    """Read back with each library's own reader: TensorBoard's event accumulator, MLflow's client, and
+    `wandb leet inspect` on the offline run files."""
+    run_dir = RunDir(config.run_dir)
+    attempt, steps = finished["train"]["tracking"]["attempt"], finished["train"]["steps"]
+    losses = [json.loads(line)["loss"] for line in run_dir.read_text("train/metrics.jsonl").splitlines()]
+    summary = RunDir(config.run_dir).read_json("evaluate/summary.json")["rows"]
+    win_rate = next(r["win_rate"] for r in summary if r["model"] == "policy" and r["temperature"] == 1.0)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(run_dir.path("tensorboard", attempt))
+    events.Reload()
+    assert [(e.step, pytest.approx(e.value)) for e in events.Scalars("train/loss")] == [(1, losses[0]), (2, losses[1])]
+    assert {"train/rewards/chosen", "train/rewards/margins", "train/logps/rejected", "train/grad_norm",
+            "train/learning_rate", "train/tokens_per_s"} <= set(events.Tags()["scalars"])
+    assert events.Scalars("eval/T1/policy/win_rate")[-1].value == pytest.approx(win_rate)
+    assert events.Scalars("eval/T1/policy/win_rate")[-1].step == steps
+    assert b"train.beta: 0.1" in events.Tensors("config/text_summary")[0].tensor_proto.string_val[0]
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"file:{run_dir.path('mlruns')}")
+    (run,) = client.search_runs([client.get_experiment_by_name("raydpo").experiment_id])
+    assert run.info.run_name == attempt and run.data.params["train.beta"] == "0.1"
+    assert [(m.step, pytest.approx(m.value)) for m in client.get_metric_history(run.info.run_id, "train/loss")] == [
+        (1, losses[0]), (2, losses[1])]
+    assert run.data.metrics["eval/T1/policy/win_rate"] == pytest.approx(win_rate)
+    assert {"eval/T1/best_of_2/win_rate_ci_low", "eval/T0/reference/reward_mean"} <= set(run.data.metrics)
+
+    records = []
+    for path in sorted(Path(run_dir.path("wandb")).glob("offline-run-*/run-*.wandb")):  # offline: no key here
+        out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(path)],
+                             capture_output=True, text=True, timeout=120).stdout
+        records += [json.loads(line) for line in out.splitlines() if line.strip()]
+    history = [r["history"]["item"] for r in records if r["type"] == "history"]
+    assert [pytest.approx(h["train/loss"]) for h in history if "train/loss" in h] == losses
+    assert any(h.get("eval/T1/policy/win_rate") == pytest.approx(win_rate) for h in history)
+    run_records = [r["run"] for r in records if r["type"] == "run"]
+    assert {r["run_id"] for r in run_records} == {TrackingRun.from_dict(finished["train"]["tracking"]).run_id}
+    assert len(run_records) == 2  # training and evaluate: one run, joined
+    assert any(r["config"]["update"].get("train.beta") == "0.1" for r in run_records)
+
+
 # ------------------------------------------------------------------------------------------------- KTO
 
 
@@ -284,3 +340,18 @@ def test_kto_held_out_separation_is_chance_when_policy_equals_reference(kto_run)
     assert (result["kind"], result["rows"], result["desirable"], result["undesirable"]) == ("unpaired", 6, 4, 2)
     assert result["auc"] == 0.5
     assert result["reward_desirable_mean"] == 0.0 and result["reward_undesirable_mean"] == 0.0
+
+
+def test_a_named_eval_split_is_the_eval_set(config, tmp_path):
+    """data.eval_split: a DatasetDict's own test split is held out instead of prompts by hash."""
+    train = [{"prompt": f"review {i}:", "chosen": " great film", "rejected": " awful film"} for i in range(8)]
+    test = [{"prompt": "review 90:", "chosen": " a truly delightful film", "rejected": " an awful, dull film"},
+            train[0]]  # also in train: held out, never trained on
+    data = write_dataset_dict(tmp_path / "dd", {"train": train, "test": test})
+    split_config = config.replace(run_dir=str(tmp_path / "run"), data=dataclasses.replace(
+        config.data, path=str(data), eval_split="test", eval_fraction=0.0))
+    manifest = TOKENIZE.run(split_config)
+    assert (manifest["rows_in"], manifest["rows_train"], manifest["rows_eval"]) == (10, 7, 2)
+    assert manifest["dropped"] == {"duplicate_pair": 1}
+    held_out = read_parquet_dir(RunDir(split_config.run_dir), "tokenize/eval")
+    assert held_out.num_rows == 2

@@ -8,8 +8,11 @@ from collections import Counter
 import pyarrow as pa
 import pytest
 
-from pipeline.data.encode import OUTCOME_SCHEMA, REASONS, make_pairs, process_records
-from pipeline.data.sources import read_records, to_raw_json
+from pipeline.data.encode import process_records
+from pipeline.data.outcomes import OUTCOME_SCHEMA, REASONS
+from pipeline.data.records import to_raw_json
+from pipeline.data.scored import make_pairs
+from pipeline.data.sources import read_records
 from pipeline.demo.tiny_model import EOS, train_tokenizer
 
 pytestmark = pytest.mark.unit
@@ -141,6 +144,146 @@ def test_implicit_prompt_message_lists(tok):
     assert decode(tok, out["chosen_ids"]) == f"the fox{EOS}\n"
 
 
+def test_implicit_prompt_strings_split_before_the_first_differing_word(tok):
+    """TRL's own example: no prompt column, two texts sharing a prefix; the prompt is that prefix's words."""
+    implicit, explicit = run(
+        tok,
+        {"chosen": "The sky is blue.", "rejected": "The sky is green."},
+        {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."},
+    )
+    assert implicit["reason"] is None
+    assert decode(tok, implicit["prompt_ids"]) == "The sky is"
+    assert decode(tok, implicit["chosen_ids"]) == " blue." + EOS
+    assert decode(tok, implicit["rejected_ids"]) == " green." + EOS
+    assert implicit["id"] == explicit["id"]
+
+
+def test_implicit_prompt_strings_never_cut_inside_a_word(tok):
+    (row,) = run(tok, {"chosen": "Q: what is the cab", "rejected": "Q: what is the dab"})
+    assert decode(tok, row["prompt_ids"]) == "Q: what is the"
+    (row,) = run(tok, {"chosen": "the fox\n\nran", "rejected": "the fox\n\nsat"})
+    assert decode(tok, row["prompt_ids"]) == "the fox"  # the spaces before the word go with the responses
+    assert decode(tok, row["chosen_ids"]) == "\n\nran" + EOS
+    # No space at all in the shared text: cut where the texts part (the token rules keep ids whole).
+    (row,) = run(tok, {"chosen": "what?the fox", "rejected": "what?a fox"})
+    assert decode(tok, row["prompt_ids"]) == "what?"
+    assert decode(tok, row["prompt_ids"] + row["chosen_ids"]) == "what?the fox" + EOS
+
+
+def test_implicit_prompt_prefers_the_hh_marker_to_the_last_shared_word(tok):
+    shared = "\n\nHuman: what is the answer?\n\nAssistant:"
+    (row,) = run(tok, {"chosen": shared + " the answer is yes", "rejected": shared + " the answer is no"})
+    assert decode(tok, row["prompt_ids"]) == shared
+    assert decode(tok, row["chosen_ids"]) == " the answer is yes" + EOS
+
+
+def test_implicit_prompt_conversational_rows_from_the_trl_docs(tok):
+    implicit = {"chosen": [{"role": "user", "content": "What color is the sky?"},
+                           {"role": "assistant", "content": "It is blue."}],
+                "rejected": [{"role": "user", "content": "What color is the sky?"},
+                             {"role": "assistant", "content": "It is green."}]}
+    explicit = {"prompt": [{"role": "user", "content": "What color is the sky?"}],
+                "chosen": [{"role": "assistant", "content": "It is blue."}],
+                "rejected": [{"role": "assistant", "content": "It is green."}]}
+    a, b = run(tok, implicit, explicit, chat_template=TEMPLATE)
+    assert a["reason"] is None and a["id"] == b["id"] and a["prompt_ids"] == b["prompt_ids"]
+    assert decode(tok, a["chosen_ids"]) == f"It is blue.{EOS}\n"
+
+
+# A row shaped as on the HuggingFaceH4/ultrafeedback_binarized card: a text prompt, and chosen/rejected as whole
+# conversations that repeat it as their first user turn.
+ULTRAFEEDBACK_BINARIZED = {
+    "prompt": "Which animal is fast?",
+    "prompt_id": "5f1c0e2a",
+    "chosen": [{"content": "Which animal is fast?", "role": "user"},
+               {"content": "The cheetah is the fastest land animal.", "role": "assistant"}],
+    "rejected": [{"content": "Which animal is fast?", "role": "user"},
+                 {"content": "The snail.", "role": "assistant"}],
+    "messages": [{"content": "Which animal is fast?", "role": "user"},
+                 {"content": "The cheetah is the fastest land animal.", "role": "assistant"}],
+    "score_chosen": 8.0,
+    "score_rejected": 3.0,
+}
+
+
+def test_ultrafeedback_binarized_rows_take_the_prompt_from_the_conversations(tok):
+    (row,) = run(tok, ULTRAFEEDBACK_BINARIZED, chat_template=TEMPLATE)
+    assert row["reason"] is None
+    assert decode(tok, row["prompt_ids"]) == f"<|user|>\nWhich animal is fast?{EOS}\n<|assistant|>\n"
+    assert decode(tok, row["chosen_ids"]) == f"The cheetah is the fastest land animal.{EOS}\n"
+    assert decode(tok, row["rejected_ids"]) == f"The snail.{EOS}\n"
+    (named,) = run(tok, ULTRAFEEDBACK_BINARIZED, chat_template=TEMPLATE, format="conversational")
+    assert named["id"] == row["id"]
+
+
+def test_text_prompt_with_assistant_only_message_lists(tok):
+    row = {"prompt": "Which animal is fast?", "chosen": [{"role": "assistant", "content": "The cheetah."}],
+           "rejected": [{"role": "assistant", "content": "The snail."}]}
+    (out,) = run(tok, row, chat_template=TEMPLATE)
+    assert decode(tok, out["prompt_ids"]) == f"<|user|>\nWhich animal is fast?{EOS}\n<|assistant|>\n"
+    # Lists that share no turn and do not start with the assistant's: nothing says where the prompt ends.
+    row = {"prompt": "p", "chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+           "rejected": [{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}
+    assert run(tok, row, chat_template=TEMPLATE)[0]["reason"] == "no_shared_prompt"
+
+
+# TRL's tool-calling example conversation (dataset formats doc), split into a prompt and two responses.
+TOOL_PROMPT = [{"role": "user", "content": "Turn on the living room lights."}]
+TOOL_CALL = [{"role": "assistant", "tool_calls": [
+    {"type": "function", "function": {"name": "control_light", "arguments": {"room": "living room", "state": "on"}}}]}]
+TOOL_ROW = {"prompt": TOOL_PROMPT, "chosen": TOOL_CALL,
+            "rejected": [{"role": "assistant", "content": "I cannot reach the lights."}]}
+# Renders tool calls, and content given as a list of text parts, besides plain string content.
+RICH_TEMPLATE = TEMPLATE.replace(
+    "{{ m['content'] }}",
+    "{% if m['tool_calls'] is defined %}{% for c in m['tool_calls'] %}<call>{{ c['function']['name'] }} "
+    "{{ c['function']['arguments'] | tojson }}</call>{% endfor %}"
+    "{% elif m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for p in m['content'] %}{{ p['text'] }}{% endfor %}{% endif %}",
+)
+
+
+def test_tool_calls_render_where_the_template_renders_them(tok):
+    (row,) = run(tok, TOOL_ROW, chat_template=RICH_TEMPLATE)
+    assert row["reason"] is None
+    call = '<call>control_light {"room": "living room", "state": "on"}</call>'
+    assert decode(tok, row["chosen_ids"]) == call + EOS + "\n"
+    # The whole exchange as a prompt: the call, the tool's answer, then the assistant's turn to write.
+    done = {"prompt": TOOL_PROMPT + TOOL_CALL + [
+                {"role": "tool", "name": "control_light", "content": "The lights in the living room are now on."}],
+            "chosen": [{"role": "assistant", "content": "Done!"}],
+            "rejected": [{"role": "assistant", "content": "Which room?"}]}
+    (row,) = run(tok, done, chat_template=RICH_TEMPLATE, max_prompt_length=256, max_length=512)
+    assert row["reason"] is None and not row["prompt_truncated"]
+    assert "<call>control_light" in decode(tok, row["prompt_ids"])
+
+
+def test_tool_calls_a_template_ignores_are_rejected_not_dropped(tok):
+    (row,) = run(tok, TOOL_ROW, chat_template=TEMPLATE)
+    assert row["reason"] == "unsupported_tool_calls"
+
+
+def test_text_parts_render_like_string_content(tok):
+    parts = {"prompt": [{"role": "user", "content": [{"type": "text", "text": "What color is the sky?"}]}],
+             "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "It is blue."}]}],
+             "rejected": [{"role": "assistant", "content": "It is green."}]}
+    strings = {"prompt": [{"role": "user", "content": "What color is the sky?"}],
+               "chosen": [{"role": "assistant", "content": "It is blue."}],
+               "rejected": [{"role": "assistant", "content": "It is green."}]}
+    a, b = run(tok, parts, strings, chat_template=RICH_TEMPLATE)
+    assert a["reason"] is None and a["id"] == b["id"]
+    # A template that reads content as a string would print the list: rejected, naming the cause.
+    assert run(tok, parts, chat_template=TEMPLATE)[0]["reason"] == "unsupported_content_parts"
+
+
+def test_image_parts_are_rejected_as_non_text(tok):
+    image = {"prompt": [{"role": "user", "content": [{"type": "image", "url": "https://example.com/sky.png"},
+                                                     {"type": "text", "text": "What color is the sky?"}]}],
+             "chosen": [{"role": "assistant", "content": "It is blue."}],
+             "rejected": [{"role": "assistant", "content": "It is green."}]}
+    assert run(tok, image, chat_template=RICH_TEMPLATE)[0]["reason"] == "non_text_content"
+
+
 def test_unpaired_kto_rows(tok):
     good, bad = run(
         tok,
@@ -225,7 +368,7 @@ def test_column_mapping(tok):
                  columns={"chosen": "rejected", "rejected": "chosen"})
     assert pair_texts(tok, [row]) == [("no", "yes")]
     (row,) = run(tok, {"question": "Q: ", "chosen": "a", "rejected": "b"}, columns={"prompt": "missing_col"})
-    assert row["reason"] == "no_shared_prompt"  # no prompt at all: read as implicit, and it has no marker
+    assert row["reason"] == "no_shared_prompt"  # no prompt at all: read as implicit, and "a", "b" share nothing
 
 
 def test_pair_with_a_label_column_is_still_a_pair(tok):
@@ -279,7 +422,19 @@ REJECTED_ROWS = [
     ("unknown_role", {"prompt": [{"role": "narrator", "content": "x"}], "chosen": ASSISTANT_A,
                       "rejected": ASSISTANT_B}),
     ("no_pair", {"prompt": "p", "completions": [{"text": "only", "score": 1}]}),
-    ("no_shared_prompt", {"chosen": "Human: a", "rejected": "Human: b"}),
+    ("unsupported_tool_calls", TOOL_ROW),
+    ("unsupported_content_parts", {"prompt": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+                                   "chosen": ASSISTANT_A, "rejected": ASSISTANT_B}),
+    ("non_text_content", {"prompt": [{"role": "user", "content": [{"type": "image", "url": "x.png"}]}],
+                          "chosen": ASSISTANT_A, "rejected": ASSISTANT_B}),
+    ("wrong_type", {"prompt": MSG, "chosen": [{"role": "assistant", "tool_calls": "control_light"}],
+                    "rejected": ASSISTANT_B}),
+    ("missing_field", {"prompt": MSG, "chosen": [{"role": "assistant", "tool_calls": [{"type": "function"}]}],
+                       "rejected": ASSISTANT_B}),
+    ("wrong_type", {"prompt": MSG, "chosen": [{"role": "assistant", "content": {"text": "a"}}],
+                    "rejected": ASSISTANT_B}),
+    ("no_shared_prompt", {"chosen": "Yes.", "rejected": "No."}),
+    ("no_shared_prompt", {"chosen": " yes", "rejected": " no"}),  # only a space in common
     ("no_shared_prompt", {"chosen": ASSISTANT_A, "rejected": ASSISTANT_B}),
 ]
 

@@ -3,8 +3,9 @@
 import pyarrow as pa
 import pytest
 
-from pipeline.data.encode import OUTCOME_SCHEMA
-from pipeline.stages.tokenize import check_strict, finish_outcomes, is_eval
+from pipeline.data.audit import check_strict
+from pipeline.data.outcomes import OUTCOME_SCHEMA
+from pipeline.data.split import finish_outcomes, held_out_rows, is_eval
 
 pytestmark = pytest.mark.unit
 
@@ -37,6 +38,20 @@ def test_split_is_stable_when_rows_are_added():
 def test_pairs_of_one_prompt_stay_on_one_side():
     split = is_eval(pa.array([[5, 6, 7]] * 10 + [[8, 9]] * 10), 0.5)
     assert len(set(split[:10])) == 1 and len(set(split[10:])) == 1
+
+
+def test_a_named_eval_split_holds_out_its_own_rows_and_pairs_also_in_training():
+    good, rejected = finish_outcomes(outcomes([
+        {"id": "a", "source": "dd/train#0"}, {"id": "b", "source": "dd/train#1"},
+        {"id": "c", "source": "dd/test#0"}, {"id": "a", "source": "dd/test#1"},  # "a" is in both splits
+        {"id": None, "source": "dd/test#2", "reason": "empty_prompt", "raw": "{}"},
+    ]))
+    held_out = held_out_rows(good, rejected, eval_sources=frozenset({"dd/test#0", "dd/test#1", "dd/test#2"}),
+                             fraction=0.5)
+    assert dict(zip(good["id"].to_pylist(), held_out.tolist())) == {"a": True, "b": False, "c": True}
+    # Without a named split, the prompt hash decides, as is_eval does.
+    no_split = held_out_rows(good, rejected, eval_sources=None, fraction=0.5)
+    assert (no_split == is_eval(good["prompt_ids"], 0.5)).all()
 
 
 def test_strict_makes_chosen_reasons_fatal():

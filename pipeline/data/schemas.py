@@ -31,7 +31,7 @@ SCORED = pa.schema(
 
 # score/{train,eval}/part-*.parquet for unpaired (KTO) data: the scored rows plus the mismatched pair
 # behind KTO's reference point. Each row's prompt is paired with ANOTHER row's completion (see
-# pipeline.stages.kto.kl_partners); the trainer scores the same pair under the policy, so the KL estimate
+# pipeline.data.kto_pairs.kl_partners); the trainer scores the same pair under the policy, so the KL estimate
 # z = max(0, mean(policy - ref)) over a batch needs no reference model in training memory.
 SCORED_KTO = pa.schema(
     list(SCORED)

@@ -105,6 +105,20 @@ def preferred_responses(eval_pairs: pa.Table, prompts: Sequence[Sequence[int]]) 
     return [first.get(tuple(p)) for p in prompts]
 
 
+def rows_with_chosen(rows: Sequence[dict], chosen_texts: Sequence[str | None], models: Sequence[str]) -> list[dict]:
+    """The sample rows of `models` whose prompt has a preferred response: those `judge_against_chosen` judges."""
+    return [r for r in rows if r["model"] in set(models) and chosen_texts[r["prompt_index"]] is not None]
+
+
+def judgments_to_make(rows: Sequence[dict], compared: Sequence[str], chosen_texts: Sequence[str | None] | None) -> int:
+    """How many verdicts evaluate asks of its judge: every sample of `compared` against the reference's, and
+    with `chosen_texts` every sample of `compared` and the reference against the preferred response; each
+    pair in both orders."""
+    against_reference = sum(r["model"] in set(compared) for r in rows)
+    against_chosen = len(rows_with_chosen(rows, chosen_texts, [*compared, "reference"])) if chosen_texts else 0
+    return 2 * (against_reference + against_chosen)
+
+
 def judge_against_chosen(judge: Judge, rows: Sequence[dict], chosen_texts: Sequence[str | None],
                          chosen_lengths: Sequence[int | None], models: Sequence[str]) -> list[dict]:
     """Every sample of `models` against its prompt's preferred response, in both orders.
@@ -115,7 +129,7 @@ def judge_against_chosen(judge: Judge, rows: Sequence[dict], chosen_texts: Seque
     Returns judgment rows with baseline "chosen"; scores follow `judge_both_orders` (ties and inconsistent
     verdicts 0.5, unparsed verdicts 0.5 and counted).
     """
-    mine = [r for r in rows if r["model"] in set(models) and chosen_texts[r["prompt_index"]] is not None]
+    mine = rows_with_chosen(rows, chosen_texts, models)
     if not mine:
         return []
     return judge_samples(judge, mine, "chosen", [chosen_texts[r["prompt_index"]] for r in mine],

@@ -7,9 +7,29 @@ or unparsed, 0 loss) and length_diff (the model's completion tokens minus the ba
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
-from pipeline.evaluation.judges import Judge, judge_both_orders
+from pipeline.evaluation.judges import Judge, Verdict, judge_both_orders
+
+log = logging.getLogger(__name__)
+
+
+class JudgeProgress:
+    """A judge that logs, after each batch, how many of the `total` verdicts asked of it are in, with the
+    request, cache and parse counts of a judge that keeps them (the API judge's `stats`)."""
+
+    def __init__(self, judge: Judge, total: int):
+        self.inner, self.name, self.total, self.done = judge, judge.name, total, 0
+
+    def judge(self, prompts: Sequence[str], first: Sequence[str], second: Sequence[str]) -> list[Verdict]:
+        verdicts = self.inner.judge(prompts, first, second)
+        self.done += len(verdicts)
+        stats = getattr(self.inner, "stats", None)
+        counts = (f"; {stats.requests} requests, {stats.cache_hits} from the cache, {stats.unparsed} unparsed"
+                  if stats is not None else "")
+        log.info("evaluate: judged %d of %d (%s)%s", self.done, self.total, self.name, counts)
+        return verdicts
 
 
 def judge_samples(judge: Judge, samples: Sequence[dict], baseline: str, baseline_texts: Sequence[str],

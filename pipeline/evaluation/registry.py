@@ -35,11 +35,14 @@ def make_reward(name: str | None) -> Reward | None:
     return _load(REWARD_GROUP, name, setting="evaluate.reward", kind="reward", builtin=(), none_allowed=True)
 
 
-def make_judge(evaluate_config: EvaluateConfig) -> Judge:
-    """The judge `evaluate_config.judge` names: "api" (configured by `judge_api`) or a registered one."""
+def make_judge(evaluate_config: EvaluateConfig, *, api_cache_path: str | None = None) -> Judge:
+    """The judge `evaluate_config.judge` names: "api" (configured by `judge_api`) or a registered one.
+
+    api_cache_path: the API judge's response cache where `judge_api` does not name one.
+    """
     name = evaluate_config.judge
     if name == API_JUDGE:
-        return make_api_judge(evaluate_config.judge_api, where="evaluate.judge_api")
+        return make_api_judge(evaluate_config.judge_api, where="evaluate.judge_api", default_cache_path=api_cache_path)
     factory: JudgeFactory = _load(JUDGE_GROUP, name, setting="evaluate.judge", kind="judge", builtin=(API_JUDGE,))
     return factory(evaluate_config)
 

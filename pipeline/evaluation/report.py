@@ -48,6 +48,17 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _finish(fig: Any, ax: Any, path: str | os.PathLike[str], *, xlabel: str, ylabel: str, title: str) -> None:
+    """Label, grid and (when there are series) a legend, then write the figure."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    _save(fig, path)
+
+
 def _save(fig: Any, path: str | os.PathLike[str]) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
@@ -125,13 +136,7 @@ def plot_reward_vs_kl(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike
             # Points stacked at x = 0 would print their labels on top of each other: fan them out.
             ax.annotate(f"T={float(r['temperature']):g}", (0.0, r["reward_mean"]), textcoords="offset points",
                         xytext=(6, 4 + 9 * k), fontsize=7, color=color)
-    ax.set_xlabel("KL(\u03c0 || \u03c0_ref)")
-    ax.set_ylabel("reward")
-    ax.set_title("reward vs KL to the reference")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    _save(fig, path)
+    _finish(fig, ax, path, xlabel="KL(\u03c0 || \u03c0_ref)", ylabel="reward", title="reward vs KL to the reference")
 
 
 def plot_win_rate_vs_temperature(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> None:
@@ -154,13 +159,7 @@ def plot_win_rate_vs_temperature(rows: Sequence[Mapping[str, Any]], path: str | 
         ax.errorbar(temps, rates, yerr=[lower, upper], marker="o", capsize=3, label=model)
     ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
     ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("sampling temperature")
-    ax.set_ylabel("win rate vs baseline")
-    ax.set_title("win rate vs temperature")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    _save(fig, path)
+    _finish(fig, ax, path, xlabel="sampling temperature", ylabel="win rate vs baseline", title="win rate vs temperature")
 
 
 def _cell(value: Any) -> str:

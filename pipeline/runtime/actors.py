@@ -8,10 +8,13 @@ actors the cluster has room for and keeps the rest waiting; `max_actors` caps ho
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
 import ray
+
+log = logging.getLogger(__name__)
 
 Start = Callable[[], Any]  # () -> an actor handle (pending until the cluster has room for it)
 Calls = Callable[[Any], list]  # actor -> the ObjectRefs of its method calls, submitted in order
@@ -22,12 +25,13 @@ class ActorJobs:
     """`submit` queues a job; `wait_for` runs jobs, at most `max_actors` at a time, until the named ones
     are done and returns their results (the list of their calls' values). Each actor is stopped by its
     job's `stop` (ray.kill unless given) as soon as its calls are done. Use it as a context manager: on
-    leaving, every actor still alive is stopped, whether the work finished or failed."""
+    leaving, every actor still alive is stopped, whether the work finished or failed. Each finished job
+    is logged under `label`, with how many are done, running and waiting."""
 
-    def __init__(self, max_actors: int) -> None:
+    def __init__(self, max_actors: int, *, label: str = "jobs") -> None:
         if max_actors < 1:
             raise ValueError(f"max_actors must be at least 1, got {max_actors}")
-        self.max_actors = max_actors
+        self.max_actors, self.label = max_actors, label
         self._queued: list[tuple[Hashable, Start, Calls, Stop]] = []
         self._running: dict[Any, tuple[Hashable, Any, list, Stop]] = {}  # last call's ref -> (name, actor, refs, stop)
         self._results: dict[Hashable, list] = {}
@@ -62,6 +66,9 @@ class ActorJobs:
             finally:
                 stop(actor)
             self._fill()
+            log.info("%s: %s done (%d of %d jobs done, %d running, %d waiting)", self.label,
+                     " ".join(map(str, name)) if isinstance(name, tuple) else name, len(self._results),
+                     len(self._names), len(self._running), len(self._queued))
         return {n: self._results[n] for n in names}
 
     def _fill(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import ray
 
@@ -28,18 +29,23 @@ def init_ray(config: RayConfig) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        # address="local": a new Ray of our own, even where a `ray start` cluster runs on this machine (which a
-        # bare ray.init() would join instead, refusing num_cpus).
+        # "local": without it Ray joins any cluster `ray start` left running on this machine (and then refuses num_cpus).
         ray.init(address="local", num_cpus=config.num_cpus, log_to_driver=True)
-    _quiet_ray_data()
+    _configure_ray_data(progress_bars=on_a_terminal())
     log.info("Ray resources: %s", ray.cluster_resources())
 
 
-def _quiet_ray_data() -> None:
+def on_a_terminal() -> bool:
+    """Whether a person is watching: stdout and stderr both a terminal (not CI, a pipe, or a job's log)."""
+    return sys.stdout.isatty() and sys.stderr.isatty()
+
+
+def _configure_ray_data(*, progress_bars: bool) -> None:
     # ray.data takes seconds to import, and the CLI imports this module at start-up: only a started Ray needs it.
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
     ctx.execution_options.preserve_order = True  # shards and training order are deterministic
-    ctx.enable_progress_bars = False
+    # Bars on a terminal; elsewhere none, since Ray Data would print its progress as periodic log lines instead.
+    ctx.enable_progress_bars = progress_bars
     ctx.print_on_execution_start = False

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
+import shutil
+import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,6 +93,42 @@ class RunDir:
 
     def read_json(self, rel: str) -> Any:
         return json.loads(self.read_text(rel))
+
+    def upload_dir(self, local: str, rel: str) -> None:
+        """Copy the local folder `local`, every file under it, to `rel` in the run directory."""
+        fs = self.fs
+        for root, _, files in os.walk(local):
+            for name in files:
+                src = os.path.join(root, name)
+                dst = self.path(rel, os.path.relpath(src, local))
+                fs.create_dir(dst.rsplit("/", 1)[0], recursive=True)
+                with open(src, "rb") as f, fs.open_output_stream(dst) as out:
+                    shutil.copyfileobj(f, out)
+
+    @contextmanager
+    def local_file(self, rel: str) -> Iterator[str]:
+        """A local path for the file `rel`, for a library that opens files by path (SQLite).
+
+        On a local run directory it is the file itself. Elsewhere (s3://, gs://) it is a temporary copy,
+        fetched on entry if the file exists and written back on exit, after an error too, if it exists then.
+        """
+        if "://" not in self.uri:
+            os.makedirs(os.path.dirname(self.path(rel)), exist_ok=True)
+            yield self.path(rel)
+            return
+        fs = self.fs
+        with tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, os.path.basename(rel))
+            if self.exists(rel):
+                with fs.open_input_stream(self.path(rel)) as src, open(local, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+            try:
+                yield local
+            finally:
+                if os.path.exists(local):
+                    fs.create_dir(self.path(rel).rsplit("/", 1)[0], recursive=True)
+                    with open(local, "rb") as src, fs.open_output_stream(self.path(rel)) as dst:
+                        shutil.copyfileobj(src, dst)
 
     # ---- stages ------------------------------------------------------------------------------
     def manifest(self, stage: str) -> dict | None:

@@ -19,6 +19,7 @@ computed from their results lives in pipeline/evaluation (samples, judging, summ
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -32,21 +33,23 @@ import ray
 from pipeline.config import Config, EvaluateConfig
 from pipeline.data.schemas import JUDGMENTS, SAMPLES
 from pipeline.evaluation.baselines import (best_of_n_kl_bounds, best_of_n_name, best_of_n_rows, judge_against_chosen,
-                                           preferred_responses, reward_scorer)
+                                           judgments_to_make, preferred_responses, reward_scorer)
 from pipeline.evaluation.held_out import held_out_from_logps
 from pipeline.evaluation.judges import Judge
-from pipeline.evaluation.judging import judge_against_reference
+from pipeline.evaluation.judging import JudgeProgress, judge_against_reference
 from pipeline.evaluation.registry import Reward, make_judge, make_reward
 from pipeline.evaluation.report import report_notes, write_report_files
 from pipeline.evaluation.samples import add_kl_and_reward, completions_to_score, sample_rows
 from pipeline.evaluation.summary import evaluation_summary
 from pipeline.model.loading import load_tokenizer
+from pipeline.model.scoring import SequenceScorer, scorer_options
 from pipeline.runtime.actors import ActorJobs
+from pipeline.runtime.model_copy import local_model
 from pipeline.runtime.resources import Request
 from pipeline.runtime.sampler import sampler_placement, start_sampler, stop_sampler
 from pipeline.runtime.storage import RunDir, read_parquet_dir
+from pipeline.runtime.tracking import Trackers, TrackingRun, summary_metrics
 from pipeline.stages.base import Stage, StageRun
-from pipeline.stages.score import scorer_options
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +116,8 @@ class ModelScorer:
     """Actor body: the score stage's scorer over a model given by path, hub id or URI (fetched on this node)."""
 
     def __init__(self, model_uri: str, **scorer_kwargs):
-        from pipeline.runtime.model_copy import local_model
-        from pipeline.stages.score import ReferenceScorer
-
         with local_model(model_uri) as path:
-            self.scorer = ReferenceScorer(path, **scorer_kwargs)
+            self.scorer = SequenceScorer(path, **scorer_kwargs)
 
     def score(self, table: pa.Table) -> pa.Table:
         return self.scorer(table)
@@ -136,7 +136,7 @@ def scoring_job(model_path: str, table: pa.Table, *, config: Config):
 
 def logps(results: list) -> tuple[np.ndarray, np.ndarray]:
     scored = results[0]
-    return scored["ref_chosen_logps"].to_numpy(), scored["ref_rejected_logps"].to_numpy()
+    return scored["chosen_logps"].to_numpy(), scored["rejected_logps"].to_numpy()
 
 
 def held_out_split(data_dir: RunDir) -> tuple[pa.Table | None, str | None]:
@@ -154,7 +154,7 @@ def held_out_measures(data_dir: RunDir, policies: list[Policy], *, config: Confi
     held, kind = held_out_split(data_dir)
     if held is None:
         return {}
-    with ActorJobs(config.evaluate.max_actors) as jobs:
+    with ActorJobs(config.evaluate.max_actors, label="evaluate") as jobs:
         for p in policies:
             jobs.submit(p.name, *scoring_job(p.run_dir.uri_of("train/final"), held, config=config))
         results = jobs.wait_for([p.name for p in policies])
@@ -167,28 +167,33 @@ def evaluate_stage(run: StageRun) -> dict:
     return evaluate_policies(run, [Policy("policy", run.run_dir, run.config.train.beta)])
 
 
+JUDGE_CACHE = "judge_cache.sqlite"  # the API judge's replies, beside the stages: a rerun never pays twice
+
+
 def evaluate_policies(run: StageRun, policies: list[Policy]) -> dict:
     """Sample every policy and the reference, judge each policy against the reference, write the report.
 
     run.data_dir holds the tokenize/score stages (held-out prompts and pairs); the report goes to
-    `<run.run_dir>/evaluate/`.
+    `<run.run_dir>/evaluate/`, and the API judge's cache to `<run.run_dir>/judge_cache.sqlite` unless
+    `evaluate.judge_api.cache_path` says otherwise.
     """
     config, data_dir = run.config, run.data_dir
     ev = config.evaluate
     if ev.max_actors < 1:
         raise ValueError(f"evaluate.max_actors must be at least 1, got {ev.max_actors}")
-    reward_fn, judge = make_reward(ev.reward), make_judge(ev)
-    reward_scorer(reward_fn, best_of_n=ev.best_of_n, reward_name=ev.reward)  # fails early on a config it cannot honour
-    tokenizer = load_tokenizer(config.model.reference, trust_remote_code=config.model.trust_remote_code)
-    prompts = held_out_prompts(data_dir, ev.num_prompts)
-    held, kind = held_out_split(data_dir)
+    with run.run_dir.local_file(JUDGE_CACHE) as judge_cache:
+        reward_fn, judge = make_reward(ev.reward), make_judge(ev, api_cache_path=judge_cache)
+        reward_scorer(reward_fn, best_of_n=ev.best_of_n, reward_name=ev.reward)  # fails early on a config it cannot honour
+        tokenizer = load_tokenizer(config.model.reference, trust_remote_code=config.model.trust_remote_code)
+        prompts = held_out_prompts(data_dir, ev.num_prompts)
+        held, kind = held_out_split(data_dir)
 
-    sampled = sample_all_models(config, policies, prompts, tokenizer.batch_decode(prompts, skip_special_tokens=True),
-                                held=held)
-    rows, kl_bounds = score_samples(sampled, reward_fn, ev)
-    chosen = preferred(data_dir, prompts, tokenizer) if ev.judge_vs_chosen else None
-    compared = [p.name for p in policies] + ([best_of_n_name(ev.best_of_n)] if ev.best_of_n else [])
-    judgments = judge_all(judge, rows, compared, chosen, ev.temperatures)
+        sampled = sample_all_models(config, policies, prompts, tokenizer.batch_decode(prompts, skip_special_tokens=True),
+                                    held=held)
+        rows, kl_bounds = score_samples(sampled, reward_fn, ev)
+        chosen = preferred(data_dir, prompts, tokenizer) if ev.judge_vs_chosen else None
+        compared = [p.name for p in policies] + ([best_of_n_name(ev.best_of_n)] if ev.best_of_n else [])
+        judgments = judge_all(judge, rows, compared, chosen, ev.temperatures)
     accuracy = {} if held is None else held_out_from_logps(held, kind, betas={p.name: p.beta for p in policies},
                                                            policy_logps=sampled.held_out_logps)
     samples = pa.Table.from_pylist(rows, schema=SAMPLES)
@@ -197,8 +202,11 @@ def evaluate_policies(run: StageRun, policies: list[Policy]) -> dict:
                                  chosen_texts=chosen.texts if chosen else None, candidates=sampled.candidates)
 
     write_results(run.writer, config, policies, samples=samples, judgments=judgments, summary=summary, accuracy=accuracy)
+    log_to_trackers(policies, summary["rows"], baselines=["reference", *compared[len(policies):]])
     log.info("evaluate: report in %s", run.run_dir.uri_of("evaluate", "report.md"))
-    return {"rows_in": len(prompts), "rows_out": samples.num_rows, "dropped": {}}
+    stats = getattr(judge, "stats", None)  # the API judge's requests, cache hits, parse failures, spend
+    return {"rows_in": len(prompts), "rows_out": samples.num_rows, "dropped": {},
+            **({"judge_stats": dataclasses.asdict(stats)} if stats is not None else {})}
 
 
 @dataclass
@@ -228,7 +236,7 @@ def sample_all_models(config: Config, policies: list[Policy], prompts: list[list
     paths = {p.name: p.run_dir.uri_of("train/final") for p in policies}
     paths["reference"] = config.model.reference
     best_of = {model: ev.best_of_n if model == "reference" else 0 for model in paths}
-    with ActorJobs(ev.max_actors) as jobs:
+    with ActorJobs(ev.max_actors, label="evaluate") as jobs:
         # Every model's sampler and every policy's held-out scorer, side by side where the cluster has room.
         for model, path in paths.items():
             jobs.submit(("sample", model), *sampling_job(path, prompts, ev, dtype=config.model.dtype,
@@ -243,6 +251,9 @@ def sample_all_models(config: Config, policies: list[Policy], prompts: list[list
                                                            best_of_n=best_of[model])
             rows += sample_rows(model, by_temp, prompt_texts, group=1)
             candidates += sample_rows(best_of_n_name(ev.best_of_n), cands, prompt_texts, group=ev.best_of_n)
+        log.info("evaluate: sampled %d completions (%d models x %d temperatures x %d prompts x %d each)%s",
+                 len(rows), len(paths), len(ev.temperatures), len(prompts), ev.samples_per_prompt,
+                 f" and {len(candidates)} best-of-{ev.best_of_n} candidates" if candidates else "")
         # log pi_ref of every sample from the scorer: the KL estimate's second term.
         jobs.submit("ref_logps", *scoring_job(config.model.reference, completions_to_score(prompts, rows), config=config))
         ref_logps, _ = logps(jobs.wait_for(["ref_logps"])["ref_logps"])
@@ -285,7 +296,8 @@ def preferred(data_dir: RunDir, prompts: list[list[int]], tokenizer) -> Preferre
 def judge_all(judge: Judge, rows: list[dict], compared: list[str], chosen: Preferred | None,
               temperatures: list[float]) -> pa.Table:
     """The judgments table: every compared model against the reference, and with `chosen` every model,
-    the reference included, against the held-out preferred responses."""
+    the reference included, against the held-out preferred responses. Logs its progress as it goes."""
+    judge = JudgeProgress(judge, judgments_to_make(rows, compared, chosen.texts if chosen else None))
     judged = judge_against_reference(judge, rows, compared, temperatures)
     if chosen is not None:
         judged += judge_against_chosen(judge, rows, chosen.texts, chosen.lengths, [*compared, "reference"])
@@ -310,6 +322,21 @@ def write_results(writer, config: Config, policies: list[Policy], *, samples: pa
         for name in names:
             with open(os.path.join(tmp, name), "rb") as f, writer.run.fs.open_output_stream(writer.path(name)) as out:
                 out.write(f.read())
+
+
+def log_to_trackers(policies: list[Policy], rows: list[dict], *, baselines: list[str]) -> None:
+    """Each policy's summary rows, with the baselines', into the tracking run of its training (the train
+    manifest names it), at its last training step."""
+    for p in policies:
+        manifest = p.run_dir.manifest("train") or {}
+        tracking = manifest.get("tracking")
+        if not tracking or not tracking["report_to"]:
+            continue  # trained without trackers
+        trackers = Trackers(TrackingRun.from_dict(tracking))
+        try:
+            trackers.log(summary_metrics(rows, [p.name, *baselines]), step=manifest["steps"])
+        finally:
+            trackers.close()
 
 
 def evaluate_requests(config: Config) -> list[Request]:

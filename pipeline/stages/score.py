@@ -1,129 +1,37 @@
 """Stage 2, score: every pair through the reference model once -> shards of frozen reference log-probs.
 
-A Ray Data actor pool holds the reference model (one GPU, or a fraction, per actor). The log-probs come
-from `pipeline.model.batch_logps.batch_sequence_logps`, the very function the trainer calls on the policy. After this stage
-the reference model is never needed in training memory.
+A Ray Data actor pool holds the reference model (one GPU, or a fraction, per actor) in a
+`pipeline.model.scoring.SequenceScorer`, whose log-probs come from the very function the trainer calls
+on the policy. After this stage the reference model is never needed in training memory.
 
 Unpaired (KTO) data also gets, per row, another row's completion after this row's prompt and its
-reference log-prob: KTO's reference point is estimated on such mismatched pairs (see pipeline.stages.kto).
+reference log-prob: KTO's reference point is estimated on such mismatched pairs (see pipeline.data.kto_pairs).
 """
 
 from __future__ import annotations
 
 import logging
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
-import torch
 
 from pipeline.config import Config
-from pipeline.stages.kto import with_kl_completions
-from pipeline.model.batch_logps import batch_sequence_logps
+from pipeline.data.kto_pairs import with_kl_completions
 from pipeline.data.schemas import SCORED, SCORED_KTO
+from pipeline.model.losses import needs_reference
+from pipeline.model.scoring import SequenceScorer, scorer_options
 from pipeline.runtime.resources import Request
 from pipeline.runtime.storage import RunDir, read_parquet_dir
 from pipeline.stages.base import Stage, StageRun
-from pipeline.stages.train import needs_reference
 
 log = logging.getLogger(__name__)
 
 UPSTREAM = "tokenize"
 SPLITS = ("train", "eval")
 SHARD_ROWS = 50_000
-
-
-def _score_two(model, prompts: list, first: list, second: list, *, pad_id: int, micro_batch: int, device: str,
-               packing: bool = False, chunk_size: int | None = None):
-    """Reference log-probs (float64 sums) of prompt + first[i] and prompt + second[i], each (n,).
-
-    Rows are scored in micro-batches of similar length (sorted by length, then put back in order) so
-    little compute goes to padding; `packing` removes the padding altogether and `chunk_size` makes
-    output-layer logits only at response positions (see `pipeline.model.batch_logps.batch_sequence_logps`).
-    """
-    n = len(prompts)
-    first_logp = np.zeros(n, dtype=np.float64)
-    second_logp = np.zeros(n, dtype=np.float64)
-    total = np.array([len(p) + max(len(a), len(b)) for p, a, b in zip(prompts, first, second)])
-    order = np.argsort(total, kind="stable")
-    with torch.inference_mode():
-        for start in range(0, n, micro_batch):
-            idx = order[start : start + micro_batch]
-            batch_prompts = [prompts[i] for i in idx]
-            logps, _, _ = batch_sequence_logps(
-                model, batch_prompts + batch_prompts, [first[i] for i in idx] + [second[i] for i in idx],
-                pad_id=pad_id, device=device, packing=packing, chunk_size=chunk_size,
-            )
-            logps = logps.double().cpu().numpy()
-            first_logp[idx], second_logp[idx] = logps[: len(idx)], logps[len(idx) :]
-    return first_logp, second_logp
-
-
-def score_pairs(model, table: pa.Table, *, pad_id: int, micro_batch: int, device: str, packing: bool = False,
-                chunk_size: int | None = None) -> pa.Table:
-    """Add ref_chosen_logps and ref_rejected_logps (float64 sums over response tokens) to `table`.
-
-    Pure over an Arrow table: no Ray.
-    """
-    chosen_logp, rejected_logp = _score_two(
-        model, table["prompt_ids"].to_pylist(), table["chosen_ids"].to_pylist(), table["rejected_ids"].to_pylist(),
-        pad_id=pad_id, micro_batch=micro_batch, device=device, packing=packing, chunk_size=chunk_size,
-    )
-    # An unpaired (KTO) row has no rejected response: its log-prob is a sum over nothing.
-    return table.append_column("ref_chosen_logps", pa.array(chosen_logp)).append_column("ref_rejected_logps", pa.array(rejected_logp))
-
-
-def score_unpaired(model, table: pa.Table, *, pad_id: int, micro_batch: int, device: str, packing: bool = False,
-                   chunk_size: int | None = None) -> pa.Table:
-    """For KTO rows that carry kl_completion_ids (see pipeline.stages.kto): add ref_chosen_logps (the completion),
-    ref_rejected_logps (0: there is no rejected response) and ref_kl_logps (the mismatched completion
-    after this row's prompt). Both completions of a row share one forward pass. Pure: no Ray.
-    """
-    completion_logp, kl_logp = _score_two(
-        model, table["prompt_ids"].to_pylist(), table["chosen_ids"].to_pylist(), table["kl_completion_ids"].to_pylist(),
-        pad_id=pad_id, micro_batch=micro_batch, device=device, packing=packing, chunk_size=chunk_size,
-    )
-    return (
-        table.append_column("ref_chosen_logps", pa.array(completion_logp))
-        .append_column("ref_rejected_logps", pa.array(np.zeros(table.num_rows)))
-        .append_column("ref_kl_logps", pa.array(kl_logp))
-    )
-
-
-def scorer_options(config: Config, *, use_gpu: bool) -> dict:
-    """ReferenceScorer's keyword arguments for `config` (the score stage's, and evaluate's for its policy)."""
-    sc = config.score
-    return dict(
-        dtype=config.model.dtype, use_gpu=use_gpu, micro_batch=sc.batch_size, trust_remote_code=config.model.trust_remote_code,
-        attn_implementation=config.model.attn_implementation, packing=sc.packing,
-        chunk_size=sc.logps_chunk_size if sc.chunked_logps else None, compile=sc.compile,
-    )
-
-
-class ReferenceScorer:
-    """Ray Data callable class: loads the reference model once per actor, scores batches of pairs."""
-
-    def __init__(self, model_path: str, *, dtype: str, use_gpu: bool, micro_batch: int, trust_remote_code: bool,
-                 attn_implementation: str | None = None, packing: bool = False, chunk_size: int | None = None,
-                 compile: bool = False):
-        from pipeline.model.loading import compile_decoder_layers, load_model, load_tokenizer, pick_device
-
-        self.device = pick_device(use_gpu)
-        self.model = load_model(
-            model_path, dtype=getattr(torch, dtype), device=self.device, trust_remote_code=trust_remote_code,
-            attn_implementation=attn_implementation,
-        ).eval()
-        if compile:
-            compile_decoder_layers(self.model)
-        self.pad_id = load_tokenizer(model_path, trust_remote_code=trust_remote_code).pad_token_id
-        self.options = dict(micro_batch=micro_batch, packing=packing, chunk_size=chunk_size)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        score = score_unpaired if "kl_completion_ids" in batch.column_names else score_pairs
-        return score(self.model, batch, pad_id=self.pad_id, device=self.device, **self.options)
 
 
 def check_kto_splits(upstream: dict, unpaired: bool) -> None:
@@ -182,8 +90,8 @@ def score(run: StageRun) -> dict:
     check_kto_splits(upstream, unpaired)  # before the writer begins: a refusal leaves a finished stage as it was
     ds, schema = scoring_input(run, splits, unpaired)
     scored = ds.map_batches(
-        ReferenceScorer,
-        fn_constructor_kwargs=dict(model_path=config.model.reference, **scorer_options(config, use_gpu=sc.use_gpu)),
+        SequenceScorer,
+        fn_constructor_kwargs=dict(model_path=config.model.reference, prefix="ref_", **scorer_options(config, use_gpu=sc.use_gpu)),
         batch_size=sc.batch_size * 8,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=sc.num_actors),
@@ -217,7 +125,7 @@ SCORE = Stage(
     body=score,
     upstream=lambda config: UPSTREAM,
     requests=score_requests,
-    enabled=needs_reference,  # reference-free losses never read what this stage writes
+    enabled=lambda config: needs_reference(config.train.loss),  # reference-free losses never read what this stage writes
 )
 
 

@@ -1,8 +1,8 @@
-"""The API judge's response cache: raw reply texts by a hash of what decides them.
+"""The API judge's response cache: raw replies by a hash of what decides them.
 
-A rerun pays nothing twice, and one stopped by a budget continues where it stopped. Reply texts, not
-verdicts, are stored, so a better parser rescues old replies. SQLite commits each row; JSONL appends and
-flushes each line and skips a torn last line.
+A rerun pays nothing twice, and one stopped by a budget continues where it stopped. Reply texts (and the
+answer labels' log-probs, where asked for), not verdicts, are stored, so a better parser rescues old
+replies. SQLite commits each row; JSONL appends and flushes each line and skips a torn last line.
 """
 
 from __future__ import annotations
@@ -18,11 +18,13 @@ from typing import Protocol
 
 @dataclass(frozen=True)
 class Reply:
-    """A judge model's answer: its text, and the token counts of the response's `usage` where given."""
+    """A judge model's answer: its text, the token counts of the response's `usage` where given, and under
+    `verdict: logprobs` the log-probs of the labels A, B, tie where it wrote its verdict (verdicts.py)."""
 
     text: str
     input_tokens: int | None
     output_tokens: int | None
+    label_logprobs: dict[str, float] | None = None
 
     @property
     def has_usage(self) -> bool:
@@ -31,8 +33,8 @@ class Reply:
 
 
 class ResponseCache(Protocol):
-    def get(self, key: str) -> str | None:
-        """The reply text stored under `key`, or None."""
+    def get(self, key: str) -> Reply | None:
+        """The reply stored under `key`, or None."""
         ...
 
     def put(self, key: str, model: str, reply: Reply) -> None:
@@ -42,9 +44,12 @@ class ResponseCache(Protocol):
     def close(self) -> None: ...
 
 
-def cache_key(model: str, rendered: str, prompt: str, first: str, second: str) -> str:
-    """sha256 of what decides the answer: the judge model, the message sent, and the pair itself."""
-    payload = json.dumps([model, rendered, prompt, first, second], ensure_ascii=False)
+def cache_key(model: str, rendered: str, prompt: str, first: str, second: str, *, verdict: str = "text") -> str:
+    """sha256 of what decides the answer: the judge model, the message sent, the pair itself, and how the
+    verdict is asked for (a text reply has no log-probs; a JSON one is asked with another prompt anyway)."""
+    # The text mode's key is the one written before verdict modes existed, so those caches still answer.
+    extra = [] if verdict == "text" else [verdict]
+    payload = json.dumps([model, rendered, prompt, first, second, *extra], ensure_ascii=False)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
@@ -57,7 +62,11 @@ def open_cache(path: str | None) -> ResponseCache:
 
 def _row(key: str, model: str, reply: Reply) -> dict:
     return {"key": key, "model": model, "text": reply.text, "input_tokens": reply.input_tokens,
-            "output_tokens": reply.output_tokens, "created": time.time()}
+            "output_tokens": reply.output_tokens, "label_logprobs": reply.label_logprobs, "created": time.time()}
+
+
+def _reply(text: str, input_tokens: int | None, output_tokens: int | None, label_logprobs: dict | None) -> Reply:
+    return Reply(text=text, input_tokens=input_tokens, output_tokens=output_tokens, label_logprobs=label_logprobs)
 
 
 class SqliteCache:
@@ -68,17 +77,27 @@ class SqliteCache:
         self._db = sqlite3.connect(Path(path), isolation_level=None)  # autocommit: each row is durable
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, model TEXT NOT NULL, "
-            "text TEXT NOT NULL, input_tokens INTEGER, output_tokens INTEGER, created REAL NOT NULL)"
+            "text TEXT NOT NULL, input_tokens INTEGER, output_tokens INTEGER, created REAL NOT NULL, "
+            "label_logprobs TEXT)"
         )
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(replies)")}
+        if "label_logprobs" not in columns:  # a cache written before log-prob verdicts: keep its rows
+            self._db.execute("ALTER TABLE replies ADD COLUMN label_logprobs TEXT")
 
-    def get(self, key: str) -> str | None:
-        found = self._db.execute("SELECT text FROM replies WHERE key = ?", (key,)).fetchone()
-        return None if found is None else found[0]
+    def get(self, key: str) -> Reply | None:
+        found = self._db.execute("SELECT text, input_tokens, output_tokens, label_logprobs FROM replies "
+                                 "WHERE key = ?", (key,)).fetchone()
+        if found is None:
+            return None
+        text, input_tokens, output_tokens, logprobs = found
+        return _reply(text, input_tokens, output_tokens, None if logprobs is None else json.loads(logprobs))
 
     def put(self, key: str, model: str, reply: Reply) -> None:
         row = _row(key, model, reply)
-        self._db.execute("INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?, ?, ?)",
-                         (key, model, reply.text, reply.input_tokens, reply.output_tokens, row["created"]))
+        logprobs = None if reply.label_logprobs is None else json.dumps(reply.label_logprobs)
+        self._db.execute("INSERT OR REPLACE INTO replies (key, model, text, input_tokens, output_tokens, created, "
+                         "label_logprobs) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                         (key, model, reply.text, reply.input_tokens, reply.output_tokens, row["created"], logprobs))
 
     def close(self) -> None:
         self._db.close()
@@ -101,9 +120,11 @@ class JsonlCache:
                         continue  # a line torn by a crash mid-write
         self._file = open(path, "a", encoding="utf-8")
 
-    def get(self, key: str) -> str | None:
+    def get(self, key: str) -> Reply | None:
         row = self._rows.get(key)
-        return None if row is None else row["text"]
+        if row is None:
+            return None
+        return _reply(row["text"], row.get("input_tokens"), row.get("output_tokens"), row.get("label_logprobs"))
 
     def put(self, key: str, model: str, reply: Reply) -> None:
         row = _row(key, model, reply)
@@ -118,7 +139,7 @@ class JsonlCache:
 class NoCache:
     """Keeps nothing: every pair is asked."""
 
-    def get(self, key: str) -> str | None:
+    def get(self, key: str) -> Reply | None:
         return None
 
     def put(self, key: str, model: str, reply: Reply) -> None:

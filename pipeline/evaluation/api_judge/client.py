@@ -1,36 +1,40 @@
-"""Sending judging requests to a chat-completions endpoint: retries with backoff, and the request and cost caps.
+"""Sending judging requests through the `openai` client library, with our caps and key redaction on top.
 
-`requests` is imported where a session is opened or a request sent: it comes with the environment
-(transformers needs it) rather than as a dependency of ours, and importing the judge stays cheap.
+The library does the HTTP: timeouts, and retries of connection errors, timeouts, 408, 409, 429 and 5xx
+responses with jittered exponential backoff (0.5 s doubling to 8 s), honouring the server's
+`retry-after-ms` or Retry-After up to two minutes. Every attempt it makes, retries included, passes our
+request hook (`Meter`), which counts it against `max_requests` and `max_cost_usd` and refuses it once a cap
+is spent or the call has been aborted: an exception the library does not catch, so it never retries it.
+The key is read from its environment variable into the client and nowhere else; every message that leaves
+here has it redacted.
+
+`openai` is imported where a client is made: it takes about two seconds to import, and every `dpo`
+command imports the evaluation package at start-up.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import email.utils
 import logging
 import os
-import random
 import threading
-import time
-from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from pipeline.evaluation.api_judge.cache import Reply
 from pipeline.evaluation.api_judge.config import ApiJudgeConfig, ApiJudgeError, ApiJudgeStats
+from pipeline.evaluation.api_judge.verdicts import TOP_LOGPROBS, VERDICT_SCHEMA, label_logprobs
 
 log = logging.getLogger(__name__)
 
-RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504}) | frozenset(range(505, 600))
+RETRIED_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))  # what the openai client retries
 
 
 class BudgetStop(Exception):
-    """A worker found the budget spent before sending."""
+    """A request was about to be sent with a budget spent."""
 
 
 class Cancelled(Exception):
-    """A worker found the call aborted (another request failed) before sending."""
+    """A request was about to be sent after the call was aborted (another request failed)."""
 
 
 class Usage:
@@ -61,11 +65,12 @@ class Usage:
         with self._lock:
             return dataclasses.replace(self._stats)
 
-    def count(self, *, retries: int = 0, cache_hits: int = 0, unparsed: int = 0) -> None:
+    def count(self, *, retries: int = 0, cache_hits: int = 0, unparsed: int = 0, fallbacks: int = 0) -> None:
         with self._lock:
             self._stats.retries += retries
             self._stats.cache_hits += cache_hits
             self._stats.unparsed += unparsed
+            self._stats.fallbacks += fallbacks
 
     def reserve(self, abort: threading.Event) -> None:
         """Count one request about to be sent, or refuse if the call is aborted or a budget is spent."""
@@ -90,158 +95,142 @@ class Usage:
                                          + (reply.output_tokens or 0) * cfg.price_per_1k_output_tokens) / 1000.0
 
 
-@dataclass(frozen=True)
-class Endpoint:
-    """Where one `judge` call sends its requests. `api_key` is kept only to redact it from error text."""
+class Meter:
+    """The openai client's HTTP hooks for one `judge` call: each attempt is counted (and refused at a cap or
+    after an abort), and each retry logged with what went wrong before it. Attempts are counted per thread:
+    each worker thread sends one judging request at a time."""
 
-    url: str
-    headers: dict[str, str]
-    api_key: str | None
+    def __init__(self, usage: Usage, abort: threading.Event, *, name: str):
+        self.usage, self.abort, self.name = usage, abort, name
+        self._local = threading.local()
+
+    def begin(self) -> None:
+        """A new judging request on this thread: its attempts count from zero."""
+        self._local.attempts, self._local.problem = 0, "nothing sent"
+
+    @property
+    def attempts(self) -> int:
+        return self._local.attempts
+
+    @property
+    def problem(self) -> str:
+        return self._local.problem
+
+    def on_request(self, request) -> None:
+        self.usage.reserve(self.abort)
+        if self._local.attempts:
+            self.usage.count(retries=1)
+            log.warning("%s: %s; retry %d of %d", self.name, self._local.problem, self._local.attempts,
+                        self.usage.config.max_retries)
+        self._local.attempts += 1
+        self._local.problem = "no response (connection error or timeout)"  # until a response says otherwise
+
+    def on_response(self, response) -> None:
+        self._local.problem = f"HTTP {response.status_code}"
 
 
-def endpoint(config: ApiJudgeConfig, *, name: str) -> Endpoint:
-    """The chat-completions URL and headers, with the API key read from its environment variable now."""
-    headers = {"Content-Type": "application/json"}
-    api_key = None
-    if config.api_key_env:
-        api_key = os.environ.get(config.api_key_env, "")
-        if not api_key:
-            raise ApiJudgeError(f"{name}: environment variable {config.api_key_env} is empty or unset; it must "
-                                f"hold the API key (or set api_key_env to null for a server without authentication)")
-        headers["Authorization"] = f"Bearer {api_key}"
-    return Endpoint(url=config.base_url.rstrip("/") + "/chat/completions", headers=headers, api_key=api_key)
+def read_key(config: ApiJudgeConfig, *, name: str) -> str | None:
+    """The API key from its environment variable now, or None for a server without authentication."""
+    if not config.api_key_env:
+        return None
+    api_key = os.environ.get(config.api_key_env, "")
+    if not api_key:
+        raise ApiJudgeError(f"{name}: environment variable {config.api_key_env} is empty or unset; it must "
+                            f"hold the API key (or set api_key_env to null for a server without authentication)")
+    return api_key
 
 
-def request_body(config: ApiJudgeConfig, rendered: str) -> dict[str, Any]:
-    """The chat-completions request for one rendered judging prompt."""
-    body: dict[str, Any] = {"model": config.model, "messages": [{"role": "user", "content": rendered}],
+def open_client(config: ApiJudgeConfig, meter: Meter, api_key: str | None):
+    """An openai.OpenAI client for `config.base_url` whose every HTTP attempt passes `meter`'s hooks."""
+    import openai  # deferred: see the module docstring
+
+    http = openai.DefaultHttpxClient(event_hooks={"request": [meter.on_request], "response": [meter.on_response]})
+    # Without a key the library still wants one; the Authorization header is omitted per request instead.
+    return openai.OpenAI(base_url=config.base_url, api_key=api_key or "no-key", max_retries=config.max_retries,
+                         timeout=config.timeout_s, http_client=http)
+
+
+def request_args(config: ApiJudgeConfig, rendered: str, *, with_key: bool) -> dict[str, Any]:
+    """The chat-completions arguments for one rendered judging prompt, as `config.verdict` asks for it."""
+    import openai  # deferred: see the module docstring
+
+    args: dict[str, Any] = {"model": config.model, "messages": [{"role": "user", "content": rendered}],
                             "temperature": config.temperature}
     if config.max_tokens is not None:
-        body["max_tokens"] = config.max_tokens
-    return body
+        args["max_tokens"] = config.max_tokens
+    if config.verdict == "json":
+        args["response_format"] = {"type": "json_schema",
+                                   "json_schema": {"name": "verdict", "strict": True, "schema": VERDICT_SCHEMA}}
+    elif config.verdict == "logprobs":
+        args.update(logprobs=True, top_logprobs=TOP_LOGPROBS)
+    if not with_key:
+        args["extra_headers"] = {"Authorization": openai.Omit()}
+    return args
 
 
-def open_session(max_concurrency: int):
-    """A requests.Session whose connection pool holds `max_concurrency` connections per host."""
-    import requests  # deferred: see the module docstring
+def send(client, meter: Meter, args: dict[str, Any], *, api_key: str | None) -> Reply:
+    """One judging request, retried by the client as it sees fit; the reply's text, usage and label log-probs.
 
-    session = requests.Session()
-    adapter = requests.adapters.HTTPAdapter(pool_maxsize=max_concurrency)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    return session
-
-
-def send(session, target: Endpoint, body: dict, *, usage: Usage, abort: threading.Event, name: str) -> Reply:
-    """Send one judging request, retrying what is worth retrying; the reply's text and token usage.
-
-    On a failure that is not a budget stop or a cancellation it sets `abort` itself, so that the pool's
-    next task sends nothing even before the caller's thread hears of the failure.
+    On a failure that is not a budget stop or a cancellation it sets the meter's `abort` itself, so that no
+    other request is sent even before the caller's thread hears of the failure.
     """
     try:
-        return _send_with_retries(session, target, body, usage=usage, abort=abort, name=name)
+        with meter.usage.slots:
+            meter.begin()
+            reply = read_reply(client.chat.completions.create(**args), name=meter.name)
     except (BudgetStop, Cancelled):
         raise
-    except BaseException:
-        abort.set()
-        raise
+    except BaseException as exc:
+        meter.abort.set()
+        failure = _as_judge_error(exc, meter, client, api_key)
+        if failure is None:
+            raise
+        raise failure from None  # the library's exception holds the request, headers and key included
+    meter.usage.account(reply)
+    if meter.usage.config.max_cost_usd is not None and not reply.has_usage:
+        meter.abort.set()  # spending can no longer be tracked: send nothing more (see ApiJudge._collect)
+    return reply
 
 
-@dataclass(frozen=True)
-class _Failure:
-    """A failed attempt worth retrying: what went wrong, the HTTP status if any, the wait the server asked."""
+def _as_judge_error(exc: BaseException, meter: Meter, client, api_key: str | None) -> ApiJudgeError | None:
+    """An openai error as our ApiJudgeError naming the status and what the server said, key redacted."""
+    import openai  # deferred: see the module docstring
 
-    problem: str
-    status: int | None
-    retry_after_s: float | None = None
-
-
-def _send_with_retries(session, target: Endpoint, body: dict, *, usage: Usage, abort: threading.Event,
-                       name: str) -> Reply:
-    cfg = usage.config
-    failure = _Failure("nothing sent", None)
-    for attempt in range(cfg.max_retries + 1):
-        usage.reserve(abort)
-        if attempt:
-            usage.count(retries=1)
-        outcome = _post_once(session, target, body, usage=usage, name=name)
-        if isinstance(outcome, Reply):
-            usage.account(outcome)
-            if cfg.max_cost_usd is not None and not outcome.has_usage:
-                abort.set()  # spending can no longer be tracked: send nothing more (see ApiJudge._collect)
-            return outcome
-        failure = outcome
-        if attempt == cfg.max_retries:
-            break
-        delay = backoff_s(cfg, attempt, failure.retry_after_s)
-        log.warning("%s: %s; retry %d of %d in %.2f s", name, failure.problem, attempt + 1, cfg.max_retries, delay)
-        if abort.wait(delay):
-            raise Cancelled
-    raise ApiJudgeError(f"{name}: gave up after {cfg.max_retries + 1} attempts to {target.url}; last: "
-                        f"{failure.problem}", status=failure.status)
+    url = f"{str(client.base_url).rstrip('/')}/chat/completions"
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        if status in RETRIED_STATUS:
+            return ApiJudgeError(f"{meter.name}: gave up after {meter.attempts} attempts to {url}; last: HTTP {status}",
+                                 status=status)
+        hint = (" (a server without structured output rejects `verdict: json`: set evaluate.judge_api.verdict "
+                "to text)" if status == 400 and meter.usage.config.verdict == "json" else "")
+        detail = _redact(exc.message, api_key)[:500]
+        return ApiJudgeError(f"{meter.name}: {url} answered HTTP {status}, which is not retried: {detail}{hint}",
+                             status=status)
+    if isinstance(exc, openai.APIConnectionError):  # timeouts included
+        return ApiJudgeError(f"{meter.name}: gave up after {meter.attempts} attempts to {url}; last: "
+                             f"{type(exc).__name__}: {_redact(str(exc), api_key)[:300]}")
+    if isinstance(exc, ApiJudgeError):
+        return exc
+    return None
 
 
-def _post_once(session, target: Endpoint, body: dict, *, usage: Usage, name: str) -> Reply | _Failure:
-    """One POST: the reply, or a failure worth retrying. Raises ApiJudgeError on a status not worth it."""
-    import requests  # deferred: see the module docstring
-
+def read_reply(completion, *, name: str) -> Reply:
+    """The text, token usage and (when asked for) label log-probs of a chat completion."""
     try:
-        with usage.slots:
-            response = session.post(target.url, json=body, headers=target.headers, timeout=usage.config.timeout_s)
-    except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
-        # requests' messages name the URL, never the headers; redacted anyway.
-        return _Failure(_redact(f"{type(exc).__name__}: {exc}", target.api_key)[:300], None)
-    status = response.status_code
-    if status == 200:
-        try:
-            return read_reply(response.json())
-        except (ValueError, KeyError, IndexError, TypeError):
-            return _Failure("HTTP 200 with a body that is not a chat completion", 200)
-    if status in RETRYABLE_STATUS:
-        return _Failure(f"HTTP {status}", status, retry_after_s(response.headers))
-    detail = _redact(response.text, target.api_key)[:500]
-    raise ApiJudgeError(f"{name}: {target.url} answered HTTP {status}, which is not retried: {detail}", status=status)
-
-
-def backoff_s(config: ApiJudgeConfig, attempt: int, retry_after: float | None) -> float:
-    """Seconds to wait before retry `attempt + 1`: the server's Retry-After if given, else exponential."""
-    if retry_after is not None:
-        return min(max(retry_after, 0.0), config.backoff_max_s)
-    # Jitter spreads the retries of a pool that was throttled at the same moment.
-    return min(config.backoff_base_s * 2.0**attempt, config.backoff_max_s) * random.uniform(0.5, 1.0)
-
-
-def read_reply(payload: Mapping) -> Reply:
-    """The text and token usage of a chat-completions response body."""
-    content = payload["choices"][0]["message"].get("content")  # None on a refusal: parsed as "unparsed"
-    usage = payload.get("usage") or {}
-    input_tokens, output_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        choice = completion.choices[0]
+        content = choice.message.content  # None on a refusal: read as "unparsed"
+        tokens = choice.logprobs.content if choice.logprobs is not None else None
+    except (AttributeError, IndexError, TypeError, KeyError):
+        raise ApiJudgeError(f"{name}: HTTP 200 with a body that is not a chat completion") from None
+    usage = completion.usage
+    labels = None
+    if tokens:
+        labels = label_logprobs([(t.token, [(alt.token, alt.logprob) for alt in (t.top_logprobs or [])])
+                                 for t in tokens])
     return Reply(text=content if isinstance(content, str) else "",
-                 input_tokens=int(input_tokens) if input_tokens is not None else None,
-                 output_tokens=int(output_tokens) if output_tokens is not None else None)
-
-
-def retry_after_s(headers: Mapping[str, str]) -> float | None:
-    """Seconds the server asks us to wait: `retry-after-ms` (OpenAI), or Retry-After in seconds or as an
-    HTTP date. None when absent or unreadable."""
-    raw_ms = headers.get("retry-after-ms")
-    if raw_ms:
-        try:
-            return float(raw_ms) / 1000.0
-        except ValueError:
-            pass
-    raw = headers.get("retry-after")
-    if not raw:
-        return None
-    try:
-        return float(raw)
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(raw)
-    except (TypeError, ValueError):
-        return None
-    return when.timestamp() - time.time()
+                 input_tokens=getattr(usage, "prompt_tokens", None), output_tokens=getattr(usage, "completion_tokens", None),
+                 label_logprobs=labels)
 
 
 def _redact(text: str, api_key: str | None) -> str:

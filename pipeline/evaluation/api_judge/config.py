@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.evaluation.api_judge.prompts import PROMPT_TEMPLATES, TASKS
+from pipeline.evaluation.api_judge.prompts import TASKS, builtin_prompt
+from pipeline.evaluation.api_judge.verdicts import VERDICT_MODES
 from pipeline.evaluation.judges import Verdict
 
 
@@ -21,16 +22,21 @@ class ApiJudgeConfig:
     api_key_env: str | None = "OPENAI_API_KEY"  # None or "": send no Authorization (a local vLLM server)
     task: str = "generic"  # summarization | dialogue | generic: picks the built-in prompt
     prompt_template: str | None = None  # overrides the built-in prompt; must hold {prompt} {first} {second}
+    # json: structured output (a JSON verdict); logprobs: the answer labels' log-probs; text: the reply's
+    # "Preferred: X" line. The first two fall back to reading the text where the server gives neither.
+    verdict: str = "json"
     max_concurrency: int = 8  # requests in flight at once; rate limits, not our CPUs, bound this
-    max_retries: int = 6  # re-sends after a retryable failure; 6 with base 1 s waits about a minute in all
+    # Re-sends by the openai client after a connection error, timeout, 408, 409, 429 or 5xx: it waits 0.5 s
+    # doubling to 8 s (jittered), or the server's Retry-After up to 2 min; 6 waits about 30 s in all.
+    max_retries: int = 6
     timeout_s: float = 60.0  # per request, connect and read; judge replies are short
-    backoff_base_s: float = 1.0  # first retry waits ~this, doubling each time, with jitter
-    backoff_max_s: float = 60.0  # no single wait is longer, Retry-After included
     max_requests: int | None = None  # cap on HTTP requests sent (retries count) over this judge's life
     price_per_1k_input_tokens: float | None = None  # USD; with the output price, turns `usage` into cost
     price_per_1k_output_tokens: float | None = None
     max_cost_usd: float | None = None  # cap on spend; may overshoot by the requests already in flight
-    cache_path: str | None = None  # SQLite file, or JSONL if it ends in .jsonl; None: no cache
+    # SQLite file, or JSONL if it ends in .jsonl; None: no cache. The evaluate stage's default, when the key is
+    # left out: <run_dir>/judge_cache.sqlite, so a rerun never pays twice.
+    cache_path: str | None = None
     temperature: float = 0.0  # greedy: the same pair gets the same verdict, which the cache relies on
     max_tokens: int | None = 256  # reply length cap; a sentence and a verdict line need far fewer
 
@@ -40,6 +46,8 @@ class ApiJudgeConfig:
             problems.append("base_url: must be set")
         if not self.model:
             problems.append("model: must be set")
+        if self.verdict not in VERDICT_MODES:
+            problems.append(f"verdict: {self.verdict!r} is not one of {', '.join(VERDICT_MODES)}")
         if self.task not in TASKS:
             problems.append(f"task: {self.task!r} is not one of {', '.join(TASKS)}")
         if self.prompt_template is not None:
@@ -52,8 +60,6 @@ class ApiJudgeConfig:
             problems.append(f"max_retries: must be >= 0, got {self.max_retries}")
         if self.timeout_s <= 0:
             problems.append(f"timeout_s: must be > 0, got {self.timeout_s}")
-        if self.backoff_base_s < 0 or self.backoff_max_s < 0:
-            problems.append("backoff_base_s and backoff_max_s: must be >= 0")
         if self.max_requests is not None and self.max_requests < 0:
             problems.append(f"max_requests: must be >= 0, got {self.max_requests}")
         if self.max_cost_usd is not None and not self.priced:
@@ -63,8 +69,8 @@ class ApiJudgeConfig:
 
     @property
     def template(self) -> str:
-        """The prompt actually sent: the override if given, else the task's built-in one."""
-        return self.prompt_template if self.prompt_template is not None else PROMPT_TEMPLATES[self.task]
+        """The prompt actually sent: the override if given, else the task's built-in one for this verdict."""
+        return self.prompt_template if self.prompt_template is not None else builtin_prompt(self.task, self.verdict)
 
     @property
     def priced(self) -> bool:
@@ -103,6 +109,7 @@ class ApiJudgeStats:
     retries: int = 0  # of which re-sends after a retryable failure
     cache_hits: int = 0  # pairs answered from the cache, with no request
     unparsed: int = 0  # verdicts returned as "unparsed", cached or not
+    fallbacks: int = 0  # verdicts of `verdict: json | logprobs` read from the text instead (found or not)
     input_tokens: int = 0  # from the responses' `usage`
     output_tokens: int = 0
     cost_usd: float = 0.0  # 0.0 unless prices are configured

@@ -9,11 +9,12 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from typing import Any
 
-from pipeline.evaluation.api_judge.cache import ResponseCache, cache_key, open_cache
-from pipeline.evaluation.api_judge.client import (BudgetStop, Cancelled, Usage, endpoint, open_session, request_body,
-                                                  send)
+from pipeline.evaluation.api_judge.cache import Reply, ResponseCache, cache_key, open_cache
+from pipeline.evaluation.api_judge.client import (BudgetStop, Cancelled, Meter, Usage, open_client, read_key,
+                                                  request_args, send)
 from pipeline.evaluation.api_judge.config import ApiJudgeConfig, ApiJudgeError, ApiJudgeStats, BudgetExceeded
-from pipeline.evaluation.api_judge.prompts import parse_verdict, render_prompt
+from pipeline.evaluation.api_judge.prompts import render_prompt
+from pipeline.evaluation.api_judge.verdicts import read_verdict
 from pipeline.evaluation.judges import Verdict, check_pair_lengths
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class ApiJudge:
         positions: dict[str, list[int]] = {}  # identical pairs within a call are asked once
         for i, (p, a, b) in enumerate(zip(prompts, first, second)):
             text = render_prompt(self.config.template, p, a, b)
-            key = cache_key(self.config.model, text, p, a, b)
+            key = cache_key(self.config.model, text, p, a, b, verdict=self.config.verdict)
             positions.setdefault(key, []).append(i)
             rendered[key] = text
         cache = open_cache(self.config.cache_path)
@@ -67,10 +68,17 @@ class ApiJudge:
             if cached is None:
                 todo.append(key)
                 continue
-            for i in where:
-                verdicts[i] = parse_verdict(cached)
+            self._record(cached, where, verdicts)
             self._usage.count(cache_hits=len(where))
         return todo
+
+    def _record(self, reply: Reply, where: list[int], verdicts: list[Verdict | None]) -> None:
+        """The reply's verdict at each position in `where`, counting a structured reading that fell back."""
+        read = read_verdict(reply.text, reply.label_logprobs, self.config.verdict)
+        for i in where:
+            verdicts[i] = read.verdict
+        if self.config.verdict != "text" and read.source == "regex":
+            self._usage.count(fallbacks=len(where))
 
     def _count_unparsed(self, verdicts: list[Verdict | None]) -> None:
         unparsed = sum(v == "unparsed" for v in verdicts)
@@ -82,18 +90,20 @@ class ApiJudge:
                  verdicts: list[Verdict | None], cache: ResponseCache) -> None:
         """Ask every key in `todo` in parallel, caching and parsing each reply as it lands."""
         cfg = self.config
-        target = endpoint(cfg, name=self.name)
+        api_key = read_key(cfg, name=self.name)
         abort = threading.Event()  # set when one request fails for good: the others send nothing new
-        session = open_session(cfg.max_concurrency)
+        meter = Meter(self._usage, abort, name=self.name)
+        client = open_client(cfg, meter, api_key)
         pool = ThreadPoolExecutor(max_workers=min(cfg.max_concurrency, len(todo)), thread_name_prefix="api-judge")
         try:
-            futures = {pool.submit(send, session, target, request_body(cfg, rendered[key]), usage=self._usage,
-                                   abort=abort, name=self.name): key for key in todo}
+            futures = {pool.submit(send, client, meter, request_args(cfg, rendered[key], with_key=api_key is not None),
+                                   api_key=api_key): key for key in todo}
             budget_hit, error = self._collect(futures, positions, verdicts, cache, abort)
         finally:
-            abort.set()  # wakes workers asleep in a backoff (e.g. on KeyboardInterrupt)
+            # A worker asleep in the client's backoff sends nothing once it wakes (e.g. after KeyboardInterrupt).
+            abort.set()
             pool.shutdown(wait=True, cancel_futures=True)
-            session.close()
+            client.close()
         if error is not None:
             raise error
         if budget_hit:
@@ -119,8 +129,7 @@ class ApiJudge:
                 abort.set()
                 continue
             cache.put(key, cfg.model, reply)
-            for i in positions[key]:
-                verdicts[i] = parse_verdict(reply.text)
+            self._record(reply, positions[key], verdicts)
             if cfg.max_cost_usd is not None and not reply.has_usage:
                 # Paid for and cached above, but further spending could not be tracked: stop here.
                 if error is None:
@@ -143,10 +152,23 @@ class ApiJudge:
             verdicts=list(verdicts))
 
 
-def make_api_judge(config: Mapping[str, Any], *, where: str = "evaluate.judge_api") -> ApiJudge:
-    """An `ApiJudge` from a plain mapping (a YAML section). Unknown keys are errors naming their path."""
+# Keys of earlier versions: a config that still has one fails naming why instead of "unknown key".
+REMOVED_KEYS = {
+    "backoff_base_s": "the openai client's own backoff applies (0.5 s doubling to 8 s, Retry-After honoured)",
+    "backoff_max_s": "the openai client's own backoff applies (0.5 s doubling to 8 s, Retry-After honoured)",
+}
+
+
+def make_api_judge(config: Mapping[str, Any], *, where: str = "evaluate.judge_api",
+                   default_cache_path: str | None = None) -> ApiJudge:
+    """An `ApiJudge` from a plain mapping (a YAML section). Unknown keys are errors naming their path.
+
+    default_cache_path: the cache used when the section leaves `cache_path` out (an explicit null keeps none).
+    """
     known = {f.name for f in dataclasses.fields(ApiJudgeConfig)}
+    for key in sorted(set(config) & set(REMOVED_KEYS)):
+        raise ValueError(f"{where}.{key}: removed; {REMOVED_KEYS[key]}")
     unknown = sorted(set(config) - known)
     if unknown:
         raise ValueError(f"{where}.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
-    return ApiJudge(ApiJudgeConfig(**config))
+    return ApiJudge(ApiJudgeConfig(**{"cache_path": default_cache_path, **config}))

@@ -15,7 +15,13 @@ _ANSWER_FORMAT = (
     '"Preferred: A" or "Preferred: B", or "Preferred: Tie" if neither is better, with nothing after it.'
 )
 
-PROMPT_TEMPLATES: dict[str, str] = {
+# `verdict: json` asks for the same two things as an object (pipeline/evaluation/api_judge/verdicts.py).
+_JSON_FORMAT = (
+    'Answer with a JSON object whose "comparison" is one sentence comparing the two and whose "preferred" is '
+    '"A" or "B", or "tie" if neither is better.'
+)
+
+_BODIES: dict[str, str] = {
     "summarization": (
         "You are comparing two summaries of the same forum post.\n\n"
         "<post>\n{prompt}\n</post>\n\n"
@@ -24,7 +30,6 @@ PROMPT_TEMPLATES: dict[str, str] = {
         "The better summary is the one that carries the points of the post that matter most, and does not "
         "spend words on minor details or state anything the post does not support. Judge on that alone: "
         "neither the order of the summaries nor their length is a reason to prefer one.\n\n"
-        + _ANSWER_FORMAT
     ),
     "dialogue": (
         "You are comparing two replies an assistant could give to the same user message.\n\n"
@@ -34,7 +39,6 @@ PROMPT_TEMPLATES: dict[str, str] = {
         "The better reply is the one that is more helpful to the user with what they asked: it addresses "
         "their actual request, is correct, and is of use to them. Judge on that alone: neither the order "
         "of the replies nor their length is a reason to prefer one.\n\n"
-        + _ANSWER_FORMAT
     ),
     "generic": (
         "You are comparing two responses to the same instruction.\n\n"
@@ -44,9 +48,16 @@ PROMPT_TEMPLATES: dict[str, str] = {
         "The better response is the one that does what the instruction asks, more completely and more "
         "accurately. Judge on that alone: neither the order of the responses nor their length is a reason "
         "to prefer one.\n\n"
-        + _ANSWER_FORMAT
     ),
 }
+
+# The built-in prompts as the text and log-prob verdicts send them; `builtin_prompt` gives any verdict's.
+PROMPT_TEMPLATES: dict[str, str] = {task: body + _ANSWER_FORMAT for task, body in _BODIES.items()}
+
+
+def builtin_prompt(task: str, verdict: str) -> str:
+    """The built-in prompt of `task`, asking for the answer in the form `verdict` reads (json, or text)."""
+    return _BODIES[task] + (_JSON_FORMAT if verdict == "json" else _ANSWER_FORMAT)
 
 _PLACEHOLDER = re.compile(r"\{(prompt|first|second)\}")
 

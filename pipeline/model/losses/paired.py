@@ -1,9 +1,8 @@
-"""Preference losses as small pure tensor functions in a registry keyed by name.
+"""The paired preference losses: small pure tensor functions, each citing its paper and equation.
 
-Every paired loss takes a `PairLogps` (per-pair sequence log-probs, each a sum over response tokens) and
-returns a `LossOutput`; it is called as `LOSSES[name](batch, beta=..., **params)`. The trainer never
-branches on the loss name: it calls `compute_loss(spec, batch, ...)`, where `spec` is one name or a
-weighted mix such as {"dpo": 1.0, "sft": 0.1}.
+Every loss here takes a `PairLogps` (per-pair sequence log-probs, each a sum over response tokens) and
+keyword hyperparameters, and returns a `LossOutput`. What each one needs (the reference or not, the
+rejected response or not) is declared once, in `pipeline.model.losses.registry`.
 
 Notation in the docstrings, all per pair, shape (B,):
     pi_w, pi_l    policy log-prob of the chosen (w) / rejected (l) response, summed over its tokens
@@ -18,82 +17,12 @@ This module imports torch only.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-__all__ = [
-    "LOSSES",
-    "REFERENCE_FREE",
-    "KtoLogps",
-    "LossOutput",
-    "PairLogps",
-    "compute_loss",
-    "dpo_loss",
-    "hinge_loss",
-    "ipo_loss",
-    "kto_loss",
-    "kto_reference_point",
-    "orpo_loss",
-    "robust_loss",
-    "rpo_loss",
-    "sft_loss",
-    "simpo_loss",
-    "unlikelihood_loss",
-]
-
-
-@dataclass(frozen=True, kw_only=True)
-class PairLogps:
-    """Per-pair sequence log-probs of B preference pairs; every tensor has shape (B,).
-
-    Log-probs are sums over the response tokens (what `pipeline.model.logps.pair_logps` returns).
-    Reference fields may be None for reference-free losses and lengths may be None for losses that do
-    not length-normalise; a loss that needs a missing field raises ValueError naming it.
-    """
-
-    policy_chosen_logps: torch.Tensor  # (B,) float
-    policy_rejected_logps: torch.Tensor  # (B,) float
-    ref_chosen_logps: torch.Tensor | None = None  # (B,) float
-    ref_rejected_logps: torch.Tensor | None = None  # (B,) float
-    chosen_lengths: torch.Tensor | None = None  # (B,) int or float, response tokens
-    rejected_lengths: torch.Tensor | None = None  # (B,) int or float, response tokens
-
-
-@dataclass(frozen=True, kw_only=True)
-class KtoLogps:
-    """Unpaired examples for KTO; every tensor has shape (N,).
-
-    `labels` is True where the completion is desirable. `kl_policy_logps` / `kl_ref_logps` are the
-    log-probs of mismatched prompt/completion pairs (the caller builds them, e.g. completion i with
-    prompt i+1); they only estimate KTO's reference point and may have their own length M.
-    """
-
-    policy_logps: torch.Tensor  # (N,) float, summed over completion tokens
-    ref_logps: torch.Tensor  # (N,) float
-    labels: torch.Tensor  # (N,) bool, True = desirable
-    kl_policy_logps: torch.Tensor  # (M,) float
-    kl_ref_logps: torch.Tensor  # (M,) float
-
-
-@dataclass(frozen=True)
-class LossOutput:
-    """What every loss returns.
-
-    loss: scalar to backpropagate (mean over pairs, except where a loss documents otherwise: sft).
-    losses: (B,) per-pair loss. chosen_rewards / rejected_rewards: (B,) detached, for logging
-    reward accuracy and margins (for KTO: rewards of the desirable / undesirable examples).
-    """
-
-    loss: torch.Tensor  # () scalar
-    losses: torch.Tensor  # (B,)
-    chosen_rewards: torch.Tensor  # (B,) detached
-    rejected_rewards: torch.Tensor  # (B,) detached
+from pipeline.model.losses.interface import LossOutput, PairLogps
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -150,15 +79,6 @@ def _sigmoid_pair_loss(margin: torch.Tensor, *, label_smoothing: float) -> torch
     return -(1.0 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
 
 
-def _output(losses: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> LossOutput:
-    return LossOutput(
-        loss=losses.mean(),
-        losses=losses,
-        chosen_rewards=chosen_rewards.detach(),
-        rejected_rewards=rejected_rewards.detach(),
-    )
-
-
 # ---------------------------------------------------------------------------------------------------
 # paired losses that read the reference
 
@@ -178,7 +98,7 @@ def dpo_loss(batch: PairLogps, *, beta: float, label_smoothing: float = 0.0) -> 
     chosen_ratio, rejected_ratio = _log_ratios(batch, loss="dpo")
     chosen_rewards, rejected_rewards = beta * chosen_ratio, beta * rejected_ratio
     losses = _sigmoid_pair_loss(chosen_rewards - rejected_rewards, label_smoothing=label_smoothing)
-    return _output(losses, chosen_rewards, rejected_rewards)
+    return LossOutput.mean_of(losses, chosen_rewards, rejected_rewards)
 
 
 def ipo_loss(batch: PairLogps, *, beta: float) -> LossOutput:
@@ -196,7 +116,7 @@ def ipo_loss(batch: PairLogps, *, beta: float) -> LossOutput:
         raise ValueError(f"ipo needs beta > 0 (its target margin is 1/(2 beta)), got {beta}")
     chosen_ratio, rejected_ratio = _log_ratios(batch, loss="ipo")
     losses = (chosen_ratio - rejected_ratio - 1.0 / (2.0 * beta)) ** 2
-    return _output(losses, beta * chosen_ratio, beta * rejected_ratio)
+    return LossOutput.mean_of(losses, beta * chosen_ratio, beta * rejected_ratio)
 
 
 def hinge_loss(batch: PairLogps, *, beta: float) -> LossOutput:
@@ -211,7 +131,7 @@ def hinge_loss(batch: PairLogps, *, beta: float) -> LossOutput:
     chosen_ratio, rejected_ratio = _log_ratios(batch, loss="hinge")
     chosen_rewards, rejected_rewards = beta * chosen_ratio, beta * rejected_ratio
     losses = torch.relu(1.0 - (chosen_rewards - rejected_rewards))
-    return _output(losses, chosen_rewards, rejected_rewards)
+    return LossOutput.mean_of(losses, chosen_rewards, rejected_rewards)
 
 
 def robust_loss(batch: PairLogps, *, beta: float, label_smoothing: float = 0.0) -> LossOutput:
@@ -230,7 +150,7 @@ def robust_loss(batch: PairLogps, *, beta: float, label_smoothing: float = 0.0) 
     margin = chosen_rewards - rejected_rewards
     eps = label_smoothing
     losses = ((1.0 - eps) * -F.logsigmoid(margin) - eps * -F.logsigmoid(-margin)) / (1.0 - 2.0 * eps)
-    return _output(losses, chosen_rewards, rejected_rewards)
+    return LossOutput.mean_of(losses, chosen_rewards, rejected_rewards)
 
 
 def rpo_loss(batch: PairLogps, *, beta: float, label_smoothing: float = 0.0, alpha: float = 1.0) -> LossOutput:
@@ -246,11 +166,11 @@ def rpo_loss(batch: PairLogps, *, beta: float, label_smoothing: float = 0.0, alp
     dpo = dpo_loss(batch, beta=beta, label_smoothing=label_smoothing)
     chosen_mean, _ = _mean_logps(batch, loss="rpo")
     losses = dpo.losses - alpha * chosen_mean
-    return _output(losses, dpo.chosen_rewards, dpo.rejected_rewards)
+    return LossOutput.mean_of(losses, dpo.chosen_rewards, dpo.rejected_rewards)
 
 
 # ---------------------------------------------------------------------------------------------------
-# paired losses that never read the reference (see REFERENCE_FREE)
+# paired losses that never read the reference (declared reference_free in the registry)
 
 
 def simpo_loss(batch: PairLogps, *, beta: float, gamma: float = 0.5) -> LossOutput:
@@ -267,7 +187,7 @@ def simpo_loss(batch: PairLogps, *, beta: float, gamma: float = 0.5) -> LossOutp
     chosen_mean, rejected_mean = _mean_logps(batch, loss="simpo")
     chosen_rewards, rejected_rewards = beta * chosen_mean, beta * rejected_mean
     losses = -F.logsigmoid(chosen_rewards - rejected_rewards - gamma)
-    return _output(losses, chosen_rewards, rejected_rewards)
+    return LossOutput.mean_of(losses, chosen_rewards, rejected_rewards)
 
 
 def orpo_loss(batch: PairLogps, *, beta: float, alpha: float = 1.0) -> LossOutput:
@@ -284,7 +204,7 @@ def orpo_loss(batch: PairLogps, *, beta: float, alpha: float = 1.0) -> LossOutpu
     chosen_log_odds = chosen_mean - _log1m_exp(chosen_mean)
     rejected_log_odds = rejected_mean - _log1m_exp(rejected_mean)
     losses = -chosen_mean - alpha * F.logsigmoid(chosen_log_odds - rejected_log_odds)
-    return _output(losses, beta * chosen_mean, beta * rejected_mean)
+    return LossOutput.mean_of(losses, beta * chosen_mean, beta * rejected_mean)
 
 
 def sft_loss(batch: PairLogps, *, beta: float) -> LossOutput:
@@ -319,136 +239,4 @@ def unlikelihood_loss(batch: PairLogps, *, beta: float, alpha: float = 1.0) -> L
     """
     chosen_mean, rejected_mean = _mean_logps(batch, loss="unlikelihood")
     losses = -chosen_mean - alpha * _log1m_exp(rejected_mean)
-    return _output(losses, beta * batch.policy_chosen_logps, beta * batch.policy_rejected_logps)
-
-
-# ---------------------------------------------------------------------------------------------------
-# unpaired
-
-
-def kto_reference_point(kl_policy_logps: torch.Tensor, kl_ref_logps: torch.Tensor) -> torch.Tensor:
-    """KTO's z = max(0, mean(kl_policy - kl_ref)), detached: a () tensor in log-ratio units (nats).
-
-    The mean log-ratio of mismatched prompt/completion pairs estimates KL(policy || ref) (Ethayarajh
-    et al. 2024, Sec. 4.1); clamped at 0 because a KL is never negative, and detached so the policy
-    cannot lower its loss by moving the reference point. Shapes: (M,), (M,) -> ().
-    """
-    if kl_policy_logps.numel() == 0:
-        raise ValueError("kto needs at least one mismatched pair (kl_policy_logps is empty) to estimate its reference point")
-    return (kl_policy_logps - kl_ref_logps).mean().clamp(min=0).detach()
-
-
-def kto_loss(
-    batch: KtoLogps, *, beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0
-) -> LossOutput:
-    """KTO (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization", eq. 8).
-
-    desirable:   lambda_D (1 - sigmoid(beta (r - z))),   undesirable: lambda_U (1 - sigmoid(beta (z - r))),
-    r = pi - ref,  z = max(0, mean(kl_policy - kl_ref)), detached.
-
-    z, the reference point, estimates KL(policy || ref) from mismatched prompt/completion pairs; it is
-    detached as in the paper so the policy cannot lower its loss by moving the reference point.
-    desirable_weight / undesirable_weight are lambda_D / lambda_U (the paper keeps
-    lambda_D n_D / (lambda_U n_U) in [1, 4/3] when the classes are unbalanced).
-    Shapes: (N,) in; loss is the mean over all N examples; chosen_rewards = beta r of the desirable
-    examples (N_D,), rejected_rewards = beta r of the undesirable ones (N_U,): lengths may differ.
-    """
-    if desirable_weight < 0 or undesirable_weight < 0:
-        raise ValueError(f"kto needs desirable_weight, undesirable_weight >= 0, got {desirable_weight}, {undesirable_weight}")
-    labels = batch.labels.to(torch.bool)
-    ratio = batch.policy_logps - batch.ref_logps  # (N,)
-    kl = kto_reference_point(batch.kl_policy_logps, batch.kl_ref_logps)
-    # 1 - sigmoid(x) == sigmoid(-x), which keeps full precision when sigmoid(x) is close to 1.
-    desirable = desirable_weight * torch.sigmoid(-beta * (ratio - kl))
-    undesirable = undesirable_weight * torch.sigmoid(-beta * (kl - ratio))
-    losses = torch.where(labels, desirable, undesirable)
-    rewards = beta * ratio
-    return _output(losses, rewards[labels], rewards[~labels])
-
-
-# ---------------------------------------------------------------------------------------------------
-# registry
-
-
-LOSSES: dict[str, Callable[..., LossOutput]] = {
-    "dpo": dpo_loss,
-    "ipo": ipo_loss,
-    "hinge": hinge_loss,
-    "robust": robust_loss,
-    "rpo": rpo_loss,
-    "simpo": simpo_loss,
-    "orpo": orpo_loss,
-    "sft": sft_loss,
-    "unlikelihood": unlikelihood_loss,
-    # KTO takes a KtoLogps, not a PairLogps; compute_loss checks the batch type.
-    "kto": kto_loss,
-}
-
-# Losses that never read ref_*: when every loss in use is here, the pipeline skips reference scoring.
-REFERENCE_FREE: frozenset[str] = frozenset({"simpo", "orpo", "sft", "unlikelihood"})
-
-# Names whose batch is a KtoLogps; all others take a PairLogps.
-_UNPAIRED: frozenset[str] = frozenset({"kto"})
-
-
-@functools.cache
-def _params_of(fn: Callable[..., LossOutput]) -> frozenset[str]:
-    """Names of the keyword parameters fn accepts (cached: inspect is slow next to a training step)."""
-    return frozenset(inspect.signature(fn).parameters)
-
-
-def _weights(spec: str | Mapping[str, float]) -> dict[str, float]:
-    """A spec as {name: weight}, with unknown names rejected."""
-    weights = {spec: 1.0} if isinstance(spec, str) else {str(k): float(v) for k, v in spec.items()}
-    if not weights:
-        raise ValueError("loss spec is empty; name at least one loss")
-    unknown = [name for name in weights if name not in LOSSES]
-    if unknown:
-        raise ValueError(f"unknown loss {', '.join(map(repr, unknown))}; known losses: {', '.join(sorted(LOSSES))}")
-    return weights
-
-
-def compute_loss(
-    spec: str | Mapping[str, float],
-    batch: PairLogps | KtoLogps,
-    *,
-    beta: float,
-    label_smoothing: float = 0.0,
-    gamma: float = 0.5,
-    alpha: float = 1.0,
-    desirable_weight: float = 1.0,
-    undesirable_weight: float = 1.0,
-) -> LossOutput:
-    """One loss, or a weighted sum of losses, over one batch.
-
-    spec: a name in LOSSES, or {name: weight} such as {"dpo": 1.0, "sft": 0.1}. Each loss gets only the
-    parameters its signature names, so one config can carry gamma for simpo and alpha for orpo.
-    loss = sum_k w_k loss_k and losses = sum_k w_k losses_k. The rewards reported are those of the
-    first loss in the spec (every loss defines rewards: beta (pi - ref) for the losses that read the
-    reference, beta * mean log-prob for simpo / orpo, beta * summed log-prob for sft / unlikelihood).
-    KTO takes a KtoLogps and cannot be mixed with paired losses.
-    """
-    weights = _weights(spec)
-    params = {
-        "beta": beta,
-        "label_smoothing": label_smoothing,
-        "gamma": gamma,
-        "alpha": alpha,
-        "desirable_weight": desirable_weight,
-        "undesirable_weight": undesirable_weight,
-    }
-    weighted: list[tuple[float, LossOutput]] = []
-    for name, weight in weights.items():
-        expected = KtoLogps if name in _UNPAIRED else PairLogps
-        if not isinstance(batch, expected):
-            raise ValueError(f"loss {name!r} takes a {expected.__name__}, got {type(batch).__name__}")
-        fn = LOSSES[name]
-        accepted = _params_of(fn)
-        weighted.append((weight, fn(batch, **{k: v for k, v in params.items() if k in accepted})))
-    first = weighted[0][1]
-    return LossOutput(
-        loss=sum(w * out.loss for w, out in weighted),
-        losses=sum(w * out.losses for w, out in weighted),
-        chosen_rewards=first.chosen_rewards,
-        rejected_rewards=first.rejected_rewards,
-    )
+    return LossOutput.mean_of(losses, beta * batch.policy_chosen_logps, beta * batch.policy_rejected_logps)

@@ -1,0 +1,111 @@
+"""Sequence log-probs of a frozen model over Arrow tables of tokenized rows (torch; no Ray).
+
+The score stage runs the reference model through `SequenceScorer` and writes the columns as ref_*;
+evaluate runs each trained policy through it for held-out accuracy. The log-probs come from
+`pipeline.model.batch_logps.batch_sequence_logps`, the very function the trainer calls on the policy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline.config import Config
+from pipeline.model.batch_logps import batch_sequence_logps
+from pipeline.model.loading import compile_decoder_layers, load_model, load_tokenizer, pick_device
+
+
+def _score_two(model, prompts: list, first: list, second: list, *, pad_id: int, micro_batch: int, device: str,
+               packing: bool = False, chunk_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Log-probs (float64 sums) of prompt + first[i] and prompt + second[i] under `model`, each (n,).
+
+    Rows are scored in micro-batches of similar length (sorted by length, then put back in order) so
+    little compute goes to padding; `packing` removes the padding altogether and `chunk_size` makes
+    output-layer logits only at response positions (see `batch_sequence_logps`).
+    """
+    n = len(prompts)
+    first_logps = np.zeros(n, dtype=np.float64)
+    second_logps = np.zeros(n, dtype=np.float64)
+    total = np.array([len(p) + max(len(a), len(b)) for p, a, b in zip(prompts, first, second)])
+    order = np.argsort(total, kind="stable")
+    with torch.inference_mode():
+        for start in range(0, n, micro_batch):
+            idx = order[start : start + micro_batch]
+            batch_prompts = [prompts[i] for i in idx]
+            logps, _, _ = batch_sequence_logps(
+                model, batch_prompts + batch_prompts, [first[i] for i in idx] + [second[i] for i in idx],
+                pad_id=pad_id, device=device, packing=packing, chunk_size=chunk_size,
+            )
+            logps = logps.double().cpu().numpy()
+            first_logps[idx], second_logps[idx] = logps[: len(idx)], logps[len(idx) :]
+    return first_logps, second_logps
+
+
+def score_pairs(model, table: pa.Table, *, pad_id: int, micro_batch: int, device: str, packing: bool = False,
+                chunk_size: int | None = None, prefix: str = "") -> pa.Table:
+    """Add {prefix}chosen_logps and {prefix}rejected_logps (float64 sums over response tokens) to `table`.
+
+    `table` holds prompt_ids, chosen_ids and rejected_ids. Pure over an Arrow table: no Ray.
+    """
+    chosen_logps, rejected_logps = _score_two(
+        model, table["prompt_ids"].to_pylist(), table["chosen_ids"].to_pylist(), table["rejected_ids"].to_pylist(),
+        pad_id=pad_id, micro_batch=micro_batch, device=device, packing=packing, chunk_size=chunk_size,
+    )
+    return (
+        table.append_column(f"{prefix}chosen_logps", pa.array(chosen_logps))
+        .append_column(f"{prefix}rejected_logps", pa.array(rejected_logps))
+    )
+
+
+def score_unpaired(model, table: pa.Table, *, pad_id: int, micro_batch: int, device: str, packing: bool = False,
+                   chunk_size: int | None = None, prefix: str = "") -> pa.Table:
+    """For KTO rows that carry kl_completion_ids (see pipeline.data.kto_pairs): add {prefix}chosen_logps (the
+    completion), {prefix}rejected_logps (0: there is no rejected response) and {prefix}kl_logps (the
+    mismatched completion after this row's prompt). Both completions of a row share one forward pass.
+    Pure: no Ray.
+    """
+    completion_logps, kl_logps = _score_two(
+        model, table["prompt_ids"].to_pylist(), table["chosen_ids"].to_pylist(), table["kl_completion_ids"].to_pylist(),
+        pad_id=pad_id, micro_batch=micro_batch, device=device, packing=packing, chunk_size=chunk_size,
+    )
+    return (
+        table.append_column(f"{prefix}chosen_logps", pa.array(completion_logps))
+        .append_column(f"{prefix}rejected_logps", pa.array(np.zeros(table.num_rows)))
+        .append_column(f"{prefix}kl_logps", pa.array(kl_logps))
+    )
+
+
+def scorer_options(config: Config, *, use_gpu: bool) -> dict:
+    """SequenceScorer's keyword arguments for `config`: the score section's switches, the model's dtype."""
+    score = config.score
+    return dict(
+        dtype=config.model.dtype, use_gpu=use_gpu, micro_batch=score.batch_size,
+        trust_remote_code=config.model.trust_remote_code, attn_implementation=config.model.attn_implementation,
+        packing=score.packing, chunk_size=score.logps_chunk_size if score.chunked_logps else None, compile=score.compile,
+    )
+
+
+class SequenceScorer:
+    """Scores batches of rows under one model, loaded once (a Ray Data callable class, or an actor's body).
+
+    Paired rows get {prefix}chosen_logps and {prefix}rejected_logps; KTO rows (with kl_completion_ids)
+    get {prefix}kl_logps too. The score stage sets prefix="ref_" for the reference model.
+    """
+
+    def __init__(self, model_path: str, *, dtype: str, use_gpu: bool, micro_batch: int, trust_remote_code: bool,
+                 attn_implementation: str | None = None, packing: bool = False, chunk_size: int | None = None,
+                 compile: bool = False, prefix: str = ""):
+        self.device = pick_device(use_gpu)
+        self.model = load_model(
+            model_path, dtype=getattr(torch, dtype), device=self.device, trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation,
+        ).eval()
+        if compile:
+            compile_decoder_layers(self.model)
+        self.pad_id = load_tokenizer(model_path, trust_remote_code=trust_remote_code).pad_token_id
+        self.options = dict(micro_batch=micro_batch, packing=packing, chunk_size=chunk_size, prefix=prefix)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        score = score_unpaired if "kl_completion_ids" in batch.column_names else score_pairs
+        return score(self.model, batch, pad_id=self.pad_id, device=self.device, **self.options)

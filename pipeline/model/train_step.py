@@ -1,0 +1,202 @@
+"""One optimizer step of preference training, and the arithmetic around it (torch only, no Ray).
+
+A step takes this worker's micro-batches, runs the objective's loss on each with gradient
+accumulation, clips, steps the optimizer and returns the step's metrics by name. The Ray Train worker
+(`pipeline.stages.train_worker`) and `benchmarks/train_step.py` both call `train_step`. What differs
+between paired losses and KTO lives in the objective (`pipeline.model.objectives`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from pipeline.config import TrainConfig
+from pipeline.model.batch_logps import batch_sequence_logps
+
+
+def lr_factor(step: int, *, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the base learning rate at optimizer step `step` (0-based): warmup, then decay."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    if schedule == "constant":
+        return 1.0
+    raise ValueError(f"train.lr_schedule: unknown schedule {schedule!r} (cosine, linear, constant)")
+
+
+def total_steps(train: TrainConfig, num_rows: int) -> int:
+    """Optimizer steps of a run over `num_rows` training rows: train.max_steps, else whole epochs."""
+    if train.max_steps is not None:
+        return train.max_steps
+    return max(1, train.epochs * math.ceil(num_rows / train.batch_size))
+
+
+def accumulation(train: TrainConfig) -> int:
+    """Micro-batches per worker per optimizer step; ValueError when the batch sizes do not divide."""
+    per_worker = train.batch_size // train.num_workers
+    if per_worker * train.num_workers != train.batch_size or per_worker % train.micro_batch_size:
+        raise ValueError(
+            f"train.batch_size ({train.batch_size}) must be num_workers ({train.num_workers}) x "
+            f"micro_batch_size ({train.micro_batch_size}) x a whole number of accumulation steps"
+        )
+    return per_worker // train.micro_batch_size
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set every dropout probability to 0.
+
+    DPO compares log-probs of the policy against fixed reference numbers computed without dropout;
+    dropout in the policy would bias that comparison and make resumed runs diverge.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def policy_sequence_logps(model, prompts, responses, *, train: TrainConfig, pad_id: int, device: torch.device):
+    """`batch_sequence_logps` under bf16 autocast on GPU, packed and chunked as `train` says.
+
+    Returns response log-prob sums (N,), response token counts (N,) and the number of real tokens.
+    """
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    with autocast:
+        return batch_sequence_logps(
+            model, prompts, responses, pad_id=pad_id, device=device, packing=train.packing,
+            chunk_size=train.logps_chunk_size if train.chunked_logps else None,
+        )
+
+
+class StepMetrics:
+    """Sums over the rows of a step, in one float64 tensor (so workers all-reduce them in one call), read by name.
+
+    rows: rows of the step (pairs, or KTO examples); loss: sum of their per-row losses. chosen /
+    rejected: rows whose reward counts as chosen / rejected (every pair counts for both, a KTO example
+    for one), and chosen_rewards, rejected_rewards, chosen_logps, rejected_logps their sums. correct:
+    pairs whose chosen reward beats the rejected one; margins: sum of the pairs' reward margins.
+    tokens: non-pad tokens the step put through the model.
+    """
+
+    NAMES = ("rows", "loss", "chosen", "rejected", "chosen_rewards", "rejected_rewards", "chosen_logps",
+             "rejected_logps", "correct", "margins", "tokens")
+
+    def __init__(self, sums: torch.Tensor):
+        self.sums = sums  # (len(NAMES),) float64
+
+    @classmethod
+    def of(cls, device: torch.device | str, **values: torch.Tensor | float) -> StepMetrics:
+        """Named sums, the rest 0; a tensor value is detached (a () tensor, or summed when it has rows)."""
+        unknown = sorted(set(values) - set(cls.NAMES))
+        if unknown:
+            raise KeyError(f"StepMetrics has no {', '.join(unknown)} (names: {', '.join(cls.NAMES)})")
+        sums = torch.zeros(len(cls.NAMES), dtype=torch.float64, device=device)
+        for name, value in values.items():
+            sums[cls.NAMES.index(name)] = value.detach().sum() if isinstance(value, torch.Tensor) else float(value)
+        return cls(sums)
+
+    def __add__(self, other: StepMetrics) -> StepMetrics:
+        return StepMetrics(self.sums + other.sums)
+
+    def all_reduce(self) -> StepMetrics:
+        """The sums over every worker of the default process group (in place; returns self)."""
+        torch.distributed.all_reduce(self.sums)
+        return self
+
+    def totals(self) -> dict[str, float]:
+        """{name: sum}, read back from the device in one copy."""
+        return dict(zip(self.NAMES, self.sums.tolist()))
+
+
+def _mean(total: float, count: float) -> float | None:
+    return total / count if count else None
+
+
+def mean_metrics(totals: dict[str, float], *, paired: bool) -> dict[str, float | None]:
+    """The logged per-row means of `StepMetrics.totals()`; a class with no rows in the step gives None.
+
+    paired: rewards/accuracies and rewards/margins are means over pairs. Unpaired rows have no pairs
+    to compare, so no accuracy (None), and the margin is the difference of the two classes' means.
+    """
+    chosen = _mean(totals["chosen_rewards"], totals["chosen"])
+    rejected = _mean(totals["rejected_rewards"], totals["rejected"])
+    if paired:
+        accuracy, margin = totals["correct"] / totals["rows"], totals["margins"] / totals["rows"]
+    else:
+        accuracy, margin = None, None if chosen is None or rejected is None else chosen - rejected
+    return {
+        "loss": totals["loss"] / totals["rows"],
+        "rewards/chosen": chosen,
+        "rewards/rejected": rejected,
+        "rewards/accuracies": accuracy,
+        "rewards/margins": margin,
+        "logps/chosen": _mean(totals["chosen_logps"], totals["chosen"]),
+        "logps/rejected": _mean(totals["rejected_logps"], totals["rejected"]),
+    }
+
+
+class Objective(Protocol):
+    """What a step optimises: the paired losses or KTO (`pipeline.model.objectives`)."""
+
+    def begin_step(self, model, batches: Sequence[dict], *, world: int) -> tuple[Any, StepMetrics]:
+        """What every micro-batch of the step shares (None, or KTO's mismatched-pair log-probs) and its metrics."""
+
+    def micro_batch_loss(self, model, batch: dict, shared: Any, *, scale: float) -> tuple[torch.Tensor, StepMetrics]:
+        """Forward one micro-batch: the loss to backpropagate (per-row losses summed, times scale) and its sums."""
+
+    def loss_metrics(self, totals: dict[str, float], shared: Any) -> dict[str, float | None]:
+        """The step's logged loss metrics from the summed `StepMetrics.totals()`."""
+
+    def progress(self, row: dict) -> str:
+        """The few metrics worth printing from a logged row."""
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss_metrics: dict[str, float | None]  # the objective's named means: loss, rewards/*, logps/* (KTO: kl)
+    grad_norm: float  # total gradient norm before clipping
+    tokens: int  # non-pad tokens of the step, over every worker
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Sequence[dict],
+    *,
+    objective: Objective,
+    lr: float,
+    max_grad_norm: float,
+    world: int = 1,
+) -> StepResult:
+    """One optimizer step over this worker's micro-batches (numpy dicts of scored rows).
+
+    Each micro-batch's loss is its per-row losses summed over the rows of the whole step, so the
+    accumulated gradient equals that of one large batch; DDP (world > 1) averages it over workers and
+    synchronises only on the last micro-batch. Gradients are clipped to max_grad_norm, or not at all
+    when it is <= 0. The metrics are summed over micro-batches and workers.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    shared, metrics = objective.begin_step(model, batches, world=world)
+    scale = 1.0 / sum(len(batch["prompt_ids"]) for batch in batches)
+    for i, batch in enumerate(batches):
+        sync = world == 1 or i == len(batches) - 1
+        with nullcontext() if sync else model.no_sync():
+            loss, batch_metrics = objective.micro_batch_loss(model, batch, shared, scale=scale)
+            loss.backward()
+        metrics += batch_metrics
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if world > 1:
+        metrics.all_reduce()
+    totals = metrics.totals()
+    return StepResult(objective.loss_metrics(totals, shared), float(grad_norm), int(totals["tokens"]))
