@@ -166,7 +166,10 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    engine: str = "hf"  # hf | vllm | auto
+    engine: str = "hf"  # hf | vllm | auto (vllm where it is installed and faster: on GPUs; see README "Sampling engines")
+    # vLLM only: each sampler's KV cache in GiB; None is vLLM's share of GPU memory on a GPU and 1 GiB on
+    # the CPU (where vLLM would otherwise reserve 90% of the machine's memory). Resources only.
+    vllm_kv_cache_gib: float | None = None
     num_prompts: int = 64  # held-out prompts sampled per model and temperature
     samples_per_prompt: int = 1
     temperatures: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
@@ -181,7 +184,10 @@ class EvaluateConfig:
     best_of_n: int = 0
     judge_vs_chosen: bool = True  # also judge every model against the held-out pairs' chosen responses
     use_gpu: bool = False
-    gpus_per_actor: float = 1.0  # GPUs per sampler and scorer actor (with use_gpu); above 1 a model too large for one GPU is spread over them
+    # GPUs per sampler and scorer actor (with use_gpu); above 1 (a whole number) a model too large for one
+    # GPU is spread over them: layer by layer (transformers), or by tensor parallelism in a placement group
+    # of that many one-GPU bundles on one node (vLLM). Resources only (never reruns evaluate).
+    gpus_per_actor: float = 1.0
     # Sampler and scorer actors alive at once: every model is sampled side by side where the cluster
     # has room (one GPU each with use_gpu). Resources only: never reruns a finished evaluate.
     max_actors: int = 4
@@ -374,7 +380,7 @@ def _coerce(hint, value, *, path: str):
 RESOURCE_FIELDS = (
     "score.num_actors", "score.cpus_per_actor", "score.gpus_per_actor",
     "train.cpus_per_worker", "train.torch_threads", "evaluate.max_actors", "evaluate.gpus_per_actor",
-    "train.report_to", "train.tracker_project", "train.mlflow_tracking_uri",
+    "evaluate.vllm_kv_cache_gib", "train.report_to", "train.tracker_project", "train.mlflow_tracking_uri",
 )
 
 

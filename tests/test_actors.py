@@ -1,5 +1,6 @@
 """ActorJobs on a local Ray: jobs run side by side up to the cap, each actor dies when its own work is
-done, results come back by name, and a failure surfaces with no actor left behind."""
+done, results come back by name, and a failure surfaces with no actor left behind. And where sampler actors
+sit: a tensor-parallel vLLM sampler's placement group, checked with logical GPUs (no device is used)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,19 @@ import time
 import pytest
 import ray
 
+from pipeline.config import load_config
 from pipeline.runtime.actors import ActorJobs
+from pipeline.runtime.resources import ResourceError, check_resources
+from pipeline.runtime.sampler import sampler_placement, start_placed, stop_sampler
+from pipeline.stages.evaluate import evaluate_requests
 
 pytestmark = pytest.mark.stage
 
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_local():
-    ray.init(address="local", num_cpus=2, include_dashboard=False)  # a new local Ray, never one `ray start` left
+    # Logical GPUs: Ray schedules them like real ones, and nothing here touches a device.
+    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False)
     yield
     ray.shutdown()
 
@@ -97,3 +103,55 @@ def test_names_are_checked():
             jobs.wait_for(["b"])
     with pytest.raises(ValueError, match="at least 1"):
         ActorJobs(max_actors=0)
+
+
+def test_a_tensor_parallel_sampler_holds_a_placement_group_of_gpu_bundles():
+    class PlacementProbe:  # defined here, so that Ray ships it by value to the worker
+        """Stands where a tensor-parallel vLLM sampler stands, and reports what vLLM would find there."""
+
+        def where(self) -> dict:
+            group = ray.util.get_current_placement_group()
+            return {"bundles": group.bundle_specs if group else None, "gpus": ray.get_gpu_ids()}
+
+        def start_workers(self, n: int) -> list:
+            """What vLLM's Ray executor does from inside the actor: one one-GPU worker per bundle."""
+            gpu_worker = ray.remote(num_gpus=1, num_cpus=0)(lambda: ray.get_gpu_ids())
+            return ray.get([gpu_worker.remote() for _ in range(n)], timeout=60)
+
+    placement = sampler_placement("vllm", use_gpu=True, gpus=2)
+    assert placement.bundles == [{"GPU": 1.0, "CPU": 1.0}] * 2 and placement.num_gpus == 0
+    assert placement.total == {"CPU": 2.0, "GPU": 2.0}
+    actor = start_placed(PlacementProbe, placement)
+    try:
+        where = ray.get(actor.where.remote(), timeout=60)
+        assert where["bundles"] == placement.bundles and where["gpus"] == []  # the actor holds no GPU itself
+        assert ray.available_resources().get("GPU", 0.0) == 0.0  # both are the group's
+        # Started from inside the actor, workers land in the group: both GPUs, one each.
+        assert sorted(g for ids in ray.get(actor.start_workers.remote(2), timeout=90) for g in ids) == [0, 1]
+    finally:
+        stop_sampler(actor)
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("GPU", 0.0) < 2.0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("GPU", 0.0) == 2.0  # stop_sampler removed the group
+
+
+def test_sampler_placement_per_engine_and_device():
+    assert (sampler_placement("hf", use_gpu=False).total, sampler_placement("hf", use_gpu=True).total) == (
+        {"CPU": 1, "GPU": 0}, {"CPU": 1, "GPU": 1})
+    on_cpu = sampler_placement("vllm", use_gpu=False)
+    assert on_cpu.total == {"CPU": 2, "GPU": 0} and on_cpu.env["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+    assert sampler_placement("vllm", use_gpu=True).total == {"CPU": 1, "GPU": 1}
+    assert sampler_placement("auto", use_gpu=False).engine == "hf"  # vLLM is not the faster one on the CPU
+    # Several GPUs: transformers holds them in the actor (layers spread over them); GPUs mean nothing on the CPU.
+    assert sampler_placement("hf", use_gpu=True, gpus=2).total == {"CPU": 1, "GPU": 2}
+    assert sampler_placement("vllm", use_gpu=False, gpus=2).total == {"CPU": 2, "GPU": 0}
+
+
+def test_evaluate_asks_for_its_samplers_gpus_on_one_node():
+    ev = ["evaluate.engine=vllm", "evaluate.use_gpu=true"]
+    check_resources(evaluate_requests(load_config(None, [*ev, "evaluate.gpus_per_actor=2"])))
+    with pytest.raises(ResourceError, match="evaluate.gpus_per_actor asks for 4 GPUs per actor but this cluster has 2 GPUs"):
+        check_resources(evaluate_requests(load_config(None, [*ev, "evaluate.gpus_per_actor=4"])))
+    # On the CPU a vLLM sampler holds 2 CPUs: its engine core's and its worker's.
+    assert [r.bundle for r in evaluate_requests(load_config(None, ["evaluate.engine=vllm"]))] == [{"CPU": 2.0}]

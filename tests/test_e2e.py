@@ -9,13 +9,16 @@ key: it must have been sent with every request and written nowhere.
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from tests.test_api_judge import KEY_ENV, SECRET, TEMPLATE, FakeChatServer
+from tests.test_engines import needs_vllm
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).parent.parent
@@ -94,6 +97,33 @@ def test_cli_runs_every_stage(dpo, run_dir):
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
     assert {"eval/T1/policy/win_rate", "eval/T1/policy/win_rate_ci_low", "eval/T0/reference/reward_mean"} <= set(
         events.Tags()["scalars"])
+
+
+@needs_vllm
+def test_evaluate_samples_with_vllm_in_ray_actors(run_dir, tmp_path):
+    """`dpo evaluate --set evaluate.engine=vllm` on the finished run (a copy, so the other tests see it as
+    they left it): each model's sampler actor runs vLLM's CPU build, its engine-core and worker processes
+    inside the actor's 2 CPUs (4 in the cluster: both models side by side), and closes it when its samples
+    are in. Greedy decoding is deterministic, so at T = 0 vLLM's completions are the transformers
+    engine's, token for token, with the same log-probs in float32 and so the same KL estimates."""
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "evaluate", "--config", "configs/demo_smoke.yaml", "--set", f"run_dir={copy}",
+         "--set", "evaluate.engine=vllm", "--set", "ray.num_cpus=4"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    summary = json.loads((copy / "evaluate" / "summary.json").read_text())
+    assert (summary["engine"], summary["engine_requested"]) == ("vllm", "vllm")
+    assert {(r["model"], r["temperature"]) for r in summary["rows"]} == {
+        (m, t) for m in ("policy", "reference", "best_of_2") for t in (0.0, 1.0)}
+    greedy = lambda d: sorted(  # noqa: E731
+        (r["model"], r["prompt_index"], r["sample_index"], r["completion_ids"], r["logps"], r["kl"])
+        for r in pq.read_table(d / "evaluate" / "samples.parquet").to_pylist() if r["temperature"] == 0.0)
+    by_hf, by_vllm = greedy(run_dir), greedy(copy)
+    assert [r[:4] for r in by_vllm] == [r[:4] for r in by_hf]
+    for hf_row, vllm_row in zip(by_hf, by_vllm):
+        assert vllm_row[4:] == pytest.approx(hf_row[4:], abs=1e-4)
 
 
 def test_unknown_key_fails_before_any_work(dpo):

@@ -1,6 +1,6 @@
 """The evaluation's numbers: one summary row per (model, temperature), and the summary.json document.
 
-Win rates carry a bootstrap 95% interval (stats.py) and, against the reference, a length-controlled twin
+Win rates carry a bootstrap 95% interval over prompts (stats.py) and, against the reference, a length-controlled twin
 (length_control.py), since DPO is known to lengthen answers.
 """
 
@@ -65,14 +65,16 @@ def _judged(vs_reference: pd.DataFrame, vs_chosen: pd.DataFrame, *, n_boot: int,
     """The judged columns of one summary row, from its comparisons against each baseline."""
     row = dict.fromkeys(_JUDGED_COLUMNS)
     row.update(judged_vs_chosen=int(len(vs_chosen)), unparsed_vs_chosen=unparsed_comparisons(vs_chosen))
+    # Intervals resample prompts: a prompt's comparisons are correlated (stats.py).
     if len(vs_chosen):
-        rate = win_rate(vs_chosen.score.to_numpy(), n_boot=n_boot, seed=seed)
+        rate = win_rate(vs_chosen.score.to_numpy(), groups=vs_chosen.prompt_index.to_numpy(), n_boot=n_boot, seed=seed)
         row.update({k.replace("win_rate", "win_rate_vs_chosen"): v for k, v in rate.items()})
     if len(vs_reference):
-        scores = vs_reference.score.to_numpy()
-        row.update(win_rate(scores, n_boot=n_boot, seed=seed))
+        scores, prompts = vs_reference.score.to_numpy(), vs_reference.prompt_index.to_numpy()
+        row.update(win_rate(scores, groups=prompts, n_boot=n_boot, seed=seed))
         # DPO is known to lengthen answers: the judge's preference with length regressed out.
-        lc = length_controlled_win_rate(scores, vs_reference.length_diff.to_numpy(dtype=float), n_boot=n_boot, seed=seed)
+        lc = length_controlled_win_rate(scores, vs_reference.length_diff.to_numpy(dtype=float), groups=prompts,
+                                        n_boot=n_boot, seed=seed)
         row.update({k: lc[k] for k in _LC_COLUMNS})
     return row
 
@@ -97,20 +99,24 @@ def sampling_costs(rows: Sequence[dict]) -> dict[tuple[str, float], dict]:
 def evaluation_summary(rows: Sequence[dict], samples: pa.Table, judgments: pa.Table, ev: EvaluateConfig, *,
                        kl_bounds: Mapping[tuple[str, float], float], accuracy: Mapping[str, dict],
                        policy_names: Sequence[str], num_prompts: int, chosen_texts: Sequence[str | None] | None,
-                       candidates: Sequence[dict]) -> dict:
+                       candidates: Sequence[dict], engines: Mapping[str, str] | None = None) -> dict:
     """The document written as summary.json.
 
     rows: the sample rows behind `samples` (with their sampling costs); accuracy: held-out measures per
     policy (a single policy's given bare); chosen_texts: each prompt's preferred response or None, or
     None for all when the samples were not judged against preferred responses;
-    candidates: the best-of-N candidates drawn (empty without that baseline).
+    candidates: the best-of-N candidates drawn (empty without that baseline); engines: the engine that
+    sampled each model, named in the summary ("engine": one name when all agree, else the mapping;
+    "engine_requested": evaluate.engine as configured, e.g. "auto").
     """
+    used = sorted(set((engines or {}).values()))
     verdicts = judgments.to_pandas()
     return {
         "rows": summarize(samples, judgments, ev.temperatures, n_boot=ev.bootstrap_samples, seed=ev.seed,
                           costs=sampling_costs(rows), kl_bounds=kl_bounds),
         "implicit_reward_accuracy": accuracy.get(policy_names[0]) if len(policy_names) == 1 else dict(accuracy),
-        "judge": ev.judge, "reward": ev.reward, "engine": ev.engine,
+        "judge": ev.judge, "reward": ev.reward, "engine_requested": ev.engine,
+        "engine": used[0] if len(used) == 1 else dict(engines or {}) or ev.engine,
         "unparsed_verdicts": int(sum(v == "unparsed" for col in ("verdict_first", "verdict_second")
                                      for v in judgments[col].to_pylist())),
         "unparsed_comparisons_by_baseline": {b: unparsed_comparisons(verdicts[verdicts.baseline == b])

@@ -18,20 +18,22 @@ log = logging.getLogger(__name__)
 
 Start = Callable[[], Any]  # () -> an actor handle (pending until the cluster has room for it)
 Calls = Callable[[Any], list]  # actor -> the ObjectRefs of its method calls, submitted in order
+Stop = Callable[[Any], None]  # actor -> None: kills it and frees what it holds (default: ray.kill)
 
 
 class ActorJobs:
     """`submit` queues a job; `wait_for` runs jobs, at most `max_actors` at a time, until the named ones
-    are done and returns their results (the list of their calls' values). Use it as a context manager:
-    on leaving, every actor still alive is killed, whether the work finished or failed. Each finished job
+    are done and returns their results (the list of their calls' values). Each actor is stopped by its
+    job's `stop` (ray.kill unless given) as soon as its calls are done. Use it as a context manager: on
+    leaving, every actor still alive is stopped, whether the work finished or failed. Each finished job
     is logged under `label`, with how many are done, running and waiting."""
 
     def __init__(self, max_actors: int, *, label: str = "jobs") -> None:
         if max_actors < 1:
             raise ValueError(f"max_actors must be at least 1, got {max_actors}")
         self.max_actors, self.label = max_actors, label
-        self._queued: list[tuple[Hashable, Start, Calls]] = []
-        self._running: dict[Any, tuple[Hashable, Any, list]] = {}  # last call's ref -> (name, actor, refs)
+        self._queued: list[tuple[Hashable, Start, Calls, Stop]] = []
+        self._running: dict[Any, tuple[Hashable, Any, list, Stop]] = {}  # last call's ref -> (name, actor, refs, stop)
         self._results: dict[Hashable, list] = {}
         self._names: set[Hashable] = set()  # every job ever submitted
 
@@ -39,16 +41,16 @@ class ActorJobs:
         return self
 
     def __exit__(self, *exc) -> None:
-        for _, actor, _ in self._running.values():
-            ray.kill(actor)
+        for _, actor, _, stop in self._running.values():
+            stop(actor)
         self._running.clear()
         self._queued.clear()
 
-    def submit(self, name: Hashable, start: Start, calls: Calls) -> None:
+    def submit(self, name: Hashable, start: Start, calls: Calls, stop: Stop = ray.kill) -> None:
         if name in self._names:
             raise ValueError(f"a job named {name!r} was submitted already")
         self._names.add(name)
-        self._queued.append((name, start, calls))
+        self._queued.append((name, start, calls, stop))
         self._fill()
 
     def wait_for(self, names: Iterable[Hashable]) -> dict[Hashable, list]:
@@ -58,11 +60,11 @@ class ActorJobs:
             raise KeyError(f"no job named {unknown[0]!r} was submitted")
         while any(n not in self._results for n in names):
             ready, _ = ray.wait(list(self._running), num_returns=1)
-            name, actor, refs = self._running.pop(ready[0])
+            name, actor, refs, stop = self._running.pop(ready[0])
             try:
                 self._results[name] = ray.get(refs)
             finally:
-                ray.kill(actor)
+                stop(actor)
             self._fill()
             log.info("%s: %s done (%d of %d jobs done, %d running, %d waiting)", self.label,
                      " ".join(map(str, name)) if isinstance(name, tuple) else name, len(self._results),
@@ -71,10 +73,10 @@ class ActorJobs:
 
     def _fill(self) -> None:
         while self._queued and len(self._running) < self.max_actors:
-            name, start, calls = self._queued.pop(0)
+            name, start, calls, stop = self._queued.pop(0)
             actor = start()
             refs = calls(actor)
             if not refs:
-                ray.kill(actor)
+                stop(actor)
                 raise ValueError(f"job {name!r} submitted no calls")
-            self._running[refs[-1]] = (name, actor, refs)
+            self._running[refs[-1]] = (name, actor, refs, stop)

