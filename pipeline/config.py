@@ -136,6 +136,10 @@ class EvaluateConfig:
 class RayConfig:
     address: str | None = None  # None: the RAY_ADDRESS env var if set, else an embedded local Ray
     num_cpus: int | None = None  # for the embedded local Ray only
+    # A batch of a Ray Data pool (tokenize, score) or a call of an evaluate actor whose process dies
+    # (killed, out of memory, its node lost) is redone on a restarted actor up to this many times; then the
+    # stage fails naming the batch. An error raised by our own code is never retried: it would fail again.
+    max_retries: int = 3
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from dataclasses import asdict
 
 import ray
 
+from pipeline.runtime.actors import actor_options
 from pipeline.runtime.model_copy import local_model
 
 
@@ -37,8 +38,10 @@ class Sampler:
         return [[asdict(c) for c in completions] for completions in results]
 
 
-def start_sampler(kind: str, model_path: str, *, use_gpu: bool = False, dtype: str = "float32", trust_remote_code: bool = False):
+def start_sampler(kind: str, model_path: str, *, use_gpu: bool = False, dtype: str = "float32", trust_remote_code: bool = False,
+                  retries: int = 0):
     """Start a sampler actor holding `model_path` (a directory, hub id, or URI such as s3://bucket/run/train/final,
-    which the actor fetches itself); kill it with ray.kill when done to free its GPU."""
-    actor_class = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(Sampler)
+    which the actor fetches itself); kill it with ray.kill when done to free its GPU. `retries`: how often Ray
+    restarts it after its process dies, redoing only the calls in flight (pipeline.runtime.actors)."""
+    actor_class = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0, **actor_options(retries))(Sampler)
     return actor_class.remote(kind, model_path, use_gpu=use_gpu, dtype=dtype, trust_remote_code=trust_remote_code)

@@ -241,12 +241,13 @@ def _castable(src: pa.DataType, dst: pa.DataType) -> bool:
     return False
 
 
-def read_parquet_dir(run: RunDir, rel: str) -> pa.Table:
-    """All shards of a stage folder, in file-name order (the order the stage wrote them)."""
+def read_parquet_dir(run: RunDir, rel: str, *, columns: list[str] | None = None) -> pa.Table:
+    """All shards of a stage folder (or only `columns` of them), in file-name order (the order the stage
+    wrote them)."""
     fs = run.fs
     base = run.path(rel)
     infos = [i for i in fs.get_file_info(pafs.FileSelector(base)) if i.path.endswith(".parquet")]
-    tables = [pq.read_table(i.path, filesystem=fs) for i in sorted(infos, key=lambda i: i.path)]
+    tables = [pq.read_table(i.path, filesystem=fs, columns=columns) for i in sorted(infos, key=lambda i: i.path)]
     if not tables:
         raise FileNotFoundError(f"no Parquet shards under {run.uri_of(rel)}")
     return pa.concat_tables(tables)

@@ -42,7 +42,7 @@ from pipeline.evaluation.samples import add_kl_and_reward, completions_to_score,
 from pipeline.evaluation.summary import evaluation_summary
 from pipeline.model.loading import load_tokenizer
 from pipeline.model.scoring import SequenceScorer, scorer_options
-from pipeline.runtime.actors import ActorJobs
+from pipeline.runtime.actors import ActorJobs, actor_options
 from pipeline.runtime.model_copy import local_model
 from pipeline.runtime.resources import Request
 from pipeline.runtime.sampler import start_sampler
@@ -79,13 +79,14 @@ class Policy:
 
 
 def sampling_job(model_path: str, prompts: list[list[int]], ev: EvaluateConfig, *, dtype: str, trust_remote_code: bool,
-                 best_of_n: int = 0):
+                 best_of_n: int = 0, retries: int = 0):
     """An ActorJobs job (start, calls) for one model's sampler actor: per temperature, samples_per_prompt
     completions per prompt and, when best_of_n > 0, best_of_n * samples_per_prompt more (answer s owns
     candidates s*N .. s*N+N-1), drawn from seeds of their own so that no candidate is the very sample it
     will be judged against. `split_samples` turns the job's results into (samples, candidates)."""
     def start():
-        return start_sampler(ev.engine, model_path, use_gpu=ev.use_gpu, dtype=dtype, trust_remote_code=trust_remote_code)
+        return start_sampler(ev.engine, model_path, use_gpu=ev.use_gpu, dtype=dtype, trust_remote_code=trust_remote_code,
+                             retries=retries)
 
     def calls(actor) -> list:
         refs = []
@@ -124,7 +125,8 @@ def scoring_job(model_path: str, table: pa.Table, *, config: Config):
     row, by the score stage's scorer in an actor (which fetches `model_path` itself when it is a URI).
     `logps` turns the job's results into the two arrays."""
     def start():
-        return ray.remote(num_cpus=1, num_gpus=1 if config.evaluate.use_gpu else 0)(ModelScorer).remote(
+        options = actor_options(config.ray.max_retries)  # a lost scorer redoes its own table, nothing else
+        return ray.remote(num_cpus=1, num_gpus=1 if config.evaluate.use_gpu else 0, **options)(ModelScorer).remote(
             model_path, **scorer_options(config, use_gpu=config.evaluate.use_gpu))
 
     return start, lambda actor: [actor.score.remote(table.select(["prompt_ids", "chosen_ids", "rejected_ids"]))]
@@ -226,7 +228,8 @@ def sample_all_models(config: Config, policies: list[Policy], prompts: list[list
         # Every model's sampler and every policy's held-out scorer, side by side where the cluster has room.
         for model, path in paths.items():
             jobs.submit(("sample", model), *sampling_job(path, prompts, ev, dtype=config.model.dtype,
-                                                         trust_remote_code=config.model.trust_remote_code, best_of_n=best_of[model]))
+                                                         trust_remote_code=config.model.trust_remote_code, best_of_n=best_of[model],
+                                                         retries=config.ray.max_retries))
         if held is not None:
             for p in policies:
                 jobs.submit(("held_out", p.name), *scoring_job(paths[p.name], held, config=config))
