@@ -105,7 +105,13 @@ class TrainConfig:
     packing: bool = False  # sequences end to end in one row, no padding (use model.attn_implementation: flex_attention on GPU)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
     logging_steps: int = 1
-    checkpoint_steps: int = 0  # 0: checkpoint only at the end
+    # A checkpoint every this many steps, so a lost worker or node costs at most that much work: None is
+    # about a tenth of the run (max(1, steps // 10)), 0 only at the end.
+    checkpoint_steps: int | None = None
+    max_failures: int = 3  # worker or node losses Ray Train recovers from within the job, from the last checkpoint
+    # A step whose loss or gradient norm is NaN or infinite: "error" stops training naming the step and its
+    # pairs; "skip" leaves the weights as they were for that step and counts it (metrics: nonfinite_skipped).
+    nonfinite: str = "error"
     seed: int = 0
 
 
@@ -358,6 +364,9 @@ def _coerce(hint, value, *, path: str):
 RESOURCE_FIELDS = (
     "score.num_actors", "score.cpus_per_actor", "score.gpus_per_actor",
     "train.cpus_per_worker", "train.torch_threads", "evaluate.max_actors",
+    # Resuming reproduces the uninterrupted run, so how often to checkpoint and how often to recover never
+    # change what training computes.
+    "train.checkpoint_steps", "train.max_failures",
 )
 
 

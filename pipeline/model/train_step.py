@@ -164,6 +164,17 @@ class StepResult:
     loss_metrics: dict[str, float | None]  # the objective's named means: loss, rewards/*, logps/* (KTO: kl)
     grad_norm: float  # total gradient norm before clipping
     tokens: int  # non-pad tokens of the step, over every worker
+    updated: bool = True  # False: the loss or the gradient norm was NaN or infinite, and the weights were left alone
+    local_loss_finite: bool = True  # this worker's own micro-batches gave a finite loss
+
+
+NONFINITE_REPORT = "nonfinite_step"  # the key of the worker report that stops training at a non-finite step
+NONFINITE_CHOICES = ("error", "skip")
+
+
+def checkpoint_every(train: TrainConfig, steps: int) -> int:
+    """Steps between checkpoints: train.checkpoint_steps, by default about a tenth of the run; 0: only the last."""
+    return train.checkpoint_steps if train.checkpoint_steps is not None else max(1, steps // 10)
 
 
 def train_step(
@@ -181,7 +192,9 @@ def train_step(
     Each micro-batch's loss is its per-row losses summed over the rows of the whole step, so the
     accumulated gradient equals that of one large batch; DDP (world > 1) averages it over workers and
     synchronises only on the last micro-batch. Gradients are clipped to max_grad_norm, or not at all
-    when it is <= 0. The metrics are summed over micro-batches and workers.
+    when it is <= 0. The metrics are summed over micro-batches and workers. A step whose loss (summed over
+    every worker) or gradient norm is not finite leaves the weights and the optimizer as they were
+    (`updated` False): every worker sees the same sums, so all of them decide alike.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -193,10 +206,13 @@ def train_step(
             loss, batch_metrics = objective.micro_batch_loss(model, batch, shared, scale=scale)
             loss.backward()
         metrics += batch_metrics
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf"))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf")))
+    local_loss_finite = math.isfinite(metrics.totals()["loss"])
     if world > 1:
         metrics.all_reduce()
     totals = metrics.totals()
-    return StepResult(objective.loss_metrics(totals, shared), float(grad_norm), int(totals["tokens"]))
+    updated = math.isfinite(totals["loss"]) and math.isfinite(grad_norm)
+    if updated:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(objective.loss_metrics(totals, shared), grad_norm, int(totals["tokens"]), updated, local_loss_finite)

@@ -33,6 +33,7 @@ from pipeline.runtime.files import differences, list_files, write_atomic
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+SCRATCH = "_scratch"  # inside a staging folder: the attempt's bookkeeping, dropped at the commit
 
 
 def _versions() -> dict[str, str]:
@@ -170,6 +171,11 @@ class StageWriter:
     def write_text(self, rel: str, text: str) -> None:
         self.run.write_text(f"{self.staging}/{rel}", text)
 
+    def scratch(self, name: str) -> str:
+        """The URI of a folder for the attempt's own bookkeeping (a pool's ledger): never committed."""
+        self.run.fs.create_dir(self.path(SCRATCH, name), recursive=True)
+        return self.uri(SCRATCH, name)
+
     def write_json(self, rel: str, obj: Any) -> None:
         self.run.write_json(f"{self.staging}/{rel}", obj)
 
@@ -179,6 +185,8 @@ class StageWriter:
         if holding is not None:
             holding.check()  # a writer that lost its lease commits nothing
         fs = self.run.fs
+        if fs.get_file_info(self.path(SCRATCH)).type != pafs.FileType.NotFound:
+            fs.delete_dir(self.path(SCRATCH))
         final = self.run.path(self.stage)
         if self.run.exists(self.stage):
             fs.delete_dir(final)

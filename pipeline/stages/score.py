@@ -24,6 +24,7 @@ from pipeline.data.schemas import SCORED, SCORED_KTO
 from pipeline.model.losses import needs_reference
 from pipeline.model.scoring import SequenceScorer, scorer_options
 from pipeline.runtime.files import check_same_ids
+from pipeline.runtime.pools import LedgerBatches, named_failures, pool_options
 from pipeline.runtime.resources import Request
 from pipeline.runtime.storage import RunDir, read_parquet_dir
 from pipeline.stages.base import Stage, StageRun
@@ -56,6 +57,35 @@ def scoring_input(run: StageRun, splits: list[str], unpaired: bool):
         table = with_kl_completions(read_parquet_dir(data, f"{UPSTREAM}/{split}"), max_length=run.config.tokenize.max_length)
         tables.append(table.append_column("path", pa.array([data.uri_of(UPSTREAM, split) + "/"] * table.num_rows)))
     return ray.data.from_arrow(tables), SCORED_KTO
+
+
+class ReferenceScorer(LedgerBatches):
+    """Ray Data callable class: the reference model, loaded once per actor, scores batches of rows (each
+    noted in the pool's ledger while in flight)."""
+
+    def __init__(self, ledger: str | None = None, **scorer_kwargs):
+        super().__init__(ledger, key="id")
+        self.scorer = SequenceScorer(**scorer_kwargs)
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        return self.scorer(batch)
+
+
+def scoring_pool(ds, config: Config, ledger: str | None):
+    """The dataset through a pool of `score.num_actors` reference scorers; a batch whose actor dies is
+    retried `ray.max_retries` times."""
+    sc = config.score
+    return ds.map_batches(
+        ReferenceScorer,
+        fn_constructor_kwargs=dict(ledger=ledger, model_path=config.model.reference, prefix="ref_",
+                                   **scorer_options(config, use_gpu=sc.use_gpu)),
+        batch_size=sc.batch_size * 8,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=sc.num_actors),
+        num_gpus=sc.gpus_per_actor if sc.use_gpu else 0,
+        num_cpus=sc.cpus_per_actor,
+        **pool_options(config.ray.max_retries),
+    )
 
 
 def write_scored(writer, scored, schema: pa.Schema, data_dir: RunDir) -> dict[str, int]:
@@ -91,16 +121,9 @@ def score(run: StageRun) -> dict:
     unpaired = is_unpaired(labels)
     check_kto_splits(upstream, unpaired)  # before the writer begins: a refusal leaves a finished stage as it was
     ds, schema = scoring_input(run, splits, unpaired)
-    scored = ds.map_batches(
-        SequenceScorer,
-        fn_constructor_kwargs=dict(model_path=config.model.reference, prefix="ref_", **scorer_options(config, use_gpu=sc.use_gpu)),
-        batch_size=sc.batch_size * 8,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=sc.num_actors),
-        num_gpus=sc.gpus_per_actor if sc.use_gpu else 0,
-        num_cpus=sc.cpus_per_actor,
-    )
-    rows = write_scored(run.writer, scored, schema, run.data_dir)
+    ledger = run.writer.scratch("in_flight")
+    with named_failures(ledger, what="score", retries=config.ray.max_retries):
+        rows = write_scored(run.writer, scoring_pool(ds, config, ledger), schema, run.data_dir)
     log.info("score: %d train + %d eval pairs scored with %s", rows["train"], rows["eval"], config.model.reference)
     return {
         "reference": config.model.reference,

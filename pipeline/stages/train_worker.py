@@ -25,7 +25,8 @@ import torch
 from pipeline.config import TrainConfig
 from pipeline.model.loading import compile_decoder_layers, load_model, load_tokenizer, save_pretrained
 from pipeline.model.objectives import objective_for
-from pipeline.model.train_step import Objective, StepResult, accumulation, disable_dropout, lr_factor, train_step
+from pipeline.model.train_step import (NONFINITE_REPORT, Objective, StepResult, accumulation, checkpoint_every,
+                                       disable_dropout, lr_factor, train_step)
 from pipeline.runtime.checkpoints import load_training_state, save_training_state
 
 
@@ -59,7 +60,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     objective = objective_for(train, pad_id=worker.tokenizer.pad_token_id, device=device,
                               with_reference=loop_config["with_reference"])
     steps, accum = loop_config["total_steps"], accumulation(train)
+    every = checkpoint_every(train, steps)
     stream = micro_batches(ray.train.get_dataset_shard("train"), size=train.micro_batch_size, skip=worker.start_step * accum)
+    skipped = worker.history[-1].get("nonfinite_skipped", 0) if worker.history else 0
     for step in range(worker.start_step, steps):
         start = time.perf_counter()
         lr = train.learning_rate * lr_factor(step, total=steps, warmup=train.warmup_steps, schedule=train.lr_schedule)
@@ -67,13 +70,34 @@ def train_loop_per_worker(loop_config: dict) -> None:
         result = train_step(worker.model, worker.optimizer, batches, objective=objective, lr=lr,
                             max_grad_norm=train.max_grad_norm, world=world)
         done = step + 1
+        if not result.updated:
+            if train.nonfinite != "skip":
+                stop_on_nonfinite(result, batches, step=done, rank=rank, world=world)
+                return
+            skipped += 1
         if done % train.logging_steps == 0 or done == steps:
             row = history_row(result, step=done, epoch=epochs[-1], lr=lr, elapsed=time.perf_counter() - start)
-            worker.history.append(row)
+            worker.history.append(row if train.nonfinite != "skip" else {**row, "nonfinite_skipped": skipped})
             if rank == 0 and (done % max(1, steps // 10) == 0 or done == steps):
                 print_progress(row, objective, steps=steps)
-        if done == steps or (train.checkpoint_steps and done % train.checkpoint_steps == 0):
+        if done == steps or (every and done % every == 0):
             report(worker, step=done, rank=rank)
+
+
+def stop_on_nonfinite(result: StepResult, batches, *, step: int, rank: int, world: int) -> None:
+    """Report the step that went non-finite with the ids of its pairs, and no checkpoint; every worker
+    returns after it (they all saw the same sums), so Ray Train ends the run instead of retrying it.
+
+    The pairs named are those of the workers whose own loss was not finite, or every pair of the step
+    when only the gradient norm was."""
+    mine = ([str(i) for batch in batches for i in batch["id"]], result.local_loss_finite)
+    gathered = [mine]
+    if world > 1:
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, mine)
+    culprits = [i for ids, finite in gathered if not finite for i in ids] or [i for ids, _ in gathered for i in ids]
+    ray.train.report({NONFINITE_REPORT: step, "loss": result.loss_metrics.get("loss"), "grad_norm": result.grad_norm,
+                      "pair_ids": culprits if rank == 0 else []})
 
 
 def set_up(loop_config: dict, train: TrainConfig, *, device: torch.device, rank: int) -> Worker:
