@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -147,7 +148,13 @@ class TrainConfig:
     packing: bool = False  # sequences end to end in one row, no padding (use model.attn_implementation: flex_attention on GPU)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
     logging_steps: int = 1  # every logged step: a progress line, a metrics.jsonl row, the trackers
-    checkpoint_steps: int = 0  # 0: checkpoint only at the end
+    # A checkpoint every this many steps, so a lost worker or node costs at most that much work: None is
+    # about a tenth of the run (max(1, steps // 10)), 0 only at the end.
+    checkpoint_steps: int | None = None
+    max_failures: int = 3  # worker or node losses Ray Train recovers from within the job, from the last checkpoint
+    # A step whose loss or gradient norm is NaN or infinite: "error" stops training naming the step and its
+    # pairs; "skip" leaves the weights as they were for that step and counts it (metrics: nonfinite_skipped).
+    nonfinite: str = "error"
     seed: int = 0
     # Experiment trackers, any of tensorboard | mlflow | wandb (pipeline/runtime/tracking.py). TensorBoard by
     # default: free, local, files in the run directory, nothing to sign up for or serve.
@@ -201,6 +208,10 @@ class EvaluateConfig:
 class RayConfig:
     address: str | None = None  # None: the RAY_ADDRESS env var if set, else an embedded local Ray
     num_cpus: int | None = None  # for the embedded local Ray only
+    # A batch of a Ray Data pool (tokenize, score) or a call of an evaluate actor whose process dies
+    # (killed, out of memory, its node lost) is redone on a restarted actor up to this many times; then the
+    # stage fails naming the batch. An error raised by our own code is never retried: it would fail again.
+    max_retries: int = 3
 
 
 @dataclass(frozen=True)
@@ -257,6 +268,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     run_dir = _absolute(str(raw.get("run_dir", Config.run_dir)).rstrip("/"))
     raw = _interpolate(raw, {"${run_dir}": run_dir})
     config = _build(Config, {**raw, "run_dir": run_dir}, prefix="")
+    _refuse_credentials_in(config.to_dict(), prefix="")
     # Ray workers do not share the driver's working directory: local paths must be absolute.
     model = config.model
     return config.replace(
@@ -295,6 +307,45 @@ def _set_path(tree: dict, keys: list[str], value: Any) -> None:
             raise ConfigError(f"override {'.'.join(keys)}: {key} is not a section")
         tree = node
     tree[keys[-1]] = value
+
+
+# Where each scheme's credentials belong instead of inside a URI.
+CREDENTIAL_ENV = {
+    "s3": "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)",
+    "gs": "GOOGLE_APPLICATION_CREDENTIALS",
+    "gcs": "GOOGLE_APPLICATION_CREDENTIALS",
+    "abfs": "AZURE_STORAGE_ACCOUNT_NAME and AZURE_STORAGE_ACCOUNT_KEY",
+    "hf": "HF_TOKEN",
+    "http": "an environment variable named by the key's `*_env` setting (evaluate.judge_api.api_key_env)",
+    "https": "an environment variable named by the key's `*_env` setting (evaluate.judge_api.api_key_env)",
+}
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)@")
+_SECRET_QUERY = re.compile(r"[?&](access_key|secret_key|session_token|token|password|sig|signature)=", re.IGNORECASE)
+
+
+def refuse_credentials(value: str, *, where: str) -> None:
+    """ConfigError when a URI carries credentials (`s3://KEY:SECRET@bucket/...`, `?secret_key=`): every
+    URI we use is printed and written (manifests, logs, report.md, Ray Train's storage path). The
+    message shows the URI with the secret cut out and names the environment variables to use."""
+    userinfo, query = _USERINFO.match(value), _SECRET_QUERY.search(value)
+    if not userinfo and not query:
+        return
+    scheme = value.split("://", 1)[0].lower()
+    shown = f"{scheme}://***@{value[userinfo.end():]}" if userinfo else value[:query.start()] + "?***"
+    env = CREDENTIAL_ENV.get(scheme, "the filesystem's own environment variables")
+    raise ConfigError(f"{where}: {shown} carries credentials inside the URI, which would be printed and written "
+                      f"wherever the URI is; remove them and set {env} in the environment instead")
+
+
+def _refuse_credentials_in(tree: Any, *, prefix: str) -> None:
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            _refuse_credentials_in(value, prefix=f"{prefix}{key}.")
+    elif isinstance(tree, list):
+        for i, value in enumerate(tree):
+            _refuse_credentials_in(value, prefix=f"{prefix.rstrip('.')}[{i}].")
+    elif isinstance(tree, str) and "://" in tree:
+        refuse_credentials(tree, where=prefix.rstrip("."))
 
 
 # Keys whose name changed: an old config fails naming the new key instead of "unknown key".
@@ -381,6 +432,9 @@ RESOURCE_FIELDS = (
     "score.num_actors", "score.cpus_per_actor", "score.gpus_per_actor",
     "train.cpus_per_worker", "train.torch_threads", "evaluate.max_actors", "evaluate.gpus_per_actor",
     "evaluate.vllm_kv_cache_gib", "train.report_to", "train.tracker_project", "train.mlflow_tracking_uri",
+    # Resuming reproduces the uninterrupted run, so how often to checkpoint and how often to recover never
+    # change what training computes.
+    "train.checkpoint_steps", "train.max_failures",
 )
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 
 from pipeline.cli import sweep
 from pipeline.cli.audit import print_tokenize_audit
@@ -24,9 +25,14 @@ from pipeline.cli.plan import plan_run, run_stages, submission_id
 from pipeline.config import ConfigError, load_config
 from pipeline.data.sources import InputError
 from pipeline.model.capacity import CapacityError
+from pipeline.runtime.lease import LeaseError
 from pipeline.runtime.resources import ResourceError
 from pipeline.runtime.storage import RunDir
 from pipeline.stages import STAGE_NAMES
+from pipeline.stages.base import failed_stage, one_line
+
+# Errors in what the user asked for (exit 2, no traceback); any other failure exits 1 after its traceback.
+USER_ERRORS = (ConfigError, InputError, ResourceError, LeaseError, CapacityError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,15 +54,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        return _main(argv)
-    except (ConfigError, InputError, ResourceError, CapacityError) as err:
-        print(f"dpo: error: {err}", file=sys.stderr)
-        return 2
-
-
-def _main(argv: list[str] | None) -> int:
+    """Every failure ends in one line, `dpo: error: <stage>: <what happened>` (the command where no stage
+    was running), and a non-zero exit."""
     args = build_parser().parse_args(argv)
+    try:
+        return _main(args)
+    except KeyboardInterrupt as err:
+        print(f"dpo: error: {failed_stage(err) or args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if not isinstance(err, USER_ERRORS):
+            traceback.print_exception(err)  # the whole story, above the one line that sums it up
+        print(f"dpo: error: {failed_stage(err) or args.command}: {one_line(err)}", file=sys.stderr, flush=True)
+        return 2 if isinstance(err, USER_ERRORS) else 1
+
+
+def _main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     if args.command == "sweep":
         sweep.run(args.config, args.overrides, force=args.force)

@@ -133,21 +133,24 @@ def run_stages(config: Config, stages: tuple[str, ...], *, force: bool | frozens
     a stage the config has no use for (score, for a reference-free loss) is skipped. Returns the manifests."""
     if "tokenize" in stages and not config.demo.enabled:
         check_input(config.data.path)  # a missing file is an error before Ray starts, not after
-    init_ray(config.ray)
-    # A request this cluster can never satisfy fails now, naming the resource, instead of hanging.
-    check_resources(cluster_requests(config, stages))
-    for stage in enabled_stages(config):
-        if stage.name in stages:
-            stage.check(config)  # e.g. a train run too large for the cluster's GPUs
-    forced = frozenset(stages) if force is True else frozenset(force or ())
-    manifests = {}
-    if config.demo.enabled and "tokenize" in stages:
-        manifests["demo"] = DEMO.run(config, force=force is True)  # redone only by --force itself
-    for stage in map(by_name, stages):
-        if not stage.enabled(config):
-            log.info("%s: skipped, the configured loss has no use for it", stage.name)
-            continue
-        manifests[stage.name] = stage.run(config, force=stage.name in forced)
+    # One writer per run directory, from before Ray starts to after the last stage: a second `dpo` on
+    # it is refused at once, naming this one.
+    with RunDir(config.run_dir).lease():
+        init_ray(config.ray)
+        # A request this cluster can never satisfy fails now, naming the resource, instead of hanging.
+        check_resources(cluster_requests(config, stages))
+        for stage in enabled_stages(config):
+            if stage.name in stages:
+                stage.check(config)  # e.g. a train run too large for the cluster's GPUs
+        forced = frozenset(stages) if force is True else frozenset(force or ())
+        manifests = {}
+        if config.demo.enabled and "tokenize" in stages:
+            manifests["demo"] = DEMO.run(config, force=force is True)  # redone only by --force itself
+        for stage in map(by_name, stages):
+            if not stage.enabled(config):
+                log.info("%s: skipped, the configured loss has no use for it", stage.name)
+                continue
+            manifests[stage.name] = stage.run(config, force=stage.name in forced)
     return manifests
 
 

@@ -64,7 +64,22 @@ def members(config_path: str, overrides: list[str]) -> tuple[Config, list[Member
         name = "_".join(re.sub(r"[^A-Za-z0-9.+-]", "", f"{k.split('.', 1)[1]}-{v}") for k, v in zip(axes, values))
         trained = load_config(config_path, [*plain, *settings]).train  # typed and checked like any override
         out.append(Member(name, base.replace(run_dir=f"{base.run_dir}/sweep/{name}", train=trained)))
+    check_distinct(out)
     return base, out
+
+
+def check_distinct(sweep: list[Member]) -> None:
+    """Two members in one directory would overwrite each other: refuse values that name the same member
+    (`train.beta=[0.1, 0.10]` reads as 0.1 twice)."""
+    seen: dict[str, Member] = {}
+    for member in sweep:
+        if member.name in seen:
+            same = member.config.train == seen[member.name].config.train
+            raise ConfigError(
+                f"dpo sweep: two members would share {member.config.run_dir}"
+                + (" (their values are equal once read: give each value once)" if same else
+                   " (their values differ only in characters a directory name drops)"))
+        seen[member.name] = member
 
 
 def parallel_slots(config: Config) -> int:
@@ -81,6 +96,11 @@ def run(config_path: str, overrides: list[str], *, force: bool = False) -> dict:
     """Tokenize and score once, train every member (in parallel as far as the cluster allows), evaluate all."""
     base, sweep = members(config_path, overrides)
     data_dir = RunDir(base.run_dir)
+    with data_dir.lease():  # the sweep writes the shared stages and its members' folders: one sweep at a time
+        return _run(base, sweep, data_dir, force=force)
+
+
+def _run(base: Config, sweep: list[Member], data_dir: RunDir, *, force: bool) -> dict:
     # The shared stages run with a member's train section that needs the score stage, where one does:
     # the base's own loss may be reference-free while a swept one is not.
     scored = next((m.config for m in sweep if SCORE.enabled(m.config)), base)

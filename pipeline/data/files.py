@@ -124,18 +124,19 @@ def _read_json_lines(data: bytes, display: str) -> Iterator[Record]:
             yield source, line.decode("utf-8", errors="backslashreplace"), INVALID_UTF8
             continue
         try:
-            value = json.loads(text, parse_constant=reject_constant)
-        except ValueError:
+            # A line nested deeper than Python's recursion limit (RecursionError) is no row of ours either.
+            raw = to_raw_json(json.loads(text, parse_constant=reject_constant))
+        except (ValueError, RecursionError):
             yield source, text, MALFORMED_JSON
             continue
-        yield source, to_raw_json(value), None
+        yield source, raw, None
 
 
 def _read_json_array(data: bytes, display: str) -> Iterator[Record]:
     # One document: a fault anywhere leaves no row boundaries to count by, so it is a file-level error.
     try:
         values = json.loads(data.decode("utf-8"), parse_constant=reject_constant)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise InputError(f"{display}: starts with '[' but is not a valid JSON array: {exc}") from exc
     if not isinstance(values, list):
         raise InputError(f"{display}: expected a JSON array of rows")

@@ -41,7 +41,7 @@ def parse_row(raw) -> dict:
         raise Reject("malformed_json")
     try:
         row = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than Python parses
         raise Reject("malformed_json") from None
     if not isinstance(row, dict):
         raise Reject("wrong_type")

@@ -52,6 +52,23 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False):
     return tokenizer
 
 
+CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length", "max_sequence_length")
+
+
+def context_length(path: str, *, trust_remote_code: bool = False) -> tuple[int, str] | None:
+    """The longest sequence the model at `path` was built for, and the config field that says so; None
+    where its config names none (the model then decides for itself)."""
+    from transformers import AutoConfig  # slow: see the module docstring
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in CONTEXT_FIELDS:
+        value = getattr(text, name, None)
+        if isinstance(value, int) and value > 0:
+            return value, name
+    return None
+
+
 def load_model(
     path: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu", trust_remote_code: bool = False,
     attn_implementation: str | None = None, spread: bool = False,

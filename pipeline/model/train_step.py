@@ -165,6 +165,17 @@ class StepResult:
     loss_metrics: dict[str, float | None]  # the objective's named means: loss, rewards/*, logps/* (KTO: kl)
     grad_norm: float  # total gradient norm before clipping
     tokens: int  # non-pad tokens of the step, over every worker
+    updated: bool = True  # False: the loss or the gradient norm was NaN or infinite, and the weights were left alone
+    local_loss_finite: bool = True  # this worker's own micro-batches gave a finite loss
+
+
+NONFINITE_REPORT = "nonfinite_step"  # the key of the worker report that stops training at a non-finite step
+NONFINITE_CHOICES = ("error", "skip")
+
+
+def checkpoint_every(train: TrainConfig, steps: int) -> int:
+    """Steps between checkpoints: train.checkpoint_steps, by default about a tenth of the run; 0: only the last."""
+    return train.checkpoint_steps if train.checkpoint_steps is not None else max(1, steps // 10)
 
 
 def train_step(
@@ -185,7 +196,9 @@ def train_step(
     each rank accumulating its gradient shard: skipping that (`set_requires_gradient_sync(False)`)
     would keep every layer's whole gradient in fp32 on each GPU, as much memory as DDP's gradients.
     Gradients are clipped to max_grad_norm, or not at all when it is <= 0. The metrics are summed
-    over micro-batches and workers.
+    over micro-batches and workers. A step whose loss (summed over every worker) or gradient norm is
+    not finite leaves the weights and the optimizer as they were (`updated` False): every worker sees
+    the same sums, so all of them decide alike.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -199,12 +212,15 @@ def train_step(
             loss.backward()
         metrics += batch_metrics
     grad_norm = clip_gradients(model, max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    local_loss_finite = math.isfinite(metrics.totals()["loss"])
     if world > 1:
         metrics.all_reduce()
     totals = metrics.totals()
-    return StepResult(objective.loss_metrics(totals, shared), grad_norm, int(totals["tokens"]))
+    updated = math.isfinite(totals["loss"]) and math.isfinite(grad_norm)
+    if updated:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(objective.loss_metrics(totals, shared), grad_norm, int(totals["tokens"]), updated, local_loss_finite)
 
 
 def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:

@@ -4,6 +4,10 @@ own calls are done, so a GPU (or a CPU) goes to the next model at once.
 Evaluate uses it to sample every model, and to score the held-out pairs, side by side: Ray starts the
 actors the cluster has room for and keeps the rest waiting; `max_actors` caps how many exist at once
 (on an autoscaling cluster, how many nodes the work may ask for).
+
+Faults: an actor started with `actor_options(retries)` that dies (its process killed, its node gone) is
+restarted by Ray, which runs again only the calls that had not finished: every other job, and the calls
+of this one that were done, are kept. Once its restarts run out, `wait_for` fails naming the job.
 """
 
 from __future__ import annotations
@@ -15,6 +19,15 @@ from typing import Any
 import ray
 
 log = logging.getLogger(__name__)
+def actor_options(retries: int) -> dict:
+    """ray.remote options for an actor that survives `retries` deaths, each time redoing only the calls in
+    flight (Ray's actor restart and task retry)."""
+    return {"max_restarts": retries, "max_task_retries": retries}
+
+
+class ActorJobError(RuntimeError):
+    """A job's actor died more often than its restarts allow; the message names the job."""
+
 
 Start = Callable[[], Any]  # () -> an actor handle (pending until the cluster has room for it)
 Calls = Callable[[Any], list]  # actor -> the ObjectRefs of its method calls, submitted in order
@@ -63,6 +76,9 @@ class ActorJobs:
             name, actor, refs, stop = self._running.pop(ready[0])
             try:
                 self._results[name] = ray.get(refs)
+            except ray.exceptions.RayActorError as err:
+                raise ActorJobError(f"job {name!r}: its actor died and could not be restarted again "
+                                    f"({type(err).__name__}; see the log above for how it died)") from err
             finally:
                 stop(actor)
             self._fill()

@@ -27,6 +27,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from pipeline.runtime.actors import actor_options
 from pipeline.runtime.model_copy import local_model
 
 # Placement groups of running samplers, by actor id: stop_sampler removes them with the actor.
@@ -101,28 +102,29 @@ def sampler_placement(kind: str, *, use_gpu: bool, gpus: float = 1.0) -> Sampler
 
 
 def start_sampler(kind: str, model_path: str, *, use_gpu: bool = False, gpus: float = 1.0, dtype: str = "float32",
-                  trust_remote_code: bool = False, kv_cache_gib: float | None = None):
+                  trust_remote_code: bool = False, kv_cache_gib: float | None = None, retries: int = 0):
     """Start a sampler actor holding `model_path` (a directory, hub id, or URI such as s3://bucket/run/train/final,
     which the actor fetches itself) on `gpus` GPUs when use_gpu; stop it with `stop_sampler` when done, to
     free its CPUs or GPUs.
 
     Several GPUs: transformers spreads the model's layers over them; vLLM splits the model by tensor
     parallelism in a placement group of that many GPU bundles, which waits until one node has them free.
-    kv_cache_gib is vLLM's (see VLLMEngine)."""
+    kv_cache_gib is vLLM's (see VLLMEngine). `retries`: how often Ray restarts the actor after its process
+    dies, redoing only the calls in flight (pipeline.runtime.actors)."""
     placement = sampler_placement(kind, use_gpu=use_gpu, gpus=gpus)
     engine_kwargs = {} if placement.engine == "hf" else {"kv_cache_gib": kv_cache_gib}
     if use_gpu and gpus > 1:
         engine_kwargs.update({"gpus": int(gpus)} if placement.engine == "hf" else
                              {"tensor_parallel_size": int(gpus), "distributed_executor_backend": "ray"})
     return start_placed(Sampler, placement, kind, model_path, use_gpu=use_gpu, dtype=dtype,
-                        trust_remote_code=trust_remote_code, engine_kwargs=engine_kwargs)
+                        trust_remote_code=trust_remote_code, engine_kwargs=engine_kwargs, retries=retries)
 
 
-def start_placed(actor_body: type, placement: SamplerPlacement, *args, **kwargs):
+def start_placed(actor_body: type, placement: SamplerPlacement, *args, retries: int = 0, **kwargs):
     """Start `actor_body(*args, **kwargs)` as an actor holding `placement`: in a new placement group of its
     bundles when it has any (the actor in the first one, and every task or actor it starts inside the group),
     else with its own CPUs and GPUs. `stop_sampler` kills it and removes the group."""
-    options = dict(num_cpus=placement.num_cpus, num_gpus=placement.num_gpus)
+    options = dict(num_cpus=placement.num_cpus, num_gpus=placement.num_gpus, **actor_options(retries))
     if placement.env:
         options["runtime_env"] = {"env_vars": placement.env}
     group = None

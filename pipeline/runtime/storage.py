@@ -1,14 +1,19 @@
-"""The run directory: stage folders, manifests, atomic commits, on any pyarrow filesystem.
+"""The run directory: stage folders, manifests, atomic commits, the writer lease, on any pyarrow filesystem.
 
 A stage writes into a staging folder beside its final one and commits by moving it into place and then
-writing `manifest.json` LAST. A stage is finished if and only if its manifest exists and matches the
-config and the upstream manifest, so output from a crashed attempt is never taken for finished.
+writing `manifest.json` LAST, atomically, listing every file of the stage with its size (and rows, for a
+Parquet shard). A stage is finished if and only if its manifest exists, matches the config and the
+upstream manifest, and the folder still holds exactly the files it lists: output from a crashed attempt,
+a truncated manifest or a lost shard is never taken for finished. One process writes a run directory at
+a time (`RunDir.lease`, pipeline/runtime/lease.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import platform
 import shutil
@@ -24,7 +29,14 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipeline.config import refuse_credentials
+from pipeline.runtime.lease import Lease, held, hold
+from pipeline.runtime.files import differences, list_files, write_atomic
+
+log = logging.getLogger(__name__)
+
 MANIFEST = "manifest.json"
+SCRATCH = "_scratch"  # inside a staging folder: the attempt's bookkeeping, dropped at the commit
 
 
 def _versions() -> dict[str, str]:
@@ -45,13 +57,14 @@ class RunDir:
 
     uri: str
 
+    def __post_init__(self) -> None:
+        refuse_credentials(self.uri, where="run_dir")
+
     @property
     def fs_and_root(self) -> tuple[pafs.FileSystem, str]:
         if "://" in self.uri:
             fs, root = pafs.FileSystem.from_uri(self.uri)
         else:
-            import os
-
             fs, root = pafs.LocalFileSystem(), os.path.abspath(self.uri)
         return fs, root.rstrip("/")
 
@@ -78,11 +91,7 @@ class RunDir:
 
     # ---- small files -------------------------------------------------------------------------
     def write_text(self, rel: str, text: str) -> None:
-        fs = self.fs
-        path = self.path(rel)
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        with fs.open_output_stream(path) as out:
-            out.write(text.encode("utf-8"))
+        write_atomic(self.fs, self.path(rel), text.encode("utf-8"))
 
     def read_text(self, rel: str) -> str:
         with self.fs.open_input_stream(self.path(rel)) as f:
@@ -132,18 +141,37 @@ class RunDir:
 
     # ---- stages ------------------------------------------------------------------------------
     def manifest(self, stage: str) -> dict | None:
-        """The stage's manifest, or None if the stage never finished."""
+        """The stage's manifest, or None if the stage never finished (or its manifest cannot be read)."""
         if not self.exists(stage, MANIFEST):
             return None
-        return self.read_json(f"{stage}/{MANIFEST}")
+        try:
+            manifest = self.read_json(f"{stage}/{MANIFEST}")
+        except ValueError as err:  # empty or truncated: whatever wrote it did not finish
+            log.warning("%s: unreadable manifest (%s): the stage counts as not finished", self.uri_of(stage, MANIFEST), err)
+            return None
+        return manifest if isinstance(manifest, dict) else None
+
+    def damage(self, stage: str, manifest: dict) -> list[str]:
+        """How the stage folder differs from the files its manifest lists; [] when they agree."""
+        if "files" not in manifest:
+            return ["the manifest lists no files (written before manifests did)"]
+        return differences(manifest["files"], self.fs, self.path(stage), skip=(MANIFEST,))
 
     def is_finished(self, stage: str, *, config_hash: str, upstream_hash: str | None) -> bool:
         manifest = self.manifest(stage)
-        return (
-            manifest is not None
-            and manifest.get("config_hash") == config_hash
-            and manifest.get("upstream_hash") == upstream_hash
-        )
+        if manifest is None or manifest.get("config_hash") != config_hash or manifest.get("upstream_hash") != upstream_hash:
+            return False
+        damage = self.damage(stage, manifest)
+        if damage:
+            log.warning("%s: its files do not match its manifest (%s): the stage counts as not finished",
+                        self.uri_of(stage), "; ".join(damage[:3]))
+        return not damage
+
+    @contextlib.contextmanager
+    def lease(self, *, command: str | None = None) -> Iterator[Lease]:
+        """Hold this run directory's writer lease for the block (re-entrant); LeaseError if another has it."""
+        with hold(self.fs, self.root, self.uri_of(), command=command) as holding:
+            yield holding
 
     def begin(self, stage: str) -> "StageWriter":
         """Start a fresh attempt at `stage`: the old manifest goes first, so nothing reads as finished."""
@@ -153,11 +181,6 @@ class RunDir:
         staging = f".staging/{stage}-{uuid.uuid4().hex[:8]}"
         fs.create_dir(self.path(staging), recursive=True)
         return StageWriter(run=self, stage=stage, staging=staging)
-
-    def clean_staging(self) -> None:
-        """Remove leftovers of crashed attempts (they were never committed)."""
-        if self.exists(".staging"):
-            self.fs.delete_dir(self.path(".staging"))
 
 
 @dataclass
@@ -187,44 +210,58 @@ class StageWriter:
     def write_text(self, rel: str, text: str) -> None:
         self.run.write_text(f"{self.staging}/{rel}", text)
 
+    def scratch(self, name: str) -> str:
+        """The URI of a folder for the attempt's own bookkeeping (a pool's ledger): never committed."""
+        self.run.fs.create_dir(self.path(SCRATCH, name), recursive=True)
+        return self.uri(SCRATCH, name)
+
     def write_json(self, rel: str, obj: Any) -> None:
         self.run.write_json(f"{self.staging}/{rel}", obj)
 
     def commit(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        """Move the staging folder into place, then write the manifest LAST."""
+        """Move the staging folder into place, then write the manifest, listing every file, LAST."""
+        holding = held(self.run.uri_of())
+        if holding is not None:
+            holding.check()  # a writer that lost its lease commits nothing
         fs = self.run.fs
+        if fs.get_file_info(self.path(SCRATCH)).type != pafs.FileType.NotFound:
+            fs.delete_dir(self.path(SCRATCH))
         final = self.run.path(self.stage)
         if self.run.exists(self.stage):
             fs.delete_dir(final)
         _move_dir(fs, self.path(), final)
-        staging_root = self.run.path(".staging")
-        if not fs.get_file_info(pafs.FileSelector(staging_root, allow_not_found=True)):
-            fs.delete_dir(staging_root)  # nothing else in flight: leave no empty folder behind
         manifest = {
             "stage": self.stage,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "versions": _versions(),
             **manifest,
+            "files": list_files(fs, final, skip=(MANIFEST,)),
         }
         manifest["manifest_hash"] = hashlib.sha256(
             json.dumps(manifest, sort_keys=True, default=str).encode()
         ).hexdigest()[:16]
         self.run.write_json(f"{self.stage}/{MANIFEST}", manifest)
+        if fs.get_file_info(self.path()).type != pafs.FileType.NotFound:
+            fs.delete_dir(self.path())  # an object store's staging copy, dropped once the commit stands
         return manifest
+
+    def abort(self) -> None:
+        """Drop this attempt's staging folder (a failed attempt leaves nothing behind)."""
+        if self.run.exists(self.staging):
+            self.run.fs.delete_dir(self.path())
 
 
 def _move_dir(fs: pafs.FileSystem, src: str, dst: str) -> None:
     if isinstance(fs, pafs.LocalFileSystem):
         fs.move(src, dst)  # one rename: atomic on a local disk
         return
-    # Object stores have no directory rename: copy every object, then drop the staging copy. The
-    # manifest written after this is still the commit point.
+    # Object stores have no directory rename: copy every object; the staging copy is dropped after the
+    # manifest, the commit point, is written.
     for info in fs.get_file_info(pafs.FileSelector(src, recursive=True)):
         if info.type == pafs.FileType.File:
             target = dst + info.path[len(src):]
             fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
             fs.copy_file(info.path, target)
-    fs.delete_dir(src)
 
 
 def check_schema(table: pa.Table, schema: pa.Schema, *, what: str) -> None:
@@ -251,12 +288,13 @@ def _castable(src: pa.DataType, dst: pa.DataType) -> bool:
     return False
 
 
-def read_parquet_dir(run: RunDir, rel: str) -> pa.Table:
-    """All shards of a stage folder, in file-name order (the order the stage wrote them)."""
+def read_parquet_dir(run: RunDir, rel: str, *, columns: list[str] | None = None) -> pa.Table:
+    """All shards of a stage folder (or only `columns` of them), in file-name order (the order the stage
+    wrote them)."""
     fs = run.fs
     base = run.path(rel)
     infos = [i for i in fs.get_file_info(pafs.FileSelector(base)) if i.path.endswith(".parquet")]
-    tables = [pq.read_table(i.path, filesystem=fs) for i in sorted(infos, key=lambda i: i.path)]
+    tables = [pq.read_table(i.path, filesystem=fs, columns=columns) for i in sorted(infos, key=lambda i: i.path)]
     if not tables:
         raise FileNotFoundError(f"no Parquet shards under {run.uri_of(rel)}")
     return pa.concat_tables(tables)

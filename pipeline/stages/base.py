@@ -4,11 +4,14 @@ A stage is declared once (`Stage`): its name, the stage whose output it reads, t
 decide its output, what it asks of the cluster, and the body that does its work. `execute` is the only
 code that reads the upstream manifest, hashes the config, skips a finished stage, honours --force and
 commits the manifest: the CLI, run planning, sweeps, the resource check and submission ids all read the
-same declarations.
+same declarations. It also holds the run directory's writer lease while the stage runs, refuses an
+upstream whose files no longer match its manifest, drops a failed attempt's staging folder, and turns
+marks every failure with the stage's name (`failed_stage`; the CLI prints `dpo: error: <stage>: ...`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +21,28 @@ from pipeline.runtime.resources import Request
 from pipeline.runtime.storage import RunDir, StageWriter
 
 log = logging.getLogger(__name__)
+
+
+STAGE_ATTRIBUTE = "raydpo_stage"  # set on an exception that escapes a stage: the stage it escaped
+
+
+def failed_stage(err: BaseException) -> str | None:
+    """The stage an exception escaped from (the innermost, for a stage run inside another), else None."""
+    return getattr(err, STAGE_ATTRIBUTE, None)
+
+
+def one_line(err: BaseException, *, limit: int = 600) -> str:
+    """What happened, in one line: Ray's wrappers unwrapped to the error raised in the worker, the
+    exception's type named unless it is one of the plain ones our own messages use."""
+    while isinstance(getattr(err, "cause", None), BaseException):
+        err = err.cause  # RayTaskError and its kin carry the worker's exception here
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if lines and lines[0].startswith("Traceback"):
+        lines = lines[-1:]  # a message that is a traceback: its last line says what happened
+    text = " ".join(lines)
+    if not isinstance(err, (ValueError, RuntimeError, OSError)) or not text:
+        text = f"{type(err).__name__}: {text}".rstrip(": ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _nothing(config: Config) -> None:
@@ -94,6 +119,10 @@ def upstream_manifest(stage: Stage, config: Config, data_dir: RunDir) -> dict | 
     if manifest is None:
         raise RuntimeError(f"{stage.name} needs a finished {name} stage under {data_dir.uri_of(name)}; "
                            f"run `dpo {name}` first")
+    damage = data_dir.damage(name, manifest)
+    if damage:
+        raise RuntimeError(f"{stage.name} reads {data_dir.uri_of(name)}, whose files do not match its manifest "
+                           f"({'; '.join(damage[:3])}); redo it with `dpo run --from-stage {name}`")
     return manifest
 
 
@@ -118,11 +147,32 @@ def execute(stage: Stage, config: Config, *, force: bool = False, data_dir: RunD
     """
     run_dir = out_dir or RunDir(config.run_dir)
     data = data_dir or RunDir(config.run_dir)
+    try:
+        with run_dir.lease():
+            return _attempt(stage, config, force=force, run_dir=run_dir, data=data, upstream_hash=upstream_hash,
+                            body=body or stage.body)
+    except Exception as err:
+        if failed_stage(err) is None:
+            # The error keeps its type (callers catch ValueError, LeaseError, ...); the CLI reads the name.
+            with contextlib.suppress(AttributeError):
+                setattr(err, STAGE_ATTRIBUTE, stage.name)
+        raise
+
+
+def _attempt(stage: Stage, config: Config, *, force: bool, run_dir: RunDir, data: RunDir, upstream_hash: str | None,
+             body: Callable[[StageRun], dict]) -> dict:
+    """One attempt under the lease: skip a finished stage, or run the body and commit; a failed attempt
+    leaves no staging folder behind."""
     upstream = None if upstream_hash else upstream_manifest(stage, config, data)
     tied_to = upstream_hash or fingerprint(stage, config, upstream)
     if not force and is_current(stage, config, run_dir, tied_to):
         log.info("%s: finished already (%s), skipping", stage.name, run_dir.uri_of(stage.name))
         return run_dir.manifest(stage.name)
     run = StageRun(stage, config, run_dir, data, upstream, force)
-    fields = (body or stage.body)(run)
-    return run.writer.commit({"config_hash": stage.config_hash(config), "upstream_hash": tied_to, **fields})
+    try:
+        fields = body(run)
+        return run.writer.commit({"config_hash": stage.config_hash(config), "upstream_hash": tied_to, **fields})
+    except BaseException:
+        if run._writer is not None:
+            run._writer.abort()
+        raise

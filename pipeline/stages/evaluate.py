@@ -43,7 +43,7 @@ from pipeline.evaluation.samples import add_kl_and_reward, completions_to_score,
 from pipeline.evaluation.summary import evaluation_summary
 from pipeline.model.loading import load_tokenizer
 from pipeline.model.scoring import SequenceScorer, scorer_options
-from pipeline.runtime.actors import ActorJobs
+from pipeline.runtime.actors import ActorJobs, actor_options
 from pipeline.runtime.model_copy import local_model
 from pipeline.runtime.resources import Request
 from pipeline.runtime.sampler import sampler_placement, start_sampler, stop_sampler
@@ -81,7 +81,7 @@ class Policy:
 
 
 def sampling_job(model_path: str, prompts: list[list[int]], ev: EvaluateConfig, *, dtype: str, trust_remote_code: bool,
-                 best_of_n: int = 0):
+                 best_of_n: int = 0, retries: int = 0):
     """An ActorJobs job (start, calls) for one model's sampler actor: per temperature, samples_per_prompt
     completions per prompt and, when best_of_n > 0, best_of_n * samples_per_prompt more (answer s owns
     candidates s*N .. s*N+N-1), drawn from seeds of their own so that no candidate is the very sample it
@@ -89,7 +89,7 @@ def sampling_job(model_path: str, prompts: list[list[int]], ev: EvaluateConfig, 
     are in) and returns its name. `split_samples` turns the job's results into (samples, candidates, engine)."""
     def start():
         return start_sampler(ev.engine, model_path, use_gpu=ev.use_gpu, gpus=ev.gpus_per_actor, dtype=dtype,
-                             trust_remote_code=trust_remote_code, kv_cache_gib=ev.vllm_kv_cache_gib)
+                             trust_remote_code=trust_remote_code, kv_cache_gib=ev.vllm_kv_cache_gib, retries=retries)
 
     def calls(actor) -> list:
         refs = []
@@ -130,7 +130,8 @@ def scoring_job(model_path: str, table: pa.Table, *, config: Config):
     ev = config.evaluate
 
     def start():
-        return ray.remote(num_cpus=1, num_gpus=ev.gpus_per_actor if ev.use_gpu else 0)(ModelScorer).remote(
+        options = actor_options(config.ray.max_retries)  # a lost scorer redoes its own table, nothing else
+        return ray.remote(num_cpus=1, num_gpus=ev.gpus_per_actor if ev.use_gpu else 0, **options)(ModelScorer).remote(
             model_path, **scorer_options(config, use_gpu=ev.use_gpu, gpus=ev.gpus_per_actor))
 
     return start, lambda actor: [actor.score.remote(table.select(["prompt_ids", "chosen_ids", "rejected_ids"]))]
@@ -242,7 +243,8 @@ def sample_all_models(config: Config, policies: list[Policy], prompts: list[list
         # Every model's sampler and every policy's held-out scorer, side by side where the cluster has room.
         for model, path in paths.items():
             jobs.submit(("sample", model), *sampling_job(path, prompts, ev, dtype=config.model.dtype,
-                                                         trust_remote_code=config.model.trust_remote_code, best_of_n=best_of[model]))
+                                                         trust_remote_code=config.model.trust_remote_code, best_of_n=best_of[model],
+                                                         retries=config.ray.max_retries))
         if held is not None:
             for p in policies:
                 jobs.submit(("held_out", p.name), *scoring_job(paths[p.name], held, config=config))

@@ -23,6 +23,8 @@ from pipeline.data.kto_pairs import with_kl_completions
 from pipeline.data.schemas import SCORED, SCORED_KTO
 from pipeline.model.losses import needs_reference
 from pipeline.model.scoring import SequenceScorer, scorer_options
+from pipeline.runtime.files import check_same_ids
+from pipeline.runtime.pools import LedgerBatches, named_failures, pool_options
 from pipeline.runtime.resources import Request
 from pipeline.runtime.storage import RunDir, read_parquet_dir
 from pipeline.stages.base import Stage, StageRun
@@ -57,13 +59,43 @@ def scoring_input(run: StageRun, splits: list[str], unpaired: bool):
     return ray.data.from_arrow(tables), SCORED_KTO
 
 
-def write_scored(writer, scored, schema: pa.Schema, upstream: dict) -> dict[str, int]:
+class ReferenceScorer(LedgerBatches):
+    """Ray Data callable class: the reference model, loaded once per actor, scores batches of rows (each
+    noted in the pool's ledger while in flight)."""
+
+    def __init__(self, ledger: str | None = None, **scorer_kwargs):
+        super().__init__(ledger, key="id")
+        self.scorer = SequenceScorer(**scorer_kwargs)
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        return self.scorer(batch)
+
+
+def scoring_pool(ds, config: Config, ledger: str | None):
+    """The dataset through a pool of `score.num_actors` reference scorers; a batch whose actor dies is
+    retried `ray.max_retries` times."""
+    sc = config.score
+    return ds.map_batches(
+        ReferenceScorer,
+        fn_constructor_kwargs=dict(ledger=ledger, model_path=config.model.reference, prefix="ref_",
+                                   **scorer_options(config, use_gpu=sc.use_gpu, gpus=sc.gpus_per_actor)),
+        batch_size=sc.batch_size * 8,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=sc.num_actors),
+        num_gpus=sc.gpus_per_actor if sc.use_gpu else 0,
+        num_cpus=sc.cpus_per_actor,
+        **pool_options(config.ray.max_retries),
+    )
+
+
+def write_scored(writer, scored, schema: pa.Schema, data_dir: RunDir) -> dict[str, int]:
     """Stream results back in order into fixed-size shards per split; returns rows per split.
 
     The pool does the heavy work, the driver only writes, so memory stays bounded and shards are
-    deterministic. Every row of tokenize's splits must come back.
+    deterministic. Every row of tokenize's splits must come back exactly once: the ids written are
+    checked against tokenize's, and a lost or repeated row is an error giving the counts.
     """
-    rows = {s: 0 for s in SPLITS}
+    ids: dict[str, list[str]] = {s: [] for s in SPLITS}
     shard = {s: 0 for s in SPLITS}
     for batch in scored.iter_batches(batch_size=SHARD_ROWS, batch_format="pyarrow"):
         in_eval = pc.match_substring(batch["path"], f"/{UPSTREAM}/eval/")
@@ -72,13 +104,13 @@ def write_scored(writer, scored, schema: pa.Schema, upstream: dict) -> dict[str,
             if part.num_rows:
                 writer.write_table(f"{split}/part-{shard[split]:05d}.parquet", part, schema)
                 shard[split] += 1
-                rows[split] += part.num_rows
+                ids[split] += part["id"].to_pylist()
     for split in SPLITS:
         if shard[split] == 0:
             writer.write_table(f"{split}/part-00000.parquet", schema.empty_table(), schema)
-        if rows[split] != upstream[f"rows_{split}"]:
-            raise RuntimeError(f"score/{split}: {rows[split]} rows scored but tokenize wrote {upstream[f'rows_{split}']}")
-    return rows
+        expected = read_parquet_dir(data_dir, f"{UPSTREAM}/{split}", columns=["id"])["id"].to_pylist()
+        check_same_ids(expected, ids[split], what=f"score/{split} (against tokenize/{split})")
+    return {split: len(ids[split]) for split in SPLITS}
 
 
 def score(run: StageRun) -> dict:
@@ -89,17 +121,9 @@ def score(run: StageRun) -> dict:
     unpaired = is_unpaired(labels)
     check_kto_splits(upstream, unpaired)  # before the writer begins: a refusal leaves a finished stage as it was
     ds, schema = scoring_input(run, splits, unpaired)
-    scored = ds.map_batches(
-        SequenceScorer,
-        fn_constructor_kwargs=dict(model_path=config.model.reference, prefix="ref_",
-                                   **scorer_options(config, use_gpu=sc.use_gpu, gpus=sc.gpus_per_actor)),
-        batch_size=sc.batch_size * 8,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=sc.num_actors),
-        num_gpus=sc.gpus_per_actor if sc.use_gpu else 0,
-        num_cpus=sc.cpus_per_actor,
-    )
-    rows = write_scored(run.writer, scored, schema, upstream)
+    ledger = run.writer.scratch("in_flight")
+    with named_failures(ledger, what="score", retries=config.ray.max_retries):
+        rows = write_scored(run.writer, scoring_pool(ds, config, ledger), schema, run.data_dir)
     log.info("score: %d train + %d eval pairs scored with %s", rows["train"], rows["eval"], config.model.reference)
     return {
         "reference": config.model.reference,

@@ -25,7 +25,7 @@ import ray
 
 from pipeline.config import Config
 from pipeline.model.losses import is_unpaired, loss_weights, needs_reference
-from pipeline.model.train_step import accumulation, total_steps
+from pipeline.model.train_step import NONFINITE_CHOICES, NONFINITE_REPORT, accumulation, total_steps
 from pipeline.runtime.checkpoints import HF_DIR
 from pipeline.runtime.resources import Request
 from pipeline.runtime.tracking import check_trackers, flat_params, tracking_run
@@ -89,6 +89,8 @@ def check_training(config: Config, upstream: dict, *, where: str) -> int:
     train = config.train
     accumulation(train)  # a bad batch layout
     loss_weights(train.loss)  # an unknown loss name
+    if train.nonfinite not in NONFINITE_CHOICES:
+        raise ValueError(f"train.nonfinite: {train.nonfinite!r} is not one of {', '.join(NONFINITE_CHOICES)}")
     check_data_kind(config, upstream, where=where)
     check_trackers(train, config.run_dir)
     if train.batch_size > upstream["rows_train"]:
@@ -155,7 +157,8 @@ def make_trainer(run: StageRun, steps: int):
             name=name,
             storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=0),
+            # A lost worker or node: Ray Train restarts the group from the last checkpoint, in the job.
+            failure_config=FailureConfig(max_failures=train.max_failures),
             worker_runtime_env=WORKER_ENV,
             # Ray Train's INFO lines include one per report, and each logged step is a report; warnings and
             # errors still show, and our own step lines say what a person watching needs.
@@ -164,6 +167,23 @@ def make_trainer(run: StageRun, steps: int):
         datasets={"train": shards},
         dataset_config=ingest_config(train.num_workers),
     )
+
+
+class NonFiniteStepError(RuntimeError):
+    """Training stopped at a step whose loss or gradient norm was NaN or infinite (train.nonfinite: error)."""
+
+
+def check_finite(metrics: dict) -> None:
+    """Raise naming the step and its pairs when the workers stopped at a non-finite loss or gradient norm."""
+    step = metrics.get(NONFINITE_REPORT)
+    if step is None:
+        return
+    ids = metrics.get("pair_ids") or []
+    shown = ", ".join(ids[:8]) + (f" and {len(ids) - 8} more" if len(ids) > 8 else "")
+    raise NonFiniteStepError(
+        f"step {step}: the loss ({metrics.get('loss')}) or the gradient norm ({metrics.get('grad_norm')}) is not "
+        f"finite; the step's pairs: {shown}. The weights are those of step {step - 1}; set train.nonfinite: skip "
+        "to skip such steps and count them")
 
 
 def export_final(run: StageRun, checkpoint) -> list[dict]:
@@ -185,6 +205,7 @@ def train_stage(run: StageRun) -> dict:
     source = upstream_stage(run.config)
     steps = check_training(run.config, run.upstream, where=run.data_dir.uri_of(source))
     result = make_trainer(run, steps).fit()
+    check_finite(result.metrics or {})
     if result.checkpoint is None:
         raise RuntimeError("train: the run ended without a checkpoint")
     history = export_final(run, result.checkpoint)

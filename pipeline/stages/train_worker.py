@@ -29,7 +29,8 @@ from pipeline.config import TrainConfig
 from pipeline.model.loading import load_tokenizer
 from pipeline.model.objectives import objective_for
 from pipeline.model.policy import load_policy, make_optimizer
-from pipeline.model.train_step import Objective, StepResult, accumulation, lr_factor, train_step
+from pipeline.model.train_step import (NONFINITE_REPORT, Objective, StepResult, accumulation, checkpoint_every, lr_factor,
+                                       train_step)
 from pipeline.runtime.checkpoints import read_checkpoint, write_checkpoint, write_export
 from pipeline.runtime.storage import RunDir
 from pipeline.runtime.tracking import MetricsLog, Trackers, TrackingRun, train_metrics
@@ -65,7 +66,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     objective = objective_for(train, pad_id=worker.tokenizer.pad_token_id, device=device,
                               with_reference=loop_config["with_reference"])
     steps, accum = loop_config["total_steps"], accumulation(train)
+    every = checkpoint_every(train, steps)
     stream = micro_batches(ray.train.get_dataset_shard("train"), size=train.micro_batch_size, skip=worker.start_step * accum)
+    skipped = worker.history[-1].get("nonfinite_skipped", 0) if worker.history else 0
     step_log = StepLog(loop_config, worker, objective, steps=steps) if rank == 0 else None
     try:
         for step in range(worker.start_step, steps):
@@ -75,11 +78,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
             result = train_step(worker.model, worker.optimizer, batches, objective=objective, lr=lr,
                                 max_grad_norm=train.max_grad_norm, world=world)
             done = step + 1
+            if not result.updated:
+                if train.nonfinite != "skip":
+                    stop_on_nonfinite(result, batches, step=done, rank=rank, world=world)
+                    return
+                skipped += 1
             logged = done % train.logging_steps == 0 or done == steps
-            checkpoint = done == steps or bool(train.checkpoint_steps and done % train.checkpoint_steps == 0)
+            checkpoint = done == steps or bool(every and done % every == 0)
             if logged:
-                worker.history.append(history_row(result, step=done, epoch=epochs[-1], lr=lr,
-                                                  elapsed=time.perf_counter() - start))
+                row = history_row(result, step=done, epoch=epochs[-1], lr=lr, elapsed=time.perf_counter() - start)
+                worker.history.append(row if train.nonfinite != "skip" else {**row, "nonfinite_skipped": skipped})
                 if step_log:
                     step_log.logged(worker.history[-1])
             if logged or checkpoint:  # the same on every rank: Ray Train needs each rank's every report
@@ -125,6 +133,22 @@ class StepLog:
         self.metrics.flush()
         if self.trackers:
             self.trackers.close()
+
+
+def stop_on_nonfinite(result: StepResult, batches, *, step: int, rank: int, world: int) -> None:
+    """Report the step that went non-finite with the ids of its pairs, and no checkpoint; every worker
+    returns after it (they all saw the same sums), so Ray Train ends the run instead of retrying it.
+
+    The pairs named are those of the workers whose own loss was not finite, or every pair of the step
+    when only the gradient norm was."""
+    mine = ([str(i) for batch in batches for i in batch["id"]], result.local_loss_finite)
+    gathered = [mine]
+    if world > 1:
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, mine)
+    culprits = [i for ids, finite in gathered if not finite for i in ids] or [i for ids, _ in gathered for i in ids]
+    ray.train.report({NONFINITE_REPORT: step, "loss": result.loss_metrics.get("loss"), "grad_norm": result.grad_norm,
+                      "pair_ids": culprits if rank == 0 else []})
 
 
 def set_up(loop_config: dict, train: TrainConfig, *, device: torch.device, rank: int) -> Worker:
