@@ -65,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         if not isinstance(err, USER_ERRORS):
             traceback.print_exception(err)  # the whole story, above the one line that sums it up
-        print(f"dpo: error: {failed_stage(err) or args.command}: {one_line(err)}", file=sys.stderr, flush=True)
+        where = failed_stage(err) or args.command
+        # Messages that already name their stage ("train: ...") are not prefixed twice.
+        print(f"dpo: error: {where}: {one_line(err).removeprefix(f'{where}: ')}", file=sys.stderr, flush=True)
         return 2 if isinstance(err, USER_ERRORS) else 1
 
 
