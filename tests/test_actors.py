@@ -63,7 +63,7 @@ def test_jobs_run_side_by_side_up_to_the_cap_and_return_by_name(caplog):
     caplog.set_level(logging.INFO, logger="pipeline.runtime.actors")
     with ActorJobs(max_actors=2, label="evaluate") as jobs:
         for name in "abcd":
-            jobs.submit(name, *job(1.5, name, started))
+            jobs.submit(name, *job(3.0, name, started))  # long enough to overlap on a loaded machine
         assert len(started) == 2  # the others wait for a slot
         results = jobs.wait_for(["d", "a"])
         assert list(results) == ["d", "a"]
