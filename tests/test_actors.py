@@ -5,14 +5,17 @@ sit: a tensor-parallel vLLM sampler's placement group, checked with logical GPUs
 from __future__ import annotations
 
 import logging
+import os
 import re
+import signal
 import time
+from pathlib import Path
 
 import pytest
 import ray
 
 from pipeline.config import load_config
-from pipeline.runtime.actors import ActorJobs
+from pipeline.runtime.actors import ActorJobError, ActorJobs, actor_options
 from pipeline.runtime.resources import ResourceError, check_resources
 from pipeline.runtime.sampler import sampler_placement, start_placed, stop_sampler
 from pipeline.stages.evaluate import evaluate_requests
@@ -155,3 +158,44 @@ def test_evaluate_asks_for_its_samplers_gpus_on_one_node():
         check_resources(evaluate_requests(load_config(None, [*ev, "evaluate.gpus_per_actor=4"])))
     # On the CPU a vLLM sampler holds 2 CPUs: its engine core's and its worker's.
     assert [r.bundle for r in evaluate_requests(load_config(None, ["evaluate.engine=vllm"]))] == [{"CPU": 2.0}]
+@ray.remote(num_cpus=0.25)
+class Noted:
+    """Each call leaves a file `<name>.<pid>` when it starts: a call redone after a restart leaves two."""
+
+    def __init__(self, folder: str):
+        self.folder = Path(folder)
+
+    def work(self, name: str, seconds: float) -> str:
+        (self.folder / f"{name}.{os.getpid()}").touch()
+        time.sleep(seconds)
+        return name
+
+    def die(self) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_killed_actor_is_restarted_and_redoes_only_its_call_in_flight(tmp_path):
+    def start():
+        return Noted.options(**actor_options(2)).remote(str(tmp_path))
+
+    with ActorJobs(max_actors=2) as jobs:
+        jobs.submit("hurt", start, lambda a: [a.work.remote("first", 0.0), a.work.remote("second", 3.0)])
+        jobs.submit("other", start, lambda a: [a.work.remote("other", 1.0)])
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob("second.*")):
+            assert time.monotonic() < deadline, "the second call never started"
+            time.sleep(0.02)
+        (in_flight,) = tmp_path.glob("second.*")
+        os.kill(int(in_flight.suffix[1:]), signal.SIGKILL)
+        results = jobs.wait_for(["hurt", "other"])
+    assert results == {"hurt": ["first", "second"], "other": ["other"]}
+    calls = sorted(p.stem for p in tmp_path.iterdir())
+    assert calls == ["first", "other", "second", "second"]  # only the killed call ran twice
+
+
+def test_a_call_that_always_kills_its_actor_fails_its_job_by_name(tmp_path):
+    with pytest.raises(ActorJobError, match="job 'poison': its actor died and could not be restarted again"):
+        with ActorJobs(max_actors=1) as jobs:
+            jobs.submit("poison", lambda: Noted.options(**actor_options(1)).remote(str(tmp_path)),
+                        lambda a: [a.die.remote()])
+            jobs.wait_for(["poison"])

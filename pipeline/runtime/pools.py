@@ -9,20 +9,30 @@ stage fails. Errors raised by our own code are never retried: they would only fa
 To name the batch, each actor notes the batch it works on in a ledger folder (one small file per actor
 process, removed when the batch is done). A process that dies leaves its note behind, so when the pool
 fails, the ledger says which batch was in flight in each death.
+
+An actor lost with its node is another matter: Ray cannot tell whether a call to an actor it can no
+longer reach ran, so it fails the pool rather than retry the call. `run_pool` tells the two apart by the
+ledger and starts a pool that lost a node again, on its whole input (bounded by the same count).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
+import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable
+from typing import TypeVar
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 def pool_options(retries: int) -> dict:
     """map_batches keyword arguments: a batch is retried `retries` times after its actor died, then fails."""
@@ -70,21 +80,50 @@ def in_flight(ledger: str) -> Counter:
 
 
 class PoolFailed(RuntimeError):
-    """A pool's batch kept killing its actor; the message names the batch."""
+    """A pool's batch kept killing its actor, or the pool kept losing actors; the message says which."""
 
 
-@contextlib.contextmanager
-def named_failures(ledger: str, *, what: str, retries: int) -> Iterator[None]:
-    """Run a pool inside this block: if an actor's death fails it, the error names the batch in flight."""
-    try:
-        yield
-    except ray.exceptions.RayActorError as err:
-        noted = in_flight(ledger)
-        if not noted:
-            raise PoolFailed(f"{what}: an actor of the pool died and its batch ran out of retries "
-                             f"(ray.max_retries={retries}); no batch was noted in flight") from err
-        (rows, first, last), deaths = noted.most_common(1)[0]
-        raise PoolFailed(
-            f"{what}: the batch of {rows} rows from {first} to {last} was in flight in {deaths} actor death(s) "
-            f"and ran out of retries (ray.max_retries={retries}); look for what kills the process on these rows "
-            "(memory, a crashing kernel)") from err
+def run_pool(work: Callable[[], T], *, ledger: str, what: str, retries: int, reset: Callable[[], None]) -> T:
+    """`work()`: run a pool to its end and return what it gives. When it fails because an actor died:
+
+    - a batch noted in flight in more than `retries` deaths kept killing its actor: PoolFailed names it;
+    - otherwise the actor was lost with its node (Ray cannot tell whether a call to an unreachable actor
+      ran, so it does not retry it): `reset()` drops what the failed run wrote and the pool starts again
+      on the whole input, up to `retries` times.
+    """
+    for attempt in range(retries + 1):
+        nodes = alive_nodes()
+        try:
+            return work()
+        except ray.exceptions.RayActorError as err:
+            noted = in_flight(ledger)
+            worst = noted.most_common(1)[0] if noted else None
+            if worst and worst[1] > retries:
+                (rows, first, last), deaths = worst
+                raise PoolFailed(
+                    f"the batch of {rows} rows from {first} to {last} was in flight in {deaths} actor "
+                    f"deaths and ran out of retries (ray.max_retries={retries}); look for what kills the process on "
+                    "these rows (memory, a crashing kernel)") from err
+            if attempt == retries:
+                raise PoolFailed(f"the {what} pool lost an actor {retries + 1} times, each time with no batch to "
+                                 f"blame (nodes lost?); gave up after ray.max_retries={retries} restarts") from err
+            log.warning("%s: the pool lost an actor (%s), most likely with its node; starting it again (%d of %d)",
+                        what, type(err).__name__, attempt + 1, retries)
+            wait_for_node_loss(nodes)
+            reset()
+    raise AssertionError("unreachable")
+
+
+NODE_LOSS_WAIT_S = 60.0  # longer than Ray's health checks take to declare a silent node dead
+
+
+def alive_nodes() -> set[str]:
+    return {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+
+
+def wait_for_node_loss(before: set[str], *, timeout_s: float = NODE_LOSS_WAIT_S) -> None:
+    """Wait until Ray has declared dead a node that was alive in `before` (or `timeout_s` passed): until
+    then it may still place the new pool's actors on the lost node, and those never start."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not before - alive_nodes():
+        time.sleep(1.0)

@@ -210,6 +210,14 @@ class StageWriter:
     def write_text(self, rel: str, text: str) -> None:
         self.run.write_text(f"{self.staging}/{rel}", text)
 
+    def remove(self, rel: str) -> None:
+        """Drop a file or folder the attempt wrote (a pool that starts again writes its shards anew)."""
+        info = self.run.fs.get_file_info(self.path(rel))
+        if info.type == pafs.FileType.Directory:
+            self.run.fs.delete_dir(self.path(rel))
+        elif info.type == pafs.FileType.File:
+            self.run.fs.delete_file(self.path(rel))
+
     def scratch(self, name: str) -> str:
         """The URI of a folder for the attempt's own bookkeeping (a pool's ledger): never committed."""
         self.run.fs.create_dir(self.path(SCRATCH, name), recursive=True)

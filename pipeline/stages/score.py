@@ -24,7 +24,7 @@ from pipeline.data.schemas import SCORED, SCORED_KTO
 from pipeline.model.losses import needs_reference
 from pipeline.model.scoring import SequenceScorer, scorer_options
 from pipeline.runtime.files import check_same_ids
-from pipeline.runtime.pools import LedgerBatches, named_failures, pool_options
+from pipeline.runtime.pools import LedgerBatches, pool_options, run_pool
 from pipeline.runtime.resources import Request
 from pipeline.runtime.storage import RunDir, read_parquet_dir
 from pipeline.stages.base import Stage, StageRun
@@ -120,10 +120,14 @@ def score(run: StageRun) -> dict:
     labels = {s: label_counts(run.data_dir, s) for s in SPLITS}
     unpaired = is_unpaired(labels)
     check_kto_splits(upstream, unpaired)  # before the writer begins: a refusal leaves a finished stage as it was
-    ds, schema = scoring_input(run, splits, unpaired)
-    ledger = run.writer.scratch("in_flight")
-    with named_failures(ledger, what="score", retries=config.ray.max_retries):
-        rows = write_scored(run.writer, scoring_pool(ds, config, ledger), schema, run.data_dir)
+    writer, ledger = run.writer, run.writer.scratch("in_flight")
+
+    def score_all() -> dict[str, int]:
+        ds, schema = scoring_input(run, splits, unpaired)  # anew for each pool: nothing of a lost one is reused
+        return write_scored(writer, scoring_pool(ds, config, ledger), schema, run.data_dir)
+
+    rows = run_pool(score_all, ledger=ledger, what="score", retries=config.ray.max_retries,
+                    reset=lambda: [writer.remove(split) for split in SPLITS])
     log.info("score: %d train + %d eval pairs scored with %s", rows["train"], rows["eval"], config.model.reference)
     return {
         "reference": config.model.reference,

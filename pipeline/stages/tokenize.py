@@ -23,7 +23,7 @@ from pipeline.data.sources import input_fingerprint, read_inputs
 from pipeline.data.split import finish_outcomes, held_out_rows, with_lengths
 from pipeline.model.loading import context_length, load_tokenizer
 from pipeline.runtime.files import RowsLostError
-from pipeline.runtime.pools import LedgerBatches, named_failures, pool_options
+from pipeline.runtime.pools import LedgerBatches, pool_options, run_pool
 from pipeline.stages.base import Stage, StageRun
 
 log = logging.getLogger(__name__)
@@ -111,8 +111,8 @@ def tokenize(run: StageRun) -> dict:
     check_context(config)
     records, eval_sources = read_inputs(config.data)
     ledger = run.writer.scratch("in_flight")
-    with named_failures(ledger, what="tokenize", retries=config.ray.max_retries):
-        outcomes = tokenize_rows(config, records, ledger)
+    outcomes = run_pool(lambda: tokenize_rows(config, records, ledger), ledger=ledger, what="tokenize",
+                        retries=config.ray.max_retries, reset=lambda: None)
     produced_extra = extra_outcomes(records, outcomes)
     good, rejected = finish_outcomes(outcomes)
     reasons = Counter(rejected["reason"].to_pylist())

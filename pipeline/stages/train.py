@@ -174,7 +174,8 @@ class NonFiniteStepError(RuntimeError):
 
 
 def check_finite(metrics: dict) -> None:
-    """Raise naming the step and its pairs when the workers stopped at a non-finite loss or gradient norm."""
+    """Raise naming the step and its pairs when the workers stopped at a non-finite loss or gradient norm
+    (`metrics`: the run's return value, which then says so)."""
     step = metrics.get(NONFINITE_REPORT)
     if step is None:
         return
@@ -205,7 +206,7 @@ def train_stage(run: StageRun) -> dict:
     source = upstream_stage(run.config)
     steps = check_training(run.config, run.upstream, where=run.data_dir.uri_of(source))
     result = make_trainer(run, steps).fit()
-    check_finite(result.metrics or {})
+    check_finite(result.return_value or {})
     if result.checkpoint is None:
         raise RuntimeError("train: the run ended without a checkpoint")
     history = export_final(run, result.checkpoint)

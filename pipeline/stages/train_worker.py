@@ -53,7 +53,7 @@ class Worker:
         return self.model.module if hasattr(self.model, "module") else self.model
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
+def train_loop_per_worker(loop_config: dict) -> dict | None:
     """The per-worker training function run by Ray Train; `loop_config` is what the train stage's run() passes."""
     train = TrainConfig(**loop_config["train"])
     if train.torch_threads:
@@ -80,8 +80,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             done = step + 1
             if not result.updated:
                 if train.nonfinite != "skip":
-                    stop_on_nonfinite(result, batches, step=done, rank=rank, world=world)
-                    return
+                    return nonfinite_stop(result, batches, step=done, world=world)
                 skipped += 1
             logged = done % train.logging_steps == 0 or done == steps
             checkpoint = done == steps or bool(every and done % every == 0)
@@ -135,9 +134,10 @@ class StepLog:
             self.trackers.close()
 
 
-def stop_on_nonfinite(result: StepResult, batches, *, step: int, rank: int, world: int) -> None:
-    """Report the step that went non-finite with the ids of its pairs, and no checkpoint; every worker
-    returns after it (they all saw the same sums), so Ray Train ends the run instead of retrying it.
+def nonfinite_stop(result: StepResult, batches, *, step: int, world: int) -> dict:
+    """What stops the run at a step that went non-finite: the step, its loss and gradient norm, and its
+    pairs. Every worker returns it (they all saw the same sums) and Ray Train hands rank 0's to the driver
+    as the run's return value: an ended run, not a failure that Ray Train would retry.
 
     The pairs named are those of the workers whose own loss was not finite, or every pair of the step
     when only the gradient norm was."""
@@ -147,8 +147,8 @@ def stop_on_nonfinite(result: StepResult, batches, *, step: int, rank: int, worl
         gathered = [None] * world
         torch.distributed.all_gather_object(gathered, mine)
     culprits = [i for ids, finite in gathered if not finite for i in ids] or [i for ids, _ in gathered for i in ids]
-    ray.train.report({NONFINITE_REPORT: step, "loss": result.loss_metrics.get("loss"), "grad_norm": result.grad_norm,
-                      "pair_ids": culprits if rank == 0 else []})
+    return {NONFINITE_REPORT: step, "loss": result.loss_metrics.get("loss"), "grad_norm": result.grad_norm,
+            "pair_ids": culprits}
 
 
 def set_up(loop_config: dict, train: TrainConfig, *, device: torch.device, rank: int) -> Worker:
