@@ -120,7 +120,7 @@ def setting(tmp_path_factory, tiny_model_dir):
     data = chaos_data(root / "pairs.jsonl")
     overrides = [
         "demo.enabled=false", f"data.path={data}", f"model.path={model}", "model.trust_remote_code=true",
-        "data.eval_fraction=0.2", "tokenize.max_prompt_length=24", "tokenize.max_length=64",
+        "data.eval_fraction=0.2", "tokenize.max_prompt_length=48", "tokenize.max_length=96",
         "score.batch_size=2", "score.cpus_per_actor=1",
         "train.num_workers=2", "train.cpus_per_worker=0.5", "train.batch_size=8", "train.micro_batch_size=4",
         f"train.max_steps={STEPS}", "train.checkpoint_steps=4", "train.learning_rate=1e-3", "train.warmup_steps=0",
