@@ -158,6 +158,8 @@ def test_evaluate_asks_for_its_samplers_gpus_on_one_node():
         check_resources(evaluate_requests(load_config(None, [*ev, "evaluate.gpus_per_actor=4"])))
     # On the CPU a vLLM sampler holds 2 CPUs: its engine core's and its worker's.
     assert [r.bundle for r in evaluate_requests(load_config(None, ["evaluate.engine=vllm"]))] == [{"CPU": 2.0}]
+
+
 @ray.remote(num_cpus=0.25)
 class Noted:
     """Each call leaves a file `<name>.<pid>` when it starts: a call redone after a restart leaves two."""
