@@ -31,8 +31,11 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
 
+from pipeline.runtime.storage import RunDir
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
 
 def pool_options(retries: int) -> dict:
     """map_batches keyword arguments: a batch is retried `retries` times after its actor died, then fails."""
@@ -44,11 +47,10 @@ class LedgerBatches:
     ledger while in flight. `key` is the column that names rows in the note (an id, a source)."""
 
     def __init__(self, ledger: str | None, key: str) -> None:
-        self._ledger = ledger
         self._key = key
         self._note = None
         if ledger is not None:
-            self._fs, root = pafs.FileSystem.from_uri(ledger) if "://" in ledger else (pafs.LocalFileSystem(), ledger)
+            self._fs, root = RunDir(ledger).fs_and_root
             self._note = f"{root}/{socket.gethostname()}-{os.getpid()}.json"
 
     def process(self, batch: pa.Table) -> pa.Table:
@@ -62,14 +64,15 @@ class LedgerBatches:
                 "last": keys[-1].as_py() if len(keys) else None}
         with self._fs.open_output_stream(self._note) as out:
             out.write(json.dumps(note).encode())
-        result = self.process(batch)
-        self._fs.delete_file(self._note)
-        return result
+        try:
+            return self.process(batch)
+        finally:  # an error raised here is no death: only a process that dies leaves its note behind
+            self._fs.delete_file(self._note)
 
 
 def in_flight(ledger: str) -> Counter:
     """How many actor deaths each noted batch was in flight for: {(rows, first, last): deaths}."""
-    fs, root = pafs.FileSystem.from_uri(ledger) if "://" in ledger else (pafs.LocalFileSystem(), ledger)
+    fs, root = RunDir(ledger).fs_and_root
     found: Counter = Counter()
     for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
         if info.type == pafs.FileType.File:
