@@ -28,7 +28,7 @@ from pipeline.runtime.ray_setup import init_ray
 from pipeline.runtime.resources import check_resources
 from pipeline.runtime.storage import RunDir
 from pipeline.stages import STAGE_NAMES, STAGES, by_name, cluster_requests, enabled_stages
-from pipeline.stages.base import fingerprint, is_current, upstream_manifest
+from pipeline.stages.base import check, fingerprint, is_current, upstream_manifest
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def run_stages(config: Config, stages: tuple[str, ...], *, force: bool | frozens
         check_resources(cluster_requests(config, stages))
         for stage in enabled_stages(config):
             if stage.name in stages:
-                stage.check(config)  # e.g. a train run too large for the cluster's GPUs
+                check(stage, config)  # e.g. a train run too large for the cluster's GPUs
         forced = frozenset(stages) if force is True else frozenset(force or ())
         manifests = {}
         if config.demo.enabled and "tokenize" in stages:

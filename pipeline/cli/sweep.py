@@ -26,6 +26,7 @@ from pipeline.cli.plan import run_stages
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.runtime.storage import RunDir
 from pipeline.stages import EVALUATE, SCORE, TRAIN
+from pipeline.stages.base import check
 from pipeline.stages.evaluate import Policy, evaluate_policies
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ def _run(base: Config, sweep: list[Member], data_dir: RunDir, *, force: bool) ->
     scored = next((m.config for m in sweep if SCORE.enabled(m.config)), base)
     run_stages(base.replace(train=scored.train), ("tokenize", "score"), force=force)
     for member in sweep:
-        TRAIN.check(member.config)  # a member too large for the cluster's GPUs fails before any trains
+        check(TRAIN, member.config)  # a member too large for the cluster's GPUs fails before any trains
     slots = min(len(sweep), parallel_slots(base))
     log.info("sweep: %d members, %d training at a time", len(sweep), slots)
     with ThreadPoolExecutor(max_workers=slots) as pool:

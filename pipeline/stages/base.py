@@ -147,16 +147,28 @@ def execute(stage: Stage, config: Config, *, force: bool = False, data_dir: RunD
     """
     run_dir = out_dir or RunDir(config.run_dir)
     data = data_dir or RunDir(config.run_dir)
+    with named_errors(stage.name), run_dir.lease():
+        return _attempt(stage, config, force=force, run_dir=run_dir, data=data, upstream_hash=upstream_hash,
+                        body=body or stage.body)
+
+
+@contextlib.contextmanager
+def named_errors(name: str):
+    """Name stage `name` on an exception that escapes (unless an inner stage is named already)."""
     try:
-        with run_dir.lease():
-            return _attempt(stage, config, force=force, run_dir=run_dir, data=data, upstream_hash=upstream_hash,
-                            body=body or stage.body)
+        yield
     except Exception as err:
         if failed_stage(err) is None:
             # The error keeps its type (callers catch ValueError, LeaseError, ...); the CLI reads the name.
             with contextlib.suppress(AttributeError):
-                setattr(err, STAGE_ATTRIBUTE, stage.name)
+                setattr(err, STAGE_ATTRIBUTE, name)
         raise
+
+
+def check(stage: Stage, config: Config) -> None:
+    """`stage.check`, before anything runs: what it refuses is named after the stage, as in `execute`."""
+    with named_errors(stage.name):
+        stage.check(config)
 
 
 def _attempt(stage: Stage, config: Config, *, force: bool, run_dir: RunDir, data: RunDir, upstream_hash: str | None,

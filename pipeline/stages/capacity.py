@@ -52,7 +52,7 @@ def check_fits(config: Config) -> None:
                   else "; no strategy fits: shorten tokenize.max_length, lower train.micro_batch_size, or "
                        "turn on train.gradient_checkpointing and train.chunked_logps")
     raise ResourceError(
-        f"train: {setup.label} at train.num_workers={train.num_workers} needs {memory.peak / GIB:.1f} GiB per GPU "
+        f"{setup.label} at train.num_workers={train.num_workers} needs {memory.peak / GIB:.1f} GiB per GPU "
         f"(weights {memory.weights / GIB:.1f}, gradients {memory.gradients / GIB:.1f}, optimizer "
         f"{memory.optimizer / GIB:.1f}, activations {memory.activations / GIB:.1f}) but this cluster's GPUs have "
         f"{gpus.gib:.1f} GiB ({gpus.source}), {usable / GIB:.1f} usable{suggestion} (`dpo plan --gpu-gib {gpus.gib:g}` "
