@@ -57,6 +57,13 @@ def test_dpo_train_refuses_a_run_that_cannot_fit_naming_the_numbers(llama8b_conf
     assert not (llama8b_config.parent / "run" / "train.work").exists()  # no worker started
 
 
+def test_dpo_run_refuses_it_before_any_stage_runs_naming_the_train_stage(llama8b_config, capsys):
+    assert main(["run", "--config", str(llama8b_config)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("dpo: error: train: ddp at train.num_workers=1 needs "), last
+    assert not (llama8b_config.parent / "run" / "tokenize").exists()  # refused before tokenize ran
+
+
 def test_a_run_that_fits_passes_and_cpu_runs_are_not_planned(llama8b_config, caplog):
     fits = load_config(llama8b_config, ["train.lora={r: 16}"])
     with caplog.at_level(logging.INFO, logger="pipeline.stages.capacity"):
