@@ -31,7 +31,7 @@ pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "pipeline"
 
-# The rule, in one place. TIERS: sub-package -> tier ("config" is the module pipeline/config.py).
+# The rule, in one place. TIERS: sub-package -> tier ("config" is pipeline/config/, the typed config).
 TIERS = {"config": 0, "data": 1, "model": 1, "runtime": 2, "evaluation": 2, "stages": 3, "demo": 4, "cli": 4}
 SAME_TIER_ALLOWED = {("cli", "demo")}  # (importer, imported): the only import across packages of one tier
 NO_RAY = {"config", "data", "model", "evaluation"}  # ray imported nowhere in these
