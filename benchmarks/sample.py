@@ -39,7 +39,7 @@ DEMO = common.Shape("demo", "gpt2", hidden=128, layers=2, heads=4, kv_heads=4, m
 SHAPES = {"demo": DEMO, **common.SHAPES}
 
 
-def save_synthetic_model(shape: common.Shape, path: str, device: torch.device) -> None:
+def save_synthetic_model(shape: common.Shape, path: str) -> None:
     """Random weights of `shape` and a word-level tokenizer over its vocabulary (w0 pad, w1 bos, w2 eos)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -123,7 +123,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model or tmp
         if args.model is None:
-            save_synthetic_model(shape, tmp, device)
+            save_synthetic_model(shape, tmp)
         from pipeline.model.loading import load_tokenizer
 
         prompts = synthetic_prompts(shape, len(load_tokenizer(path)), args.prompts)

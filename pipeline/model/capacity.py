@@ -34,12 +34,12 @@ from dataclasses import dataclass
 
 from pipeline.config import Config, LoraConfig, TrainConfig
 from pipeline.model.loading import read_model_config
+from pipeline.model.losses import reads_rejected
 
 GIB = 1024**3
 USABLE_FRACTION = 0.9
 MAX_GPUS = 4096  # the fewest-GPUs search stops here: beyond, "does not fit"
 LLAMA_STYLE = ("llama", "mistral", "qwen2")  # decoders whose layers the activation model was measured on
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class CapacityError(ValueError):
@@ -120,11 +120,12 @@ class ModelShape:
         """The linears of one layer that `lora` adapts; an error names targets the model lacks."""
         if lora.target_modules == "all-linear":
             return self.linears()
-        unknown = [t for t in lora.target_modules if t not in LINEAR_NAMES]
+        linears = self.linears()
+        unknown = [t for t in lora.target_modules if t not in linears]
         if unknown:
             raise CapacityError(f"train.lora.target_modules: {', '.join(unknown)} not in a {self.model_type} "
-                                f"decoder layer (its linears: {', '.join(LINEAR_NAMES)})")
-        return {name: shape for name, shape in self.linears().items() if name in lora.target_modules}
+                                f"decoder layer (its linears: {', '.join(linears)})")
+        return {name: shape for name, shape in linears.items() if name in lora.target_modules}
 
     def lora_layer_params(self, lora: LoraConfig) -> int:
         """Adapter parameters of one layer: r x (in + out) per adapted linear."""
@@ -158,8 +159,7 @@ class Workload:
     def of(cls, train: TrainConfig, *, max_length: int) -> Workload:
         """The workload of `train` at `max_length` tokens a sequence: a pair is two sequences (chosen and
         rejected), an sft or KTO row one (KTO's mismatched pass runs without gradients and saves nothing)."""
-        names = [train.loss] if isinstance(train.loss, str) else list(train.loss)
-        per_row = 1 if names in (["sft"], ["kto"]) else 2
+        per_row = 2 if reads_rejected(train.loss) else 1
         micro_batches = train.batch_size // max(1, train.num_workers * train.micro_batch_size)
         return cls(tokens=per_row * train.micro_batch_size * max_length,
                    chunk_size=train.logps_chunk_size if train.chunked_logps else None,

@@ -22,6 +22,12 @@ from pipeline.config import LoraConfig
 ADAPTER = "default"  # PEFT's name for the one adapter we train
 
 
+def base_key(key: str) -> str:
+    """A PEFT model's state-dict key -> the same tensor's key in the base model's checkpoint files
+    (PEFT's wrapper adds a prefix and, on an adapted linear, `base_layer`)."""
+    return key.removeprefix("base_model.model.").replace(".base_layer.", ".")
+
+
 def add_adapters(model: torch.nn.Module, lora: LoraConfig, *, base_path: str) -> torch.nn.Module:
     """Wrap `model` in PEFT with `lora`'s adapters (fp32, whatever the base's dtype); the base is frozen."""
     try:
@@ -60,15 +66,12 @@ def split_export(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> tupl
     adapter's own tensors under the names PEFT saves them with)."""
     from peft import get_peft_model_state_dict
 
-    merged = {}
-    for key, value in state.items():
-        if "lora_" not in key:
-            merged[key.removeprefix("base_model.model.").replace(".base_layer.", ".")] = value.clone()
+    merged = {base_key(key): value for key, value in state.items() if "lora_" not in key}  # read, never written
     for prefix, module in lora_modules(model).items():
         a, b = state[f"{prefix}.lora_A.{ADAPTER}.weight"], state[f"{prefix}.lora_B.{ADAPTER}.weight"]
         delta = (b.double() @ a.double()) * module.scaling[ADAPTER]
         if getattr(module, "fan_in_fan_out", False):  # GPT-2's Conv1D keeps its weight as (in, out)
             delta = delta.T
-        name = prefix.removeprefix("base_model.model.") + ".weight"
+        name = base_key(prefix) + ".weight"
         merged[name] = (merged[name].double() + delta).to(merged[name].dtype)
     return merged, get_peft_model_state_dict(model, state_dict=state, adapter_name=ADAPTER)

