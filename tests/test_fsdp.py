@@ -106,3 +106,19 @@ def test_checkpoint_shards_are_per_rank(fsdp_runs):
     _, out = fsdp_runs
     names = {rank: sorted(p.name for p in (out / "full" / f"checkpoint-rank{rank}" / "state").iterdir()) for rank in (0, 1)}
     assert names == {0: [".metadata", "__0_0.distcp"], 1: ["__1_0.distcp"]}
+
+
+def test_a_model_built_on_meta_keeps_the_checkpoints_generation_config(llama_dir, tmp_path):
+    """The fsdp export saves the generation config of the model built on meta: it must be the base's own
+    generation_config.json (extra end-of-turn tokens, say), which samplers read their stop tokens from."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    from pipeline.model.sharding import build_on_meta
+
+    base = tmp_path / "base"
+    shutil.copytree(llama_dir, base)
+    GenerationConfig(eos_token_id=[2, 7], max_new_tokens=17).save_pretrained(base)
+    model = build_on_meta(str(base), dtype=torch.float32)
+    assert model.generation_config.eos_token_id == [2, 7] and model.generation_config.max_new_tokens == 17

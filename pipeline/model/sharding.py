@@ -61,13 +61,20 @@ def parameters_on_meta() -> Iterator[None]:
 
 def build_on_meta(path: str, *, dtype: torch.dtype, trust_remote_code: bool = False,
                   attn_implementation: str | None = None) -> torch.nn.Module:
-    """The causal LM of `path`'s config.json with its parameters on the meta device (see parameters_on_meta)."""
-    from transformers import AutoConfig, AutoModelForCausalLM  # slow: imported where a model is built
+    """The causal LM of `path`'s config.json with its parameters on the meta device (see parameters_on_meta),
+    and `path`'s generation config where it has one, as from_pretrained would give (the export saves it,
+    and samplers read their stop tokens from it)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig  # slow: imported where a model is built
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     with parameters_on_meta():
-        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    except OSError:  # none saved: from_config's, derived from config.json, is what from_pretrained gives too
+        pass
+    return model
 
 
 def mixed_precision(device: torch.device) -> MixedPrecisionPolicy:
