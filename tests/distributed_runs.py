@@ -9,8 +9,6 @@ gloo process group (fully_shard runs on CPU there), each calling a function of t
 from __future__ import annotations
 
 import json
-import os
-import socket
 from pathlib import Path
 
 import torch
@@ -74,10 +72,9 @@ def merge_rank_dirs(out: Path, world: int) -> Path:
     return merged
 
 
-def _worker(rank: int, world: int, port: int, fn_name: str, kwargs: dict, result_file: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank: int, world: int, store: str, fn_name: str, kwargs: dict, result_file: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         result = globals()[fn_name](rank=rank, world=world, **kwargs)
         if rank == 0:
@@ -88,10 +85,10 @@ def _worker(rank: int, world: int, port: int, fn_name: str, kwargs: dict, result
 
 def spawn(fn_name: str, *, world: int, result_file: Path, **kwargs):
     """Run `fn_name(rank=, world=, **kwargs)` of this module in `world` processes over gloo; rank 0's result."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(world, port, fn_name, kwargs, str(result_file)), nprocs=world)
+    # Rendezvous through a file, not a port picked in advance that another process may take meanwhile.
+    store = result_file.with_name(result_file.name + ".store")
+    store.unlink(missing_ok=True)
+    mp.spawn(_worker, args=(world, str(store), fn_name, kwargs, str(result_file)), nprocs=world)
     return json.loads(result_file.read_text())
 
 
