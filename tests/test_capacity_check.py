@@ -14,7 +14,7 @@ from pipeline.cli.main import main
 from pipeline.config import load_config
 from pipeline.runtime.gpus import cluster_gpu_memory
 from pipeline.stages.capacity import check_fits
-from tests.test_capacity import LLAMA_8B
+from test_capacity import LLAMA_8B
 
 pytestmark = pytest.mark.stage
 

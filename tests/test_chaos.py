@@ -47,7 +47,7 @@ from pipeline.config import RayConfig
 from pipeline.runtime.ray_setup import init_ray
 from pipeline.runtime.storage import RunDir, read_parquet_dir
 from tests.chaos_model import make_chaos_model_dir
-from tests.conftest import write_pairs
+from conftest import write_pairs
 
 pytestmark = pytest.mark.chaos
 ROOT = Path(__file__).parent.parent

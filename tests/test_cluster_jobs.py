@@ -32,7 +32,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
-from tests.conftest import write_pairs
+from conftest import write_pairs
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).parent.parent

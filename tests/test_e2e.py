@@ -17,8 +17,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.test_api_judge import KEY_ENV, SECRET, TEMPLATE, FakeChatServer
-from tests.test_engines import needs_vllm
+from test_api_judge import KEY_ENV, SECRET, TEMPLATE, FakeChatServer
+from test_engines import needs_vllm
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).parent.parent

@@ -13,7 +13,7 @@ from pipeline.data.sources import input_fingerprint
 from pipeline.stages import STAGE_NAMES as STAGES
 from pipeline.stages import by_name
 from pipeline.runtime.storage import RunDir
-from tests.conftest import write_pairs
+from conftest import write_pairs
 
 pytestmark = pytest.mark.unit
 NO_SCORE = ("tokenize", "train", "evaluate")

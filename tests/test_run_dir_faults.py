@@ -268,7 +268,7 @@ def test_sweep_values_that_name_one_member_are_refused(tmp_path):
 
 def test_a_second_dpo_on_a_run_dir_being_written_ends_in_one_error_line(tmp_path, tiny_model_dir, capsys):
     from pipeline.cli.main import main
-    from tests.conftest import write_pairs
+    from conftest import write_pairs
 
     run_dir = tmp_path / "run"
     ready = tmp_path / "ready"

@@ -17,7 +17,7 @@ from pipeline.stages.evaluate import Policy, held_out_measures
 from pipeline.config import load_config
 from pipeline.runtime.storage import RunDir, read_parquet_dir
 from pipeline.runtime.tracking import TrackingRun
-from tests.conftest import write_dataset_dict, write_pairs
+from conftest import write_dataset_dict, write_pairs
 
 pytestmark = pytest.mark.stage
 
@@ -260,7 +260,7 @@ def write_unpaired(path, n: int) -> None:
     """n unpaired rows, every third one labelled undesirable."""
     import random
 
-    from tests.conftest import CORPUS
+    from conftest import CORPUS
 
     rng = random.Random(1)
     rows = [{"prompt": f"review {i}:", "completion": " " + rng.choice(CORPUS), "label": i % 3 != 0} for i in range(n)]
