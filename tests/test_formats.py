@@ -11,9 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import ConfigError, DataConfig
-from pipeline.data.sources import RECORD_SCHEMA, InputError, read_inputs, read_records
-from tests.conftest import write_dataset_dict, write_save_to_disk
+import pipeline.cli.plan as plan
+import pipeline.data.sources as sources
+from pipeline.config import ConfigError, DataConfig, load_config
+from pipeline.data.sources import RECORD_SCHEMA, InputError, hub_dataset, input_fingerprint, read_inputs, read_records
+from conftest import write_dataset_dict, write_save_to_disk
 
 pytestmark = pytest.mark.unit
 
@@ -349,3 +351,36 @@ def test_hub_without_datasets_package_is_an_input_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(InputError, match="datasets"):
         read_records("someone/prefs")
+
+
+def test_hub_dataset_is_one_rule_for_what_names_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert hub_dataset("hf://datasets/someone/prefs") == "someone/prefs"
+    assert hub_dataset("hf://datasets/someone/prefs/") == "someone/prefs"
+    assert hub_dataset("someone/prefs") == "someone/prefs"  # no such local path
+    for not_hub in ("hf://datasets/", "hf://models/x/y", "s3://b/k", "data/train.jsonl", "some/dir/train.jsonl",
+                    "Data/Train.PARQUET", "prefs", "/abs/prefs"):
+        assert hub_dataset(not_hub) is None, not_hub
+    (tmp_path / "someone" / "prefs").mkdir(parents=True)
+    assert hub_dataset("someone/prefs") is None  # a local path wins
+
+
+def test_a_missing_data_file_is_refused_before_ray_starts(tmp_path, monkeypatch):
+    """"data/train.jsonl" has the shape of owner/name, but names a data file: missing, not a hub dataset."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(plan, "init_ray", lambda *a, **k: pytest.fail("Ray started before the input was checked"))
+    for missing in ("data/train.jsonl", "some/dir/train.jsonl"):
+        config = load_config(None, [f"run_dir={tmp_path / 'run'}", f"data.path={missing}"])
+        with pytest.raises(InputError, match=f"{missing}: no such file or directory"):
+            plan.run_stages(config, ("tokenize",), force=False)
+    for present in ("someone/prefs", "hf://datasets/someone/prefs"):  # hub datasets: read later, by `datasets`
+        plan.check_input(present)
+
+
+def test_fingerprint_of_a_hub_dataset_is_its_name_with_no_network(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sources, "pafs", None)  # any pyarrow filesystem (hf:// lists over the network) fails
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    by_uri = input_fingerprint("hf://datasets/someone/prefs")
+    assert by_uri == input_fingerprint("someone/prefs")  # the same dataset, the same name hashed
+    assert by_uri != input_fingerprint("hf://datasets/someone/other")

@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass
 
 from pipeline.config import Config, ConfigError
-from pipeline.data.sources import InputError, is_hub_name
+from pipeline.data.sources import InputError, hub_dataset
 from pipeline.demo.prepare import DEMO
 from pipeline.runtime.ray_setup import init_ray
 from pipeline.runtime.resources import check_resources
@@ -157,5 +157,5 @@ def run_stages(config: Config, stages: tuple[str, ...], *, force: bool | frozens
 def check_input(path: str) -> None:
     if not path:
         raise InputError("data.path is not set: name a JSONL/Parquet file, a directory, or a hub dataset")
-    if "://" not in path and not os.path.exists(path) and not is_hub_name(path):
+    if "://" not in path and not os.path.exists(path) and hub_dataset(path) is None:
         raise InputError(f"{path}: no such file or directory (data.path)")

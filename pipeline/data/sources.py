@@ -27,15 +27,25 @@ from pipeline.data.files import KNOWN_SUFFIXES, list_directory, read_directory, 
 from pipeline.data.hf_datasets import DEFAULT_SPLIT, is_saved_dataset, read_hub, read_saved
 from pipeline.data.records import RECORD_SCHEMA, InputError, Record, record_table
 
-__all__ = ["RECORD_SCHEMA", "InputError", "input_fingerprint", "is_hub_name", "read_inputs", "read_records"]
+__all__ = ["RECORD_SCHEMA", "InputError", "hub_dataset", "input_fingerprint", "read_inputs", "read_records"]
 
 _HUB_PREFIX = "hf://datasets/"
 _BARE_HUB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
-def is_hub_name(path: str) -> bool:
-    """True for `owner/name`, which is read as a hub dataset when no such local path exists."""
-    return bool(_BARE_HUB_NAME.match(path))
+def hub_dataset(path: str) -> str | None:
+    """The hub dataset `path` names, or None when it names none.
+
+    "hf://datasets/<owner>/<name>" names <owner>/<name>. A bare "<owner>/<name>" names itself when it is
+    no local path and does not end in a data-file suffix: "data/train.jsonl" stays a (missing) file.
+    The one rule for reading (`read_records`), fingerprinting (`input_fingerprint`) and the CLI's check
+    that the input exists before Ray starts.
+    """
+    if path.startswith(_HUB_PREFIX):
+        return path[len(_HUB_PREFIX):].strip("/") or None
+    if _BARE_HUB_NAME.match(path) and not path.lower().endswith(KNOWN_SUFFIXES) and not os.path.exists(path):
+        return path
+    return None
 
 
 def read_records(path: str, *, filesystem: pafs.FileSystem | None = None, split: str | None = None) -> pa.Table:
@@ -51,21 +61,20 @@ def read_records(path: str, *, filesystem: pafs.FileSystem | None = None, split:
     """
     if filesystem is not None:
         return record_table(path, _read_path(filesystem, path, path, split))
+    name = hub_dataset(path)
     if path.startswith("hf://"):
-        if not path.startswith(_HUB_PREFIX) or len(path) == len(_HUB_PREFIX):
+        if name is None:
             raise InputError(f"{path}: hub paths look like hf://datasets/<owner>/<name>")
-        return record_table(path, read_hub(path[len(_HUB_PREFIX):].strip("/"), split))
+        return record_table(path, read_hub(name, split))
     if "://" in path:
         try:
             filesystem, inner = pafs.FileSystem.from_uri(path)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, ValueError) as exc:
             raise InputError(f"{path}: cannot open this URI with pyarrow: {exc}") from exc
         return record_table(path, _read_path(filesystem, inner, path, split))
-    inner = os.path.abspath(path)
-    # "owner/name" with no such local path is a hub dataset; "dir/file.jsonl" stays a missing file.
-    if is_hub_name(path) and not path.lower().endswith(KNOWN_SUFFIXES) and not os.path.exists(inner):
-        return record_table(path, read_hub(path, split, bare=True))
-    return record_table(path, _read_path(pafs.LocalFileSystem(), inner, path, split))
+    if name is not None:  # "owner/name" with no such local path; "dir/file.jsonl" stays a missing file
+        return record_table(path, read_hub(name, split, bare=True))
+    return record_table(path, _read_path(pafs.LocalFileSystem(), os.path.abspath(path), path, split))
 
 
 def _read_path(filesystem: pafs.FileSystem, inner: str, display: str, split: str | None) -> Iterator[Record]:
@@ -102,8 +111,12 @@ def read_inputs(data: DataConfig) -> tuple[pa.Table, frozenset[str] | None]:
 def input_fingerprint(path: str) -> str:
     """Hash of the input files' names, sizes and modification times: a changed input reruns the stage.
 
-    A name that is neither a local path nor a URI is taken as a hub dataset and hashed by name.
+    A hub dataset (`hub_dataset`) is hashed by its name, with no network access; so is a missing local
+    path, which is not refused here: reading it raises `InputError` (and `dpo` checks it before Ray starts).
     """
+    name = hub_dataset(path)
+    if name is not None:
+        return hashlib.sha256(name.encode()).hexdigest()[:16]
     if "://" in path:
         fs, root = pafs.FileSystem.from_uri(path)
     elif os.path.exists(path):

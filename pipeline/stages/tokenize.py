@@ -139,5 +139,5 @@ TOKENIZE = Stage(
     name="tokenize",
     sections=("data", "tokenize", "model.path", "model.trust_remote_code"),
     body=tokenize,
-    input_hash=lambda config: input_fingerprint(config.data.path),  # raises InputError naming a missing input
+    input_hash=lambda config: input_fingerprint(config.data.path),  # never raises for a missing input: reading does
 )
