@@ -63,3 +63,46 @@ def test_strict_makes_chosen_reasons_fatal():
         check_strict(True, Counter({"empty_prompt": 2}))
     with pytest.raises(ValueError, match="too_long: 1"):
         check_strict(["too_long"], Counter({"too_long": 1, "empty_prompt": 2}))
+
+
+class CountingTokenizer:
+    """A real tokenizer that records every text it is asked to tokenize (a spy: it answers as the tokenizer does)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.seen: list[str] = []
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+    def __call__(self, texts, **kwargs):
+        self.seen.extend(texts)
+        return self.tokenizer(texts, **kwargs)
+
+
+def test_a_batch_tokenizes_each_distinct_text_once():
+    """A scored row's prompt and completions recur across its pairs: each text is tokenized once, and the
+    pairs' ids come out as if each had been tokenized alone."""
+    import json
+
+    from conftest import CORPUS
+
+    from pipeline.data.encode import process_records
+    from pipeline.data.records import RECORD_SCHEMA
+    from pipeline.demo.tiny_model import train_tokenizer
+
+    row = {"prompt": "Q: ", "completions": [{"text": "hi", "score": 3}, {"text": "ok", "score": 2},
+                                            {"text": "no", "score": 1}]}
+    pair = {"prompt": "Q: ", "chosen": "hi", "rejected": "no"}  # the same texts again, in another row
+    table = pa.table({"source": ["f:1", "f:2"], "raw": [json.dumps(row), json.dumps(pair)], "read_error": [None, None]},
+                     schema=RECORD_SCHEMA)
+    tokenizer = CountingTokenizer(train_tokenizer(CORPUS * 20, vocab_size=300))
+    out = process_records(table, tokenizer, pairing="all_pairs", max_prompt_length=64, max_length=128)
+    assert sorted(tokenizer.seen) == sorted(["Q: ", "Q: hi", "Q: ok", "Q: no"])
+    alone = {text: tokenizer.tokenizer(text, add_special_tokens=False)["input_ids"] for text in tokenizer.seen}
+    eos = [tokenizer.eos_token_id]
+    response = lambda text: alone["Q: " + text][len(alone["Q: "]):] + eos  # noqa: E731
+    assert out["reason"].to_pylist() == [None] * 4
+    assert out["prompt_ids"].to_pylist() == [alone["Q: "]] * 4
+    assert out["chosen_ids"].to_pylist() == [response(t) for t in ("hi", "hi", "ok", "hi")]
+    assert out["rejected_ids"].to_pylist() == [response(t) for t in ("ok", "no", "no", "no")]

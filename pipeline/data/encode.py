@@ -118,12 +118,18 @@ def _record_outcomes(record: tuple[str, str, str | None], renderer: ChatRenderer
 
 
 def _encode(tokenizer, examples: list[Example]) -> Iterator[list[list[int]]]:
-    """Per example, [prompt ids, then each whole text's (prompt + response) ids], all from one tokenizer call."""
-    texts = [text for e in examples for text in [e.prompt, *(e.prompt + r for r in e.responses)]]
+    """Per example, [prompt ids, then each whole text's (prompt + response) ids], all from one tokenizer call.
+
+    Each distinct text is tokenized once (a scored row's prompt and completions recur across its pairs), so
+    examples may share id lists: `TokenRules.apply` only reads them, never changes them in place.
+    """
+    per_example = [[e.prompt, *(e.prompt + r for r in e.responses)] for e in examples]
+    texts = list(dict.fromkeys(text for group in per_example for text in group))
     # truncation=False overrides any truncation a loaded tokenizer.json switched on: we cut, by our rules.
-    ids = iter(tokenizer(texts, add_special_tokens=False, truncation=False)["input_ids"] if texts else [])
-    for example in examples:
-        yield [next(ids) for _ in range(1 + len(example.responses))]
+    ids = tokenizer(texts, add_special_tokens=False, truncation=False)["input_ids"] if texts else []
+    by_text = dict(zip(texts, ids))
+    for group in per_example:
+        yield [by_text[text] for text in group]
 
 
 def _check_config(options: _RowOptions, max_prompt_length: int, max_length: int) -> None:
