@@ -65,10 +65,6 @@ def _row(key: str, model: str, reply: Reply) -> dict:
             "output_tokens": reply.output_tokens, "label_logprobs": reply.label_logprobs, "created": time.time()}
 
 
-def _reply(text: str, input_tokens: int | None, output_tokens: int | None, label_logprobs: dict | None) -> Reply:
-    return Reply(text=text, input_tokens=input_tokens, output_tokens=output_tokens, label_logprobs=label_logprobs)
-
-
 class SqliteCache:
     """One row per reply, committed as it is written."""
 
@@ -90,14 +86,13 @@ class SqliteCache:
         if found is None:
             return None
         text, input_tokens, output_tokens, logprobs = found
-        return _reply(text, input_tokens, output_tokens, None if logprobs is None else json.loads(logprobs))
+        return Reply(text, input_tokens, output_tokens, None if logprobs is None else json.loads(logprobs))
 
     def put(self, key: str, model: str, reply: Reply) -> None:
-        row = _row(key, model, reply)
         logprobs = None if reply.label_logprobs is None else json.dumps(reply.label_logprobs)
         self._db.execute("INSERT OR REPLACE INTO replies (key, model, text, input_tokens, output_tokens, created, "
                          "label_logprobs) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                         (key, model, reply.text, reply.input_tokens, reply.output_tokens, row["created"], logprobs))
+                         (key, model, reply.text, reply.input_tokens, reply.output_tokens, time.time(), logprobs))
 
     def close(self) -> None:
         self._db.close()
@@ -124,7 +119,7 @@ class JsonlCache:
         row = self._rows.get(key)
         if row is None:
             return None
-        return _reply(row["text"], row.get("input_tokens"), row.get("output_tokens"), row.get("label_logprobs"))
+        return Reply(row["text"], row.get("input_tokens"), row.get("output_tokens"), row.get("label_logprobs"))
 
     def put(self, key: str, model: str, reply: Reply) -> None:
         row = _row(key, model, reply)

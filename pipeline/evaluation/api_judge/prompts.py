@@ -8,6 +8,9 @@ from pipeline.evaluation.judges import Verdict
 
 TASKS = ("summarization", "dialogue", "generic")
 
+# A choice as written (any case) to its Verdict: shared with the JSON and log-prob readings (verdicts.py).
+LABELS: dict[str, Verdict] = {"a": "A", "b": "B", "tie": "tie"}
+
 # Each template is one user message. The answers are labelled A and B; the last line of the reply carries
 # the verdict, after a one-sentence comparison (asking for a reason first tends to steady the verdict).
 _ANSWER_FORMAT = (
@@ -97,16 +100,10 @@ def parse_verdict(text: str | None) -> Verdict:
             continue
         if _OTHER_CHOICE.search(match.group(2)):
             continue
-        return _verdict(match.group(1))
+        return LABELS.get(match.group(1).lower(), "unparsed")
     nonempty = [line for line in lines if line]
     if len(nonempty) == 1:
         match = _BARE_VERDICT.match(nonempty[0])
         if match:
-            return _verdict(match.group(1))
+            return LABELS.get(match.group(1).lower(), "unparsed")
     return "unparsed"
-
-
-def _verdict(choice: str) -> Verdict:
-    """A matched choice ("a", "B", "Tie", ...) as a Verdict."""
-    choice = choice.lower()
-    return "tie" if choice == "tie" else choice.upper()  # type: ignore[return-value]

@@ -19,7 +19,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pipeline.evaluation.api_judge.prompts import parse_verdict
+from pipeline.evaluation.api_judge.prompts import LABELS, parse_verdict
 from pipeline.evaluation.judges import Verdict
 
 VERDICT_MODES = ("json", "logprobs", "text")
@@ -37,7 +37,6 @@ VERDICT_SCHEMA = {
     "additionalProperties": False,
 }
 
-LABELS: dict[str, Verdict] = {"a": "A", "b": "B", "tie": "tie"}
 TOP_LOGPROBS = 5  # alternatives asked per position: the three labels and room for their spellings
 
 _MARKUP = re.compile(r"[*_`#>~\"'()\[\]]")
