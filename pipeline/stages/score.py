@@ -14,8 +14,6 @@ import logging
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import ray
 
 from pipeline.config import Config
@@ -26,7 +24,7 @@ from pipeline.model.scoring import SequenceScorer, scorer_options
 from pipeline.runtime.files import check_same_ids
 from pipeline.runtime.pools import LedgerBatches, pool_options, run_pool
 from pipeline.runtime.resources import Request
-from pipeline.runtime.storage import RunDir, read_parquet_dir
+from pipeline.runtime.storage import read_parquet_dir
 from pipeline.stages.base import Stage, StageRun
 
 log = logging.getLogger(__name__)
@@ -88,12 +86,12 @@ def scoring_pool(ds, config: Config, ledger: str | None):
     )
 
 
-def write_scored(writer, scored, schema: pa.Schema, data_dir: RunDir) -> dict[str, int]:
+def write_scored(writer, scored, schema: pa.Schema, expected: dict[str, list[str]]) -> dict[str, int]:
     """Stream results back in order into fixed-size shards per split; returns rows per split.
 
     The pool does the heavy work, the driver only writes, so memory stays bounded and shards are
     deterministic. Every row of tokenize's splits must come back exactly once: the ids written are
-    checked against tokenize's, and a lost or repeated row is an error giving the counts.
+    checked against tokenize's (`expected`, per split), and a lost or repeated row is an error giving the counts.
     """
     ids: dict[str, list[str]] = {s: [] for s in SPLITS}
     shard = {s: 0 for s in SPLITS}
@@ -108,23 +106,25 @@ def write_scored(writer, scored, schema: pa.Schema, data_dir: RunDir) -> dict[st
     for split in SPLITS:
         if shard[split] == 0:
             writer.write_table(f"{split}/part-00000.parquet", schema.empty_table(), schema)
-        expected = read_parquet_dir(data_dir, f"{UPSTREAM}/{split}", columns=["id"])["id"].to_pylist()
-        check_same_ids(expected, ids[split], what=f"score/{split} (against tokenize/{split})")
+        check_same_ids(expected[split], ids[split], what=f"score/{split} (against tokenize/{split})")
     return {split: len(ids[split]) for split in SPLITS}
 
 
 def score(run: StageRun) -> dict:
     """Score `<run_dir>/tokenize/{train,eval}` into `<run_dir>/score/{train,eval}`."""
-    config, upstream, sc = run.config, run.upstream, run.config.score
+    config, upstream = run.config, run.upstream
     splits = [s for s in SPLITS if upstream[f"rows_{s}"] > 0]
-    labels = {s: label_counts(run.data_dir, s) for s in SPLITS}
+    tokenized = {s: read_parquet_dir(run.data_dir, f"{UPSTREAM}/{s}", columns=["id", "label"]) for s in SPLITS}
+    labels = {s: label_counts(tokenized[s]) for s in SPLITS}
+    expected = {s: tokenized[s]["id"].to_pylist() for s in SPLITS}
+    del tokenized  # only the ids stay, to check the scored rows against
     unpaired = is_unpaired(labels)
     check_kto_splits(upstream, unpaired)  # before the writer begins: a refusal leaves a finished stage as it was
     writer, ledger = run.writer, run.writer.scratch("in_flight")
 
     def score_all() -> dict[str, int]:
         ds, schema = scoring_input(run, splits, unpaired)  # anew for each pool: nothing of a lost one is reused
-        return write_scored(writer, scoring_pool(ds, config, ledger), schema, run.data_dir)
+        return write_scored(writer, scoring_pool(ds, config, ledger), schema, expected)
 
     rows = run_pool(score_all, ledger=ledger, what="score", retries=config.ray.max_retries,
                     reset=lambda: [writer.remove(split) for split in SPLITS])
@@ -158,19 +158,13 @@ SCORE = Stage(
 )
 
 
-def label_counts(run_dir: RunDir, split: str) -> dict[str, int]:
-    """{"pairs", "desirable", "undesirable"} row counts of a tokenized split, from its label column only."""
-    fs = run_dir.fs
-    infos = fs.get_file_info(pafs.FileSelector(run_dir.path(UPSTREAM, split), allow_not_found=True))
-    counts = {"pairs": 0, "desirable": 0, "undesirable": 0}
-    for info in infos:
-        if info.path.endswith(".parquet"):
-            label = pq.read_table(info.path, columns=["label"], filesystem=fs)["label"]
-            desirable = int(pc.sum(label).as_py() or 0)
-            counts["pairs"] += label.null_count
-            counts["desirable"] += desirable
-            counts["undesirable"] += len(label) - label.null_count - desirable
-    return counts
+def label_counts(split: pa.Table) -> dict[str, int]:
+    """{"pairs", "desirable", "undesirable"} row counts of a tokenized split, from its label column only
+    (null for a pair, true or false for an unpaired row)."""
+    label = split["label"]
+    desirable = int(pc.sum(label).as_py() or 0)
+    return {"pairs": label.null_count, "desirable": desirable,
+            "undesirable": len(label) - label.null_count - desirable}
 
 
 def is_unpaired(labels: dict[str, dict[str, int]]) -> bool:
