@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -39,15 +39,20 @@ def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
         out.write(data)
 
 
+def _files(fs: pafs.FileSystem, root: str, skip: Iterable[str]) -> Iterator[tuple[str, pafs.FileInfo]]:
+    """(path relative to `root`, info) of every file under `root`, but `skip` and `.tmp-` leftovers."""
+    skip = set(skip)
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True)):
+        rel = info.path[len(root):].lstrip("/")
+        if info.type == pafs.FileType.File and rel not in skip and ".tmp-" not in info.base_name:
+            yield rel, info
+
+
 def list_files(fs: pafs.FileSystem, root: str, *, skip: Iterable[str] = ()) -> dict[str, dict]:
     """Every file under `root` by path relative to it: {"bytes": size} plus "rows" for a Parquet shard
     (read from its footer). `skip`: relative paths left out (the manifest itself)."""
-    skip = set(skip)
     files = {}
-    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True)):
-        rel = info.path[len(root):].lstrip("/")
-        if info.type != pafs.FileType.File or rel in skip or ".tmp-" in info.base_name:
-            continue
+    for rel, info in _files(fs, root, skip):
         entry = {"bytes": info.size}
         if rel.endswith(".parquet"):
             entry["rows"] = pq.read_metadata(info.path, filesystem=fs).num_rows
@@ -58,12 +63,7 @@ def list_files(fs: pafs.FileSystem, root: str, *, skip: Iterable[str] = ()) -> d
 def differences(expected: dict[str, dict], fs: pafs.FileSystem, root: str, *, skip: Iterable[str] = ()) -> list[str]:
     """How the files under `root` differ from a manifest's listing (sizes only: no file is read); [] if
     they agree."""
-    skip = set(skip)
-    found = {}
-    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True)):
-        rel = info.path[len(root):].lstrip("/")
-        if info.type == pafs.FileType.File and rel not in skip and ".tmp-" not in info.base_name:
-            found[rel] = info.size
+    found = {rel: info.size for rel, info in _files(fs, root, skip)}
     problems = [f"{rel}: missing" for rel in expected if rel not in found]
     problems += [f"{rel}: {found[rel]} bytes, the manifest says {entry['bytes']}"
                  for rel, entry in expected.items() if rel in found and found[rel] != entry["bytes"]]

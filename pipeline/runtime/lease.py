@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import pyarrow.fs as pafs
@@ -51,9 +51,8 @@ class LeaseError(RuntimeError):
 def _machine() -> str:
     """This machine and pid namespace: two claims with the same value can compare process ids."""
     parts = [socket.gethostname()]
-    for path in ("/proc/sys/kernel/random/boot_id",):
-        with contextlib.suppress(OSError):
-            parts.append(open(path).read().strip())
+    with contextlib.suppress(OSError):
+        parts.append(open("/proc/sys/kernel/random/boot_id").read().strip())
     with contextlib.suppress(OSError):
         parts.append(os.readlink("/proc/self/ns/pid"))
     return "/".join(parts)
@@ -222,11 +221,12 @@ def command_line() -> str:
 
 
 @contextlib.contextmanager
-def hold(fs: pafs.FileSystem, root: str, uri: str, *, command: str | None = None) -> Iterator[Lease]:
+def hold(fs: pafs.FileSystem, root: str, uri: str, *, command: str | None = None,
+         on_first: Callable[[], None] | None = None) -> Iterator[Lease]:
     """Hold the lease on the run directory for the duration of the block (re-entrant in this process).
 
-    On the first hold, leftovers of crashed attempts (`.staging/`) are removed: with the lease held, no
-    other writer can be using them.
+    `on_first` is called once the lease is acquired, on the first hold only (not on a re-entrant one): the
+    run directory removes the leftovers of crashed attempts there, which no other writer can be using.
     """
     with _LOCK:
         lease = _HELD.get(uri)
@@ -236,8 +236,8 @@ def hold(fs: pafs.FileSystem, root: str, uri: str, *, command: str | None = None
         else:
             lease.holds += 1
     try:
-        if first:
-            _remove_stale_staging(fs, root, uri)
+        if first and on_first is not None:
+            on_first()
         yield lease
     finally:
         with _LOCK:
@@ -251,10 +251,3 @@ def held(uri: str) -> Lease | None:
     """This process's lease on `uri`, if it holds one."""
     return _HELD.get(uri)
 
-
-def _remove_stale_staging(fs: pafs.FileSystem, root: str, uri: str) -> None:
-    staging = f"{root}/.staging"
-    entries = fs.get_file_info(pafs.FileSelector(staging, allow_not_found=True))
-    if entries:
-        log.info("%s: removing %d staging folder(s) of earlier attempts that never committed", uri, len(entries))
-        fs.delete_dir(staging)

@@ -36,6 +36,7 @@ from pipeline.runtime.files import differences, list_files, write_atomic
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+STAGING = ".staging"  # where attempts write before they commit: <run_dir>/.staging/<stage>-<id>/
 SCRATCH = "_scratch"  # inside a staging folder: the attempt's bookkeeping, dropped at the commit
 
 
@@ -105,14 +106,8 @@ class RunDir:
 
     def upload_dir(self, local: str, rel: str) -> None:
         """Copy the local folder `local`, every file under it, to `rel` in the run directory."""
-        fs = self.fs
-        for root, _, files in os.walk(local):
-            for name in files:
-                src = os.path.join(root, name)
-                dst = self.path(rel, os.path.relpath(src, local))
-                fs.create_dir(dst.rsplit("/", 1)[0], recursive=True)
-                with open(src, "rb") as f, fs.open_output_stream(dst) as out:
-                    shutil.copyfileobj(f, out)
+        self.fs.create_dir(self.path(rel), recursive=True)  # copy_files makes the folders under it, not it
+        pafs.copy_files(local, self.path(rel), source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
 
     @contextmanager
     def local_file(self, rel: str) -> Iterator[str]:
@@ -169,16 +164,28 @@ class RunDir:
 
     @contextlib.contextmanager
     def lease(self, *, command: str | None = None) -> Iterator[Lease]:
-        """Hold this run directory's writer lease for the block (re-entrant); LeaseError if another has it."""
-        with hold(self.fs, self.root, self.uri_of(), command=command) as holding:
+        """Hold this run directory's writer lease for the block (re-entrant); LeaseError if another has it.
+
+        On the first hold, leftovers of crashed attempts (`.staging/`) are removed (`clean_staging`).
+        """
+        with hold(self.fs, self.root, self.uri_of(), command=command, on_first=self.clean_staging) as holding:
             yield holding
+
+    def clean_staging(self) -> None:
+        """Remove the staging folders of earlier attempts that never committed. Only under the lease: with
+        it held, no other writer can be using them."""
+        entries = self.fs.get_file_info(pafs.FileSelector(self.path(STAGING), allow_not_found=True))
+        if entries:
+            log.info("%s: removing %d staging folder(s) of earlier attempts that never committed",
+                     self.uri_of(), len(entries))
+            self.fs.delete_dir(self.path(STAGING))
 
     def begin(self, stage: str) -> "StageWriter":
         """Start a fresh attempt at `stage`: the old manifest goes first, so nothing reads as finished."""
         fs = self.fs
         if self.exists(stage, MANIFEST):
             fs.delete_file(self.path(stage, MANIFEST))
-        staging = f".staging/{stage}-{uuid.uuid4().hex[:8]}"
+        staging = f"{STAGING}/{stage}-{uuid.uuid4().hex[:8]}"
         fs.create_dir(self.path(staging), recursive=True)
         return StageWriter(run=self, stage=stage, staging=staging)
 

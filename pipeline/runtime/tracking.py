@@ -34,7 +34,6 @@ from pipeline.config import ConfigError, TrainConfig
 from pipeline.runtime.storage import RunDir
 
 TRACKERS = ("tensorboard", "mlflow", "wandb")
-PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}  # tracker -> module it needs
 SYNCED = ("tensorboard", "wandb")  # folders copied into a remote run directory
 SUMMARY_KEYS = ("win_rate", "win_rate_ci_low", "win_rate_ci_high", "reward_mean", "kl_mean")
 
@@ -74,8 +73,8 @@ def check_trackers(train: TrainConfig, run_dir: str) -> None:
     for name in train.report_to:
         if name not in TRACKERS:
             raise ConfigError(f"train.report_to: unknown tracker {name!r} (known: {', '.join(TRACKERS)})")
-        if importlib.util.find_spec(PACKAGES[name]) is None:
-            raise ConfigError(f"train.report_to: {name} needs the {PACKAGES[name]} package: "
+        if importlib.util.find_spec(name) is None:  # each tracker's module has the tracker's name
+            raise ConfigError(f"train.report_to: {name} needs the {name} package: "
                               f"pip install 'raydpo[trackers]'")
     if "mlflow" in train.report_to and "://" in run_dir and not train.mlflow_tracking_uri:
         raise ConfigError(f"train.report_to: mlflow with run_dir {run_dir} needs train.mlflow_tracking_uri "

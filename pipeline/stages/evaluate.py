@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import tempfile
 from dataclasses import dataclass
 
@@ -321,11 +320,9 @@ def write_results(writer, config: Config, policies: list[Policy], *, samples: pa
         training_metrics[p.name] = [json.loads(line) for line in lines if line.strip()]
     notes = report_notes(summary, samples_per_prompt=config.evaluate.samples_per_prompt, accuracy=accuracy)
     with tempfile.TemporaryDirectory() as tmp:
-        names = write_report_files(tmp, title=f"Evaluation of {config.run_dir}", summary_rows=summary["rows"],
-                                   training_metrics=training_metrics, notes=notes)
-        for name in names:
-            with open(os.path.join(tmp, name), "rb") as f, writer.run.fs.open_output_stream(writer.path(name)) as out:
-                out.write(f.read())
+        write_report_files(tmp, title=f"Evaluation of {config.run_dir}", summary_rows=summary["rows"],
+                           training_metrics=training_metrics, notes=notes)
+        writer.run.upload_dir(tmp, writer.staging)
 
 
 def log_to_trackers(policies: list[Policy], rows: list[dict], *, baselines: list[str]) -> None:

@@ -19,7 +19,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 
 import ray
 
