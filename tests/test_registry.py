@@ -56,3 +56,23 @@ def test_api_judge_section_is_checked_by_its_owner():
     bad = load_config(None, ["evaluate.judge=api", "evaluate.judge_api={base_url: x, modle: m}"])
     with pytest.raises(ValueError, match=r"evaluate\.judge_api\.modle: unknown key"):
         make_judge(bad.evaluate)
+
+
+def test_evaluate_refuses_what_it_cannot_honour_before_any_stage_runs():
+    """The planner runs each stage's check before the first stage: a typo in the judge must not wait for
+    tokenize, score and train to finish before it is reported."""
+    from pipeline.config import load_config
+    from pipeline.stages import EVALUATE
+    from pipeline.stages.base import check, failed_stage
+
+    refused = {
+        "evaluate.judge=oracle": r"evaluate\.judge: unknown judge 'oracle'",
+        "evaluate.reward=sparkle": r"evaluate\.reward: unknown reward 'sparkle'",
+        "evaluate.judge=api": r"evaluate\.judge_api: base_url, model not set",  # an API judge with no settings
+        "evaluate.max_actors=0": r"evaluate\.max_actors must be at least 1",
+    }
+    for override, message in refused.items():
+        with pytest.raises(ValueError, match=message) as err:
+            check(EVALUATE, load_config(None, [override]))
+        assert failed_stage(err.value) == "evaluate"
+    check(EVALUATE, load_config(None, ["evaluate.judge=vader", "evaluate.reward=vader"]))  # the demo's: fine

@@ -47,6 +47,15 @@ def make_judge(evaluate_config: EvaluateConfig, *, api_cache_path: str | None = 
     return factory(evaluate_config)
 
 
+def check_judge(evaluate_config: EvaluateConfig) -> None:
+    """Refuse what `make_judge` would refuse (an unknown name, API judge settings that do not parse)
+    without building a task's judge: the check that runs before any stage does."""
+    if evaluate_config.judge == API_JUDGE:
+        make_api_judge(evaluate_config.judge_api, where="evaluate.judge_api")  # settings only: no request, no cache
+    else:
+        _load(JUDGE_GROUP, evaluate_config.judge, setting="evaluate.judge", kind="judge", builtin=(API_JUDGE,))
+
+
 def registered(group: str) -> list[str]:
     """The names registered in an entry point group, sorted."""
     return sorted({ep.name for ep in entry_points(group=group)})

@@ -36,7 +36,7 @@ from pipeline.evaluation.baselines import (best_of_n_kl_bounds, best_of_n_name, 
 from pipeline.evaluation.held_out import held_out_from_logps
 from pipeline.evaluation.judges import Judge
 from pipeline.evaluation.judging import JudgeProgress, judge_against_reference
-from pipeline.evaluation.registry import Reward, make_judge, make_reward
+from pipeline.evaluation.registry import Reward, check_judge, make_judge, make_reward
 from pipeline.evaluation.report import report_notes, write_report_files
 from pipeline.evaluation.samples import add_kl_and_reward, completions_to_score, sample_rows
 from pipeline.evaluation.summary import evaluation_summary
@@ -172,6 +172,16 @@ def evaluate_stage(run: StageRun) -> dict:
 JUDGE_CACHE = "judge_cache.sqlite"  # the API judge's replies, beside the stages: a rerun never pays twice
 
 
+def check_evaluate(config: Config) -> None:
+    """What evaluate cannot honour, refused before any stage runs (not after training): an unknown
+    reward or judge, API judge settings that do not parse, best_of_n without a reward, no actors."""
+    ev = config.evaluate
+    if ev.max_actors < 1:
+        raise ValueError(f"evaluate.max_actors must be at least 1, got {ev.max_actors}")
+    reward_scorer(make_reward(ev.reward), best_of_n=ev.best_of_n, reward_name=ev.reward)
+    check_judge(ev)
+
+
 def evaluate_policies(run: StageRun, policies: list[Policy]) -> dict:
     """Sample every policy and the reference, judge each policy against the reference, write the report.
 
@@ -181,11 +191,9 @@ def evaluate_policies(run: StageRun, policies: list[Policy]) -> dict:
     """
     config, data_dir = run.config, run.data_dir
     ev = config.evaluate
-    if ev.max_actors < 1:
-        raise ValueError(f"evaluate.max_actors must be at least 1, got {ev.max_actors}")
+    check_evaluate(config)  # a sweep comes here without the planner's checks
     with run.run_dir.local_file(JUDGE_CACHE) as judge_cache:
         reward_fn, judge = make_reward(ev.reward), make_judge(ev, api_cache_path=judge_cache)
-        reward_scorer(reward_fn, best_of_n=ev.best_of_n, reward_name=ev.reward)  # fails early on a config it cannot honour
         tokenizer = load_tokenizer(config.model.reference, trust_remote_code=config.model.trust_remote_code)
         prompts = held_out_prompts(data_dir, ev.num_prompts)
         held, kind = held_out_split(data_dir)
@@ -356,4 +364,5 @@ EVALUATE = Stage(
     body=evaluate_stage,
     upstream=lambda config: "train",
     requests=evaluate_requests,
+    check=check_evaluate,
 )

@@ -171,4 +171,9 @@ def make_api_judge(config: Mapping[str, Any], *, where: str = "evaluate.judge_ap
     unknown = sorted(set(config) - known)
     if unknown:
         raise ValueError(f"{where}.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
+    required = [f.name for f in dataclasses.fields(ApiJudgeConfig)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in config]
+    if missing:
+        raise ValueError(f"{where}: {', '.join(missing)} not set (the API judge needs {', '.join(required)})")
     return ApiJudge(ApiJudgeConfig(**{"cache_path": default_cache_path, **config}))
