@@ -61,7 +61,7 @@ def test_api_judge_section_is_checked_by_its_owner():
 def test_evaluate_refuses_what_it_cannot_honour_before_any_stage_runs():
     """The planner runs each stage's check before the first stage: a typo in the judge must not wait for
     tokenize, score and train to finish before it is reported."""
-    from pipeline.config import load_config
+    from pipeline.config import ConfigError, load_config
     from pipeline.stages import EVALUATE
     from pipeline.stages.base import check, failed_stage
 
@@ -74,5 +74,5 @@ def test_evaluate_refuses_what_it_cannot_honour_before_any_stage_runs():
     for override, message in refused.items():
         with pytest.raises(ValueError, match=message) as err:
             check(EVALUATE, load_config(None, [override]))
-        assert failed_stage(err.value) == "evaluate"
+        assert failed_stage(err.value) == "evaluate" and isinstance(err.value, ConfigError)  # exit 2, no traceback
     check(EVALUATE, load_config(None, ["evaluate.judge=vader", "evaluate.reward=vader"]))  # the demo's: fine

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import EvaluateConfig
+from pipeline.config import ConfigError, EvaluateConfig
 from pipeline.evaluation.api_judge import make_api_judge
 from pipeline.evaluation.judges import Judge
 
@@ -64,14 +64,15 @@ def registered(group: str) -> list[str]:
 def _load(group: str, name: str, *, setting: str, kind: str, builtin: Sequence[str],
           none_allowed: bool = False) -> Any:
     """The object registered as `name` in `group`; a ValueError naming `setting` and the known names if
-    there is none, or if installed packages register different objects under that name."""
+    there is none, or if installed packages register different objects under that name (a ConfigError:
+    the user's to fix)."""
     targets = {ep.value: ep for ep in entry_points(group=group, name=name)}
     if not targets:
         known = ", ".join(sorted({*registered(group), *builtin})) or "none"
-        raise ValueError(f"{setting}: unknown {kind} {name!r} (known: {known}"
+        raise ConfigError(f"{setting}: unknown {kind} {name!r} (known: {known}"
                          f"{'; null for none' if none_allowed else ''})")
     if len(targets) > 1:
-        raise ValueError(f"{setting}: {kind} {name!r} is registered more than once ({', '.join(sorted(targets))}) "
+        raise ConfigError(f"{setting}: {kind} {name!r} is registered more than once ({', '.join(sorted(targets))}) "
                          f"in the entry point group {group}")
     (entry,) = targets.values()
     return entry.load()

@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from pipeline.config import Config, EvaluateConfig
+from pipeline.config import Config, ConfigError, EvaluateConfig
 from pipeline.data.schemas import JUDGMENTS, SAMPLES
 from pipeline.evaluation.baselines import (best_of_n_kl_bounds, best_of_n_name, best_of_n_rows, judge_against_chosen,
                                            judgments_to_make, preferred_responses, reward_scorer)
@@ -177,7 +177,7 @@ def check_evaluate(config: Config) -> None:
     reward or judge, API judge settings that do not parse, best_of_n without a reward, no actors."""
     ev = config.evaluate
     if ev.max_actors < 1:
-        raise ValueError(f"evaluate.max_actors must be at least 1, got {ev.max_actors}")
+        raise ConfigError(f"evaluate.max_actors must be at least 1, got {ev.max_actors}")
     reward_scorer(make_reward(ev.reward), best_of_n=ev.best_of_n, reward_name=ev.reward)
     check_judge(ev)
 

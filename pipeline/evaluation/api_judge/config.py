@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipeline.config import ConfigError
 from pipeline.evaluation.api_judge.prompts import TASKS, builtin_prompt
 from pipeline.evaluation.api_judge.verdicts import VERDICT_MODES
 from pipeline.evaluation.judges import Verdict
@@ -65,7 +66,7 @@ class ApiJudgeConfig:
         if self.max_cost_usd is not None and not self.priced:
             problems.append("max_cost_usd: needs price_per_1k_input_tokens and price_per_1k_output_tokens")
         if problems:
-            raise ValueError("ApiJudgeConfig: " + "; ".join(problems))
+            raise ConfigError("ApiJudgeConfig: " + "; ".join(problems))
 
     @property
     def template(self) -> str:

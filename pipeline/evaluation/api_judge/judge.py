@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from typing import Any
 
+from pipeline.config import ConfigError
 from pipeline.evaluation.api_judge.cache import Reply, ResponseCache, cache_key, open_cache
 from pipeline.evaluation.api_judge.client import (BudgetStop, Cancelled, Meter, Usage, open_client, read_key,
                                                   request_args, send)
@@ -167,13 +168,13 @@ def make_api_judge(config: Mapping[str, Any], *, where: str = "evaluate.judge_ap
     """
     known = {f.name for f in dataclasses.fields(ApiJudgeConfig)}
     for key in sorted(set(config) & set(REMOVED_KEYS)):
-        raise ValueError(f"{where}.{key}: removed; {REMOVED_KEYS[key]}")
+        raise ConfigError(f"{where}.{key}: removed; {REMOVED_KEYS[key]}")
     unknown = sorted(set(config) - known)
     if unknown:
-        raise ValueError(f"{where}.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
     required = [f.name for f in dataclasses.fields(ApiJudgeConfig)
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     missing = [name for name in required if name not in config]
     if missing:
-        raise ValueError(f"{where}: {', '.join(missing)} not set (the API judge needs {', '.join(required)})")
+        raise ConfigError(f"{where}: {', '.join(missing)} not set (the API judge needs {', '.join(required)})")
     return ApiJudge(ApiJudgeConfig(**{"cache_path": default_cache_path, **config}))
