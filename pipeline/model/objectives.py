@@ -124,14 +124,15 @@ def kl_logps(model, batches: Sequence[dict], *, train: TrainConfig, pad_id: int,
                        dtype=torch.float32, device=device)
     policy = torch.cat(policy)
     if world > 1:
-        policy, ref = (_all_gather(t, world) for t in (policy, ref))
+        policy, ref = _all_gather(torch.stack([policy, ref]), world)  # one collective for both
     return KtoReference(policy, ref), tokens
 
 
 def _all_gather(tensor: torch.Tensor, world: int) -> torch.Tensor:
+    """Every worker's `tensor` (2, n) side by side in rank order: (2, world * n)."""
     parts = [torch.empty_like(tensor) for _ in range(world)]
     torch.distributed.all_gather(parts, tensor)
-    return torch.cat(parts)
+    return torch.cat(parts, dim=1)
 
 
 class KtoObjective:
