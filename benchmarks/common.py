@@ -50,22 +50,96 @@ class Shape:
 
 SHAPES = {
     # Runs everywhere in seconds: the path every variant takes, at toy size. ~96 tokens a pair.
-    "tiny": Shape("tiny", "llama", hidden=128, layers=2, heads=4, kv_heads=2, mlp=344, vocab=1000,
-                  prompt_len=32, response_len=16, pairs_per_step=4, score_micro_batch=8, max_positions=256),
+    "tiny": Shape(
+        "tiny",
+        "llama",
+        hidden=128,
+        layers=2,
+        heads=4,
+        kv_heads=2,
+        mlp=344,
+        vocab=1000,
+        prompt_len=32,
+        response_len=16,
+        pairs_per_step=4,
+        score_micro_batch=8,
+        max_positions=256,
+    ),
     # GPT-2 small with an untied output layer (163.0M parameters), the issue's "162M" row.
-    "gpt162m": Shape("gpt162m", "gpt2", hidden=768, layers=12, heads=12, kv_heads=12, mlp=3072, vocab=50257,
-                     prompt_len=256, response_len=256, pairs_per_step=8, score_micro_batch=16, max_positions=1024),
+    "gpt162m": Shape(
+        "gpt162m",
+        "gpt2",
+        hidden=768,
+        layers=12,
+        heads=12,
+        kv_heads=12,
+        mlp=3072,
+        vocab=50257,
+        prompt_len=256,
+        response_len=256,
+        pairs_per_step=8,
+        score_micro_batch=16,
+        max_positions=1024,
+    ),
     # The Llama 1.1B shape of the issue (TinyLlama's): ~1024 tokens a pair.
-    "llama1b": Shape("llama1b", "llama", hidden=2048, layers=22, heads=32, kv_heads=4, mlp=5632, vocab=32000,
-                     prompt_len=256, response_len=256, pairs_per_step=8, score_micro_batch=16),
+    "llama1b": Shape(
+        "llama1b",
+        "llama",
+        hidden=2048,
+        layers=22,
+        heads=32,
+        kv_heads=4,
+        mlp=5632,
+        vocab=32000,
+        prompt_len=256,
+        response_len=256,
+        pairs_per_step=8,
+        score_micro_batch=16,
+    ),
     # Larger Llama shapes for the scale rows (--strategy fsdp, --cpu-offload, --lora): Llama 3.2 3B (its
     # output layer untied here), Llama 3.1 8B, Llama 2 13B; 1024 tokens a pair, 2 pairs a step.
-    "llama3b": Shape("llama3b", "llama", hidden=3072, layers=28, heads=24, kv_heads=8, mlp=8192, vocab=128256,
-                     prompt_len=256, response_len=256, pairs_per_step=2, score_micro_batch=8),
-    "llama8b": Shape("llama8b", "llama", hidden=4096, layers=32, heads=32, kv_heads=8, mlp=14336, vocab=128256,
-                     prompt_len=256, response_len=256, pairs_per_step=2, score_micro_batch=8),
-    "llama13b": Shape("llama13b", "llama", hidden=5120, layers=40, heads=40, kv_heads=40, mlp=13824, vocab=32000,
-                      prompt_len=256, response_len=256, pairs_per_step=2, score_micro_batch=8),
+    "llama3b": Shape(
+        "llama3b",
+        "llama",
+        hidden=3072,
+        layers=28,
+        heads=24,
+        kv_heads=8,
+        mlp=8192,
+        vocab=128256,
+        prompt_len=256,
+        response_len=256,
+        pairs_per_step=2,
+        score_micro_batch=8,
+    ),
+    "llama8b": Shape(
+        "llama8b",
+        "llama",
+        hidden=4096,
+        layers=32,
+        heads=32,
+        kv_heads=8,
+        mlp=14336,
+        vocab=128256,
+        prompt_len=256,
+        response_len=256,
+        pairs_per_step=2,
+        score_micro_batch=8,
+    ),
+    "llama13b": Shape(
+        "llama13b",
+        "llama",
+        hidden=5120,
+        layers=40,
+        heads=40,
+        kv_heads=40,
+        mlp=13824,
+        vocab=32000,
+        prompt_len=256,
+        response_len=256,
+        pairs_per_step=2,
+        score_micro_batch=8,
+    ),
 }
 
 
@@ -75,24 +149,46 @@ def model_config(shape: Shape, *, attn: str = "sdpa"):
         from transformers import LlamaConfig
 
         return LlamaConfig(
-            vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.mlp,
-            num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-            max_position_embeddings=shape.max_positions, tie_word_embeddings=False, use_cache=False,
-            pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID, attn_implementation=attn,
+            vocab_size=shape.vocab,
+            hidden_size=shape.hidden,
+            intermediate_size=shape.mlp,
+            num_hidden_layers=shape.layers,
+            num_attention_heads=shape.heads,
+            num_key_value_heads=shape.kv_heads,
+            max_position_embeddings=shape.max_positions,
+            tie_word_embeddings=False,
+            use_cache=False,
+            pad_token_id=PAD_ID,
+            bos_token_id=BOS_ID,
+            eos_token_id=EOS_ID,
+            attn_implementation=attn,
         )
     if shape.arch == "gpt2":
         from transformers import GPT2Config
 
         return GPT2Config(
-            vocab_size=shape.vocab, n_positions=shape.max_positions, n_embd=shape.hidden, n_layer=shape.layers,
-            n_head=shape.heads, n_inner=shape.mlp, tie_word_embeddings=False, use_cache=False,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-            pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID, attn_implementation=attn,
+            vocab_size=shape.vocab,
+            n_positions=shape.max_positions,
+            n_embd=shape.hidden,
+            n_layer=shape.layers,
+            n_head=shape.heads,
+            n_inner=shape.mlp,
+            tie_word_embeddings=False,
+            use_cache=False,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            pad_token_id=PAD_ID,
+            bos_token_id=BOS_ID,
+            eos_token_id=EOS_ID,
+            attn_implementation=attn,
         )
     raise ValueError(f"unknown arch {shape.arch!r}")
 
 
-def build_model(shape: Shape, device: torch.device, *, dtype: torch.dtype = torch.float32, seed: int = 0, attn: str = "sdpa"):
+def build_model(
+    shape: Shape, device: torch.device, *, dtype: torch.dtype = torch.float32, seed: int = 0, attn: str = "sdpa"
+):
     """Randomly initialised causal LM of `shape` on `device`; float32 master weights unless told."""
     from transformers import AutoModelForCausalLM
 
@@ -139,7 +235,9 @@ def make_pairs(shape: Shape, n: int, *, seed: int = 0) -> dict[str, list]:
 
 def pair_tokens(rows: dict[str, list], index) -> int:
     """Non-pad tokens of chosen + rejected sequences (prompt counted in both) for rows `index`."""
-    return sum(2 * len(rows["prompt_ids"][i]) + len(rows["chosen_ids"][i]) + len(rows["rejected_ids"][i]) for i in index)
+    return sum(
+        2 * len(rows["prompt_ids"][i]) + len(rows["chosen_ids"][i]) + len(rows["rejected_ids"][i]) for i in index
+    )
 
 
 def numpy_batches(rows: dict[str, list], batch_size: int) -> list[dict[str, np.ndarray]]:
@@ -161,7 +259,12 @@ def numpy_batches(rows: dict[str, list], batch_size: int) -> list[dict[str, np.n
 
 
 def batch_tokens(batch: dict) -> int:
-    return int(sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"])))
+    return int(
+        sum(
+            2 * len(p) + len(c) + len(r)
+            for p, c, r in zip(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"])
+        )
+    )
 
 
 # --- the machine ---------------------------------------------------------------------------------------
@@ -235,7 +338,11 @@ def describe_machine(device: torch.device) -> str:
     ]
     if device.type == "cuda":
         peak = peak_flops(device)
-        parts.append(f"gpu: {gpu_name(device)}, peak bf16 {peak / 1e12:.0f} TFLOP/s" if peak else f"gpu: {gpu_name(device)}, peak unknown")
+        parts.append(
+            f"gpu: {gpu_name(device)}, peak bf16 {peak / 1e12:.0f} TFLOP/s"
+            if peak
+            else f"gpu: {gpu_name(device)}, peak unknown"
+        )
     else:
         parts.append("gpu: none (CPU run: MFU n/a)")
     return "\n".join(parts)
@@ -245,7 +352,9 @@ def device_label(device: torch.device) -> str:
     return gpu_name(device) or f"CPU ({cpu_model()})"
 
 
-def mfu(tokens_per_s: float, params: int, device: torch.device, *, flops_per_token_per_param: float = 6.0) -> float | None:
+def mfu(
+    tokens_per_s: float, params: int, device: torch.device, *, flops_per_token_per_param: float = 6.0
+) -> float | None:
     """Model FLOP utilisation: flops_per_token_per_param x params x tokens/s / peak.
 
     6 for a training step (forward 2 + backward 4), 2 for forward only. Attention score FLOPs and padding
@@ -311,8 +420,13 @@ def fmt_rate(value: float | None) -> str:
 def print_table(rows: list[Row], *, title: str) -> None:
     header = ("system", "tokens/s", "MFU", "peak memory", "device")
     cells = [
-        (r.system + (f" [{r.note}]" if r.note else ""), fmt_rate(r.tokens_per_s),
-         "n/a" if r.mfu is None else f"{100 * r.mfu:.1f}%", r.memory, r.device)
+        (
+            r.system + (f" [{r.note}]" if r.note else ""),
+            fmt_rate(r.tokens_per_s),
+            "n/a" if r.mfu is None else f"{100 * r.mfu:.1f}%",
+            r.memory,
+            r.device,
+        )
         for r in rows
     ]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
@@ -321,7 +435,11 @@ def print_table(rows: list[Row], *, title: str) -> None:
     print(line)
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for c in cells:
-        print("| " + " | ".join(v.ljust(w) if i == 0 or i == 4 else v.rjust(w) for i, (v, w) in enumerate(zip(c, widths))) + " |")
+        print(
+            "| "
+            + " | ".join(v.ljust(w) if i == 0 or i == 4 else v.rjust(w) for i, (v, w) in enumerate(zip(c, widths)))
+            + " |"
+        )
     if any(r.memory.endswith("*") for r in rows):
         print("* CPU: the process's peak resident set so far, not per row")
     sys.stdout.flush()
@@ -410,11 +528,13 @@ def trl_dataset(rows: dict[str, list]):
     def text(ids):
         return " ".join(word(i) for i in ids)
 
-    return Dataset.from_dict({
-        "prompt": [text(p) for p in rows["prompt_ids"]],
-        "chosen": [" " + text(c) for c in rows["chosen_ids"]],
-        "rejected": [" " + text(r) for r in rows["rejected_ids"]],
-    })
+    return Dataset.from_dict(
+        {
+            "prompt": [text(p) for p in rows["prompt_ids"]],
+            "chosen": [" " + text(c) for c in rows["chosen_ids"]],
+            "rejected": [" " + text(r) for r in rows["rejected_ids"]],
+        }
+    )
 
 
 def trl_config(output_dir: str, *, pairs: int, steps: int, device: torch.device, **overrides):
@@ -422,13 +542,31 @@ def trl_config(output_dir: str, *, pairs: int, steps: int, device: torch.device,
     from trl import DPOConfig
 
     settings = dict(
-        output_dir=output_dir, per_device_train_batch_size=pairs, gradient_accumulation_steps=1, max_steps=steps,
-        learning_rate=1e-6, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, beta=0.1,
-        loss_type=["sigmoid"], max_length=None, precompute_ref_log_probs=True, precompute_ref_batch_size=pairs,
-        bf16=device.type == "cuda", fp16=False, use_cpu=device.type != "cuda",
+        output_dir=output_dir,
+        per_device_train_batch_size=pairs,
+        gradient_accumulation_steps=1,
+        max_steps=steps,
+        learning_rate=1e-6,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_grad_norm=1.0,
+        beta=0.1,
+        loss_type=["sigmoid"],
+        max_length=None,
+        precompute_ref_log_probs=True,
+        precompute_ref_batch_size=pairs,
+        bf16=device.type == "cuda",
+        fp16=False,
+        use_cpu=device.type != "cuda",
         optim="adamw_torch_fused" if device.type == "cuda" else "adamw_torch",
-        train_sampling_strategy="sequential", dataloader_num_workers=0, logging_steps=10**6, save_strategy="no",
-        eval_strategy="no", report_to="none", disable_tqdm=True, seed=0,
+        train_sampling_strategy="sequential",
+        dataloader_num_workers=0,
+        logging_steps=10**6,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=0,
     )
     settings.update(overrides)
     return DPOConfig(**settings)

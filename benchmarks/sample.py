@@ -27,15 +27,27 @@ import os
 import tempfile
 import time
 
+import common
 import numpy as np
 import torch
 
-import common
-
 # The demo's model (configs/demo.yaml: 2 layers, 128 wide, byte-level BPE of 1,024 tokens) and the demo's
 # evaluate workload per model and temperature: ~64 prompts of ~8 tokens, 40 new tokens.
-DEMO = common.Shape("demo", "gpt2", hidden=128, layers=2, heads=4, kv_heads=4, mlp=512, vocab=1024, prompt_len=8,
-                    response_len=40, pairs_per_step=0, score_micro_batch=0, max_positions=256)
+DEMO = common.Shape(
+    "demo",
+    "gpt2",
+    hidden=128,
+    layers=2,
+    heads=4,
+    kv_heads=4,
+    mlp=512,
+    vocab=1024,
+    prompt_len=8,
+    response_len=40,
+    pairs_per_step=0,
+    score_micro_batch=0,
+    max_positions=256,
+)
 SHAPES = {"demo": DEMO, **common.SHAPES}
 
 
@@ -118,19 +130,26 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         # vLLM's worker process reads these; unpinned, as in the sampler actor (pipeline/runtime/sampler.py).
         os.environ.update(OMP_NUM_THREADS=str(args.threads), VLLM_CPU_OMP_THREADS_BIND="nobind")
-    params = SamplingParams(n=args.samples, temperature=args.temperature, top_p=1.0,
-                            max_tokens=args.max_tokens or shape.response_len, seed=0)
+    params = SamplingParams(
+        n=args.samples,
+        temperature=args.temperature,
+        top_p=1.0,
+        max_tokens=args.max_tokens or shape.response_len,
+        seed=0,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model or tmp
         if args.model is None:
             save_synthetic_model(shape, tmp)
-        from pipeline.model.loading import load_tokenizer
+        from pipeline.model.pretrained import load_tokenizer
 
         prompts = synthetic_prompts(shape, len(load_tokenizer(path)), args.prompts)
         print(common.describe_machine(device))
-        print(f"workload: {args.prompts} prompts x {args.samples} samples, T={args.temperature}, "
-              f"max_tokens={params.max_tokens}, model {args.model or f'random {shape.name}'}, threads {args.threads}, "
-              f"load average {os.getloadavg()[0]:.1f}")
+        print(
+            f"workload: {args.prompts} prompts x {args.samples} samples, T={args.temperature}, "
+            f"max_tokens={params.max_tokens}, model {args.model or f'random {shape.name}'}, threads {args.threads}, "
+            f"load average {os.getloadavg()[0]:.1f}"
+        )
         rows = {}
         for kind in args.engines.split(","):
             if kind == "vllm" and not vllm_available():
@@ -141,15 +160,19 @@ def main() -> None:
 
 
 def print_table(rows: dict[str, Measured], device: torch.device) -> None:
-    print(f"\n| engine | device | start-up s | generate s | tokens | tokens/s | tokens/s incl. start-up |")
+    print("\n| engine | device | start-up s | generate s | tokens | tokens/s | tokens/s incl. start-up |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for m in rows.values():
-        print(f"| {m.engine} | {common.device_label(device)} | {m.startup_s:.1f} | {m.generate_s:.2f} | {m.tokens:,} | "
-              f"{m.tokens_per_s:,.0f} | {m.tokens_per_s_with_startup:,.0f} |")
+        print(
+            f"| {m.engine} | {common.device_label(device)} | {m.startup_s:.1f} | {m.generate_s:.2f} | {m.tokens:,} | "
+            f"{m.tokens_per_s:,.0f} | {m.tokens_per_s_with_startup:,.0f} |"
+        )
     if "hf" in rows and "vllm" in rows:
         hf, vl = rows["hf"], rows["vllm"]
-        print(f"vllm_over_hf: {vl.tokens_per_s / hf.tokens_per_s:.2f} "
-              f"{vl.tokens_per_s_with_startup / hf.tokens_per_s_with_startup:.2f}")
+        print(
+            f"vllm_over_hf: {vl.tokens_per_s / hf.tokens_per_s:.2f} "
+            f"{vl.tokens_per_s_with_startup / hf.tokens_per_s_with_startup:.2f}"
+        )
     else:
         print("vllm_over_hf: nan nan")
 

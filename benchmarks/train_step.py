@@ -4,7 +4,7 @@
                                     [--steps N] [--warmup N] [--chunked] [--grad-checkpointing] [--compile]
                                     [--strategy ddp|fsdp] [--cpu-offload] [--lora R]
 
-Our step is the train stage's own `pipeline.model.train_step.train_step` (forward, backward, grad
+Our step is the train stage's own `pipeline.training.step.train_step` (forward, backward, grad
 clipping, AdamW fused on CUDA) with the paired objective, bf16 autocast over float32 master weights on
 CUDA, float32 on CPU; the model is built from a config (random weights). Rows: a plain loop (full
 logits -> float32 log_softmax -> gather, through the same `train_step`), our step, and each option
@@ -13,9 +13,9 @@ included. The last line is `speedup_vs_trl: <float>` (best raydpo row over best 
 TRL figure applies).
 
 `--strategy fsdp` (one process: a process group of one, FSDP2 on its one GPU), `--cpu-offload` and
-`--lora R` build the policy the way the train stage does (`pipeline.model.policy.prepare_policy`:
+`--lora R` build the policy the way the train stage does (`pipeline.training.policy.prepare_policy`:
 bf16 compute over fp32 shards; LoRA on a frozen bf16 base), so one GPU shows how large a shape each
-trains. Each row also prints the capacity plan's peak for it (`pipeline.model.capacity`), beside the
+trains. Each row also prints the capacity plan's peak for it (`pipeline.planning.memory`), beside the
 measured one.
 """
 
@@ -30,9 +30,8 @@ import tempfile
 from collections.abc import Iterable
 from typing import NamedTuple
 
-import torch
-
 import common
+import torch
 from common import Row
 
 OPTIONS = ("packing", "chunked", "grad_checkpointing", "compile")
@@ -43,9 +42,9 @@ def build_policy(shape: common.Shape, device: torch.device, train, *, attn: str 
     built from the shape's config with random weights (FSDP's shards drawn shard by shard)."""
     from transformers import AutoModelForCausalLM
 
-    from pipeline.model.lora import init_adapters
-    from pipeline.model.policy import base_dtype, prepare_policy
-    from pipeline.model.sharding import parameters_on_meta
+    from pipeline.training.lora import init_adapters
+    from pipeline.training.policy import base_dtype, prepare_policy
+    from pipeline.training.sharding import parameters_on_meta
 
     dtype = base_dtype(train, device)
     if train.strategy == "fsdp":
@@ -66,12 +65,16 @@ def build_policy(shape: common.Shape, device: torch.device, train, *, attn: str 
 
 def plain_loop_loss(model, batch: dict, *, device: torch.device, beta: float, scale: float):
     """The textbook step: full logits, float32 log_softmax over the vocabulary, gather, mask, DPO loss."""
-    from pipeline.model.logps import collate_sequences
-    from pipeline.model.losses import PairLogps, compute_loss
+    from pipeline.model.logps.padded import collate_sequences
+    from pipeline.training.losses import PairLogps, compute_loss
 
     prompts = list(batch["prompt_ids"])
-    input_ids, attention_mask, response_mask = (t.to(device) for t in collate_sequences(
-        prompts + prompts, list(batch["chosen_ids"]) + list(batch["rejected_ids"]), pad_id=common.PAD_ID))
+    input_ids, attention_mask, response_mask = (
+        t.to(device)
+        for t in collate_sequences(
+            prompts + prompts, list(batch["chosen_ids"]) + list(batch["rejected_ids"]), pad_id=common.PAD_ID
+        )
+    )
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     with autocast:
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (2B, T, V)
@@ -80,11 +83,16 @@ def plain_loop_loss(model, batch: dict, *, device: torch.device, beta: float, sc
     mask = response_mask[:, 1:]
     seq = (per_token * mask).sum(-1)
     b = len(prompts)
-    out = compute_loss("dpo", PairLogps(
-        policy_chosen_logps=seq[:b], policy_rejected_logps=seq[b:],
-        ref_chosen_logps=torch.as_tensor(batch["ref_chosen_logps"], device=device, dtype=torch.float32),
-        ref_rejected_logps=torch.as_tensor(batch["ref_rejected_logps"], device=device, dtype=torch.float32),
-    ), beta=beta)
+    out = compute_loss(
+        "dpo",
+        PairLogps(
+            policy_chosen_logps=seq[:b],
+            policy_rejected_logps=seq[b:],
+            ref_chosen_logps=torch.as_tensor(batch["ref_chosen_logps"], device=device, dtype=torch.float32),
+            ref_rejected_logps=torch.as_tensor(batch["ref_rejected_logps"], device=device, dtype=torch.float32),
+        ),
+        beta=beta,
+    )
     return out.losses.sum() * scale, int(attention_mask.sum())
 
 
@@ -95,12 +103,12 @@ class PlainLoop:
         self.device, self.beta = device, beta
 
     def begin_step(self, model, batches, *, world: int):
-        from pipeline.model.train_step import StepMetrics
+        from pipeline.training.metrics import StepMetrics
 
         return None, StepMetrics.of(self.device)
 
     def micro_batch_loss(self, model, batch: dict, shared, *, scale: float):
-        from pipeline.model.train_step import StepMetrics
+        from pipeline.training.metrics import StepMetrics
 
         loss, tokens = plain_loop_loss(model, batch, device=self.device, beta=self.beta, scale=scale)
         return loss, StepMetrics.of(self.device, rows=len(batch["prompt_ids"]), tokens=tokens)
@@ -140,21 +148,35 @@ def measure_train(
     Ray Data's, is read once and must hold warmup + steps batches). `scale`: TrainConfig's strategy,
     cpu_offload and lora for the policy (default ddp, full fine-tuning)."""
     from pipeline.config import TrainConfig
-    from pipeline.model.objectives import objective_for
-    from pipeline.model.policy import make_optimizer
-    from pipeline.model.train_step import train_step
+    from pipeline.training.objectives import objective_for
+    from pipeline.training.policy import make_optimizer
+    from pipeline.training.step import train_step
 
     common.free_memory(device)
     pairs = len(batches[0]["prompt_ids"])
     lr = 1e-6
-    train = TrainConfig(loss="dpo", beta=0.1, learning_rate=lr, batch_size=pairs, micro_batch_size=pairs,
-                        max_grad_norm=1.0, chunked_logps=chunked, logps_chunk_size=chunk_size, packing=packing,
-                        gradient_checkpointing=grad_checkpointing, compile=compile, **(scale or {}))
+    train = TrainConfig(
+        loss="dpo",
+        beta=0.1,
+        learning_rate=lr,
+        batch_size=pairs,
+        micro_batch_size=pairs,
+        max_grad_norm=1.0,
+        chunked_logps=chunked,
+        logps_chunk_size=chunk_size,
+        packing=packing,
+        gradient_checkpointing=grad_checkpointing,
+        compile=compile,
+        **(scale or {}),
+    )
     model = build_policy(shape, device, train, attn=packed_attn if packing else "sdpa")
     params = common.num_params(model)
     optimizer = make_optimizer(model, train, device=device)
-    objective = (PlainLoop(device, beta=train.beta) if plain
-                 else objective_for(train, pad_id=common.PAD_ID, device=device, with_reference=True))
+    objective = (
+        PlainLoop(device, beta=train.beta)
+        if plain
+        else objective_for(train, pad_id=common.PAD_ID, device=device, with_reference=True)
+    )
     tokens, start, first_batch = 0, None, None
     profiler = _profiler(device) if profile else contextlib.nullcontext()
     stream = itertools.cycle(batches) if isinstance(batches, list) else iter(batches)
@@ -193,14 +215,19 @@ def variants(args) -> list[tuple[str, dict]]:
     """(row name, options) for every row asked for: each option alone, then all of them together."""
     chosen = [o for o in OPTIONS if getattr(args, o)]
     out = [("plain loop (full logits, fp32 log_softmax)", {"plain": True}), ("raydpo train_step", {})]
-    label = {"packing": f"packing ({args.packed_attn})", "chunked": "chunked logprobs", "grad_checkpointing": "grad checkpointing", "compile": "torch.compile"}
+    label = {
+        "packing": f"packing ({args.packed_attn})",
+        "chunked": "chunked logprobs",
+        "grad_checkpointing": "grad checkpointing",
+        "compile": "torch.compile",
+    }
     for option in chosen:
         out.append((f"raydpo + {label[option]}", {option: True}))
     combos = [chosen]
     if "grad_checkpointing" in chosen and len(chosen) > 2:
         combos.insert(0, [o for o in chosen if o != "grad_checkpointing"])  # the fastest set, then the leanest
     for combo in combos if len(chosen) > 1 else []:
-        out.append(("raydpo + " + " + ".join(label[o] for o in combo), {o: True for o in combo}))
+        out.append(("raydpo + " + " + ".join(label[o] for o in combo), dict.fromkeys(combo, True)))
     return out
 
 
@@ -236,8 +263,11 @@ def measure_trl_train(shape, rows, device, *, steps: int, warmup: int, **overrid
     with tempfile.TemporaryDirectory() as out:
         config = common.trl_config(out, pairs=shape.pairs_per_step, steps=warmup + steps, device=device, **overrides)
         trainer = DPOTrainer(
-            model=model, args=config, train_dataset=common.trl_dataset(rows),
-            processing_class=common.word_tokenizer(shape.vocab), callbacks=[timer.callback],
+            model=model,
+            args=config,
+            train_dataset=common.trl_dataset(rows),
+            processing_class=common.word_tokenizer(shape.vocab),
+            callbacks=[timer.callback],
         )
         # Count the tokens of every training batch TRL collates (in order: the sampler is sequential).
         counts: list[int] = []
@@ -274,8 +304,15 @@ def trl_rows(shape, rows, device, *, steps: int, warmup: int, label: str, params
         gpu = common.gpu_name(device) or ""
         published = common.TRL_PUBLISHED_TRAIN_TOKENS_PER_S.get(shape.name)
         if published and common.TRL_PUBLISHED_GPU in gpu:
-            out.append(Row("trl best", published, common.mfu(published, params, device), device=gpu,
-                           note="published figure, not measured in this run"))
+            out.append(
+                Row(
+                    "trl best",
+                    published,
+                    common.mfu(published, params, device),
+                    device=gpu,
+                    note="published figure, not measured in this run",
+                )
+            )
         return out
     out = []
     for name, overrides in trl_settings(device):
@@ -283,12 +320,14 @@ def trl_rows(shape, rows, device, *, steps: int, warmup: int, label: str, params
             rate, memory = measure_trl_train(shape, rows, device, steps=steps, warmup=warmup, **overrides)
             out.append(Row(f"trl DPOTrainer ({name})", rate, common.mfu(rate, params, device), memory, label))
         except Exception as exc:  # one failing setting should not hide the others
-            out.append(Row(f"trl DPOTrainer ({name}): failed", None, device=label, note=f"{type(exc).__name__}: {exc}"[:120]))
+            out.append(
+                Row(f"trl DPOTrainer ({name}): failed", None, device=label, note=f"{type(exc).__name__}: {exc}"[:120])
+            )
     return out
 
 
 def setup_label(scale: dict) -> str:
-    from pipeline.model.capacity import Setup
+    from pipeline.planning.memory import Setup
 
     return Setup(scale["strategy"], cpu_offload=scale["cpu_offload"], lora=scale.get("lora")).label
 
@@ -310,7 +349,9 @@ def parse_args(argv=None):
     p.add_argument("--grad-checkpointing", action="store_true", help="add a row with activation checkpointing")
     p.add_argument("--compile", action="store_true", help="add a row with torch.compile (per decoder block)")
     p.add_argument("--packing", action="store_true", help="add a row with padding-free packed sequences")
-    p.add_argument("--packed-attn", default="sdpa", help="attention for packed rows: sdpa | flex_attention | flash_attention_2")
+    p.add_argument(
+        "--packed-attn", default="sdpa", help="attention for packed rows: sdpa | flex_attention | flash_attention_2"
+    )
     p.add_argument("--chunk-size", type=int, default=1024, help="response tokens per logits chunk")
     p.add_argument("--profile", action="store_true", help="print the top kernels of each row's timed steps")
     p.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp", help="train.strategy of every row")
@@ -333,17 +374,25 @@ def scale_options(args) -> dict:
     return {"strategy": args.strategy, "cpu_offload": args.cpu_offload, **lora}
 
 
-def planned_gib(shape: common.Shape, batches: list[dict], scale: dict, options: dict, *, chunk_size: int) -> float | None:
-    """The capacity plan's peak for a row (`pipeline.model.capacity`, one worker), None for non-Llama shapes."""
-    from pipeline.model.capacity import GIB, ModelShape, Setup, Workload, estimate
+def planned_gib(
+    shape: common.Shape, batches: list[dict], scale: dict, options: dict, *, chunk_size: int
+) -> float | None:
+    """The capacity plan's peak for a row (`pipeline.planning.memory`, one worker), None for non-Llama shapes."""
+    from pipeline.planning.memory import GIB, ModelShape, Setup, Workload, estimate
 
     if shape.arch != "llama":
         return None
-    longest = max(len(p) + max(len(c), len(r)) for b in batches
-                  for p, c, r in zip(b["prompt_ids"], b["chosen_ids"], b["rejected_ids"]))
-    work = Workload(tokens=2 * len(batches[0]["prompt_ids"]) * longest,
-                    chunk_size=chunk_size if options.get("chunked") else None,
-                    gradient_checkpointing=options.get("grad_checkpointing", False), accumulates=False)
+    longest = max(
+        len(p) + max(len(c), len(r))
+        for b in batches
+        for p, c, r in zip(b["prompt_ids"], b["chosen_ids"], b["rejected_ids"])
+    )
+    work = Workload(
+        tokens=2 * len(batches[0]["prompt_ids"]) * longest,
+        chunk_size=chunk_size if options.get("chunked") else None,
+        gradient_checkpointing=options.get("grad_checkpointing", False),
+        accumulates=False,
+    )
     setup = Setup(scale["strategy"], cpu_offload=scale["cpu_offload"], lora=scale.get("lora"))
     return estimate(ModelShape.from_config(common.model_config(shape).to_dict()), setup, work, workers=1).peak / GIB
 
@@ -353,8 +402,10 @@ def main(argv=None) -> None:
     shape, device, label = common.start(args)
     rows_data = common.make_pairs(shape, (args.warmup + args.steps) * shape.pairs_per_step, seed=args.seed)
     batches = common.numpy_batches(rows_data, shape.pairs_per_step)
-    print(f"shape {shape.name}: {shape.pairs_per_step} pairs/step, ~{shape.tokens_per_pair} tokens/pair, "
-          f"{args.warmup} warmup + {args.steps} timed steps")
+    print(
+        f"shape {shape.name}: {shape.pairs_per_step} pairs/step, ~{shape.tokens_per_pair} tokens/pair, "
+        f"{args.warmup} warmup + {args.steps} timed steps"
+    )
 
     rows: list[Row] = []
     params = 0
@@ -363,8 +414,16 @@ def main(argv=None) -> None:
     for name, options in variants(args):
         try:
             rate, memory, params, _ = measure_train(
-                shape, batches, device, steps=args.steps, warmup=args.warmup, chunk_size=args.chunk_size,
-                packed_attn=args.packed_attn, profile=args.profile, scale=scale, **options
+                shape,
+                batches,
+                device,
+                steps=args.steps,
+                warmup=args.warmup,
+                chunk_size=args.chunk_size,
+                packed_attn=args.packed_attn,
+                profile=args.profile,
+                scale=scale,
+                **options,
             )
         except torch.OutOfMemoryError:  # the largest shape a setting trains is what these rows look for
             rows.append(Row(name + suffix + ": out of memory", None, device=label))
@@ -372,8 +431,11 @@ def main(argv=None) -> None:
             continue
         rows.append(Row(name + suffix, rate, common.mfu(rate, params, device), memory, label))
         plan = planned_gib(shape, batches, scale, options, chunk_size=args.chunk_size)
-        print(f"  {name}{suffix}: {rate:,.0f} tokens/s, peak {memory}"
-              + (f" (capacity plan: {plan:.2f} GiB)" if plan is not None else ""), flush=True)
+        print(
+            f"  {name}{suffix}: {rate:,.0f} tokens/s, peak {memory}"
+            + (f" (capacity plan: {plan:.2f} GiB)" if plan is not None else ""),
+            flush=True,
+        )
     print(f"model: {params / 1e6:.1f}M parameters; MFU = 6 x params x tokens/s / peak")
     if args.compare == "trl":
         rows += trl_rows(shape, rows_data, device, steps=args.steps, warmup=args.warmup, label=label, params=params)

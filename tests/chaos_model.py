@@ -16,7 +16,7 @@ import json
 import shutil
 from pathlib import Path
 
-CODE = '''
+CODE = """
 import os
 import signal
 import time
@@ -43,7 +43,7 @@ class ChaosLM(GPT2LMHeadModel):
         if self.config.chaos_sleep_s:
             time.sleep(self.config.chaos_sleep_s)
         return super().forward(input_ids=input_ids, **kwargs)
-'''
+"""
 
 
 def make_chaos_model_dir(base: Path, target: Path, *, sleep_s: float = 0.0, kill_token: int | None = None) -> Path:
@@ -51,12 +51,14 @@ def make_chaos_model_dir(base: Path, target: Path, *, sleep_s: float = 0.0, kill
     shutil.copytree(base, target)
     (target / "chaos_gpt2.py").write_text(CODE)
     config = json.loads((target / "config.json").read_text())
-    config.update({
-        "model_type": "chaos_gpt2",
-        "architectures": ["ChaosLM"],
-        "auto_map": {"AutoConfig": "chaos_gpt2.ChaosConfig", "AutoModelForCausalLM": "chaos_gpt2.ChaosLM"},
-        "chaos_sleep_s": sleep_s,
-        "chaos_kill_token": kill_token,
-    })
+    config.update(
+        {
+            "model_type": "chaos_gpt2",
+            "architectures": ["ChaosLM"],
+            "auto_map": {"AutoConfig": "chaos_gpt2.ChaosConfig", "AutoModelForCausalLM": "chaos_gpt2.ChaosLM"},
+            "chaos_sleep_s": sleep_s,
+            "chaos_kill_token": kill_token,
+        }
+    )
     (target / "config.json").write_text(json.dumps(config, indent=2))
     return target

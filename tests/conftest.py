@@ -24,7 +24,7 @@ CORPUS = [
 
 def make_tiny_model_dir(path: Path, *, seed: int = 0) -> Path:
     from pipeline.demo.tiny_model import TinyShape, build_tiny_model, train_tokenizer
-    from pipeline.model.loading import save_pretrained
+    from pipeline.model.pretrained import save_pretrained
 
     tokenizer = train_tokenizer(CORPUS * 20, vocab_size=300)
     model = build_tiny_model(tokenizer, TinyShape(n_layer=2, n_embd=64, n_head=2, n_positions=128), seed=seed)
@@ -44,14 +44,24 @@ def tiny_llama_dir(tmp_path_factory) -> str:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from pipeline.demo.tiny_model import train_tokenizer
-    from pipeline.model.loading import save_pretrained
+    from pipeline.model.pretrained import save_pretrained
 
     tokenizer = train_tokenizer(CORPUS * 20, vocab_size=300)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            tie_word_embeddings=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    )
     path = tmp_path_factory.mktemp("tiny_llama")
     save_pretrained(model, tokenizer, path)
     return str(path)

@@ -1,6 +1,6 @@
 """Test helpers: the train step run the way the Ray Train workers run it, without Ray.
 
-`run_steps` builds the policy (`pipeline.model.policy.load_policy`), its optimizer and objective, and
+`run_steps` builds the policy (`pipeline.training.policy.load_policy`), its optimizer and objective, and
 runs `train_step` over fixed rows: each optimizer step takes the next `batch_size` rows, worker `rank`
 of `world` its own contiguous share, in micro-batches. `spawn` starts `world` processes joined by a
 gloo process group (fully_shard runs on CPU there), each calling a function of this module.
@@ -14,15 +14,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from micro_batches import split
 
 from pipeline.config import TrainConfig
-from pipeline.model.loading import load_tokenizer
-from pipeline.model.objectives import objective_for
-from pipeline.model.policy import load_policy, make_optimizer
-from pipeline.model.train_step import accumulation, train_step
+from pipeline.model.pretrained import load_tokenizer
 from pipeline.runtime.checkpoints import read_checkpoint, write_checkpoint, write_export
+from pipeline.training.objectives import objective_for
+from pipeline.training.policy import load_policy, make_optimizer
+from pipeline.training.step import accumulation, train_step
 
 CPU = torch.device("cpu")
 
@@ -37,8 +36,18 @@ def step_batches(rows: dict, train: TrainConfig, step: int, *, rank: int, world:
     return batches
 
 
-def run_steps(model_dir: str, train: TrainConfig, rows: dict, steps: int, *, rank: int = 0, world: int = 1,
-              out: Path | None = None, checkpoint_at: int | None = None, resume_from: Path | None = None) -> list[dict]:
+def run_steps(
+    model_dir: str,
+    train: TrainConfig,
+    rows: dict,
+    steps: int,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    out: Path | None = None,
+    checkpoint_at: int | None = None,
+    resume_from: Path | None = None,
+) -> list[dict]:
     """Per-step {loss metrics..., grad_norm} of `steps` optimizer steps; with `out`, a checkpoint after
     step `checkpoint_at` in out/checkpoint-rank<r> and the final export in out/hf (from `write_export`)."""
     model = load_policy(model_dir, train, device=CPU, resuming=resume_from is not None)
@@ -50,8 +59,15 @@ def run_steps(model_dir: str, train: TrainConfig, rows: dict, steps: int, *, ran
     objective = objective_for(train, pad_id=tokenizer.pad_token_id, device=CPU, with_reference=True)
     results = []
     for step in range(start, steps):
-        result = train_step(model, optimizer, step_batches(rows, train, step, rank=rank, world=world),
-                            objective=objective, lr=train.learning_rate, max_grad_norm=train.max_grad_norm, world=world)
+        result = train_step(
+            model,
+            optimizer,
+            step_batches(rows, train, step, rank=rank, world=world),
+            objective=objective,
+            lr=train.learning_rate,
+            max_grad_norm=train.max_grad_norm,
+            world=world,
+        )
         results.append({**result.loss_metrics, "grad_norm": result.grad_norm})
         if out is not None and step + 1 == checkpoint_at:
             write_checkpoint(out / f"checkpoint-rank{rank}", model, optimizer, rank=rank, step=step + 1, history=[])
@@ -98,13 +114,29 @@ def scenarios(*, rank: int, world: int, model_dir: str, out: str, runs: dict, re
     merged, as Ray Train merges what workers report) into new model and optimizer objects, to the end."""
     results = {}
     for name, (train, rows, steps, checkpoint_at) in runs.items():
-        results[name] = run_steps(model_dir, TrainConfig(**train), rows, steps, rank=rank, world=world,
-                                  out=Path(out) / name, checkpoint_at=checkpoint_at)
+        results[name] = run_steps(
+            model_dir,
+            TrainConfig(**train),
+            rows,
+            steps,
+            rank=rank,
+            world=world,
+            out=Path(out) / name,
+            checkpoint_at=checkpoint_at,
+        )
     if resume is not None:
         train, rows, steps, _ = runs[resume]
         dist.barrier()
         checkpoint = merge_rank_dirs(Path(out) / resume, world) if rank == 0 else Path(out) / resume / "checkpoint"
         dist.barrier()
-        results["resumed"] = run_steps(model_dir, TrainConfig(**train), rows, steps, rank=rank, world=world,
-                                       out=Path(out) / "resumed", resume_from=checkpoint)
+        results["resumed"] = run_steps(
+            model_dir,
+            TrainConfig(**train),
+            rows,
+            steps,
+            rank=rank,
+            world=world,
+            out=Path(out) / "resumed",
+            resume_from=checkpoint,
+        )
     return results

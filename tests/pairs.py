@@ -1,6 +1,6 @@
 """Test helpers: B preference pairs as one padded (or packed) batch of 2B sequences.
 
-The pipeline itself works on sequences (`pipeline.model.batch_logps.batch_sequence_logps`); these pair views let
+The pipeline itself works on sequences (`pipeline.model.logps.dispatch.batch_sequence_logps`); these pair views let
 tests compare chosen and rejected log-probs across the padded, chunked and packed paths.
 """
 
@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.model.chunked_logps import chunked_sequence_logps
-from pipeline.model.logps import collate_sequences, sequence_logps
-from pipeline.model.packed_logps import PackedBatch, pack_sequences
+from pipeline.model.logps.chunked import chunked_sequence_logps
+from pipeline.model.logps.packed import PackedBatch, pack_sequences
+from pipeline.model.logps.padded import collate_sequences, sequence_logps
 
 
 @dataclass(frozen=True)
@@ -31,8 +31,10 @@ class PairBatch:
     def num_pairs(self) -> int:
         return self.input_ids.shape[0] // 2
 
-    def to(self, device: str | torch.device) -> "PairBatch":
-        return PairBatch(*(t.to(device, non_blocking=True) for t in (self.input_ids, self.attention_mask, self.response_mask)))
+    def to(self, device: str | torch.device) -> PairBatch:
+        return PairBatch(
+            *(t.to(device, non_blocking=True) for t in (self.input_ids, self.attention_mask, self.response_mask))
+        )
 
 
 def collate_pairs(
@@ -57,7 +59,12 @@ def pair_logps(model, batch: PairBatch):
 def chunked_pair_logps(model, batch: PairBatch, *, chunk_size: int = 1024, use_checkpoint: bool = True):
     """`pair_logps` through `chunked_sequence_logps`: (chosen, rejected, chosen_len, rejected_len)."""
     logps, counts = chunked_sequence_logps(
-        model, batch.input_ids, batch.attention_mask, batch.response_mask, chunk_size=chunk_size, use_checkpoint=use_checkpoint
+        model,
+        batch.input_ids,
+        batch.attention_mask,
+        batch.response_mask,
+        chunk_size=chunk_size,
+        use_checkpoint=use_checkpoint,
     )
     b = batch.num_pairs
     return logps[:b], logps[b:], counts[:b], counts[b:]
@@ -66,4 +73,6 @@ def chunked_pair_logps(model, batch: PairBatch, *, chunk_size: int = 1024, use_c
 def pack_pairs(prompt_ids, chosen_ids, rejected_ids, *, pad_id: int, multiple_of: int = 1) -> PackedBatch:
     """B pairs as 2B packed sequences: 0..B-1 prompt + chosen, B..2B-1 prompt + rejected (as collate_pairs)."""
     prompts = list(prompt_ids)
-    return pack_sequences(prompts + prompts, list(chosen_ids) + list(rejected_ids), pad_id=pad_id, multiple_of=multiple_of)
+    return pack_sequences(
+        prompts + prompts, list(chosen_ids) + list(rejected_ids), pad_id=pad_id, multiple_of=multiple_of
+    )

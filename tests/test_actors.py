@@ -76,8 +76,9 @@ def test_jobs_run_side_by_side_up_to_the_cap_and_return_by_name(caplog):
     # Each job's end is logged as it happens, with the counts a person watching needs.
     assert re.search(r"evaluate: [ab] done \(1 of 4 jobs done, 2 running, 1 waiting\)", caplog.text)
     assert "of 4 jobs done, 0 running, 0 waiting)" in caplog.text
-    spans = [(r[0][1], r[0][2]) for r in (results["a"], results["d"])] + \
-            [(r[0][1], r[0][2]) for r in jobs.wait_for("bc").values()]
+    spans = [(r[0][1], r[0][2]) for r in (results["a"], results["d"])] + [
+        (r[0][1], r[0][2]) for r in jobs.wait_for("bc").values()
+    ]
     assert most_at_once(spans) == 2  # side by side, never more than the cap
     for actor in started:  # each killed once its calls were done
         with pytest.raises(ray.exceptions.RayActorError):
@@ -89,7 +90,7 @@ def test_a_failing_job_surfaces_and_no_actor_outlives_the_block():
     with pytest.raises(RuntimeError, match="this model does not load"):
         with ActorJobs(max_actors=3) as jobs:
             jobs.submit("slow", *job(30.0, "slow", started))
-            bad = lambda: started.append(Worker.remote()) or started[-1]  # noqa: E731
+            bad = lambda: started.append(Worker.remote()) or started[-1]
             jobs.submit("bad", bad, lambda actor: [actor.fail.remote()])
             jobs.wait_for(["slow", "bad"])
     for actor in started:  # the slow one too: killed on the way out, not left sleeping
@@ -141,7 +142,9 @@ def test_a_tensor_parallel_sampler_holds_a_placement_group_of_gpu_bundles():
 
 def test_sampler_placement_per_engine_and_device():
     assert (sampler_placement("hf", use_gpu=False).total, sampler_placement("hf", use_gpu=True).total) == (
-        {"CPU": 1, "GPU": 0}, {"CPU": 1, "GPU": 1})
+        {"CPU": 1, "GPU": 0},
+        {"CPU": 1, "GPU": 1},
+    )
     on_cpu = sampler_placement("vllm", use_gpu=False)
     assert on_cpu.total == {"CPU": 2, "GPU": 0} and on_cpu.env["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
     assert sampler_placement("vllm", use_gpu=True).total == {"CPU": 1, "GPU": 1}
@@ -154,7 +157,9 @@ def test_sampler_placement_per_engine_and_device():
 def test_evaluate_asks_for_its_samplers_gpus_on_one_node():
     ev = ["evaluate.engine=vllm", "evaluate.use_gpu=true"]
     check_resources(evaluate_requests(load_config(None, [*ev, "evaluate.gpus_per_actor=2"])))
-    with pytest.raises(ResourceError, match="evaluate.gpus_per_actor asks for 4 GPUs per actor but this cluster has 2 GPUs"):
+    with pytest.raises(
+        ResourceError, match="evaluate.gpus_per_actor asks for 4 GPUs per actor but this cluster has 2 GPUs"
+    ):
         check_resources(evaluate_requests(load_config(None, [*ev, "evaluate.gpus_per_actor=4"])))
     # On the CPU a vLLM sampler holds 2 CPUs: its engine core's and its worker's.
     assert [r.bundle for r in evaluate_requests(load_config(None, ["evaluate.engine=vllm"]))] == [{"CPU": 2.0}]
@@ -198,6 +203,7 @@ def test_a_killed_actor_is_restarted_and_redoes_only_its_call_in_flight(tmp_path
 def test_a_call_that_always_kills_its_actor_fails_its_job_by_name(tmp_path):
     with pytest.raises(ActorJobError, match="job 'poison': its actor died and could not be restarted again"):
         with ActorJobs(max_actors=1) as jobs:
-            jobs.submit("poison", lambda: Noted.options(**actor_options(1)).remote(str(tmp_path)),
-                        lambda a: [a.die.remote()])
+            jobs.submit(
+                "poison", lambda: Noted.options(**actor_options(1)).remote(str(tmp_path)), lambda a: [a.die.remote()]
+            )
             jobs.wait_for(["poison"])

@@ -56,8 +56,7 @@ class FakeChatServer:
         self.httpd.block_on_close = False
         self.httpd.fake = self
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02},
-                                       daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
         self.thread.start()
 
     @property
@@ -81,16 +80,19 @@ class FakeChatServer:
         if choice is None:
             return "Both texts have their charms and I would rather not choose.", None
         if self.structured and (body.get("response_format") or {}).get("type") == "json_schema":
-            return json.dumps({"comparison": f"Text {choice} is the better one.",
-                               "preferred": "tie" if choice == "Tie" else choice}), None
+            return json.dumps(
+                {"comparison": f"Text {choice} is the better one.", "preferred": "tie" if choice == "Tie" else choice}
+            ), None
         text = f"Text {choice} is the better one.\n**Preferred:** {choice}"
         logprobs = None
         if self.structured and body.get("logprobs"):
             tokens = re.findall(r"\s*\S+", text)
             content = [{"token": t, "logprob": 0.0, "top_logprobs": [{"token": t, "logprob": 0.0}]} for t in tokens]
             others = [label for label in ("A", "B", "Tie") if label != choice]
-            content[-1]["top_logprobs"] = [{"token": f" {label}", "logprob": logprob}
-                                           for label, logprob in zip((choice, *others), self.label_logprobs)]
+            content[-1]["top_logprobs"] = [
+                {"token": f" {label}", "logprob": logprob}
+                for label, logprob in zip((choice, *others), self.label_logprobs)
+            ]
             content += [{"token": t, "logprob": 0.0, "top_logprobs": []} for t in re.findall(r"\s*\S+", self.suffix)]
             logprobs = {"content": content}
         return text + self.suffix, logprobs
@@ -110,8 +112,9 @@ class _Handler(BaseHTTPRequestHandler):
         with fake.lock:
             fake.in_flight += 1
             fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
-            fake.received.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body,
-                                  "t": time.monotonic()})
+            fake.received.append(
+                {"path": self.path, "auth": self.headers.get("Authorization"), "body": body, "t": time.monotonic()}
+            )
             fault = fake.faults.popleft() if fake.faults else None
         try:
             time.sleep(fake.delay_s)
@@ -130,10 +133,21 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 status, headers = 200, {}
                 text, logprobs = fake.message(body)
-                payload = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                           "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                        "finish_reason": "stop", "logprobs": logprobs}],
-                           "usage": fake.usage}
+                payload = {
+                    "id": "x",
+                    "object": "chat.completion",
+                    "created": 0,
+                    "model": body["model"],
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": text},
+                            "finish_reason": "stop",
+                            "logprobs": logprobs,
+                        }
+                    ],
+                    "usage": fake.usage,
+                }
         finally:
             # Out of flight before the reply is written, so that the client's next request never overlaps.
             with fake.lock:
@@ -164,8 +178,15 @@ def api_key(monkeypatch):
 
 
 def make_judge(server: FakeChatServer, **overrides) -> ApiJudge:
-    settings = dict(base_url=server.url, model="judge-model", api_key_env=KEY_ENV, prompt_template=TEMPLATE,
-                    timeout_s=5.0, max_retries=3, max_concurrency=4)  # generous: a loaded machine is no timeout
+    settings = dict(
+        base_url=server.url,
+        model="judge-model",
+        api_key_env=KEY_ENV,
+        prompt_template=TEMPLATE,
+        timeout_s=5.0,
+        max_retries=3,
+        max_concurrency=4,
+    )  # generous: a loaded machine is no timeout
     settings.update(overrides)
     return ApiJudge(ApiJudgeConfig(**settings))
 
@@ -204,13 +225,15 @@ def test_valid_answers_request_shape_and_key_header(server):
 def test_transient_failures_are_retried_until_they_succeed(server, caplog):
     # The first two retries wait the client's own backoff (about 0.5 s, then 1 s); the rest wait what the
     # server asks for in retry-after-ms, as OpenAI's API sends it.
-    server.faults.extend([
-        ("slow", 1.0),  # beyond timeout_s=0.5
-        ("drop",),  # connection closed without a reply
-        ("status", 429, {"retry-after-ms": "10"}),
-        ("status", 500, {"retry-after-ms": "10"}),
-        ("status", 503, {"retry-after-ms": "10"}),
-    ])
+    server.faults.extend(
+        [
+            ("slow", 1.0),  # beyond timeout_s=0.5
+            ("drop",),  # connection closed without a reply
+            ("status", 429, {"retry-after-ms": "10"}),
+            ("status", 500, {"retry-after-ms": "10"}),
+            ("status", 503, {"retry-after-ms": "10"}),
+        ]
+    )
     judge = make_judge(server, max_concurrency=1, max_retries=6, timeout_s=0.5)
     prompts, first, second, expected = pairs(4)
     with caplog.at_level(logging.WARNING, logger="pipeline.evaluation.api_judge"):
@@ -259,8 +282,11 @@ def test_unreachable_server_is_retried_then_raises():
     with socket.socket() as s:  # a port that nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    judge = ApiJudge(ApiJudgeConfig(base_url=f"http://127.0.0.1:{port}/v1", model="m", api_key_env=KEY_ENV,
-                                    max_retries=1, timeout_s=0.5))
+    judge = ApiJudge(
+        ApiJudgeConfig(
+            base_url=f"http://127.0.0.1:{port}/v1", model="m", api_key_env=KEY_ENV, max_retries=1, timeout_s=0.5
+        )
+    )
     with pytest.raises(ApiJudgeError, match="gave up after 2 attempts .*ConnectionError") as caught:
         judge.judge(["p"], ["a"], ["b"])
     assert judge.stats.requests == 2 and judge.stats.retries == 1
@@ -343,8 +369,9 @@ def test_request_cap_raises_and_a_rerun_continues_from_cache(server, tmp_path):
 
 def test_cost_cap_raises_with_the_spend(server):
     # 100 input + 10 output tokens at $0.01 / $0.03 per 1k: $0.0013 a request; the cap is passed on the 4th.
-    judge = make_judge(server, max_concurrency=1, price_per_1k_input_tokens=0.01,
-                       price_per_1k_output_tokens=0.03, max_cost_usd=0.005)
+    judge = make_judge(
+        server, max_concurrency=1, price_per_1k_input_tokens=0.01, price_per_1k_output_tokens=0.03, max_cost_usd=0.005
+    )
     with pytest.raises(BudgetExceeded) as caught:
         judge.judge(*pairs(8)[:3])
     assert server.count == 4
@@ -355,8 +382,14 @@ def test_cost_cap_raises_with_the_spend(server):
 def test_cost_cap_without_usage_stops_after_caching_the_reply(server, tmp_path):
     server.usage = None
     cache = str(tmp_path / "cache.jsonl")
-    judge = make_judge(server, max_concurrency=1, cache_path=cache, price_per_1k_input_tokens=0.01,
-                       price_per_1k_output_tokens=0.03, max_cost_usd=1.0)
+    judge = make_judge(
+        server,
+        max_concurrency=1,
+        cache_path=cache,
+        price_per_1k_input_tokens=0.01,
+        price_per_1k_output_tokens=0.03,
+        max_cost_usd=1.0,
+    )
     prompts, first, second, expected = pairs(3)
     with pytest.raises(ApiJudgeError, match="usage"):
         judge.judge(prompts, first, second)
@@ -391,8 +424,9 @@ def test_position_biased_server_scores_only_ties_in_both_orders(server):
 def test_both_orders_credit_a_real_preference(server):
     judge = make_judge(server)
     n = 5
-    result = judge_both_orders(judge, [f"q{i}" for i in range(n)], [f"good {i}" for i in range(n)],
-                               [f"bad {i}" for i in range(n)])
+    result = judge_both_orders(
+        judge, [f"q{i}" for i in range(n)], [f"good {i}" for i in range(n)], [f"bad {i}" for i in range(n)]
+    )
     assert (result.wins, result.losses, result.ties) == (n, 0, 0)
     assert judge.stats.requests == 2 * n
 
@@ -462,10 +496,17 @@ def test_config_errors_and_make_api_judge():
         make_api_judge({"base_url": "http://x/v1", "modle": "m"})
     with pytest.raises(ValueError, match=r"evaluate\.judge_api\.backoff_base_s: removed; the openai client's own"):
         make_api_judge({"base_url": "http://x/v1", "model": "m", "backoff_base_s": 1.0})
-    judge = make_api_judge({"base_url": "http://x/v1", "model": "gpt-4o", "task": "summarization"},
-                           default_cache_path="/runs/r/judge_cache.sqlite")
+    judge = make_api_judge(
+        {"base_url": "http://x/v1", "model": "gpt-4o", "task": "summarization"},
+        default_cache_path="/runs/r/judge_cache.sqlite",
+    )
     assert judge.name == "api:gpt-4o" and judge.config.max_concurrency == 8 and judge.config.verdict == "json"
     assert judge.config.cache_path == "/runs/r/judge_cache.sqlite"  # the stage's default ...
-    assert make_api_judge({"base_url": "http://x/v1", "model": "m", "cache_path": None},
-                          default_cache_path="/runs/r/judge_cache.sqlite").config.cache_path is None  # ... unless off
+    assert (
+        make_api_judge(
+            {"base_url": "http://x/v1", "model": "m", "cache_path": None},
+            default_cache_path="/runs/r/judge_cache.sqlite",
+        ).config.cache_path
+        is None
+    )  # ... unless off
     assert SECRET not in repr(judge.config)

@@ -12,8 +12,15 @@ import pytest
 
 from pipeline.config import ConfigError
 from pipeline.data.schemas import JUDGMENTS, SAMPLES
-from pipeline.evaluation.baselines import (best_of_n_answers, best_of_n_kl_bound, best_of_n_name, judge_against_chosen,
-                                           pick_best, preferred_responses, reward_scorer)
+from pipeline.evaluation.baselines import (
+    best_of_n_answers,
+    best_of_n_kl_bound,
+    best_of_n_name,
+    judge_against_chosen,
+    pick_best,
+    preferred_responses,
+    reward_scorer,
+)
 from pipeline.evaluation.summary import sampling_costs, summarize
 
 pytestmark = pytest.mark.unit
@@ -72,13 +79,26 @@ def test_pick_best_takes_the_highest_of_each_group_and_the_first_on_ties():
 
 
 def _candidate(t, p, s, text, ids):
-    return {"model": "best_of_2", "temperature": t, "prompt_index": p, "sample_index": s, "prompt": f"prompt {p}",
-            "completion": text, "completion_ids": ids, "logps": -float(len(ids)), "ref_logps": -float(len(ids))}
+    return {
+        "model": "best_of_2",
+        "temperature": t,
+        "prompt_index": p,
+        "sample_index": s,
+        "prompt": f"prompt {p}",
+        "completion": text,
+        "completion_ids": ids,
+        "logps": -float(len(ids)),
+        "ref_logps": -float(len(ids)),
+    }
 
 
 def test_best_of_n_keeps_the_best_candidate_and_charges_all_of_them():
-    candidates = [_candidate(1.0, 0, 0, " bad", [5]), _candidate(1.0, 0, 0, " good", [6, 7, 8]),
-                  _candidate(1.0, 1, 0, " fine", [9, 9]), _candidate(1.0, 1, 0, " worse", [4])]
+    candidates = [
+        _candidate(1.0, 0, 0, " bad", [5]),
+        _candidate(1.0, 0, 0, " good", [6, 7, 8]),
+        _candidate(1.0, 1, 0, " fine", [9, 9]),
+        _candidate(1.0, 1, 0, " worse", [4]),
+    ]
     kept = best_of_n_answers(candidates, np.array([-0.5, 0.8, 0.2, -0.1]), 2, model=best_of_n_name(2))
     assert [k["completion"] for k in kept] == [" good", " fine"]
     assert [k["reward"] for k in kept] == [0.8, 0.2]
@@ -100,11 +120,13 @@ def test_best_of_n_config_errors_name_the_key():
 
 
 def test_preferred_response_is_the_first_desirable_chosen_of_each_prompt():
-    pairs = pa.table({
-        "prompt_ids": [[1, 2], [1, 2], [3], [4], [4]],
-        "chosen_ids": [[10], [11], [12], [13], [14]],
-        "label": [None, None, False, False, True],  # two paired rows, then unpaired (KTO) rows
-    })
+    pairs = pa.table(
+        {
+            "prompt_ids": [[1, 2], [1, 2], [3], [4], [4]],
+            "chosen_ids": [[10], [11], [12], [13], [14]],
+            "label": [None, None, False, False, True],  # two paired rows, then unpaired (KTO) rows
+        }
+    )
     assert preferred_responses(pairs, [[1, 2], [3], [4], [5]]) == [[10], None, [14], None]
 
 
@@ -121,17 +143,34 @@ class LongerWinsJudge:
 
 
 def _sample(model, t, p, text):
-    return {"model": model, "temperature": t, "prompt_index": p, "sample_index": 0, "prompt": f"prompt {p}",
-            "completion": text, "completion_ids": list(range(len(text))), "logps": -1.0, "ref_logps": -1.0,
-            "kl": 0.0 if model != "best_of_2" else None, "reward": float(len(text))}
+    return {
+        "model": model,
+        "temperature": t,
+        "prompt_index": p,
+        "sample_index": 0,
+        "prompt": f"prompt {p}",
+        "completion": text,
+        "completion_ids": list(range(len(text))),
+        "logps": -1.0,
+        "ref_logps": -1.0,
+        "kl": 0.0 if model != "best_of_2" else None,
+        "reward": float(len(text)),
+    }
 
 
 def test_judging_against_chosen_accounts_for_every_sample():
-    rows = [_sample(m, 1.0, p, text) for m, texts in
-            (("policy", [" a long answer", " x", " same", " ??"]), ("reference", [" mid", " mid", " mid", " mid"]))
-            for p, text in enumerate(texts)]
+    rows = [
+        _sample(m, 1.0, p, text)
+        for m, texts in (
+            ("policy", [" a long answer", " x", " same", " ??"]),
+            ("reference", [" mid", " mid", " mid", " mid"]),
+        )
+        for p, text in enumerate(texts)
+    ]
     chosen = [" chosen one", " chosen two", " same", None]  # prompt 3 has no preferred response
-    out = judge_against_chosen(LongerWinsJudge(), rows, chosen, [None if c is None else len(c) for c in chosen], ["policy"])
+    out = judge_against_chosen(
+        LongerWinsJudge(), rows, chosen, [None if c is None else len(c) for c in chosen], ["policy"]
+    )
     assert [(j["prompt_index"], j["score"]) for j in out] == [(0, 1.0), (1, 0.0), (2, 0.5)]  # win, loss, tie
     assert all(j["baseline"] == "chosen" and j["model"] == "policy" for j in out)
     assert [j["length_diff"] for j in out] == [14 - 11, 2 - 11, 0]
@@ -143,17 +182,53 @@ def test_judging_against_chosen_accounts_for_every_sample():
 
 
 def test_summary_keeps_the_two_baselines_apart():
-    rows = [_sample(m, t, p, " " * (p + 2)) for m in ("policy", "reference", "best_of_2") for t in (0.0, 1.0) for p in range(4)]
+    rows = [
+        _sample(m, t, p, " " * (p + 2))
+        for m in ("policy", "reference", "best_of_2")
+        for t in (0.0, 1.0)
+        for p in range(4)
+    ]
     for r in rows:
         r.update(candidates=2 if r["model"] == "best_of_2" else 1, tokens_generated=len(r["completion_ids"]))
-    judged = [{"model": m, "baseline": "reference", "temperature": t, "prompt_index": p, "verdict_first": "A",
-               "verdict_second": "B", "score": 1.0, "length_diff": 0} for m in ("policy", "best_of_2") for t in (0.0, 1.0) for p in range(4)]
-    judged += [{"model": m, "baseline": "chosen", "temperature": t, "prompt_index": p,
-                "verdict_first": "unparsed" if p == 0 else "B", "verdict_second": "A", "score": 0.5 if p == 0 else 0.0,
-                "length_diff": 0} for m in ("policy", "reference", "best_of_2") for t in (0.0, 1.0) for p in range(4)]
-    summary = summarize(pa.Table.from_pylist(rows, schema=SAMPLES), pa.Table.from_pylist(judged, schema=JUDGMENTS),
-                        [0.0, 1.0], n_boot=50, seed=0, costs=sampling_costs(rows),
-                        kl_bounds={("best_of_2", 0.0): 0.0, ("best_of_2", 1.0): best_of_n_kl_bound(2)})
+    judged = [
+        {
+            "model": m,
+            "baseline": "reference",
+            "temperature": t,
+            "prompt_index": p,
+            "verdict_first": "A",
+            "verdict_second": "B",
+            "score": 1.0,
+            "length_diff": 0,
+        }
+        for m in ("policy", "best_of_2")
+        for t in (0.0, 1.0)
+        for p in range(4)
+    ]
+    judged += [
+        {
+            "model": m,
+            "baseline": "chosen",
+            "temperature": t,
+            "prompt_index": p,
+            "verdict_first": "unparsed" if p == 0 else "B",
+            "verdict_second": "A",
+            "score": 0.5 if p == 0 else 0.0,
+            "length_diff": 0,
+        }
+        for m in ("policy", "reference", "best_of_2")
+        for t in (0.0, 1.0)
+        for p in range(4)
+    ]
+    summary = summarize(
+        pa.Table.from_pylist(rows, schema=SAMPLES),
+        pa.Table.from_pylist(judged, schema=JUDGMENTS),
+        [0.0, 1.0],
+        n_boot=50,
+        seed=0,
+        costs=sampling_costs(rows),
+        kl_bounds={("best_of_2", 0.0): 0.0, ("best_of_2", 1.0): best_of_n_kl_bound(2)},
+    )
     by = {(r["model"], r["temperature"]): r for r in summary}
     assert len(by) == 6
     policy, reference, bon = by[("policy", 1.0)], by[("reference", 1.0)], by[("best_of_2", 1.0)]
@@ -169,8 +244,16 @@ def test_summary_keeps_the_two_baselines_apart():
 def test_reward_vs_kl_draws_best_of_n_at_its_bound(tmp_path):
     from pipeline.evaluation.report import SUMMARY_COLUMNS, plot_reward_vs_kl, summary_table
 
-    rows = [{"model": "best_of_4", "temperature": t, "reward_mean": 0.3 + t, "kl_mean": None,
-             "kl_bound": best_of_n_kl_bound(4, greedy=t == 0)} for t in (0.0, 1.0)]
+    rows = [
+        {
+            "model": "best_of_4",
+            "temperature": t,
+            "reward_mean": 0.3 + t,
+            "kl_mean": None,
+            "kl_bound": best_of_n_kl_bound(4, greedy=t == 0),
+        }
+        for t in (0.0, 1.0)
+    ]
     plot_reward_vs_kl(rows, tmp_path / "kl.png")
     assert (tmp_path / "kl.png").read_bytes().startswith(b"\x89PNG")
     assert {"kl_bound", "win_rate_vs_chosen", "samples_per_answer", "tokens_per_answer"} <= set(SUMMARY_COLUMNS)

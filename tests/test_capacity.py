@@ -11,8 +11,16 @@ import torch
 
 from pipeline.cli.main import main
 from pipeline.config import LoraConfig, TrainConfig, load_config
-from pipeline.model.capacity import (
-    GIB, CapacityError, ModelShape, Setup, Workload, estimate, fewest_gpus, layer_activations, saved_activations,
+from pipeline.planning.memory import (
+    GIB,
+    CapacityError,
+    ModelShape,
+    Setup,
+    Workload,
+    estimate,
+    fewest_gpus,
+    layer_activations,
+    saved_activations,
     usable_bytes,
 )
 
@@ -20,14 +28,34 @@ pytestmark = pytest.mark.unit
 
 # meta-llama/Llama-3.1-8B's config.json (the keys the plan reads, as published).
 LLAMA_8B = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
-    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
-    "vocab_size": 128256, "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
-    "rms_norm_eps": 1e-05, "rope_theta": 500000.0, "max_position_embeddings": 131072, "torch_dtype": "bfloat16",
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 128256,
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+    "mlp_bias": False,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 500000.0,
+    "max_position_embeddings": 131072,
+    "torch_dtype": "bfloat16",
 }
 # benchmarks/common.py's "tiny" shape.
-TINY = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 344, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000, "tie_word_embeddings": False}
+TINY = {
+    "model_type": "llama",
+    "hidden_size": 128,
+    "intermediate_size": 344,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 1000,
+    "tie_word_embeddings": False,
+}
 
 
 def transformers_params(config: dict) -> int:
@@ -38,13 +66,17 @@ def transformers_params(config: dict) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-@pytest.mark.parametrize("config", [
-    TINY,
-    {**TINY, "tie_word_embeddings": True},
-    {**TINY, "attention_bias": True, "mlp_bias": True},
-    {**TINY, "model_type": "qwen2"},  # biases on q, k, v
-    {**TINY, "model_type": "mistral", "head_dim": 48},  # a head_dim that is not hidden / heads
-], ids=["tiny", "tied", "biases", "qwen2", "mistral-head-dim"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        TINY,
+        {**TINY, "tie_word_embeddings": True},
+        {**TINY, "attention_bias": True, "mlp_bias": True},
+        {**TINY, "model_type": "qwen2"},  # biases on q, k, v
+        {**TINY, "model_type": "mistral", "head_dim": 48},  # a head_dim that is not hidden / heads
+    ],
+    ids=["tiny", "tied", "biases", "qwen2", "mistral-head-dim"],
+)
 def test_parameter_count_is_transformers_own(config):
     assert ModelShape.from_config(config).params == transformers_params(config)
 
@@ -149,7 +181,7 @@ def _saved_bytes(config: dict, *, precision: str, lora: LoraConfig | None, chunk
     under the dtypes the GPU run uses; under autocast, less the bf16 weight copies the plan counts as weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from pipeline.model.batch_logps import batch_sequence_logps
+    from pipeline.model.logps.dispatch import batch_sequence_logps
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config, attn_implementation="sdpa")).train()
@@ -158,10 +190,15 @@ def _saved_bytes(config: dict, *, precision: str, lora: LoraConfig | None, chunk
     if precision == "frozen":
         model.requires_grad_(False)
         if lora is not None:
-            from peft import LoraConfig as PeftLora, get_peft_model
+            from peft import LoraConfig as PeftLora
+            from peft import get_peft_model
 
-            model = get_peft_model(model, PeftLora(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                   target_modules=lora.target_modules))
+            model = get_peft_model(
+                model,
+                PeftLora(
+                    r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules
+                ),
+            )
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
 
@@ -173,8 +210,10 @@ def _saved_bytes(config: dict, *, precision: str, lora: LoraConfig | None, chunk
 
     rows, length = tokens // 128, 128
     prompts, responses = [[5] * 32] * rows, [[6] * (length - 32)] * rows
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast(
-            "cpu", dtype=torch.bfloat16, enabled=precision != "bf16"):
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "bf16"),
+    ):
         batch_sequence_logps(model, prompts, responses, pad_id=0, device="cpu", chunk_size=chunk_size)
     casts = 0
     if precision == "autocast":
@@ -183,18 +222,28 @@ def _saved_bytes(config: dict, *, precision: str, lora: LoraConfig | None, chunk
     return sum(saved.values()) - casts
 
 
-@pytest.mark.parametrize("precision,lora,chunk_size", [
-    ("autocast", None, None), ("autocast", None, 64), ("bf16", None, None), ("bf16", None, 64),
-    ("frozen", LoraConfig(r=8, target_modules="all-linear"), None),
-    ("frozen", LoraConfig(r=8, dropout=0.1, target_modules="all-linear"), 64),
-])
+@pytest.mark.parametrize(
+    "precision,lora,chunk_size",
+    [
+        ("autocast", None, None),
+        ("autocast", None, 64),
+        ("bf16", None, None),
+        ("bf16", None, 64),
+        ("frozen", LoraConfig(r=8, target_modules="all-linear"), None),
+        ("frozen", LoraConfig(r=8, dropout=0.1, target_modules="all-linear"), 64),
+    ],
+)
 def test_activation_model_matches_what_autograd_saves(precision, lora, chunk_size):
     """The plan's saved activations within 3% of those counted by saved-tensor hooks, per layer (the
     difference between 4 and 2 layers) and for the whole forward, on the tiny shape at 512 tokens.
     (The H100 rows of benchmarks/README.md check the peak: 42.3 GiB planned for 43.7 measured.)"""
     work = Workload(tokens=512, chunk_size=chunk_size, gradient_checkpointing=False, accumulates=False)
-    measured = {layers: _saved_bytes({**TINY, "num_hidden_layers": layers}, precision=precision, lora=lora,
-                                     chunk_size=chunk_size, tokens=512) for layers in (2, 4)}
+    measured = {
+        layers: _saved_bytes(
+            {**TINY, "num_hidden_layers": layers}, precision=precision, lora=lora, chunk_size=chunk_size, tokens=512
+        )
+        for layers in (2, 4)
+    }
     per_layer = (measured[4] - measured[2]) / 2 / 512
     shape = ModelShape.from_config(TINY)
     layer = layer_activations(shape, precision=precision, lora=lora)
@@ -213,17 +262,23 @@ def test_dpo_plan_prints_the_table(tmp_path, capsys):
     model.mkdir()
     (model / "config.json").write_text(json.dumps(LLAMA_8B))
     config = tmp_path / "c.yaml"
-    config.write_text(f"model: {{path: {model}}}\ntokenize: {{max_length: 2048}}\n"
-                      "train: {strategy: fsdp, num_workers: 8, batch_size: 64, micro_batch_size: 2, "
-                      "chunked_logps: true, gradient_checkpointing: true}\n")
+    config.write_text(
+        f"model: {{path: {model}}}\ntokenize: {{max_length: 2048}}\n"
+        "train: {strategy: fsdp, num_workers: 8, batch_size: 64, micro_batch_size: 2, "
+        "chunked_logps: true, gradient_checkpointing: true}\n"
+    )
     assert main(["plan", "--config", str(config), "--gpu-gib", "24", "--gpu-gib", "80"]) == 0
     out = capsys.readouterr().out
     assert "8.03B parameters" in out
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in out.splitlines() if line.startswith("| ")}
     assert rows["fsdp (configured)"][-2:] == ["15", "3 |"]  # fewest 24 GiB and 80 GiB GPUs
     assert rows["ddp"][-2:] == ["none", "none |"]
-    expected = estimate(ModelShape.from_config(LLAMA_8B), Setup("fsdp"),
-                        Workload.of(load_config(config).train, max_length=2048), workers=8)
+    expected = estimate(
+        ModelShape.from_config(LLAMA_8B),
+        Setup("fsdp"),
+        Workload.of(load_config(config).train, max_length=2048),
+        workers=8,
+    )
     assert rows["fsdp (configured)"][5] == f"{expected.peak / GIB:.1f}"
 
 

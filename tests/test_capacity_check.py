@@ -9,12 +9,12 @@ import json
 import logging
 
 import pytest
+from test_capacity import LLAMA_8B
 
 from pipeline.cli.main import main
 from pipeline.config import load_config
 from pipeline.runtime.gpus import cluster_gpu_memory
-from pipeline.stages.capacity import check_fits
-from test_capacity import LLAMA_8B
+from pipeline.stages.fit_check import check_fits
 
 pytestmark = pytest.mark.stage
 
@@ -36,10 +36,12 @@ def llama8b_config(tmp_path):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
     path = tmp_path / "c.yaml"
-    path.write_text(f"run_dir: {tmp_path}/run\ndata: {{path: {pairs}}}\nmodel: {{path: {model}}}\n"
-                    "tokenize: {max_length: 2048}\n"
-                    "train: {use_gpu: true, num_workers: 1, batch_size: 8, micro_batch_size: 2, cpus_per_worker: 0.5,\n"
-                    "        chunked_logps: true, gradient_checkpointing: true}\n")
+    path.write_text(
+        f"run_dir: {tmp_path}/run\ndata: {{path: {pairs}}}\nmodel: {{path: {model}}}\n"
+        "tokenize: {max_length: 2048}\n"
+        "train: {use_gpu: true, num_workers: 1, batch_size: 8, micro_batch_size: 2, cpus_per_worker: 0.5,\n"
+        "        chunked_logps: true, gradient_checkpointing: true}\n"
+    )
     return path
 
 
@@ -52,7 +54,10 @@ def test_dpo_train_refuses_a_run_that_cannot_fit_naming_the_numbers(llama8b_conf
     assert main(["train", "--config", str(llama8b_config)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("dpo: error: train: ddp at train.num_workers=1 needs ")
-    assert "GiB per GPU (weights " in err and "but this cluster's GPUs have 79.7 GiB (accelerator_type H100), 71.7 usable" in err
+    assert (
+        "GiB per GPU (weights " in err
+        and "but this cluster's GPUs have 79.7 GiB (accelerator_type H100), 71.7 usable" in err
+    )
     assert "fsdp + cpu offload fits on 1" in err and "lora r=16 (ddp) fits on 1" in err
     assert not (llama8b_config.parent / "run" / "train.work").exists()  # no worker started
 
@@ -66,7 +71,7 @@ def test_dpo_run_refuses_it_before_any_stage_runs_naming_the_train_stage(llama8b
 
 def test_a_run_that_fits_passes_and_cpu_runs_are_not_planned(llama8b_config, caplog):
     fits = load_config(llama8b_config, ["train.lora={r: 16}"])
-    with caplog.at_level(logging.INFO, logger="pipeline.stages.capacity"):
+    with caplog.at_level(logging.INFO, logger="pipeline.stages.fit_check"):
         check_fits(fits)
     assert "lora r=16 (ddp) at" in caplog.text and "within 71.7 of the 79.7 GiB GPUs" in caplog.text
     check_fits(load_config(llama8b_config, ["train.use_gpu=false", "model.path=/nowhere"]))  # no plan, no error

@@ -38,6 +38,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import ray
+from conftest import write_pairs
 from ray._common.test_utils import wait_for_condition
 from ray.util.state import list_actors
 from safetensors.torch import load_file
@@ -47,7 +48,6 @@ from pipeline.config import RayConfig
 from pipeline.runtime.ray_setup import init_ray
 from pipeline.runtime.storage import RunDir, read_parquet_dir
 from tests.chaos_model import make_chaos_model_dir
-from conftest import write_pairs
 
 pytestmark = pytest.mark.chaos
 ROOT = Path(__file__).parent.parent
@@ -77,12 +77,23 @@ def cluster():
     address = f"{ray.util.get_node_ip_address()}:{free_port()}"
     with pytest.MonkeyPatch.context() as env:
         env.setenv("RAY_ADDRESS", address)
-        cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 0, "gcs_server_port": int(address.split(":")[1]),
-            # A removed node is declared dead within about 3 s instead of Ray's default of tens of seconds.
-            "_system_config": {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
-                               "health_check_timeout_ms": 1000, "health_check_failure_threshold": 3},
-            "include_dashboard": True, "dashboard_port": free_port(), "dashboard_host": "127.0.0.1"})
+        cluster = Cluster(
+            initialize_head=True,
+            head_node_args={
+                "num_cpus": 0,
+                "gcs_server_port": int(address.split(":")[1]),
+                # A removed node is declared dead within about 3 s instead of Ray's default of tens of seconds.
+                "_system_config": {
+                    "health_check_initial_delay_ms": 0,
+                    "health_check_period_ms": 1000,
+                    "health_check_timeout_ms": 1000,
+                    "health_check_failure_threshold": 3,
+                },
+                "include_dashboard": True,
+                "dashboard_port": free_port(),
+                "dashboard_host": "127.0.0.1",
+            },
+        )
         assert cluster.address == address, cluster.address
         workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
         cluster.wait_for_nodes()
@@ -100,7 +111,10 @@ def chaos_data(path: Path) -> Path:
     rows = [json.dumps({"prompt": p, "chosen": c, "rejected": r}, ensure_ascii=False) for p, c, r in UNICODE.values()]
     rows += [
         "{not json",
-        '{"prompt": ' + "[" * 50_000 + "]" * 50_000 + ', "chosen": " a", "rejected": " b"}',  # deeper than Python parses
+        '{"prompt": '
+        + "[" * 50_000
+        + "]" * 50_000
+        + ', "chosen": " a", "rejected": " b"}',  # deeper than Python parses
         '{"prompt": "p", "chosen": NaN, "rejected": " b"}',
         json.dumps({"prompt": "same:", "chosen": " same", "rejected": " same"}),
         json.dumps({"prompt": "missing:", "chosen": " only"}),
@@ -122,13 +136,29 @@ def setting(tmp_path_factory, tiny_model_dir):
     model = make_chaos_model_dir(tiny_model_dir, root / "chaos_model", sleep_s=0.05)
     data = chaos_data(root / "pairs.jsonl")
     overrides = [
-        "demo.enabled=false", f"data.path={data}", f"model.path={model}", "model.trust_remote_code=true",
-        "data.eval_fraction=0.2", "tokenize.max_prompt_length=48", "tokenize.max_length=96",
-        "score.batch_size=2", "score.cpus_per_actor=1",
-        "train.num_workers=2", "train.cpus_per_worker=0.5", "train.batch_size=8", "train.micro_batch_size=4",
-        f"train.max_steps={STEPS}", "train.checkpoint_steps=4", "train.learning_rate=1e-3", "train.warmup_steps=0",
-        "evaluate.num_prompts=2", "evaluate.temperatures=[1.0]", "evaluate.max_tokens=4", "evaluate.best_of_n=0",
-        "evaluate.judge_vs_chosen=false", "evaluate.bootstrap_samples=20",
+        "demo.enabled=false",
+        f"data.path={data}",
+        f"model.path={model}",
+        "model.trust_remote_code=true",
+        "data.eval_fraction=0.2",
+        "tokenize.max_prompt_length=48",
+        "tokenize.max_length=96",
+        "score.batch_size=2",
+        "score.cpus_per_actor=1",
+        "train.num_workers=2",
+        "train.cpus_per_worker=0.5",
+        "train.batch_size=8",
+        "train.micro_batch_size=4",
+        f"train.max_steps={STEPS}",
+        "train.checkpoint_steps=4",
+        "train.learning_rate=1e-3",
+        "train.warmup_steps=0",
+        "evaluate.num_prompts=2",
+        "evaluate.temperatures=[1.0]",
+        "evaluate.max_tokens=4",
+        "evaluate.best_of_n=0",
+        "evaluate.judge_vs_chosen=false",
+        "evaluate.bootstrap_samples=20",
     ]
     return root, model, overrides
 
@@ -151,8 +181,14 @@ class Driver:
 
     def __init__(self, cluster, overrides: list[str], log: Path) -> None:
         env = {**os.environ, "RAY_ADDRESS": cluster.address, "PYTHONPATH": str(ROOT)}
-        self.process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *argv("run", overrides)], cwd=ROOT,
-                                        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", *argv("run", overrides)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         self.lines: list[str] = []
         self.log = log
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -200,8 +236,9 @@ def in_flight(run_dir: Path, stage: str) -> list[dict]:
 
 def until(driver: Driver, condition, *, timeout: float) -> None:
     """Wait for `condition` while the driver runs (failing at once, with its output, if it fails)."""
-    wait_for_condition(lambda: condition() or not driver.running(), timeout=timeout, retry_interval_ms=50,
-                       raise_exceptions=True)
+    wait_for_condition(
+        lambda: condition() or not driver.running(), timeout=timeout, retry_interval_ms=50, raise_exceptions=True
+    )
     assert condition(), f"dpo run ended first:\n{driver.tail()}"
 
 
@@ -212,8 +249,11 @@ def hurt_the_score_stage(cluster, workers: list, run_dir: Path, driver: Driver) 
     (scorer,) = alive("ReferenceScorer")
     assert scorer.pid == first["pid"]  # the ledger's pid and the state API's: this cluster's scorer
     os.kill(scorer.pid, signal.SIGKILL)
-    until(driver, lambda: any(n["pid"] != first["pid"] and n["first"] != first["first"]
-                              for n in in_flight(run_dir, "score")), timeout=120)
+    until(
+        driver,
+        lambda: any(n["pid"] != first["pid"] and n["first"] != first["first"] for n in in_flight(run_dir, "score")),
+        timeout=120,
+    )
     (scorer,) = alive("ReferenceScorer")
     removed = node_of(cluster, workers, scorer.node_id)
     cluster.remove_node(removed, allow_graceful=False)
@@ -225,7 +265,10 @@ def registered(run_dir: Path) -> int:
     steps = [0]
     for snapshot in run_dir.glob("train.work/*/checkpoint_manager_snapshot.json"):
         try:
-            steps += [int(c["checkpoint_dir_name"].split("-")[1]) for c in json.loads(snapshot.read_text())["checkpoint_results"]]
+            steps += [
+                int(c["checkpoint_dir_name"].split("-")[1])
+                for c in json.loads(snapshot.read_text())["checkpoint_results"]
+            ]
         except (OSError, ValueError, KeyError):
             pass  # caught mid-write
     return max(steps)
@@ -258,9 +301,14 @@ def run_b(cluster, setting, run_a):
     driver = Driver(cluster[0], [*overrides, f"run_dir={run_dir}"], root / "b.log")
     hurt_the_score_stage(*cluster, run_dir, driver)
     until(driver, lambda: (run_dir / "score" / "manifest.json").exists(), timeout=300)
-    second = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *argv("run", [*overrides, f"run_dir={run_dir}"])],
-                              cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+    second = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", *argv("run", [*overrides, f"run_dir={run_dir}"])],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     hurt_the_train_stage(*cluster, run_dir, driver)
     assert driver.process.wait(timeout=600) == 0, driver.tail()
     driver.reader.join(timeout=10)
@@ -273,7 +321,9 @@ def test_a_second_writer_on_a_run_dir_being_written_is_refused_naming_the_first(
     run_dir, driver, second = run_b
     assert second.returncode == 2
     last = second.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"dpo: error: run: {run_dir} is being written by another process: pid {driver.process.pid} "), last
+    assert last.startswith(
+        f"dpo: error: run: {run_dir} is being written by another process: pid {driver.process.pid} "
+    ), last
 
 
 def test_killed_and_lost_scorers_and_train_workers_lose_and_duplicate_nothing(run_a, run_b):
@@ -281,14 +331,20 @@ def test_killed_and_lost_scorers_and_train_workers_lose_and_duplicate_nothing(ru
     a, b = RunDir(str(run_a)), RunDir(str(run_b_dir))
     for split in ("train", "eval"):
         for stage in ("tokenize", "score"):
-            assert read_parquet_dir(b, f"{stage}/{split}").equals(read_parquet_dir(a, f"{stage}/{split}")), (stage, split)
+            assert read_parquet_dir(b, f"{stage}/{split}").equals(read_parquet_dir(a, f"{stage}/{split}")), (
+                stage,
+                split,
+            )
         scored = read_parquet_dir(b, f"score/{split}")["id"].to_pylist()
         assert scored == read_parquet_dir(b, f"tokenize/{split}")["id"].to_pylist() and len(set(scored)) == len(scored)
     weights_a, weights_b = (load_file(str(r / "train" / "final" / "model.safetensors")) for r in (run_a, run_b_dir))
     assert weights_a.keys() == weights_b.keys()
     for name in weights_a:
         assert (weights_a[name] - weights_b[name]).abs().max() <= 1e-6, name
-    metrics_a, metrics_b = (a.read_text("train/metrics.jsonl").splitlines(), b.read_text("train/metrics.jsonl").splitlines())
+    metrics_a, metrics_b = (
+        a.read_text("train/metrics.jsonl").splitlines(),
+        b.read_text("train/metrics.jsonl").splitlines(),
+    )
     assert len(metrics_b) == STEPS
     for row_a, row_b in zip(map(json.loads, metrics_a), map(json.loads, metrics_b)):
         for key in row_a.keys() - {"tokens_per_s"}:
@@ -336,18 +392,26 @@ def test_max_length_beyond_the_models_context_is_one_error_line(cluster, setting
 
 
 def test_tokenize_accounts_for_every_bad_row_and_keeps_unicode_to_disk_and_back(run_a, setting):
-    from pipeline.model.loading import load_tokenizer
+    from pipeline.model.pretrained import load_tokenizer
 
     _, model, _ = setting
     run = RunDir(str(run_a))
     manifest = run.manifest("tokenize")
     assert manifest["rows_in"] == 80 + len(UNICODE) + 10
     assert manifest["rows_in"] == manifest["rows_out"] + sum(manifest["dropped"].values())
-    assert manifest["dropped"] == {"malformed_json": 3, "identical_responses": 1, "missing_field": 1,
-                                   "empty_response": 1, "invalid_utf8": 1, "duplicate_pair": 1}
+    assert manifest["dropped"] == {
+        "malformed_json": 3,
+        "identical_responses": 1,
+        "missing_field": 1,
+        "empty_response": 1,
+        "invalid_utf8": 1,
+        "duplicate_pair": 1,
+    }
     assert manifest["audit"]["prompt_truncated"] >= 1 and manifest["audit"]["response_truncated"] >= 1
     rejected = [json.loads(line) for line in run.read_text("tokenize/rejected.jsonl").splitlines()]
-    assert next(r for r in rejected if r["reason"] == "invalid_utf8")["raw"].startswith('{"prompt": "bytes:", "chosen": " caf\\xe9"')
+    assert next(r for r in rejected if r["reason"] == "invalid_utf8")["raw"].startswith(
+        '{"prompt": "bytes:", "chosen": " caf\\xe9"'
+    )
     assert any(r["reason"] == "malformed_json" and r["raw"].startswith('{"prompt": [[[[') for r in rejected)
     tokenizer = load_tokenizer(str(model), trust_remote_code=True)
     kept = [row for split in ("train", "eval") for row in read_parquet_dir(run, f"tokenize/{split}").to_pylist()]
@@ -367,10 +431,15 @@ def test_a_non_finite_step_stops_training_naming_the_step_and_its_pairs(run_a, s
 
     root, _, overrides = setting
     out = RunDir(str(root / "nonfinite"))
-    config = load_config(str(SMOKE), [*overrides, f"run_dir={out.uri}", "train.learning_rate=1e30",
-                                      "train.num_workers=1", "train.max_steps=4"])
-    with pytest.raises(NonFiniteStepError, match=r"^step 2: the loss \((nan|inf|-inf)\) or the gradient norm \(\S+\) is not finite; "
-                                                 r"the step's pairs: [0-9a-f]{16}, ") as stopped:
+    config = load_config(
+        str(SMOKE),
+        [*overrides, f"run_dir={out.uri}", "train.learning_rate=1e30", "train.num_workers=1", "train.max_steps=4"],
+    )
+    with pytest.raises(
+        NonFiniteStepError,
+        match=r"^step 2: the loss \((nan|inf|-inf)\) or the gradient norm \(\S+\) is not finite; "
+        r"the step's pairs: [0-9a-f]{16}, ",
+    ) as stopped:
         TRAIN.run(config, data_dir=RunDir(str(run_a)))
     assert failed_stage(stopped.value) == "train"
     assert "The weights are those of step 1" in str(stopped.value)

@@ -12,11 +12,10 @@ import socket
 
 import pytest
 import torch
+from pairs import chunked_pair_logps, collate_pairs, pair_logps
 
-from pairs import chunked_pair_logps
-from pipeline.model.chunked_logps import chunked_sequence_logps
-from pairs import collate_pairs, pair_logps
-from pipeline.model.logps import sequence_logps
+from pipeline.model.logps.chunked import chunked_sequence_logps
+from pipeline.model.logps.padded import sequence_logps
 
 pytestmark = pytest.mark.unit
 
@@ -39,8 +38,16 @@ def tiny_gpt2():
     torch.manual_seed(0)
     # No dropout, as in the trainer: otherwise two forward passes in train mode differ by design.
     config = GPT2Config(
-        vocab_size=300, n_positions=64, n_embd=64, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        bos_token_id=1, eos_token_id=2,
+        vocab_size=300,
+        n_positions=64,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     return GPT2LMHeadModel(config).float()
 
@@ -50,8 +57,16 @@ def tiny_llama():
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=300, hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=172,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     return LlamaForCausalLM(config).float()
 

@@ -57,13 +57,15 @@ def test_gpu_workers_scale_from_zero(cluster):
 def test_a_worker_type_fits_the_8b_config(cluster):
     """configs/llama8b.yaml's 8 FSDP workers fit one node of the 8-GPU type, and the plan fits its GPUs."""
     from pipeline.config import load_config
-    from pipeline.model.capacity import configured_setup, estimate, for_run, usable_bytes
+    from pipeline.planning.memory import configured_setup, estimate, for_run, usable_bytes
 
     config = load_config(ROOT / "configs" / "llama8b.yaml", [f"model.path={ROOT / 'docs/shapes/llama-3.1-8b'}"])
     types = cluster["available_node_types"]
     (gpu8,) = [t for t in types.values() if t["node_config"]["InstanceType"] == "p4d.24xlarge"]
     assert gpu8["min_workers"] == 0 and config.train.num_workers == 8 == config.score.num_actors
-    assert cluster["max_workers"] == sum(t.get("max_workers", 0) for name, t in types.items() if name != cluster["head_node_type"])
+    assert cluster["max_workers"] == sum(
+        t.get("max_workers", 0) for name, t in types.items() if name != cluster["head_node_type"]
+    )
     shape, work = for_run(config)
     assert estimate(shape, configured_setup(config.train), work, workers=8).peak <= usable_bytes(40)  # A100 40 GB
     assert config.train.cpus_per_worker * 8 <= 96  # p4d.24xlarge's vCPUs

@@ -31,7 +31,6 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
-
 from conftest import write_pairs
 
 pytestmark = pytest.mark.e2e
@@ -79,18 +78,34 @@ class Head:
             self.env.pop(name, None)  # never a cluster or token of the caller's; .gitignore honoured
         self.log = open(Path(self.temp_dir) / "ray_start.log", "w")
         self.process = subprocess.Popen(
-            [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-             f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-             f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}",
-             f"--ray-client-server-port={client}", "--num-cpus=2", f"--temp-dir={self.temp_dir}",
-             "--disable-usage-stats"],
-            cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                str(BIN / "ray"),
+                "start",
+                "--head",
+                "--block",
+                f"--port={gcs}",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dash}",
+                f"--dashboard-agent-listen-port={agent}",
+                f"--dashboard-agent-grpc-port={agent_grpc}",
+                f"--runtime-env-agent-port={runtime_env}",
+                f"--metrics-export-port={metrics}",
+                f"--ray-client-server-port={client}",
+                "--num-cpus=2",
+                f"--temp-dir={self.temp_dir}",
+                "--disable-usage-stats",
+            ],
+            cwd=ROOT,
+            env=self.env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
     def ray(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "ray"), *args], cwd=ROOT, env=self.env, capture_output=True,
-                              text=True, timeout=timeout)
+        return subprocess.run(
+            [str(BIN / "ray"), *args], cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
 
     def wait_ready(self, timeout: float = 90) -> None:
         deadline = time.monotonic() + timeout
@@ -148,7 +163,9 @@ def s3():
     server.start()
     env = {
         "AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.get_host_and_port()[1]}",
-        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
     }
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
@@ -176,29 +193,63 @@ def config_file(tmp_path_factory, tiny_model_dir) -> Path:
     tmp = tmp_path_factory.mktemp("cluster")
     data = write_pairs(tmp / "pairs.jsonl", 80)
     path = tmp / "cluster_test.yaml"
-    path.write_text(json.dumps({  # JSON is YAML
-        "data": {"path": str(data), "eval_fraction": 0.2},
-        "model": {"path": str(tiny_model_dir)},
-        "tokenize": {"max_prompt_length": 16, "max_length": 40},
-        "score": {"batch_size": 32, "cpus_per_actor": 0.5},
-        "train": {"learning_rate": 1e-3, "max_steps": STEPS, "checkpoint_steps": 4, "batch_size": 8,
-                  "micro_batch_size": 8, "cpus_per_worker": 0.5},
-        "evaluate": {"num_prompts": 3, "samples_per_prompt": 1, "temperatures": [1.0], "max_tokens": 6,
-                     "reward": "vader", "judge": "vader", "bootstrap_samples": 20, "best_of_n": 0},
-    }))
+    path.write_text(
+        json.dumps(
+            {  # JSON is YAML
+                "data": {"path": str(data), "eval_fraction": 0.2},
+                "model": {"path": str(tiny_model_dir)},
+                "tokenize": {"max_prompt_length": 16, "max_length": 40},
+                "score": {"batch_size": 32, "cpus_per_actor": 0.5},
+                "train": {
+                    "learning_rate": 1e-3,
+                    "max_steps": STEPS,
+                    "checkpoint_steps": 4,
+                    "batch_size": 8,
+                    "micro_batch_size": 8,
+                    "cpus_per_worker": 0.5,
+                },
+                "evaluate": {
+                    "num_prompts": 3,
+                    "samples_per_prompt": 1,
+                    "temperatures": [1.0],
+                    "max_tokens": 6,
+                    "reward": "vader",
+                    "judge": "vader",
+                    "bootstrap_samples": 20,
+                    "best_of_n": 0,
+                },
+            }
+        )
+    )
     return path
 
 
 def dpo(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env
+    )
 
 
 def submit(head: Head, submission_id: str, config: Path, run_dir: str) -> subprocess.CompletedProcess:
     return head.ray(
-        "job", "submit", "--address", head.address, "--working-dir", ".", "--submission-id", submission_id,
-        "--no-wait", "--", "python", "jobs/run.py", "--config", str(config), "--set", f"run_dir={run_dir}",
-        "--to-stage", "train",  # evaluate runs from the laptop side in the first test
+        "job",
+        "submit",
+        "--address",
+        head.address,
+        "--working-dir",
+        ".",
+        "--submission-id",
+        submission_id,
+        "--no-wait",
+        "--",
+        "python",
+        "jobs/run.py",
+        "--config",
+        str(config),
+        "--set",
+        f"run_dir={run_dir}",
+        "--to-stage",
+        "train",  # evaluate runs from the laptop side in the first test
     )
 
 

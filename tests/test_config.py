@@ -11,6 +11,7 @@ from pipeline.stages import by_name
 def stage_hash(config: Config, stage: str) -> str:
     return by_name(stage).config_hash(config)
 
+
 pytestmark = pytest.mark.unit
 CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
 
@@ -73,34 +74,50 @@ def test_resource_settings_do_not_invalidate_finished_stages():
         assert stage_hash(base, stage) == stage_hash(moved, stage)
 
 
-@pytest.mark.parametrize("old,new", [("train.chunked_logprobs", "train.chunked_logps"),
-                                     ("score.logprob_chunk_size", "score.logps_chunk_size")])
+@pytest.mark.parametrize(
+    "old,new",
+    [("train.chunked_logprobs", "train.chunked_logps"), ("score.logprob_chunk_size", "score.logps_chunk_size")],
+)
 def test_renamed_key_names_the_new_one(old, new):
     with pytest.raises(ConfigError, match=f"{old}: renamed to {new}"):
         load_config(None, [f"{old}=1"])
 
 
 def test_scale_keys_load_typed():
-    config = load_config(None, ["train.strategy=fsdp", "train.cpu_offload=true", "score.gpus_per_actor=4",
-                                "train.lora={r: 8, alpha: 16, dropout: 0.05, target_modules: [q_proj, v_proj]}",
-                                "evaluate.gpus_per_actor=2"])
+    config = load_config(
+        None,
+        [
+            "train.strategy=fsdp",
+            "train.cpu_offload=true",
+            "score.gpus_per_actor=4",
+            "train.lora={r: 8, alpha: 16, dropout: 0.05, target_modules: [q_proj, v_proj]}",
+            "evaluate.gpus_per_actor=2",
+        ],
+    )
     assert (config.train.strategy, config.train.cpu_offload) == ("fsdp", True)
-    assert config.train.lora.r == 8 and config.train.lora.target_modules == ["q_proj", "v_proj"] and config.train.lora.merge
+    assert (
+        config.train.lora.r == 8
+        and config.train.lora.target_modules == ["q_proj", "v_proj"]
+        and config.train.lora.merge
+    )
     assert (config.score.gpus_per_actor, config.evaluate.gpus_per_actor) == (4.0, 2.0)
     assert load_config(None).train.lora is None  # absent: full fine-tuning
     assert load_config(None, ["train.lora={}"]).train.lora.target_modules == "all-linear"
 
 
-@pytest.mark.parametrize("override,message", [
-    ("train.strategy=zero3", r"^train\.strategy: 'zero3' is not one of ddp, fsdp"),
-    ("train.cpu_offload=true", r"^train\.cpu_offload: .* needs train\.strategy: fsdp"),
-    ("train.lora={r: 0}", r"^train\.lora\.r: 0; the rank must be at least 1"),
-    ("train.lora={dropout: 1.0}", r"^train\.lora\.dropout: 1; must be in \[0, 1\)"),
-    ("train.lora={target_modules: all}", r"^train\.lora\.target_modules: 'all'; give all-linear"),
-    ("train.lora={rank: 8}", r"^train\.lora\.rank: unknown key"),
-    ("score.gpus_per_actor=1.5", r"^score\.gpus_per_actor: 1\.5 GPUs; give a fraction up to 1 or a whole number"),
-    ("evaluate.gpus_per_actor=0", r"^evaluate\.gpus_per_actor: 0 GPUs"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.strategy=zero3", r"^train\.strategy: 'zero3' is not one of ddp, fsdp"),
+        ("train.cpu_offload=true", r"^train\.cpu_offload: .* needs train\.strategy: fsdp"),
+        ("train.lora={r: 0}", r"^train\.lora\.r: 0; the rank must be at least 1"),
+        ("train.lora={dropout: 1.0}", r"^train\.lora\.dropout: 1; must be in \[0, 1\)"),
+        ("train.lora={target_modules: all}", r"^train\.lora\.target_modules: 'all'; give all-linear"),
+        ("train.lora={rank: 8}", r"^train\.lora\.rank: unknown key"),
+        ("score.gpus_per_actor=1.5", r"^score\.gpus_per_actor: 1\.5 GPUs; give a fraction up to 1 or a whole number"),
+        ("evaluate.gpus_per_actor=0", r"^evaluate\.gpus_per_actor: 0 GPUs"),
+    ],
+)
 def test_invalid_scale_keys_are_named(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import EvaluateConfig
-from pipeline.demo.judge import VaderJudge, vader_judge
+from pipeline.demo.sentiment_judge import VaderJudge, vader_judge
 from pipeline.evaluation.judges import Judge, judge_both_orders
 
 pytestmark = pytest.mark.unit

@@ -91,8 +91,13 @@ def test_sentiment_reward_is_float64_in_range():
 
 def test_label_pairs_prefers_the_higher_reward_by_at_least_min_gap():
     prompt = "This new drama was"
-    completions = [" wonderful and moving.", " awful and dull.", " a film.", " wonderful and moving.",
-                   " not very good."]
+    completions = [
+        " wonderful and moving.",
+        " awful and dull.",
+        " a film.",
+        " wonderful and moving.",
+        " not very good.",
+    ]
     pairs = demo_task.label_pairs(prompt, completions, min_gap=0.2)
     assert pairs
     for pair in pairs:

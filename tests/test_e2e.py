@@ -16,13 +16,21 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from test_api_judge import KEY_ENV, SECRET, TEMPLATE, FakeChatServer
 from test_engines import needs_vllm
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).parent.parent
-SUMMARY_KEYS = {"model", "temperature", "n", "reward_mean", "kl_mean", "win_rate", "win_rate_ci_low", "win_rate_ci_high"}
+SUMMARY_KEYS = {
+    "model",
+    "temperature",
+    "n",
+    "reward_mean",
+    "kl_mean",
+    "win_rate",
+    "win_rate_ci_low",
+    "win_rate_ci_high",
+}
 OUTPUTS: list[str] = []  # everything every command printed, for the key search
 
 
@@ -43,16 +51,25 @@ def run_dir(tmp_path_factory) -> Path:
 def dpo(judge, run_dir):
     """`dpo <command> --config configs/demo_smoke.yaml` with the API judge and its key, on this module's run_dir."""
     judge_settings = {
-        "evaluate.judge": "api", "evaluate.judge_api.base_url": judge.url, "evaluate.judge_api.model": "judge-model",
-        "evaluate.judge_api.api_key_env": KEY_ENV, "evaluate.judge_api.prompt_template": json.dumps(TEMPLATE),
+        "evaluate.judge": "api",
+        "evaluate.judge_api.base_url": judge.url,
+        "evaluate.judge_api.model": "judge-model",
+        "evaluate.judge_api.api_key_env": KEY_ENV,
+        "evaluate.judge_api.prompt_template": json.dumps(TEMPLATE),
         "evaluate.judge_api.max_retries": "1",
     }  # no cache_path: the cache is on by default, at <run_dir>/judge_cache.sqlite
     sets = [f"run_dir={run_dir}", *(f"{k}={v}" for k, v in judge_settings.items())]
 
     def run(command: str, *extra: str) -> subprocess.CompletedProcess:
         args = [command, "--config", "configs/demo_smoke.yaml", *(a for s in sets for a in ("--set", s)), *extra]
-        done = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                              timeout=900, env={**os.environ, KEY_ENV: SECRET})
+        done = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env={**os.environ, KEY_ENV: SECRET},
+        )
         OUTPUTS.append(done.stdout + done.stderr)
         return done
 
@@ -72,7 +89,13 @@ def test_cli_runs_every_stage(dpo, run_dir):
         assert SUMMARY_KEYS <= set(row)
         assert row["n"] == summary["num_prompts"] >= 1  # one sample per held-out prompt
         assert -1.0 <= row["reward_mean"] <= 1.0
-        assert 0.0 <= row["win_rate_vs_chosen_ci_low"] <= row["win_rate_vs_chosen"] <= row["win_rate_vs_chosen_ci_high"] <= 1.0
+        assert (
+            0.0
+            <= row["win_rate_vs_chosen_ci_low"]
+            <= row["win_rate_vs_chosen"]
+            <= row["win_rate_vs_chosen_ci_high"]
+            <= 1.0
+        )
     judged = [r for r in summary["rows"] if r["model"] != "reference"]
     assert all(0.0 <= r["win_rate_ci_low"] <= r["win_rate"] <= r["win_rate_ci_high"] <= 1.0 for r in judged)
     best = [r for r in summary["rows"] if r["model"] == "best_of_2"]
@@ -96,7 +119,8 @@ def test_cli_runs_every_stage(dpo, run_dir):
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
     assert {"eval/T1/policy/win_rate", "eval/T1/policy/win_rate_ci_low", "eval/T0/reference/reward_mean"} <= set(
-        events.Tags()["scalars"])
+        events.Tags()["scalars"]
+    )
 
 
 @needs_vllm
@@ -109,17 +133,36 @@ def test_evaluate_samples_with_vllm_in_ray_actors(run_dir, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
     done = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "evaluate", "--config", "configs/demo_smoke.yaml", "--set", f"run_dir={copy}",
-         "--set", "evaluate.engine=vllm", "--set", "ray.num_cpus=4"],
-        cwd=ROOT, capture_output=True, text=True, timeout=900)
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "evaluate",
+            "--config",
+            "configs/demo_smoke.yaml",
+            "--set",
+            f"run_dir={copy}",
+            "--set",
+            "evaluate.engine=vllm",
+            "--set",
+            "ray.num_cpus=4",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     summary = json.loads((copy / "evaluate" / "summary.json").read_text())
     assert (summary["engine"], summary["engine_requested"]) == ("vllm", "vllm")
     assert {(r["model"], r["temperature"]) for r in summary["rows"]} == {
-        (m, t) for m in ("policy", "reference", "best_of_2") for t in (0.0, 1.0)}
-    greedy = lambda d: sorted(  # noqa: E731
+        (m, t) for m in ("policy", "reference", "best_of_2") for t in (0.0, 1.0)
+    }
+    greedy = lambda d: sorted(
         (r["model"], r["prompt_index"], r["sample_index"], r["completion_ids"], r["logps"], r["kl"])
-        for r in pq.read_table(d / "evaluate" / "samples.parquet").to_pylist() if r["temperature"] == 0.0)
+        for r in pq.read_table(d / "evaluate" / "samples.parquet").to_pylist()
+        if r["temperature"] == 0.0
+    )
     by_hf, by_vllm = greedy(run_dir), greedy(copy)
     assert [r[:4] for r in by_vllm] == [r[:4] for r in by_hf]
     for hf_row, vllm_row in zip(by_hf, by_vllm):
@@ -134,19 +177,30 @@ def test_unknown_key_fails_before_any_work(dpo):
 
 def test_sweep_reuses_one_score_stage_and_yields_a_policy_per_setting(dpo, run_dir):
     score_manifest = (run_dir / "score" / "manifest.json").read_text()
-    done = dpo("sweep", "--set", "train.loss=[dpo,sft]", "--set", "train.cpus_per_worker=0.5",
-               "--set", "evaluate.temperatures=[1.0]", "--set", "evaluate.best_of_n=0")
+    done = dpo(
+        "sweep",
+        "--set",
+        "train.loss=[dpo,sft]",
+        "--set",
+        "train.cpus_per_worker=0.5",
+        "--set",
+        "evaluate.temperatures=[1.0]",
+        "--set",
+        "evaluate.best_of_n=0",
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     assert (run_dir / "score" / "manifest.json").read_text() == score_manifest  # untouched: not recomputed
     for member in ("loss-dpo", "loss-sft"):
         assert (run_dir / "sweep" / member / "train" / "final" / "model.safetensors").exists()
     summary = json.loads((run_dir / "sweep" / "evaluate" / "summary.json").read_text())
-    assert {(r["model"], r["temperature"]) for r in summary["rows"]} == {(m, 1.0) for m in ("loss-dpo", "loss-sft", "reference")}
+    assert {(r["model"], r["temperature"]) for r in summary["rows"]} == {
+        (m, 1.0) for m in ("loss-dpo", "loss-sft", "reference")
+    }
     assert set(summary["implicit_reward_accuracy"]) == {"loss-dpo", "loss-sft"}
 
 
 def test_rerun_is_a_no_op_and_one_stage_can_be_forced(dpo, run_dir):
-    manifest = lambda stage: json.loads((run_dir / stage / "manifest.json").read_text())  # noqa: E731
+    manifest = lambda stage: json.loads((run_dir / stage / "manifest.json").read_text())
     before = {stage: manifest(stage) for stage in ("tokenize", "score", "train")}
     again = dpo("run")
     assert again.returncode == 0, again.stderr[-4000:]
@@ -159,11 +213,13 @@ def test_rerun_is_a_no_op_and_one_stage_can_be_forced(dpo, run_dir):
     assert manifest("score") == before["score"] and manifest("train") == before["train"]  # one stage only
     # What follows it is stale now: a plain `dpo run` would redo score, train and evaluate (read from the
     # manifests, no Ray).
+    from pipeline.cli.schedule import current_stages
     from pipeline.config import load_config
-    from pipeline.cli.plan import current_stages
     from pipeline.stages import STAGE_NAMES as STAGES
 
-    assert current_stages(load_config(ROOT / "configs/demo_smoke.yaml", [f"run_dir={run_dir}"]), STAGES) == ("tokenize",)
+    assert current_stages(load_config(ROOT / "configs/demo_smoke.yaml", [f"run_dir={run_dir}"]), STAGES) == (
+        "tokenize",
+    )
 
 
 def test_the_judge_key_is_used_but_never_written(judge, run_dir):

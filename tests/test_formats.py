@@ -10,12 +10,12 @@ import types
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import write_dataset_dict, write_save_to_disk
 
-import pipeline.cli.plan as plan
+import pipeline.cli.schedule as plan
 import pipeline.data.sources as sources
 from pipeline.config import ConfigError, DataConfig, load_config
 from pipeline.data.sources import RECORD_SCHEMA, InputError, hub_dataset, input_fingerprint, read_inputs, read_records
-from conftest import write_dataset_dict, write_save_to_disk
 
 pytestmark = pytest.mark.unit
 
@@ -57,7 +57,13 @@ def test_jsonl_bad_lines_are_rows_not_drops(tmp_path):
     assert len(rows) == len(lines)
     assert [r["source"] for r in rows] == [f"{path}:{i}" for i in range(1, 8)]
     assert [r["read_error"] for r in rows] == [
-        None, "malformed_json", "malformed_json", "invalid_utf8", None, "malformed_json", None
+        None,
+        "malformed_json",
+        "malformed_json",
+        "invalid_utf8",
+        None,
+        "malformed_json",
+        None,
     ]
     assert rows[1]["raw"] == ""
     assert rows[2]["raw"] == "{not json"
@@ -165,8 +171,10 @@ def test_save_to_disk_directory(tmp_path):
 
 # Rows as TRL's dataset-format docs write a preference pair, explicit and implicit prompt.
 TRAIN_ROWS = [{"prompt": "The sky is", "chosen": " blue.", "rejected": " green."}]
-TEST_ROWS = [{"chosen": "The sky is blue.", "rejected": "The sky is green."},
-             {"chosen": "The grass is green.", "rejected": "The grass is red."}]
+TEST_ROWS = [
+    {"chosen": "The sky is blue.", "rejected": "The sky is green."},
+    {"chosen": "The grass is green.", "rejected": "The grass is red."},
+]
 
 
 def test_save_to_disk_dataset_dict_reads_the_named_split(tmp_path):
@@ -195,12 +203,19 @@ def test_a_split_is_refused_where_there_are_none(tmp_path):
 def test_save_to_disk_written_by_the_datasets_package(tmp_path):
     datasets = pytest.importorskip("datasets", reason="the `datasets` package (the hub extra) is not installed")
     implicit = [{"chosen": "The sky is blue.", "rejected": "The sky is green."}]
-    conversational = [{"prompt": [{"role": "user", "content": "What color is the sky?"}],
-                       "chosen": [{"role": "assistant", "content": "It is blue."}],
-                       "rejected": [{"role": "assistant", "content": "It is green."}]}]
-    datasets.DatasetDict({
-        "train": datasets.Dataset.from_list(implicit), "test": datasets.Dataset.from_list(conversational),
-    }).save_to_disk(str(tmp_path / "dd"))
+    conversational = [
+        {
+            "prompt": [{"role": "user", "content": "What color is the sky?"}],
+            "chosen": [{"role": "assistant", "content": "It is blue."}],
+            "rejected": [{"role": "assistant", "content": "It is green."}],
+        }
+    ]
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_list(implicit),
+            "test": datasets.Dataset.from_list(conversational),
+        }
+    ).save_to_disk(str(tmp_path / "dd"))
     assert [json.loads(r["raw"]) for r in records(read_records(str(tmp_path / "dd")))] == implicit
     assert [json.loads(r["raw"]) for r in records(read_records(str(tmp_path / "dd"), split="test"))] == conversational
     datasets.Dataset.from_list(implicit).save_to_disk(str(tmp_path / "one"))
@@ -336,10 +351,11 @@ def test_hub_name_goes_through_datasets_load_dataset(tmp_path, monkeypatch):
 
 def test_hub_split_that_is_not_there_names_the_ones_that_are(tmp_path, monkeypatch):
     def load_dataset(name, split):
-        raise ValueError(f'Unknown split "{split}". Should be one of [\'train_prefs\', \'test_prefs\'].')
+        raise ValueError(f"Unknown split \"{split}\". Should be one of ['train_prefs', 'test_prefs'].")
 
-    fake = types.SimpleNamespace(load_dataset=load_dataset,
-                                 get_dataset_split_names=lambda name: ["train_prefs", "test_prefs"])
+    fake = types.SimpleNamespace(
+        load_dataset=load_dataset, get_dataset_split_names=lambda name: ["train_prefs", "test_prefs"]
+    )
     monkeypatch.setitem(sys.modules, "datasets", fake)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(InputError, match=r"no split 'train'; its splits are \['train_prefs', 'test_prefs'\]"):
@@ -358,15 +374,23 @@ def test_hub_dataset_is_one_rule_for_what_names_the_hub(tmp_path, monkeypatch):
     assert hub_dataset("hf://datasets/someone/prefs") == "someone/prefs"
     assert hub_dataset("hf://datasets/someone/prefs/") == "someone/prefs"
     assert hub_dataset("someone/prefs") == "someone/prefs"  # no such local path
-    for not_hub in ("hf://datasets/", "hf://models/x/y", "s3://b/k", "data/train.jsonl", "some/dir/train.jsonl",
-                    "Data/Train.PARQUET", "prefs", "/abs/prefs"):
+    for not_hub in (
+        "hf://datasets/",
+        "hf://models/x/y",
+        "s3://b/k",
+        "data/train.jsonl",
+        "some/dir/train.jsonl",
+        "Data/Train.PARQUET",
+        "prefs",
+        "/abs/prefs",
+    ):
         assert hub_dataset(not_hub) is None, not_hub
     (tmp_path / "someone" / "prefs").mkdir(parents=True)
     assert hub_dataset("someone/prefs") is None  # a local path wins
 
 
 def test_a_missing_data_file_is_refused_before_ray_starts(tmp_path, monkeypatch):
-    """"data/train.jsonl" has the shape of owner/name, but names a data file: missing, not a hub dataset."""
+    """ "data/train.jsonl" has the shape of owner/name, but names a data file: missing, not a hub dataset."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(plan, "init_ray", lambda *a, **k: pytest.fail("Ray started before the input was checked"))
     for missing in ("data/train.jsonl", "some/dir/train.jsonl"):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from distributed_runs import run_steps, spawn
 from micro_batches import kto_rows, pair_rows
 
@@ -23,8 +22,16 @@ from pipeline.config import TrainConfig
 pytestmark = pytest.mark.stage
 
 STEPS = 4
-BASE = dict(loss="dpo", beta=0.1, learning_rate=1e-3, lr_schedule="constant", batch_size=8, micro_batch_size=2,
-            max_grad_norm=1.0, seed=0)
+BASE = dict(
+    loss="dpo",
+    beta=0.1,
+    learning_rate=1e-3,
+    lr_schedule="constant",
+    batch_size=8,
+    micro_batch_size=2,
+    max_grad_norm=1.0,
+    seed=0,
+)
 RUNS = {
     "full": (BASE, STEPS, 2),
     "packed_chunked": ({**BASE, "packing": True, "chunked_logps": True, "logps_chunk_size": 3}, 2, None),
@@ -43,10 +50,19 @@ def rows_for(name: str) -> dict:
 def fsdp_runs(tiny_llama_dir, tmp_path_factory):
     """Every run of RUNS by two FSDP workers, in one process group: (per-step results, output dir)."""
     out = tmp_path_factory.mktemp("fsdp")
-    runs = {name: ({"strategy": "fsdp", **train, "num_workers": 2}, rows_for(name), steps, checkpoint_at)
-            for name, (train, steps, checkpoint_at) in RUNS.items()}
-    results = spawn("scenarios", world=2, result_file=out / "results.json", model_dir=tiny_llama_dir, out=str(out), runs=runs,
-                    resume="full")
+    runs = {
+        name: ({"strategy": "fsdp", **train, "num_workers": 2}, rows_for(name), steps, checkpoint_at)
+        for name, (train, steps, checkpoint_at) in RUNS.items()
+    }
+    results = spawn(
+        "scenarios",
+        world=2,
+        result_file=out / "results.json",
+        model_dir=tiny_llama_dir,
+        out=str(out),
+        runs=runs,
+        resume="full",
+    )
     return results, out
 
 
@@ -54,8 +70,12 @@ def fsdp_runs(tiny_llama_dir, tmp_path_factory):
 def ddp_runs(tiny_llama_dir, tmp_path_factory):
     """Every run of RUNS by one DDP worker (this process), the whole global batch in micro-batches."""
     out = tmp_path_factory.mktemp("ddp")
-    results = {name: run_steps(tiny_llama_dir, TrainConfig(**{**train, "cpu_offload": False}), rows_for(name), steps,
-                               out=out / name) for name, (train, steps, _) in RUNS.items()}
+    results = {
+        name: run_steps(
+            tiny_llama_dir, TrainConfig(**{**train, "cpu_offload": False}), rows_for(name), steps, out=out / name
+        )
+        for name, (train, steps, _) in RUNS.items()
+    }
     return results, out
 
 
@@ -100,7 +120,9 @@ def test_resume_from_a_sharded_checkpoint_reproduces_the_run(fsdp_runs):
 
 def test_checkpoint_shards_are_per_rank(fsdp_runs):
     _, out = fsdp_runs
-    names = {rank: sorted(p.name for p in (out / "full" / f"checkpoint-rank{rank}" / "state").iterdir()) for rank in (0, 1)}
+    names = {
+        rank: sorted(p.name for p in (out / "full" / f"checkpoint-rank{rank}" / "state").iterdir()) for rank in (0, 1)
+    }
     assert names == {0: [".metadata", "__0_0.distcp"], 1: ["__1_0.distcp"]}
 
 
@@ -111,7 +133,7 @@ def test_a_model_built_on_meta_keeps_the_checkpoints_generation_config(tiny_llam
 
     from transformers import GenerationConfig
 
-    from pipeline.model.sharding import build_on_meta
+    from pipeline.training.sharding import build_on_meta
 
     base = tmp_path / "base"
     shutil.copytree(tiny_llama_dir, base)

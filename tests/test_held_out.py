@@ -28,7 +28,9 @@ def test_unpaired_separation_is_the_probability_a_desirable_reward_wins():
     assert wins == 4.5
     assert result["auc"] == pytest.approx(4.5 / 6)
     assert (result["rows"], result["desirable"], result["undesirable"]) == (5, 3, 2)
-    assert result["reward_desirable_mean"] == pytest.approx(0.2) and result["reward_undesirable_mean"] == pytest.approx(0.1)
+    assert result["reward_desirable_mean"] == pytest.approx(0.2) and result["reward_undesirable_mean"] == pytest.approx(
+        0.1
+    )
     assert "P(a desirable completion's reward > an undesirable one's) = 0.750" in describe("kto", result)
 
 

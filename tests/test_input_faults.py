@@ -10,18 +10,17 @@ import math
 import pyarrow as pa
 import pytest
 import torch
-
 from micro_batches import pair_rows
 
 from pipeline.config import ConfigError, TrainConfig, load_config
 from pipeline.data.encode import process_records
 from pipeline.data.records import RECORD_SCHEMA
 from pipeline.data.sources import read_records
-from pipeline.model.loading import load_model, load_tokenizer
-from pipeline.model.objectives import objective_for
-from pipeline.model.train_step import checkpoint_every, train_step
+from pipeline.model.pretrained import load_model, load_tokenizer
 from pipeline.stages.base import one_line
 from pipeline.stages.tokenize import check_context
+from pipeline.training.objectives import objective_for
+from pipeline.training.step import checkpoint_every, train_step
 
 pytestmark = pytest.mark.unit
 CPU = torch.device("cpu")
@@ -31,7 +30,9 @@ def test_json_nested_past_the_recursion_limit_is_a_malformed_row_not_a_crash(tmp
     path = tmp_path / "deep.jsonl"
     good = json.dumps({"prompt": "review 1:", "chosen": " good", "rejected": " bad"})
     deep_prompt = '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + ', "chosen": " a", "rejected": " b"}'
-    deep_object = '{"prompt": "p", "chosen": " a", "rejected": " b", "meta": ' + '{"a": ' * 50_000 + "1" + "}" * 50_000 + "}"
+    deep_object = (
+        '{"prompt": "p", "chosen": " a", "rejected": " b", "meta": ' + '{"a": ' * 50_000 + "1" + "}" * 50_000 + "}"
+    )
     path.write_text("\n".join([good, deep_prompt, deep_object, good.replace("1:", "2:")]) + "\n")
     records = read_records(str(path))
     assert records["read_error"].to_pylist() == [None, "malformed_json", "malformed_json", None]
@@ -41,7 +42,9 @@ def test_json_nested_past_the_recursion_limit_is_a_malformed_row_not_a_crash(tmp
     assert outcomes["reason"].to_pylist() == [None, "malformed_json", "malformed_json", None]
     # The worker's own parse refuses such a row the same way, were one to reach it unmarked.
     unmarked = pa.table({"source": ["x:1"], "raw": [deep_prompt], "read_error": [None]}, schema=RECORD_SCHEMA)
-    reasons = process_records(unmarked, load_tokenizer(str(tiny_model_dir)), max_prompt_length=16, max_length=32)["reason"]
+    reasons = process_records(unmarked, load_tokenizer(str(tiny_model_dir)), max_prompt_length=16, max_length=32)[
+        "reason"
+    ]
     assert reasons.to_pylist() == ["malformed_json"]
 
 
@@ -49,8 +52,11 @@ def test_max_length_beyond_the_models_context_is_a_config_error(tiny_model_dir):
     fits = load_config(None, [f"model.path={tiny_model_dir}", "tokenize.max_length=128"])
     check_context(fits)  # the tiny model has 128 positions
     beyond = load_config(None, [f"model.path={tiny_model_dir}", "tokenize.max_length=512"])
-    with pytest.raises(ConfigError, match=r"tokenize.max_length \(512\) is beyond the context of the model at .* "
-                                          r"\(128 positions, its config's max_position_embeddings\); set tokenize.max_length to at most 128"):
+    with pytest.raises(
+        ConfigError,
+        match=r"tokenize.max_length \(512\) is beyond the context of the model at .* "
+        r"\(128 positions, its config's max_position_embeddings\); set tokenize.max_length to at most 128",
+    ):
         check_context(beyond)
 
 

@@ -6,14 +6,14 @@ import math
 import sqlite3
 
 import pytest
+from test_api_judge import api_key, make_judge, pairs, server  # noqa: F401  (fixtures: the key, the server)
 
 from pipeline.config import load_config
 from pipeline.evaluation.api_judge import ApiJudgeConfig, cache_key, label_logprobs, read_verdict
 from pipeline.evaluation.api_judge.cache import Reply, SqliteCache
-from pipeline.evaluation.judging import JudgeProgress
-from pipeline.evaluation.registry import make_judge as make_judge_from
+from pipeline.evaluation.judgments import JudgeProgress
+from pipeline.evaluation.plugins import make_judge as make_judge_from
 from pipeline.runtime.storage import RunDir
-from test_api_judge import api_key, make_judge, pairs, server  # noqa: F401  (fixtures: the key, the server)
 
 pytestmark = pytest.mark.unit
 
@@ -26,9 +26,28 @@ def tokens(*pieces, alternatives=None):
 
 def test_label_logprobs_are_read_where_the_verdict_is_written():
     # OpenAI's tokenizer splits "**Preferred:** B" roughly like this; the alternatives sit at " B".
-    reply = tokens("Summary", " A", " misses", " the", " point", ".\n", "**", "Pre", "ferred", ":**", " B",
-                   alternatives={10: [(" B", math.log(0.7)), (" A", math.log(0.2)), ("B", math.log(0.05)),
-                                      (" Tie", math.log(0.03)), (" The", math.log(0.02))]})
+    reply = tokens(
+        "Summary",
+        " A",
+        " misses",
+        " the",
+        " point",
+        ".\n",
+        "**",
+        "Pre",
+        "ferred",
+        ":**",
+        " B",
+        alternatives={
+            10: [
+                (" B", math.log(0.7)),
+                (" A", math.log(0.2)),
+                ("B", math.log(0.05)),
+                (" Tie", math.log(0.03)),
+                (" The", math.log(0.02)),
+            ]
+        },
+    )
     probs = {label: math.exp(lp) for label, lp in label_logprobs(reply).items()}
     assert probs == pytest.approx({"B": 0.75, "A": 0.2, "tie": 0.03})  # " B" and "B" are one label
     # " A" in the first sentence is a label token, but no verdict: "Summary" precedes it, not "Preferred:".
@@ -37,12 +56,25 @@ def test_label_logprobs_are_read_where_the_verdict_is_written():
 
 def test_the_last_verdict_counts_and_a_reply_without_one_has_no_label_logprobs():
     first, second = [(" A", -0.1), (" B", -2.3)], [(" B", -0.2), (" A", -1.7)]
-    reply = tokens("Preferred", ":", " A", "\n", "On", " reflection", ",", " Preferred", ":", " B",
-                   alternatives={2: first, 9: second})
+    reply = tokens(
+        "Preferred",
+        ":",
+        " A",
+        "\n",
+        "On",
+        " reflection",
+        ",",
+        " Preferred",
+        ":",
+        " B",
+        alternatives={2: first, 9: second},
+    )
     assert label_logprobs(reply) == {"B": pytest.approx(-0.2), "A": pytest.approx(-1.7)}
     assert label_logprobs(tokens("B", "'s", " summary", " is", " better")) is None  # starts with B, no verdict
     assert label_logprobs(tokens("**", "Tie", "**", alternatives={1: [("Tie", -0.05), ("A", -3.0)]})) == {
-        "tie": pytest.approx(-0.05), "A": pytest.approx(-3.0)}  # a reply that is only a label
+        "tie": pytest.approx(-0.05),
+        "A": pytest.approx(-3.0),
+    }  # a reply that is only a label
     assert label_logprobs([]) is None
 
 
@@ -108,8 +140,10 @@ def test_logprob_verdicts_decide_where_the_text_is_ambiguous_and_come_back_from_
 def test_an_old_sqlite_cache_gains_the_logprobs_column_and_keeps_its_rows(tmp_path):
     path = tmp_path / "old.sqlite"
     db = sqlite3.connect(path)
-    db.execute("CREATE TABLE replies (key TEXT PRIMARY KEY, model TEXT NOT NULL, text TEXT NOT NULL, "
-               "input_tokens INTEGER, output_tokens INTEGER, created REAL NOT NULL)")
+    db.execute(
+        "CREATE TABLE replies (key TEXT PRIMARY KEY, model TEXT NOT NULL, text TEXT NOT NULL, "
+        "input_tokens INTEGER, output_tokens INTEGER, created REAL NOT NULL)"
+    )
     key = cache_key("m", "rendered", "p", "a", "b")  # the text mode's key is the one of old caches
     db.execute("INSERT INTO replies VALUES (?, 'm', 'Preferred: B', 10, 2, 0.0)", (key,))
     db.commit()
@@ -124,7 +158,7 @@ def test_an_old_sqlite_cache_gains_the_logprobs_column_and_keeps_its_rows(tmp_pa
 def test_judge_progress_counts_every_verdict(server, caplog):
     judge = JudgeProgress(make_judge(server), total=8)
     prompts, first, second, expected = pairs(4)
-    with caplog.at_level(logging.INFO, logger="pipeline.evaluation.judging"):
+    with caplog.at_level(logging.INFO, logger="pipeline.evaluation.judgments"):
         assert judge.judge(prompts, first, second) == expected
         judge.judge(prompts, second, first)
     assert "judged 4 of 8 (api:judge-model); 4 requests, 0 from the cache, 0 unparsed" in caplog.text
@@ -147,8 +181,10 @@ def test_a_remote_run_dirs_file_is_fetched_and_written_back(tmp_path):
 
 
 def test_the_verdict_key_loads_from_a_config():
-    config = load_config(None, ["evaluate.judge=api",
-                                "evaluate.judge_api={base_url: 'http://127.0.0.1:9/v1', model: m, verdict: logprobs}"])
+    config = load_config(
+        None,
+        ["evaluate.judge=api", "evaluate.judge_api={base_url: 'http://127.0.0.1:9/v1', model: m, verdict: logprobs}"],
+    )
     judge = make_judge_from(config.evaluate, api_cache_path="/runs/x/judge_cache.sqlite")
     assert (judge.config.verdict, judge.config.cache_path) == ("logprobs", "/runs/x/judge_cache.sqlite")
     assert ApiJudgeConfig(base_url="http://x/v1", model="m").verdict == "json"

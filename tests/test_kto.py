@@ -9,17 +9,16 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from torch.testing import assert_close
-
 from micro_batches import kto_rows, split
+from torch.testing import assert_close
 
 from pipeline.config import Config, TrainConfig
 from pipeline.data.kto_pairs import kl_partners, with_kl_completions
-from pipeline.model.loading import load_model
-from pipeline.model.objectives import KtoObjective, kl_logps
+from pipeline.model.pretrained import load_model
 from pipeline.model.scoring import score_unpaired
 from pipeline.stages.score import is_unpaired
 from pipeline.stages.train import check_data_kind
+from pipeline.training.objectives import KtoObjective, kl_logps
 
 pytestmark = pytest.mark.unit
 
@@ -48,23 +47,27 @@ def test_partners_follow_the_seed_and_refuse_a_single_example():
 
 def unpaired_table(prompts, completions, labels) -> pa.Table:
     ids = pa.list_(pa.int32())
-    return pa.table({
-        "id": [f"row{i}" for i in range(len(prompts))],
-        "prompt_ids": pa.array(prompts, ids),
-        "chosen_ids": pa.array(completions, ids),
-        "rejected_ids": pa.array([[] for _ in prompts], ids),
-        "label": pa.array(labels, pa.bool_()),
-    })
+    return pa.table(
+        {
+            "id": [f"row{i}" for i in range(len(prompts))],
+            "prompt_ids": pa.array(prompts, ids),
+            "chosen_ids": pa.array(completions, ids),
+            "rejected_ids": pa.array([[] for _ in prompts], ids),
+            "label": pa.array(labels, pa.bool_()),
+        }
+    )
 
 
 def test_with_kl_completions_borrows_the_partners_completion_cut_to_fit():
-    table = unpaired_table([[5, 6, 7, 8], [9], [10, 11]], [[20, 21, 22], [30, 31, 32, 33, 34], [40]], [True, False, True])
+    table = unpaired_table(
+        [[5, 6, 7, 8], [9], [10, 11]], [[20, 21, 22], [30, 31, 32, 33, 34], [40]], [True, False, True]
+    )
     out = with_kl_completions(table, max_length=6)
     partners = kl_partners(3)
     completions = table["chosen_ids"].to_pylist()
-    for i, (prompt, kl_ids, partner_id) in enumerate(zip(
-        table["prompt_ids"].to_pylist(), out["kl_completion_ids"].to_pylist(), out["kl_partner_id"].to_pylist()
-    )):
+    for i, (prompt, kl_ids, partner_id) in enumerate(
+        zip(table["prompt_ids"].to_pylist(), out["kl_completion_ids"].to_pylist(), out["kl_partner_id"].to_pylist())
+    ):
         assert partner_id == f"row{partners[i]}" != f"row{i}"
         assert kl_ids == completions[partners[i]][: 6 - len(prompt)]
         assert len(prompt) + len(kl_ids) <= 6
@@ -73,7 +76,10 @@ def test_with_kl_completions_borrows_the_partners_completion_cut_to_fit():
 
 
 def test_mixed_paired_and_unpaired_data_is_refused():
-    unpaired = {"train": {"pairs": 0, "desirable": 3, "undesirable": 2}, "eval": {"pairs": 0, "desirable": 0, "undesirable": 0}}
+    unpaired = {
+        "train": {"pairs": 0, "desirable": 3, "undesirable": 2},
+        "eval": {"pairs": 0, "desirable": 0, "undesirable": 0},
+    }
     paired = {"train": {"pairs": 5, "desirable": 0, "undesirable": 0}}
     assert is_unpaired(unpaired) and not is_unpaired(paired)
     with pytest.raises(ValueError, match="mixes 5 pairs with 5 unpaired"):
@@ -125,7 +131,9 @@ def test_kl_term_and_loss_of_the_train_path_equal_a_hand_computation(model, offs
 
     # The loss over the whole step: lambda (1 - sigmoid(beta (r - z))) desirable, (1 - sigmoid(beta (z - r))) not.
     expected = []
-    for prompt, completion, label, ref in zip(rows["prompt_ids"], rows["chosen_ids"], rows["label"], rows["ref_chosen_logps"]):
+    for prompt, completion, label, ref in zip(
+        rows["prompt_ids"], rows["chosen_ids"], rows["label"], rows["ref_chosen_logps"]
+    ):
         r = hand_logp(model, prompt, completion) - ref
         x = 0.5 * (r - z) if label else 0.5 * (z - r)
         expected.append((1.0 if label else 1.5) / (1.0 + math.exp(x)))
@@ -165,6 +173,10 @@ def test_score_unpaired_scores_the_completion_and_the_mismatched_pair(model):
     scored = score_unpaired(model, table, pad_id=1, micro_batch=2, device="cpu", prefix="ref_")
     rows = scored.to_pylist()
     for row in rows:
-        assert row["ref_chosen_logps"] == pytest.approx(hand_logp(model, row["prompt_ids"], row["chosen_ids"]), abs=1e-4)
-        assert row["ref_kl_logps"] == pytest.approx(hand_logp(model, row["prompt_ids"], row["kl_completion_ids"]), abs=1e-4)
+        assert row["ref_chosen_logps"] == pytest.approx(
+            hand_logp(model, row["prompt_ids"], row["chosen_ids"]), abs=1e-4
+        )
+        assert row["ref_kl_logps"] == pytest.approx(
+            hand_logp(model, row["prompt_ids"], row["kl_completion_ids"]), abs=1e-4
+        )
         assert row["ref_rejected_logps"] == 0.0

@@ -4,10 +4,13 @@ Every import counts: at module level or inside a function, `import x`, `from x i
 A module may import its own sub-package and the sub-packages of lower tiers, nothing else:
 
     tier 0  config                       (pipeline/__init__.py is tier 0 too, and imports nothing)
-    tier 1  data | model                 pure data (no torch, no Ray) | torch models (no Ray)
-    tier 2  runtime | evaluation         Ray plumbing | judges, statistics, reports (no Ray)
-    tier 3  stages                       thin Ray layers over the pure parts
-    tier 4  demo | cli                   the demo task (a plug-in) | the command line
+    tier 1  data | model                 pure data (no torch, no Ray) | model mechanics: loading, log-probs,
+                                         engines, scoring (no Ray)
+    tier 2  training                     the algorithm: losses, objectives, the step, DDP/FSDP2/LoRA, export (no Ray)
+    tier 3  runtime | evaluation | planning
+                                         Ray plumbing | judges, statistics, reports (no Ray) | the memory plan (no Ray)
+    tier 4  stages                       thin Ray layers over the pure parts
+    tier 5  demo | cli                   the demo task (a plug-in) | the command line
 
 Packages on one tier never import each other, with one exception: cli may import demo. Nothing else
 imports the demo (evaluation finds its reward and judge through entry points, see pyproject.toml).
@@ -32,9 +35,20 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "pipeline"
 
 # The rule, in one place. TIERS: sub-package -> tier ("config" is pipeline/config/, the typed config).
-TIERS = {"config": 0, "data": 1, "model": 1, "runtime": 2, "evaluation": 2, "stages": 3, "demo": 4, "cli": 4}
+TIERS = {
+    "config": 0,
+    "data": 1,
+    "model": 1,
+    "training": 2,
+    "runtime": 3,
+    "evaluation": 3,
+    "planning": 3,
+    "stages": 4,
+    "demo": 5,
+    "cli": 5,
+}
 SAME_TIER_ALLOWED = {("cli", "demo")}  # (importer, imported): the only import across packages of one tier
-NO_RAY = {"config", "data", "model", "evaluation"}  # ray imported nowhere in these
+NO_RAY = {"config", "data", "model", "training", "evaluation", "planning"}  # ray imported nowhere in these
 NO_TORCH = {"data"}  # torch imported nowhere in these
 DEMO_IMPORTERS = {"demo", "cli"}  # the only packages that may import pipeline.demo
 # `import pipeline`, the console script and jobs/*.py must not load these (their import costs seconds).
@@ -44,7 +58,7 @@ HEAVY_ON_IMPORT = ("ray.train", "vllm")
 @dataclass(frozen=True)
 class Import:
     module: str  # the importing module, e.g. "pipeline.stages.train"
-    target: str  # the most specific module named: "pipeline.model.losses", "torch", "ray.train"
+    target: str  # the most specific module named: "pipeline.training.losses", "torch", "ray.train"
     line: int
 
 
@@ -172,11 +186,19 @@ def test_the_reader_sees_every_kind_of_import(tmp_path):
         "    from pipeline.model import engines, nothing_here\n"
     )
     found = [(i.target, i.line) for i in _imports_of("pipeline.stages.probe", source)]
-    assert sorted(found) == sorted([
-        ("os", 1), ("ray.data", 1), ("pipeline.stages.train", 2), ("pipeline.config", 3),
-        ("pipeline.model.engines", 4), ("torch.nn", 6), ("pipeline.demo.task", 7),
-        ("pipeline.model.engines", 8), ("pipeline.model", 8),
-    ])
+    assert sorted(found) == sorted(
+        [
+            ("os", 1),
+            ("ray.data", 1),
+            ("pipeline.stages.train", 2),
+            ("pipeline.config", 3),
+            ("pipeline.model.engines", 4),
+            ("torch.nn", 6),
+            ("pipeline.demo.task", 7),
+            ("pipeline.model.engines", 8),
+            ("pipeline.model", 8),
+        ]
+    )
 
 
 def test_the_cycle_finder_names_one_cycle_per_tangle():
@@ -266,6 +288,8 @@ def test_package_console_script_and_jobs_import_without_ray_train_or_vllm():
     done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"an entry point failed to import:\n{done.stderr[-3000:]}"
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert Path(report["pipeline"]).resolve() == PACKAGE / "__init__.py", f"imported another pipeline: {report['pipeline']}"
+    assert Path(report["pipeline"]).resolve() == PACKAGE / "__init__.py", (
+        f"imported another pipeline: {report['pipeline']}"
+    )
     loaded = {target: mods for target, mods in report["added"].items() if mods}
     assert not loaded, f"importing these loaded what should wait until a stage runs: {loaded}"

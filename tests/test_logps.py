@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-
 from pairs import collate_pairs, pair_logps
-from pipeline.model.logps import sequence_logps
-from pipeline.model.loading import load_model
+
+from pipeline.model.logps.padded import sequence_logps
+from pipeline.model.pretrained import load_model
 
 pytestmark = pytest.mark.unit
 

@@ -9,17 +9,16 @@ import math
 
 import pytest
 import torch
-
 from distributed_runs import CPU, step_batches
 from micro_batches import pair_rows
 
 from pipeline.config import LoraConfig, TrainConfig
-from pipeline.model.batch_logps import batch_sequence_logps
-from pipeline.model.export import ADAPTER_DIR, export_pretrained
-from pipeline.model.loading import load_model, load_tokenizer
-from pipeline.model.objectives import objective_for
-from pipeline.model.policy import load_policy, make_optimizer
-from pipeline.model.train_step import train_step
+from pipeline.model.logps.dispatch import batch_sequence_logps
+from pipeline.model.pretrained import load_model, load_tokenizer
+from pipeline.training.export import ADAPTER_DIR, export_pretrained
+from pipeline.training.objectives import objective_for
+from pipeline.training.policy import load_policy, make_optimizer
+from pipeline.training.step import train_step
 
 pytestmark = pytest.mark.unit
 
@@ -30,8 +29,9 @@ def logps(model, rows: dict) -> torch.Tensor:
     """Log-probs of every chosen and rejected response of `rows` under `model`: (2N,)."""
     prompts = list(rows["prompt_ids"])
     with torch.no_grad():
-        out, _, _ = batch_sequence_logps(model, prompts + prompts, list(rows["chosen_ids"]) + list(rows["rejected_ids"]),
-                                         pad_id=1, device=CPU)
+        out, _, _ = batch_sequence_logps(
+            model, prompts + prompts, list(rows["chosen_ids"]) + list(rows["rejected_ids"]), pad_id=1, device=CPU
+        )
     return out
 
 
@@ -45,13 +45,23 @@ def rows(tiny_llama_dir):
 
 
 def train(model_dir: str, rows: dict, *, learning_rate: float, steps: int):
-    config = TrainConfig(loss="dpo", beta=0.1, learning_rate=learning_rate, batch_size=8, micro_batch_size=4,
-                         lora=LORA, seed=0)
+    config = TrainConfig(
+        loss="dpo", beta=0.1, learning_rate=learning_rate, batch_size=8, micro_batch_size=4, lora=LORA, seed=0
+    )
     model = load_policy(model_dir, config, device=CPU)
     optimizer = make_optimizer(model, config, device=CPU)
     objective = objective_for(config, pad_id=1, device=CPU, with_reference=True)
-    losses = [train_step(model, optimizer, step_batches(rows, config, step, rank=0, world=1), objective=objective,
-                         lr=learning_rate, max_grad_norm=1.0).loss_metrics for step in range(steps)]
+    losses = [
+        train_step(
+            model,
+            optimizer,
+            step_batches(rows, config, step, rank=0, world=1),
+            objective=objective,
+            lr=learning_rate,
+            max_grad_norm=1.0,
+        ).loss_metrics
+        for step in range(steps)
+    ]
     return model.eval(), losses
 
 
@@ -75,8 +85,9 @@ def test_it_learns_and_the_base_weights_stay(trained, tiny_llama_dir):
     assert trainable and all("lora_" in name for name in trainable)
     for name, value in model.state_dict().items():
         if "lora_" not in name:
-            torch.testing.assert_close(value, base[name.removeprefix("base_model.model.").replace(".base_layer.", ".")],
-                                       atol=0, rtol=0)
+            torch.testing.assert_close(
+                value, base[name.removeprefix("base_model.model.").replace(".base_layer.", ".")], atol=0, rtol=0
+            )
 
 
 def test_merged_export_and_adapter_give_the_trained_log_probs(trained, tiny_llama_dir, rows, tmp_path):
@@ -101,5 +112,7 @@ def test_without_merge_the_export_is_the_adapter_that_transformers_loads(trained
     model, _ = trained
     export_pretrained(model, load_tokenizer(tiny_llama_dir), str(tmp_path), rank=0, merge=False)
     assert not list(tmp_path.glob("model*.safetensors")) and (tmp_path / "adapter_model.safetensors").exists()
-    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()  # base from the adapter's config, then the adapter
+    loaded = AutoModelForCausalLM.from_pretrained(
+        str(tmp_path)
+    ).eval()  # base from the adapter's config, then the adapter
     torch.testing.assert_close(logps(loaded, rows), logps(model, rows), atol=1e-5, rtol=0)

@@ -10,7 +10,7 @@ import torch
 from torch.testing import assert_close
 
 from pipeline.config import TrainConfig
-from pipeline.model.losses import (
+from pipeline.training.losses import (
     HYPERPARAMETERS,
     LOSSES,
     KtoLogps,
@@ -43,8 +43,13 @@ BATCH = PairLogps(
     chosen_lengths=torch.tensor([2, 3, 5, 4]),
     rejected_lengths=torch.tensor([4, 1, 6, 3]),
 )
-KTO_BATCH = KtoLogps(policy_logps=t(-1.0, -2.0), ref_logps=t(-1.5, -1.0), labels=torch.tensor([True, False]),
-                     kl_policy_logps=t(-2.0, -2.0), kl_ref_logps=t(-2.2, -2.4))
+KTO_BATCH = KtoLogps(
+    policy_logps=t(-1.0, -2.0),
+    ref_logps=t(-1.5, -1.0),
+    labels=torch.tensor([True, False]),
+    kl_policy_logps=t(-2.0, -2.0),
+    kl_ref_logps=t(-2.2, -2.4),
+)
 FIELDS = ("loss", "losses", "chosen_rewards", "rejected_rewards")
 
 
@@ -105,8 +110,10 @@ def test_declared_hyperparameters_are_train_keys_and_the_signature():
     assert LOSSES["dpo"].hyperparameters == {"beta", "label_smoothing"}
     assert LOSSES["kto"].hyperparameters == {"beta", "desirable_weight", "undesirable_weight"}
     train = TrainConfig(loss="simpo", beta=2.0, gamma=0.3)
-    assert_close(compute_loss("simpo", BATCH, **loss_hyperparameters(train)).losses,
-                 LOSSES["simpo"].fn(BATCH, beta=2.0, gamma=0.3).losses)
+    assert_close(
+        compute_loss("simpo", BATCH, **loss_hyperparameters(train)).losses,
+        LOSSES["simpo"].fn(BATCH, beta=2.0, gamma=0.3).losses,
+    )
     with pytest.raises(TypeError, match="beta"):
         compute_loss("dpo", BATCH, beta=0.1, temperature=1.0)
 

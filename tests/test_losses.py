@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from pipeline.model.losses import LOSSES, KtoLogps, LossOutput, PairLogps, compute_loss, kto_loss
+from pipeline.training.losses import LOSSES, KtoLogps, LossOutput, PairLogps, compute_loss, kto_loss
 
 pytestmark = pytest.mark.unit
 
@@ -146,8 +146,10 @@ def test_orpo_and_unlikelihood_finite_at_probability_one():
     for name in ("orpo", "unlikelihood"):
         logps = t(0.0, -3.0).requires_grad_()
         batch = PairLogps(
-            policy_chosen_logps=t(-1.0, -3.0), policy_rejected_logps=logps,
-            chosen_lengths=torch.tensor([2, 3]), rejected_lengths=torch.tensor([2, 3]),
+            policy_chosen_logps=t(-1.0, -3.0),
+            policy_rejected_logps=logps,
+            chosen_lengths=torch.tensor([2, 3]),
+            rejected_lengths=torch.tensor([2, 3]),
         )
         out = LOSSES[name].fn(batch, beta=0.1)
         out.loss.backward()
@@ -205,8 +207,11 @@ def test_kto_reference_point_clamped_and_detached():
     kl_policy = t(-3.0, -3.0).requires_grad_()
     policy = t(-1.0).requires_grad_()
     batch = KtoLogps(
-        policy_logps=policy, ref_logps=t(-2.0), labels=torch.tensor([True]),
-        kl_policy_logps=kl_policy, kl_ref_logps=t(-2.0, -2.0),
+        policy_logps=policy,
+        ref_logps=t(-2.0),
+        labels=torch.tensor([True]),
+        kl_policy_logps=kl_policy,
+        kl_ref_logps=t(-2.0, -2.0),
     )
     out = kto_loss(batch, beta=1.0)
     assert_close(out.loss, t(1 - sigmoid(1.0))[0])
@@ -222,14 +227,23 @@ def test_kto_reference_point_clamped_and_detached():
 @pytest.mark.parametrize("name", PAIRED)
 def test_gradcheck(name):
     # Points away from hinge's kink (beta h = 1) and from orpo's clamp (mean log-prob 0).
-    values = ([-1.0, -3.0, -4.0], [-2.0, -1.0, -6.5], [-1.5, -2.0, -5.0], [-1.2, -2.5, -5.0])  # pi_w, pi_l, ref_w, ref_l
+    values = (
+        [-1.0, -3.0, -4.0],
+        [-2.0, -1.0, -6.5],
+        [-1.5, -2.0, -5.0],
+        [-1.2, -2.5, -5.0],
+    )  # pi_w, pi_l, ref_w, ref_l
     inputs = tuple(t(*v).requires_grad_() for v in values)
     lengths = torch.tensor([2, 3, 5]), torch.tensor([4, 1, 3])
 
     def f(pi_w, pi_l, ref_w, ref_l):
         batch = PairLogps(
-            policy_chosen_logps=pi_w, policy_rejected_logps=pi_l, ref_chosen_logps=ref_w, ref_rejected_logps=ref_l,
-            chosen_lengths=lengths[0], rejected_lengths=lengths[1],
+            policy_chosen_logps=pi_w,
+            policy_rejected_logps=pi_l,
+            ref_chosen_logps=ref_w,
+            ref_rejected_logps=ref_l,
+            chosen_lengths=lengths[0],
+            rejected_lengths=lengths[1],
         )
         params = {"label_smoothing": 0.2} if name in ("dpo", "robust", "rpo") else {}
         out = LOSSES[name].fn(batch, beta=0.7, **params)
@@ -275,9 +289,12 @@ def test_float32_extremes_finite():
     for name in PAIRED:
         pi_w = torch.tensor([-1.0, -2001.0], requires_grad=True)
         batch = PairLogps(
-            policy_chosen_logps=pi_w, policy_rejected_logps=torch.tensor([-2001.0, -1.0]),
-            ref_chosen_logps=torch.tensor([-1.0, -1.0]), ref_rejected_logps=torch.tensor([-1.0, -1.0]),
-            chosen_lengths=torch.tensor([1, 1]), rejected_lengths=torch.tensor([1, 1]),
+            policy_chosen_logps=pi_w,
+            policy_rejected_logps=torch.tensor([-2001.0, -1.0]),
+            ref_chosen_logps=torch.tensor([-1.0, -1.0]),
+            ref_rejected_logps=torch.tensor([-1.0, -1.0]),
+            chosen_lengths=torch.tensor([1, 1]),
+            rejected_lengths=torch.tensor([1, 1]),
         )
         out = LOSSES[name].fn(batch, beta=1.0)
         out.loss.backward()
@@ -338,8 +355,13 @@ def test_compute_loss_unknown_name():
 
 
 def test_kto_refuses_negative_weights_and_an_empty_kl_estimate():
-    batch = KtoLogps(policy_logps=t(-1.0), ref_logps=t(-1.0), labels=torch.tensor([True]),
-                     kl_policy_logps=t(-2.0), kl_ref_logps=t(-2.0))
+    batch = KtoLogps(
+        policy_logps=t(-1.0),
+        ref_logps=t(-1.0),
+        labels=torch.tensor([True]),
+        kl_policy_logps=t(-2.0),
+        kl_ref_logps=t(-2.0),
+    )
     with pytest.raises(ValueError, match="undesirable_weight >= 0"):
         kto_loss(batch, beta=0.1, undesirable_weight=-1.0)
     with pytest.raises(ValueError, match="kl_policy_logps is empty"):

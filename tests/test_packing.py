@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pairs import collate_pairs, pack_pairs
 from test_chunked_logps import ATOL, MODELS, grads, one_thread  # noqa: F401 (fixture)
 
-from pairs import collate_pairs, pack_pairs
-from pipeline.model.logps import sequence_logps
-from pipeline.model.packed_logps import pack_sequences, packed_sequence_logps
+from pipeline.model.logps.packed import pack_sequences, packed_sequence_logps
+from pipeline.model.logps.padded import sequence_logps
 
 pytestmark = pytest.mark.unit
 
@@ -70,11 +70,19 @@ def test_score_stage_switches_give_the_plain_reference_logps(packing, chunk_size
     model = MODELS["llama"]().eval()
     prompts, chosen, rejected = ragged_pairs(seed=3)
     ids = pa.list_(pa.int32())
-    table = pa.table({"prompt_ids": pa.array(prompts, ids), "chosen_ids": pa.array(chosen, ids), "rejected_ids": pa.array(rejected, ids)})
+    table = pa.table(
+        {
+            "prompt_ids": pa.array(prompts, ids),
+            "chosen_ids": pa.array(chosen, ids),
+            "rejected_ids": pa.array(rejected, ids),
+        }
+    )
     plain = score_pairs(model, table, pad_id=0, micro_batch=2, device="cpu")
     fast = score_pairs(model, table, pad_id=0, micro_batch=2, device="cpu", packing=packing, chunk_size=chunk_size)
     for column in ("chosen_logps", "rejected_logps"):
         assert fast[column].to_pylist() == pytest.approx(plain[column].to_pylist(), abs=ATOL)
     unpaired = table.append_column("kl_completion_ids", table["rejected_ids"])
-    fast_kto = score_unpaired(model, unpaired, pad_id=0, micro_batch=2, device="cpu", packing=packing, chunk_size=chunk_size)
+    fast_kto = score_unpaired(
+        model, unpaired, pad_id=0, micro_batch=2, device="cpu", packing=packing, chunk_size=chunk_size
+    )
     assert fast_kto["kl_logps"].to_pylist() == pytest.approx(plain["rejected_logps"].to_pylist(), abs=ATOL)

@@ -11,7 +11,7 @@ README = Path(__file__).parent.parent / "README.md"
 
 
 def test_custom_loss_example_registers_and_trains():
-    from pipeline.model.losses import LOSSES, PairLogps, compute_loss
+    from pipeline.training.losses import LOSSES, PairLogps, compute_loss
 
     block = re.search(r"```python\n(.*?)```", README.read_text(), re.S).group(1)
     exec(compile(block, "README.md", "exec"), {})

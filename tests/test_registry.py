@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.config import EvaluateConfig, load_config
 from pipeline.evaluation.api_judge import ApiJudge
-from pipeline.evaluation.registry import JUDGE_GROUP, REWARD_GROUP, make_judge, make_reward, registered
+from pipeline.evaluation.plugins import JUDGE_GROUP, REWARD_GROUP, make_judge, make_reward, registered
 
 pytestmark = pytest.mark.unit
 
@@ -42,8 +42,9 @@ def test_unknown_names_list_the_known_ones():
 
 
 def test_the_api_judge_is_built_in():
-    config = dataclasses.replace(EvaluateConfig(), judge="api",
-                                 judge_api={"base_url": "http://127.0.0.1:9/v1", "model": "m", "task": "dialogue"})
+    config = dataclasses.replace(
+        EvaluateConfig(), judge="api", judge_api={"base_url": "http://127.0.0.1:9/v1", "model": "m", "task": "dialogue"}
+    )
     judge = make_judge(config)
     assert isinstance(judge, ApiJudge)
     assert judge.name == "api:m" and judge.config.task == "dialogue"

@@ -11,12 +11,36 @@ pytestmark = pytest.mark.unit
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 SUMMARY_ROWS = [
-    {"model": "sft", "temperature": 1.0, "n": 64, "reward_mean": 0.01, "kl_mean": None, "win_rate": None,
-     "win_rate_ci_low": None, "win_rate_ci_high": None},
-    {"model": "dpo", "temperature": 0.7, "n": 64, "reward_mean": 0.41234, "kl_mean": 1.5, "win_rate": 0.7,
-     "win_rate_ci_low": 0.61, "win_rate_ci_high": 0.79},
-    {"model": "dpo", "temperature": 1.0, "n": 64, "reward_mean": 0.35, "kl_mean": 2.25, "win_rate": 0.65,
-     "win_rate_ci_low": 0.55, "win_rate_ci_high": 0.75},
+    {
+        "model": "sft",
+        "temperature": 1.0,
+        "n": 64,
+        "reward_mean": 0.01,
+        "kl_mean": None,
+        "win_rate": None,
+        "win_rate_ci_low": None,
+        "win_rate_ci_high": None,
+    },
+    {
+        "model": "dpo",
+        "temperature": 0.7,
+        "n": 64,
+        "reward_mean": 0.41234,
+        "kl_mean": 1.5,
+        "win_rate": 0.7,
+        "win_rate_ci_low": 0.61,
+        "win_rate_ci_high": 0.79,
+    },
+    {
+        "model": "dpo",
+        "temperature": 1.0,
+        "n": 64,
+        "reward_mean": 0.35,
+        "kl_mean": 2.25,
+        "win_rate": 0.65,
+        "win_rate_ci_low": 0.55,
+        "win_rate_ci_high": 0.75,
+    },
 ]
 
 
@@ -27,8 +51,14 @@ def _assert_png(path):
 
 def test_training_curves_png(tmp_path):
     metrics = [
-        {"step": s, "loss": math.log(2) - 0.01 * s, "rewards/chosen": 0.02 * s, "rewards/rejected": -0.02 * s,
-         "rewards/accuracies": min(1.0, 0.5 + 0.05 * s), "rewards/margins": 0.04 * s}
+        {
+            "step": s,
+            "loss": math.log(2) - 0.01 * s,
+            "rewards/chosen": 0.02 * s,
+            "rewards/rejected": -0.02 * s,
+            "rewards/accuracies": min(1.0, 0.5 + 0.05 * s),
+            "rewards/margins": 0.04 * s,
+        }
         for s in range(10)
     ]
     path = tmp_path / "plots" / "training.png"  # the folder is created
@@ -58,9 +88,13 @@ def test_report_md_has_table_figures_and_notes(tmp_path):
     fig = tmp_path / "win_rate.png"
     report.plot_win_rate_vs_temperature(SUMMARY_ROWS, fig)
     path = tmp_path / "report.md"
-    report.write_report_md(path, title="Demo run", summary_rows=SUMMARY_ROWS,
-                           figures={"Win rate": str(fig), "Frontier": "plots/frontier.png"},
-                           notes=["judge: vader, both orders"])
+    report.write_report_md(
+        path,
+        title="Demo run",
+        summary_rows=SUMMARY_ROWS,
+        figures={"Win rate": str(fig), "Frontier": "plots/frontier.png"},
+        notes=["judge: vader, both orders"],
+    )
     text = path.read_text()
     assert text.startswith("# Demo run")
     assert "| " + " | ".join(report.SUMMARY_COLUMNS) + " |" in text

@@ -6,14 +6,14 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import write_pairs
 
+from pipeline.cli.schedule import current_stages, make_plan, plan_run, submission_id
 from pipeline.config import ConfigError, load_config
-from pipeline.cli.plan import current_stages, make_plan, plan_run, submission_id
 from pipeline.data.sources import input_fingerprint
+from pipeline.runtime.storage import RunDir
 from pipeline.stages import STAGE_NAMES as STAGES
 from pipeline.stages import by_name
-from pipeline.runtime.storage import RunDir
-from conftest import write_pairs
 
 pytestmark = pytest.mark.unit
 NO_SCORE = ("tokenize", "train", "evaluate")
@@ -56,17 +56,24 @@ def test_bad_combinations_are_errors_naming_the_flag():
         make_plan(STAGES, (), from_stage="train", only="train")
     with pytest.raises(ConfigError, match="--force"):
         make_plan(STAGES, (), from_stage="train", force=True)
-    with pytest.raises(ConfigError, match="--only score: not a stage of this run .the configured loss needs no reference"):
+    with pytest.raises(
+        ConfigError, match="--only score: not a stage of this run .the configured loss needs no reference"
+    ):
         make_plan(NO_SCORE, NO_SCORE, only="score")
     assert make_plan(STAGES, STAGES, force=True).force == set(STAGES)
 
 
 def test_the_nothing_to_do_line_names_the_stages():
     line = make_plan(STAGES, STAGES).describe("s3://b/run")
-    assert line == ("run s3://b/run: every stage finished (tokenize, score, train, evaluate); nothing to do. "
-                    "Use --from-stage to redo.")
+    assert line == (
+        "run s3://b/run: every stage finished (tokenize, score, train, evaluate); nothing to do. "
+        "Use --from-stage to redo."
+    )
     assert "every stage finished (tokenize, score, train);" in make_plan(STAGES, STAGES, to_stage="train").describe("r")
-    assert make_plan(STAGES, ("tokenize",)).describe("r") == "run r: running score, train, evaluate; finished already: tokenize"
+    assert (
+        make_plan(STAGES, ("tokenize",)).describe("r")
+        == "run r: running score, train, evaluate; finished already: tokenize"
+    )
 
 
 # ---- the plan read from a run directory ------------------------------------------------------
@@ -77,8 +84,15 @@ def fake_finished_run(config, stages=STAGES) -> None:
     for stage in stages:
         writer = run.begin(stage)
         writer.write_text("part.txt", stage)
-        upstream = writer.commit({"config_hash": by_name(stage).config_hash(config), "upstream_hash": upstream,
-                                  "rows_train": 8, "rows_eval": 0, "rows_out": 8})["manifest_hash"]
+        upstream = writer.commit(
+            {
+                "config_hash": by_name(stage).config_hash(config),
+                "upstream_hash": upstream,
+                "rows_train": 8,
+                "rows_eval": 0,
+                "rows_out": 8,
+            }
+        )["manifest_hash"]
 
 
 @pytest.fixture
@@ -90,14 +104,28 @@ def config(tmp_path, tiny_model_dir):
 def test_current_stages_follow_the_manifest_chain(config, tmp_path):
     fake_finished_run(config)
     assert current_stages(config, STAGES) == STAGES
-    changed = load_config(None, [f"run_dir={config.run_dir}", f"data.path={config.data.path}",
-                                 f"model.path={config.model.path}", "train.beta=0.5"])
+    changed = load_config(
+        None,
+        [
+            f"run_dir={config.run_dir}",
+            f"data.path={config.data.path}",
+            f"model.path={config.model.path}",
+            "train.beta=0.5",
+        ],
+    )
     assert current_stages(changed, STAGES) == ("tokenize", "score")
     assert plan_run(changed).run == ("train", "evaluate")
     # A resource field is not part of the work: still finished.
-    moved = load_config(None, [f"run_dir={config.run_dir}", f"data.path={config.data.path}",
-                               f"model.path={config.model.path}", "train.cpus_per_worker=0.25",
-                               "evaluate.max_actors=1"])
+    moved = load_config(
+        None,
+        [
+            f"run_dir={config.run_dir}",
+            f"data.path={config.data.path}",
+            f"model.path={config.model.path}",
+            "train.cpus_per_worker=0.25",
+            "evaluate.max_actors=1",
+        ],
+    )
     assert plan_run(moved).run == ()
     # A redone upstream stage (new manifest hash) makes everything after it stale.
     RunDir(config.run_dir).fs.delete_file(RunDir(config.run_dir).path("score", "manifest.json"))
@@ -112,16 +140,22 @@ def test_a_finished_run_is_a_quick_no_op_that_says_so_and_starts_no_ray(config, 
 
     from pipeline.cli.main import main
 
-    overrides = ["demo.enabled=false", f"run_dir={config.run_dir}", f"data.path={config.data.path}",
-                 f"model.path={config.model.path}"]
+    overrides = [
+        "demo.enabled=false",
+        f"run_dir={config.run_dir}",
+        f"data.path={config.data.path}",
+        f"model.path={config.model.path}",
+    ]
     fake_finished_run(load_config(SMOKE, overrides))
     argv = ["run", "--config", SMOKE, *(f"--set={o}" for o in overrides)]
     t0 = time.perf_counter()
     assert main(argv) == 0
     assert time.perf_counter() - t0 < 10
     out = capsys.readouterr().out
-    assert (f"run {config.run_dir}: every stage finished (tokenize, score, train, evaluate); nothing to do. "
-            "Use --from-stage to redo.") in out
+    assert (
+        f"run {config.run_dir}: every stage finished (tokenize, score, train, evaluate); nothing to do. "
+        "Use --from-stage to redo."
+    ) in out
     assert not ray.is_initialized()
     assert main([*argv, "--only", "evaluate", "--from-stage", "train"]) == 2
     assert "give one of them" in capsys.readouterr().err
@@ -139,7 +173,9 @@ def test_submission_id_is_stable_and_changes_with_the_work(config):
     beta = load_config(None, [*base, "train.beta=0.5"])
     assert submission_id(beta, "train") != submission_id(config, "train")
     assert submission_id(beta, "score") == submission_id(config, "score")  # train config: not score's work
-    assert submission_id(load_config(None, [*base, "train.cpus_per_worker=0.25"]), "train") == submission_id(config, "train")
+    assert submission_id(load_config(None, [*base, "train.cpus_per_worker=0.25"]), "train") == submission_id(
+        config, "train"
+    )
     assert submission_id(load_config(None, [*base, "run_dir=/elsewhere"]), "train") != submission_id(config, "train")
     with pytest.raises(ConfigError, match="--stage sample"):
         submission_id(config, "sample")

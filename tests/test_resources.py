@@ -75,10 +75,19 @@ def test_a_satisfiable_config_passes():
 
 
 def test_requests_mirror_the_stage_modules():
-    requests = {r.stage: r for r in cluster_requests(config(
-        "score.use_gpu=true", "score.gpus_per_actor=0.5", "score.num_actors=3",
-        "train.use_gpu=true", "train.num_workers=2", "train.cpus_per_worker=4",
-    ))}
+    requests = {
+        r.stage: r
+        for r in cluster_requests(
+            config(
+                "score.use_gpu=true",
+                "score.gpus_per_actor=0.5",
+                "score.num_actors=3",
+                "train.use_gpu=true",
+                "train.num_workers=2",
+                "train.cpus_per_worker=4",
+            )
+        )
+    }
     assert (requests["score"].count, requests["score"].bundle) == (3, {"CPU": 1.0, "GPU": 0.5})
     assert (requests["train"].count, requests["train"].bundle) == (2, {"CPU": 4.0, "GPU": 1.0})
     assert (requests["evaluate"].count, requests["evaluate"].bundle) == (1, {"CPU": 1.0})

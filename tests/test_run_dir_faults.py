@@ -18,7 +18,7 @@ import pytest
 
 from pipeline.config import ConfigError, load_config
 from pipeline.runtime.files import RowsLostError, check_same_ids
-from pipeline.runtime.lease import LEASE_DIR, LeaseError, TTL_S
+from pipeline.runtime.lease import LEASE_DIR, TTL_S, LeaseError
 from pipeline.runtime.storage import RunDir
 from pipeline.stages.base import execute
 from tests.child_writer import letters_config, letters_stage
@@ -30,8 +30,15 @@ LETTERS_STAGE = letters_stage()
 
 def child(*args: str, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "tests.child_writer", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.child_writer", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
 
 
 def wait_for_file(path: Path, process: subprocess.Popen, timeout: float = 60) -> None:
@@ -57,8 +64,12 @@ def s3_run_dir():
         port = s.getsockname()[1]
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
             mp.setenv(key, value)
@@ -113,8 +124,15 @@ def test_of_writers_starting_together_exactly_one_wins(run_uri):
 
 def write_claim(run: RunDir, *, machine: str, heartbeat_age: float) -> None:
     now = time.time()
-    claim = {"token": "elsewhere", "host": "node-7", "machine": machine, "pid": 1, "command": "dpo run",
-             "started": now - 3600, "heartbeat": now - heartbeat_age}
+    claim = {
+        "token": "elsewhere",
+        "host": "node-7",
+        "machine": machine,
+        "pid": 1,
+        "command": "dpo run",
+        "started": now - 3600,
+        "heartbeat": now - heartbeat_age,
+    }
     run.write_text(f"{LEASE_DIR}/elsewhere.json", json.dumps(claim))
 
 
@@ -206,8 +224,11 @@ def test_a_stage_refuses_an_upstream_whose_files_do_not_match_its_manifest(tmp_p
     execute(LETTERS_STAGE, config)
     (tmp_path / "run" / "letters" / "shards" / "part-00002.parquet").unlink()
     reader = Stage(name="reader", sections=("train.beta",), body=lambda run: {}, upstream=lambda config: "letters")
-    with pytest.raises(RuntimeError, match=r"reader reads .*letters, whose files do not match its manifest "
-                                           r"\(shards/part-00002.parquet: missing\); redo it") as err:
+    with pytest.raises(
+        RuntimeError,
+        match=r"reader reads .*letters, whose files do not match its manifest "
+        r"\(shards/part-00002.parquet: missing\); redo it",
+    ) as err:
         execute(reader, config)
     from pipeline.stages.base import failed_stage
 
@@ -237,12 +258,15 @@ def test_lost_and_duplicated_rows_are_counted():
         check_same_ids(["a"], ["a", "z"], what="x")
 
 
-@pytest.mark.parametrize("key,value,env", [
-    ("run_dir", "s3://AKIAEXAMPLE:wJalrXUtnFEMI@bucket/runs/x", "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
-    ("data.path", "gs://token123@bucket/prefs.jsonl", "GOOGLE_APPLICATION_CREDENTIALS"),
-    ("model.path", "s3://bucket/model?access_key=AKIA&secret_key=wJalrXUtnFEMI", "AWS_ACCESS_KEY_ID"),
-    ("evaluate.judge_api", "{base_url: 'https://user:wJalrXUtnFEMI@api.example.com/v1'}", "api_key_env"),
-])
+@pytest.mark.parametrize(
+    "key,value,env",
+    [
+        ("run_dir", "s3://AKIAEXAMPLE:wJalrXUtnFEMI@bucket/runs/x", "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
+        ("data.path", "gs://token123@bucket/prefs.jsonl", "GOOGLE_APPLICATION_CREDENTIALS"),
+        ("model.path", "s3://bucket/model?access_key=AKIA&secret_key=wJalrXUtnFEMI", "AWS_ACCESS_KEY_ID"),
+        ("evaluate.judge_api", "{base_url: 'https://user:wJalrXUtnFEMI@api.example.com/v1'}", "api_key_env"),
+    ],
+)
 def test_credentials_inside_a_uri_are_refused_without_repeating_them(key, value, env):
     with pytest.raises(ConfigError) as err:
         load_config(None, [f"{key}={value}"])
@@ -259,7 +283,9 @@ def test_sweep_values_that_name_one_member_are_refused(tmp_path):
 
     config = tmp_path / "c.yaml"
     config.write_text(f"run_dir: {tmp_path / 'run'}\n")
-    with pytest.raises(ConfigError, match=r"two members would share .*/sweep/beta-0.1 \(their values are equal once read"):
+    with pytest.raises(
+        ConfigError, match=r"two members would share .*/sweep/beta-0.1 \(their values are equal once read"
+    ):
         members(str(config), ["train.beta=[0.1, 0.10]"])
     with pytest.raises(ConfigError, match="differ only in characters a directory name drops"):
         members(str(config), ["train.loss=[dpo, 'd/po']"])
@@ -267,8 +293,9 @@ def test_sweep_values_that_name_one_member_are_refused(tmp_path):
 
 
 def test_a_second_dpo_on_a_run_dir_being_written_ends_in_one_error_line(tmp_path, tiny_model_dir, capsys):
-    from pipeline.cli.main import main
     from conftest import write_pairs
+
+    from pipeline.cli.main import main
 
     run_dir = tmp_path / "run"
     ready = tmp_path / "ready"
@@ -276,8 +303,21 @@ def test_a_second_dpo_on_a_run_dir_being_written_ends_in_one_error_line(tmp_path
     try:
         wait_for_file(ready, holder)
         data = write_pairs(tmp_path / "pairs.jsonl", 8)
-        code = main(["run", "--config", str(ROOT / "configs" / "demo_smoke.yaml"), "--set", "demo.enabled=false",
-                     "--set", f"run_dir={run_dir}", "--set", f"data.path={data}", "--set", f"model.path={tiny_model_dir}"])
+        code = main(
+            [
+                "run",
+                "--config",
+                str(ROOT / "configs" / "demo_smoke.yaml"),
+                "--set",
+                "demo.enabled=false",
+                "--set",
+                f"run_dir={run_dir}",
+                "--set",
+                f"data.path={data}",
+                "--set",
+                f"model.path={tiny_model_dir}",
+            ]
+        )
     finally:
         sigkill(holder)
     assert code == 2

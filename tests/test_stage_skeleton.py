@@ -18,8 +18,13 @@ def counting_stage(name: str, upstream: str | None, calls: list) -> Stage:
         run.writer.write_text("out.txt", f"{name} of {run.config.train.beta}\n")
         return {"rows_out": 1, "attempt": len(calls)}  # a redo is a new manifest
 
-    return Stage(name=name, sections=("train.beta",), body=body, upstream=lambda config: upstream,
-                 input_hash=lambda config: "input-v1")
+    return Stage(
+        name=name,
+        sections=("train.beta",),
+        body=body,
+        upstream=lambda config: upstream,
+        input_hash=lambda config: "input-v1",
+    )
 
 
 @pytest.fixture

@@ -11,13 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import write_dataset_dict, write_pairs
 
-from pipeline.stages import EVALUATE, SCORE, TOKENIZE, TRAIN
-from pipeline.stages.evaluate import Policy, held_out_measures
 from pipeline.config import load_config
 from pipeline.runtime.storage import RunDir, read_parquet_dir
 from pipeline.runtime.tracking import TrackingRun
-from conftest import write_dataset_dict, write_pairs
+from pipeline.stages import EVALUATE, SCORE, TOKENIZE, TRAIN
+from pipeline.stages.evaluate import Policy, held_out_measures
 
 pytestmark = pytest.mark.stage
 
@@ -91,7 +91,12 @@ def test_every_row_is_accounted_for(finished):
 def test_rejected_rows_are_kept_with_source_and_reason(finished, config):
     lines = RunDir(config.run_dir).read_text("tokenize/rejected.jsonl").splitlines()
     rejected = [json.loads(line) for line in lines]
-    assert sorted(r["reason"] for r in rejected) == ["duplicate_pair", "identical_responses", "malformed_json", "missing_field"]
+    assert sorted(r["reason"] for r in rejected) == [
+        "duplicate_pair",
+        "identical_responses",
+        "malformed_json",
+        "missing_field",
+    ]
     assert sorted(r["source"].rsplit(":", 1)[1] for r in rejected) == ["61", "62", "63", "64"]
     assert next(r for r in rejected if r["reason"] == "malformed_json")["raw"] == "{not json"
 
@@ -127,8 +132,20 @@ def test_final_policy_loads_with_transformers(finished, config):
 
 def test_summary_has_a_row_per_model_and_temperature(finished, config):
     summary = RunDir(config.run_dir).read_json("evaluate/summary.json")
-    keys = {"model", "temperature", "n", "reward_mean", "kl_mean", "win_rate", "win_rate_ci_low", "win_rate_ci_high",
-            "win_rate_vs_chosen", "kl_bound", "samples_per_answer", "tokens_per_answer"}
+    keys = {
+        "model",
+        "temperature",
+        "n",
+        "reward_mean",
+        "kl_mean",
+        "win_rate",
+        "win_rate_ci_low",
+        "win_rate_ci_high",
+        "win_rate_vs_chosen",
+        "kl_bound",
+        "samples_per_answer",
+        "tokens_per_answer",
+    }
     assert {(r["model"], r["temperature"]) for r in summary["rows"]} == {
         (m, t) for m in ("policy", "reference", "best_of_2") for t in (0.0, 1.0)
     }
@@ -141,7 +158,13 @@ def test_summary_has_a_row_per_model_and_temperature(finished, config):
             assert abs(row["kl_mean"]) < 1e-3 and row["samples_per_answer"] == 1.0
         # Every held-out prompt has a chosen response: every sample is judged against it.
         assert row["judged_vs_chosen"] == row["n"] > 0
-        assert 0.0 <= row["win_rate_vs_chosen_ci_low"] <= row["win_rate_vs_chosen"] <= row["win_rate_vs_chosen_ci_high"] <= 1.0
+        assert (
+            0.0
+            <= row["win_rate_vs_chosen_ci_low"]
+            <= row["win_rate_vs_chosen"]
+            <= row["win_rate_vs_chosen_ci_high"]
+            <= 1.0
+        )
     rows = {(r["model"], r["temperature"]): r for r in summary["rows"]}
     # Greedy candidates are identical: best-of-2 at T = 0 is the reference's greedy answer, a tie with it.
     assert rows[("best_of_2", 0.0)]["reward_mean"] == rows[("reference", 0.0)]["reward_mean"]
@@ -190,11 +213,13 @@ def test_force_redoes_a_stage(finished, config):
     assert ids == sorted(ids)
     # The score stage's upstream changed, so it is no longer finished.
     run_dir = RunDir(config.run_dir)
-    assert not run_dir.is_finished("score", config_hash=finished["score"]["config_hash"], upstream_hash=redone["manifest_hash"])
+    assert not run_dir.is_finished(
+        "score", config_hash=finished["score"]["config_hash"], upstream_hash=redone["manifest_hash"]
+    )
 
 
 def test_inspect_prints_the_audit_with_decoded_rows(finished, config, capsys):
-    from pipeline.cli.audit import print_tokenize_audit
+    from pipeline.cli.inspection import print_tokenize_audit
 
     print_tokenize_audit(config)
     out = capsys.readouterr().out
@@ -222,8 +247,14 @@ def test_each_tracker_holds_the_training_curve_the_config_and_the_evaluate_summa
     events = EventAccumulator(run_dir.path("tensorboard", attempt))
     events.Reload()
     assert [(e.step, pytest.approx(e.value)) for e in events.Scalars("train/loss")] == [(1, losses[0]), (2, losses[1])]
-    assert {"train/rewards/chosen", "train/rewards/margins", "train/logps/rejected", "train/grad_norm",
-            "train/learning_rate", "train/tokens_per_s"} <= set(events.Tags()["scalars"])
+    assert {
+        "train/rewards/chosen",
+        "train/rewards/margins",
+        "train/logps/rejected",
+        "train/grad_norm",
+        "train/learning_rate",
+        "train/tokens_per_s",
+    } <= set(events.Tags()["scalars"])
     assert events.Scalars("eval/T1/policy/win_rate")[-1].value == pytest.approx(win_rate)
     assert events.Scalars("eval/T1/policy/win_rate")[-1].step == steps
     assert b"train.beta: 0.1" in events.Tensors("config/text_summary")[0].tensor_proto.string_val[0]
@@ -235,14 +266,20 @@ def test_each_tracker_holds_the_training_curve_the_config_and_the_evaluate_summa
     (run,) = client.search_runs([client.get_experiment_by_name("raydpo").experiment_id])
     assert run.info.run_name == attempt and run.data.params["train.beta"] == "0.1"
     assert [(m.step, pytest.approx(m.value)) for m in client.get_metric_history(run.info.run_id, "train/loss")] == [
-        (1, losses[0]), (2, losses[1])]
+        (1, losses[0]),
+        (2, losses[1]),
+    ]
     assert run.data.metrics["eval/T1/policy/win_rate"] == pytest.approx(win_rate)
     assert {"eval/T1/best_of_2/win_rate_ci_low", "eval/T0/reference/reward_mean"} <= set(run.data.metrics)
 
     records = []
     for path in sorted(Path(run_dir.path("wandb")).glob("offline-run-*/run-*.wandb")):  # offline: no key here
-        out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(path)],
-                             capture_output=True, text=True, timeout=120).stdout
+        out = subprocess.run(
+            [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        ).stdout
         records += [json.loads(line) for line in out.splitlines() if line.strip()]
     history = [r["history"]["item"] for r in records if r["type"] == "history"]
     assert [pytest.approx(h["train/loss"]) for h in history if "train/loss" in h] == losses
@@ -274,26 +311,29 @@ def kto_run(tmp_path_factory, tiny_model_dir, ray_local):
     FSDP workers: their shards reported per rank, the export gathered from them."""
     root = tmp_path_factory.mktemp("kto")
     write_unpaired(root / "unpaired.jsonl", 22)  # by prompt hash, 16 rows train (10 desirable), 6 held out
-    config = load_config(None, [
-        f"run_dir={root / 'run'}",
-        f"data.path={root / 'unpaired.jsonl'}",
-        f"model.path={tiny_model_dir}",
-        "data.eval_fraction=0.25",
-        "tokenize.max_prompt_length=16",
-        "tokenize.max_length=24",
-        "score.batch_size=8",
-        "train.loss=kto",
-        "train.beta=0.1",
-        "train.desirable_weight=1.0",
-        "train.undesirable_weight=1.5",
-        "train.learning_rate=0.0",  # policy == reference: every log-ratio is 0 and so is z
-        "train.max_steps=2",
-        "train.batch_size=16",  # every step is the whole split, so its class counts are known
-        "train.micro_batch_size=4",  # two micro-batches per worker and step share the step's z
-        "train.strategy=fsdp",
-        "train.num_workers=2",
-        "train.cpus_per_worker=0.5",  # two workers take one of the two CPUs: Ray Data keeps the other
-    ])
+    config = load_config(
+        None,
+        [
+            f"run_dir={root / 'run'}",
+            f"data.path={root / 'unpaired.jsonl'}",
+            f"model.path={tiny_model_dir}",
+            "data.eval_fraction=0.25",
+            "tokenize.max_prompt_length=16",
+            "tokenize.max_length=24",
+            "score.batch_size=8",
+            "train.loss=kto",
+            "train.beta=0.1",
+            "train.desirable_weight=1.0",
+            "train.undesirable_weight=1.5",
+            "train.learning_rate=0.0",  # policy == reference: every log-ratio is 0 and so is z
+            "train.max_steps=2",
+            "train.batch_size=16",  # every step is the whole split, so its class counts are known
+            "train.micro_batch_size=4",  # two micro-batches per worker and step share the step's z
+            "train.strategy=fsdp",
+            "train.num_workers=2",
+            "train.cpus_per_worker=0.5",  # two workers take one of the two CPUs: Ray Data keeps the other
+        ],
+    )
     return config, {"tokenize": TOKENIZE.run(config), "score": SCORE.run(config), "train": TRAIN.run(config)}
 
 
@@ -348,11 +388,15 @@ def test_kto_held_out_separation_is_chance_when_policy_equals_reference(kto_run)
 def test_a_named_eval_split_is_the_eval_set(config, tmp_path):
     """data.eval_split: a DatasetDict's own test split is held out instead of prompts by hash."""
     train = [{"prompt": f"review {i}:", "chosen": " great film", "rejected": " awful film"} for i in range(8)]
-    test = [{"prompt": "review 90:", "chosen": " a truly delightful film", "rejected": " an awful, dull film"},
-            train[0]]  # also in train: held out, never trained on
+    test = [
+        {"prompt": "review 90:", "chosen": " a truly delightful film", "rejected": " an awful, dull film"},
+        train[0],
+    ]  # also in train: held out, never trained on
     data = write_dataset_dict(tmp_path / "dd", {"train": train, "test": test})
-    split_config = config.replace(run_dir=str(tmp_path / "run"), data=dataclasses.replace(
-        config.data, path=str(data), eval_split="test", eval_fraction=0.0))
+    split_config = config.replace(
+        run_dir=str(tmp_path / "run"),
+        data=dataclasses.replace(config.data, path=str(data), eval_split="test", eval_fraction=0.0),
+    )
     manifest = TOKENIZE.run(split_config)
     assert (manifest["rows_in"], manifest["rows_train"], manifest["rows_eval"]) == (10, 7, 2)
     assert manifest["dropped"] == {"duplicate_pair": 1}

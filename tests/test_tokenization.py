@@ -95,8 +95,11 @@ def test_standard_pair(tok):
 
 def test_conversational_with_chat_template_from_config(tok):
     prompt = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
-    row = {"prompt": prompt, "chosen": [{"role": "assistant", "content": "hello"}],
-           "rejected": [{"role": "assistant", "content": "go away"}]}
+    row = {
+        "prompt": prompt,
+        "chosen": [{"role": "assistant", "content": "hello"}],
+        "rejected": [{"role": "assistant", "content": "go away"}],
+    }
     (out,) = run(tok, row, chat_template=TEMPLATE)
     assert out["reason"] is None
     assert decode(tok, out["prompt_ids"]) == f"<|system|>\nbe brief{EOS}\n<|user|>\nhi{EOS}\n<|assistant|>\n"
@@ -107,8 +110,11 @@ def test_conversational_with_chat_template_from_config(tok):
 
 
 def test_conversational_without_any_template_is_a_config_error(tok):
-    row = {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "a"}],
-           "rejected": [{"role": "assistant", "content": "b"}]}
+    row = {
+        "prompt": [{"role": "user", "content": "hi"}],
+        "chosen": [{"role": "assistant", "content": "a"}],
+        "rejected": [{"role": "assistant", "content": "b"}],
+    }
     with pytest.raises(ValueError, match="chat_template"):
         run(tok, row)
 
@@ -134,10 +140,15 @@ def test_implicit_prompt_same_content_same_id_as_standard(tok):
 
 
 def test_implicit_prompt_message_lists(tok):
-    head = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
-            {"role": "user", "content": "answer?"}]
-    row = {"chosen": head + [{"role": "assistant", "content": "the fox"}],
-           "rejected": head + [{"role": "assistant", "content": "no"}]}
+    head = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "answer?"},
+    ]
+    row = {
+        "chosen": head + [{"role": "assistant", "content": "the fox"}],
+        "rejected": head + [{"role": "assistant", "content": "no"}],
+    }
     (out,) = run(tok, row, chat_template=TEMPLATE)
     assert out["reason"] is None
     assert decode(tok, out["prompt_ids"]).endswith(f"<|user|>\nanswer?{EOS}\n<|assistant|>\n")
@@ -178,13 +189,21 @@ def test_implicit_prompt_prefers_the_hh_marker_to_the_last_shared_word(tok):
 
 
 def test_implicit_prompt_conversational_rows_from_the_trl_docs(tok):
-    implicit = {"chosen": [{"role": "user", "content": "What color is the sky?"},
-                           {"role": "assistant", "content": "It is blue."}],
-                "rejected": [{"role": "user", "content": "What color is the sky?"},
-                             {"role": "assistant", "content": "It is green."}]}
-    explicit = {"prompt": [{"role": "user", "content": "What color is the sky?"}],
-                "chosen": [{"role": "assistant", "content": "It is blue."}],
-                "rejected": [{"role": "assistant", "content": "It is green."}]}
+    implicit = {
+        "chosen": [
+            {"role": "user", "content": "What color is the sky?"},
+            {"role": "assistant", "content": "It is blue."},
+        ],
+        "rejected": [
+            {"role": "user", "content": "What color is the sky?"},
+            {"role": "assistant", "content": "It is green."},
+        ],
+    }
+    explicit = {
+        "prompt": [{"role": "user", "content": "What color is the sky?"}],
+        "chosen": [{"role": "assistant", "content": "It is blue."}],
+        "rejected": [{"role": "assistant", "content": "It is green."}],
+    }
     a, b = run(tok, implicit, explicit, chat_template=TEMPLATE)
     assert a["reason"] is None and a["id"] == b["id"] and a["prompt_ids"] == b["prompt_ids"]
     assert decode(tok, a["chosen_ids"]) == f"It is blue.{EOS}\n"
@@ -195,12 +214,15 @@ def test_implicit_prompt_conversational_rows_from_the_trl_docs(tok):
 ULTRAFEEDBACK_BINARIZED = {
     "prompt": "Which animal is fast?",
     "prompt_id": "5f1c0e2a",
-    "chosen": [{"content": "Which animal is fast?", "role": "user"},
-               {"content": "The cheetah is the fastest land animal.", "role": "assistant"}],
-    "rejected": [{"content": "Which animal is fast?", "role": "user"},
-                 {"content": "The snail.", "role": "assistant"}],
-    "messages": [{"content": "Which animal is fast?", "role": "user"},
-                 {"content": "The cheetah is the fastest land animal.", "role": "assistant"}],
+    "chosen": [
+        {"content": "Which animal is fast?", "role": "user"},
+        {"content": "The cheetah is the fastest land animal.", "role": "assistant"},
+    ],
+    "rejected": [{"content": "Which animal is fast?", "role": "user"}, {"content": "The snail.", "role": "assistant"}],
+    "messages": [
+        {"content": "Which animal is fast?", "role": "user"},
+        {"content": "The cheetah is the fastest land animal.", "role": "assistant"},
+    ],
     "score_chosen": 8.0,
     "score_rejected": 3.0,
 }
@@ -217,22 +239,40 @@ def test_ultrafeedback_binarized_rows_take_the_prompt_from_the_conversations(tok
 
 
 def test_text_prompt_with_assistant_only_message_lists(tok):
-    row = {"prompt": "Which animal is fast?", "chosen": [{"role": "assistant", "content": "The cheetah."}],
-           "rejected": [{"role": "assistant", "content": "The snail."}]}
+    row = {
+        "prompt": "Which animal is fast?",
+        "chosen": [{"role": "assistant", "content": "The cheetah."}],
+        "rejected": [{"role": "assistant", "content": "The snail."}],
+    }
     (out,) = run(tok, row, chat_template=TEMPLATE)
     assert decode(tok, out["prompt_ids"]) == f"<|user|>\nWhich animal is fast?{EOS}\n<|assistant|>\n"
     # Lists that share no turn and do not start with the assistant's: nothing says where the prompt ends.
-    row = {"prompt": "p", "chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
-           "rejected": [{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}
+    row = {
+        "prompt": "p",
+        "chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+        "rejected": [{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}],
+    }
     assert run(tok, row, chat_template=TEMPLATE)[0]["reason"] == "no_shared_prompt"
 
 
 # TRL's tool-calling example conversation (dataset formats doc), split into a prompt and two responses.
 TOOL_PROMPT = [{"role": "user", "content": "Turn on the living room lights."}]
-TOOL_CALL = [{"role": "assistant", "tool_calls": [
-    {"type": "function", "function": {"name": "control_light", "arguments": {"room": "living room", "state": "on"}}}]}]
-TOOL_ROW = {"prompt": TOOL_PROMPT, "chosen": TOOL_CALL,
-            "rejected": [{"role": "assistant", "content": "I cannot reach the lights."}]}
+TOOL_CALL = [
+    {
+        "role": "assistant",
+        "tool_calls": [
+            {
+                "type": "function",
+                "function": {"name": "control_light", "arguments": {"room": "living room", "state": "on"}},
+            }
+        ],
+    }
+]
+TOOL_ROW = {
+    "prompt": TOOL_PROMPT,
+    "chosen": TOOL_CALL,
+    "rejected": [{"role": "assistant", "content": "I cannot reach the lights."}],
+}
 # Renders tool calls, and content given as a list of text parts, besides plain string content.
 RICH_TEMPLATE = TEMPLATE.replace(
     "{{ m['content'] }}",
@@ -249,10 +289,13 @@ def test_tool_calls_render_where_the_template_renders_them(tok):
     call = '<call>control_light {"room": "living room", "state": "on"}</call>'
     assert decode(tok, row["chosen_ids"]) == call + EOS + "\n"
     # The whole exchange as a prompt: the call, the tool's answer, then the assistant's turn to write.
-    done = {"prompt": TOOL_PROMPT + TOOL_CALL + [
-                {"role": "tool", "name": "control_light", "content": "The lights in the living room are now on."}],
-            "chosen": [{"role": "assistant", "content": "Done!"}],
-            "rejected": [{"role": "assistant", "content": "Which room?"}]}
+    done = {
+        "prompt": TOOL_PROMPT
+        + TOOL_CALL
+        + [{"role": "tool", "name": "control_light", "content": "The lights in the living room are now on."}],
+        "chosen": [{"role": "assistant", "content": "Done!"}],
+        "rejected": [{"role": "assistant", "content": "Which room?"}],
+    }
     (row,) = run(tok, done, chat_template=RICH_TEMPLATE, max_prompt_length=256, max_length=512)
     assert row["reason"] is None and not row["prompt_truncated"]
     assert "<call>control_light" in decode(tok, row["prompt_ids"])
@@ -264,12 +307,16 @@ def test_tool_calls_a_template_ignores_are_rejected_not_dropped(tok):
 
 
 def test_text_parts_render_like_string_content(tok):
-    parts = {"prompt": [{"role": "user", "content": [{"type": "text", "text": "What color is the sky?"}]}],
-             "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "It is blue."}]}],
-             "rejected": [{"role": "assistant", "content": "It is green."}]}
-    strings = {"prompt": [{"role": "user", "content": "What color is the sky?"}],
-               "chosen": [{"role": "assistant", "content": "It is blue."}],
-               "rejected": [{"role": "assistant", "content": "It is green."}]}
+    parts = {
+        "prompt": [{"role": "user", "content": [{"type": "text", "text": "What color is the sky?"}]}],
+        "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "It is blue."}]}],
+        "rejected": [{"role": "assistant", "content": "It is green."}],
+    }
+    strings = {
+        "prompt": [{"role": "user", "content": "What color is the sky?"}],
+        "chosen": [{"role": "assistant", "content": "It is blue."}],
+        "rejected": [{"role": "assistant", "content": "It is green."}],
+    }
     a, b = run(tok, parts, strings, chat_template=RICH_TEMPLATE)
     assert a["reason"] is None and a["id"] == b["id"]
     # A template that reads content as a string would print the list: rejected, naming the cause.
@@ -277,10 +324,19 @@ def test_text_parts_render_like_string_content(tok):
 
 
 def test_image_parts_are_rejected_as_non_text(tok):
-    image = {"prompt": [{"role": "user", "content": [{"type": "image", "url": "https://example.com/sky.png"},
-                                                     {"type": "text", "text": "What color is the sky?"}]}],
-             "chosen": [{"role": "assistant", "content": "It is blue."}],
-             "rejected": [{"role": "assistant", "content": "It is green."}]}
+    image = {
+        "prompt": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "url": "https://example.com/sky.png"},
+                    {"type": "text", "text": "What color is the sky?"},
+                ],
+            }
+        ],
+        "chosen": [{"role": "assistant", "content": "It is blue."}],
+        "rejected": [{"role": "assistant", "content": "It is green."}],
+    }
     assert run(tok, image, chat_template=RICH_TEMPLATE)[0]["reason"] == "non_text_content"
 
 
@@ -308,8 +364,9 @@ SCORED = {
 
 
 def pair_texts(tok, rows):
-    return [(decode(tok, r["chosen_ids"]).removesuffix(EOS), decode(tok, r["rejected_ids"]).removesuffix(EOS))
-            for r in rows]
+    return [
+        (decode(tok, r["chosen_ids"]).removesuffix(EOS), decode(tok, r["rejected_ids"]).removesuffix(EOS)) for r in rows
+    ]
 
 
 def test_scored_best_vs_worst(tok):
@@ -324,15 +381,24 @@ def test_scored_best_vs_rest_and_all_pairs(tok):
     rows = run(tok, SCORED, pairing="all_pairs")
     # The two "mid" completions tie (score 5): that pair is skipped.
     assert pair_texts(tok, rows) == [
-        ("best", "mid"), ("mid", "worst"), ("best", "worst"), ("best", "also mid"), ("also mid", "worst")
+        ("best", "mid"),
+        ("mid", "worst"),
+        ("best", "worst"),
+        ("best", "also mid"),
+        ("also mid", "worst"),
     ]
     assert len({r["id"] for r in rows}) == len(rows)
 
 
 def test_scored_min_score_gap_and_no_pair(tok):
     rows = run(tok, SCORED, pairing="all_pairs", min_score_gap=4.0)
-    assert pair_texts(tok, rows) == [("best", "mid"), ("mid", "worst"), ("best", "worst"), ("best", "also mid"),
-                                     ("also mid", "worst")]
+    assert pair_texts(tok, rows) == [
+        ("best", "mid"),
+        ("mid", "worst"),
+        ("best", "worst"),
+        ("best", "also mid"),
+        ("also mid", "worst"),
+    ]
     rows = run(tok, SCORED, pairing="all_pairs", min_score_gap=4.5)
     assert pair_texts(tok, rows) == [("best", "mid"), ("best", "worst"), ("best", "also mid")]
     ties = {"prompt": "Q: ", "completions": [{"text": "a", "score": 3}, {"text": "b", "score": 3}]}
@@ -343,8 +409,10 @@ def test_scored_min_score_gap_and_no_pair(tok):
 
 
 def test_scored_pair_failing_a_check_is_rejected_alone(tok):
-    row = {"prompt": "Q: ", "completions": [{"text": "good", "score": 3}, {"text": " ", "score": 2},
-                                            {"text": "bad", "score": 1}]}
+    row = {
+        "prompt": "Q: ",
+        "completions": [{"text": "good", "score": 3}, {"text": " ", "score": 2}, {"text": "bad", "score": 1}],
+    }
     rows = run(tok, row, pairing="best_vs_rest")
     assert [r["reason"] for r in rows] == ["empty_response", None]
 
@@ -360,12 +428,16 @@ def test_make_pairs_by_hand():
 
 
 def test_column_mapping(tok):
-    (row,) = run(tok, {"question": "Q: ", "preferred": "yes", "dispreferred": "no", "chosen": "ignored"},
-                 columns={"prompt": "question", "chosen": "preferred", "rejected": "dispreferred"})
+    (row,) = run(
+        tok,
+        {"question": "Q: ", "preferred": "yes", "dispreferred": "no", "chosen": "ignored"},
+        columns={"prompt": "question", "chosen": "preferred", "rejected": "dispreferred"},
+    )
     assert pair_texts(tok, [row]) == [("yes", "no")]
     # Swapping works because every mapped name is read from the original row.
-    (row,) = run(tok, {"prompt": "Q: ", "chosen": "yes", "rejected": "no"},
-                 columns={"chosen": "rejected", "rejected": "chosen"})
+    (row,) = run(
+        tok, {"prompt": "Q: ", "chosen": "yes", "rejected": "no"}, columns={"chosen": "rejected", "rejected": "chosen"}
+    )
     assert pair_texts(tok, [row]) == [("no", "yes")]
     (row,) = run(tok, {"question": "Q: ", "chosen": "a", "rejected": "b"}, columns={"prompt": "missing_col"})
     assert row["reason"] == "no_shared_prompt"  # no prompt at all: read as implicit, and "a", "b" share nothing
@@ -379,8 +451,9 @@ def test_pair_with_a_label_column_is_still_a_pair(tok):
 def test_named_format_overrides_detection(tok):
     (row,) = run(tok, {"prompt": "Q: ", "chosen": "a", "rejected": "b", "label": True}, format="unpaired")
     assert row["reason"] == "missing_field"  # no completion
-    (row,) = run(tok, {"prompt": "Q: ", "chosen": "a", "rejected": "b"}, format="conversational",
-                 chat_template=TEMPLATE)
+    (row,) = run(
+        tok, {"prompt": "Q: ", "chosen": "a", "rejected": "b"}, format="conversational", chat_template=TEMPLATE
+    )
     assert row["reason"] == "wrong_type"
 
 
@@ -419,20 +492,44 @@ REJECTED_ROWS = [
     ("identical_responses", {"chosen": "\n\nHuman: x\n\nAssistant: y", "rejected": "\n\nHuman: x\n\nAssistant: y"}),
     ("nul_byte", {"prompt": "p\x00", "chosen": "a", "rejected": "b"}),
     ("nul_byte", {"prompt": MSG, "chosen": [{"role": "assistant", "content": "a\x00"}], "rejected": ASSISTANT_B}),
-    ("unknown_role", {"prompt": [{"role": "narrator", "content": "x"}], "chosen": ASSISTANT_A,
-                      "rejected": ASSISTANT_B}),
+    (
+        "unknown_role",
+        {"prompt": [{"role": "narrator", "content": "x"}], "chosen": ASSISTANT_A, "rejected": ASSISTANT_B},
+    ),
     ("no_pair", {"prompt": "p", "completions": [{"text": "only", "score": 1}]}),
     ("unsupported_tool_calls", TOOL_ROW),
-    ("unsupported_content_parts", {"prompt": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
-                                   "chosen": ASSISTANT_A, "rejected": ASSISTANT_B}),
-    ("non_text_content", {"prompt": [{"role": "user", "content": [{"type": "image", "url": "x.png"}]}],
-                          "chosen": ASSISTANT_A, "rejected": ASSISTANT_B}),
-    ("wrong_type", {"prompt": MSG, "chosen": [{"role": "assistant", "tool_calls": "control_light"}],
-                    "rejected": ASSISTANT_B}),
-    ("missing_field", {"prompt": MSG, "chosen": [{"role": "assistant", "tool_calls": [{"type": "function"}]}],
-                       "rejected": ASSISTANT_B}),
-    ("wrong_type", {"prompt": MSG, "chosen": [{"role": "assistant", "content": {"text": "a"}}],
-                    "rejected": ASSISTANT_B}),
+    (
+        "unsupported_content_parts",
+        {
+            "prompt": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+            "chosen": ASSISTANT_A,
+            "rejected": ASSISTANT_B,
+        },
+    ),
+    (
+        "non_text_content",
+        {
+            "prompt": [{"role": "user", "content": [{"type": "image", "url": "x.png"}]}],
+            "chosen": ASSISTANT_A,
+            "rejected": ASSISTANT_B,
+        },
+    ),
+    (
+        "wrong_type",
+        {"prompt": MSG, "chosen": [{"role": "assistant", "tool_calls": "control_light"}], "rejected": ASSISTANT_B},
+    ),
+    (
+        "missing_field",
+        {
+            "prompt": MSG,
+            "chosen": [{"role": "assistant", "tool_calls": [{"type": "function"}]}],
+            "rejected": ASSISTANT_B,
+        },
+    ),
+    (
+        "wrong_type",
+        {"prompt": MSG, "chosen": [{"role": "assistant", "content": {"text": "a"}}], "rejected": ASSISTANT_B},
+    ),
     ("no_shared_prompt", {"chosen": "Yes.", "rejected": "No."}),
     ("no_shared_prompt", {"chosen": " yes", "rejected": " no"}),  # only a space in common
     ("no_shared_prompt", {"chosen": ASSISTANT_A, "rejected": ASSISTANT_B}),
@@ -457,14 +554,16 @@ def test_read_errors_pass_through(tok):
 def test_template_error_and_mismatch(tok):
     strict = (
         "{% for m in messages %}{% if loop.index0 > 0 and m['role'] == messages[loop.index0 - 1]['role'] %}"
-        "{{ raise_exception('roles must alternate') }}{% endif %}" + TEMPLATE[len("{% for m in messages %}"):]
+        "{{ raise_exception('roles must alternate') }}{% endif %}" + TEMPLATE[len("{% for m in messages %}") :]
     )
     row = {"prompt": MSG + MSG, "chosen": ASSISTANT_A, "rejected": ASSISTANT_B}
     assert run(tok, row, chat_template=strict)[0]["reason"] == "template_error"
     # The generation prompt is not what an assistant turn starts with: the prompt is not a prefix of the whole.
     odd = TEMPLATE.replace("<|assistant|>\n{% endif %}", "<|bot|>\n{% endif %}")
-    assert run(tok, {"prompt": MSG, "chosen": ASSISTANT_A, "rejected": ASSISTANT_B}, chat_template=odd)[0][
-        "reason"] == "template_mismatch"
+    assert (
+        run(tok, {"prompt": MSG, "chosen": ASSISTANT_A, "rejected": ASSISTANT_B}, chat_template=odd)[0]["reason"]
+        == "template_mismatch"
+    )
 
 
 def test_messages_that_render_the_same_are_identical(tok):
@@ -477,8 +576,9 @@ def test_parquet_struct_where_a_string_is_needed_is_wrong_type_per_row(tok, tmp_
     import pyarrow.parquet as pq
 
     path = tmp_path / "d.parquet"
-    pq.write_table(pa.table({"prompt": ["Q: ", "Q: "], "chosen": [{"text": "a"}, {"text": "b"}],
-                             "rejected": ["x", "y"]}), path)
+    pq.write_table(
+        pa.table({"prompt": ["Q: ", "Q: "], "chosen": [{"text": "a"}, {"text": "b"}], "rejected": ["x", "y"]}), path
+    )
     out = process_records(read_records(str(path)), tok, **LIMITS)
     assert out.column("reason").to_pylist() == ["wrong_type", "wrong_type"]
     assert out.column("source").to_pylist() == [f"{path}#0", f"{path}#1"]
@@ -496,11 +596,16 @@ def test_truncating_tokenizer_settings_are_ignored(tok):
 
 
 def test_too_long_and_identical_after_truncation(tok):
-    (row,) = run(tok, {"prompt": "the quick brown fox " * 5, "chosen": "a", "rejected": "b"},
-                 max_prompt_length=8, max_length=8)
+    (row,) = run(
+        tok, {"prompt": "the quick brown fox " * 5, "chosen": "a", "rejected": "b"}, max_prompt_length=8, max_length=8
+    )
     assert row["reason"] == "too_long"
-    (row,) = run(tok, {"prompt": "Q: ", "chosen": "the quick brown fox yes", "rejected": "the quick brown fox no"},
-                 max_prompt_length=4, max_length=6)
+    (row,) = run(
+        tok,
+        {"prompt": "Q: ", "chosen": "the quick brown fox yes", "rejected": "the quick brown fox no"},
+        max_prompt_length=4,
+        max_length=6,
+    )
     assert row["reason"] == "identical_after_truncation"
 
 
@@ -533,14 +638,18 @@ def test_eos_exactly_once(tok):
 
 def test_prompt_truncated_from_its_end_and_response_cut_to_max_length(tok):
     prompt = "one two three four five six seven eight nine ten"
-    (row,) = run(tok, {"prompt": prompt, "chosen": " the answer is the quick brown fox", "rejected": " no"},
-                 max_prompt_length=5, max_length=9)
+    (row,) = run(
+        tok,
+        {"prompt": prompt, "chosen": " the answer is the quick brown fox", "rejected": " no"},
+        max_prompt_length=5,
+        max_length=9,
+    )
     full_prompt = ids(tok, prompt)
     assert row["prompt_truncated"] is True
     assert row["prompt_ids"] == full_prompt[-5:]
     assert row["response_truncated"] is True
     assert len(row["chosen_ids"]) == 4 and tok.eos_token_id not in row["chosen_ids"]  # the cut loses EOS
-    assert row["rejected_ids"] == ids(tok, prompt + " no")[len(full_prompt):] + [tok.eos_token_id]
+    assert row["rejected_ids"] == ids(tok, prompt + " no")[len(full_prompt) :] + [tok.eos_token_id]
     assert not row["boundary_mismatch"]
 
 
@@ -559,12 +668,17 @@ def test_bos_added_once(bos_tok):
     assert row["prompt_ids"][0] == bos and row["prompt_ids"].count(bos) == 1
     assert row["prompt_ids"][1:] == ids(bos_tok, "Q: what")
     # A template that writes BOS itself: not doubled.
-    (row,) = run(bos_tok, {"prompt": MSG, "chosen": ASSISTANT_A, "rejected": ASSISTANT_B},
-                 chat_template="<s>" + TEMPLATE)
+    (row,) = run(
+        bos_tok, {"prompt": MSG, "chosen": ASSISTANT_A, "rejected": ASSISTANT_B}, chat_template="<s>" + TEMPLATE
+    )
     assert row["prompt_ids"][0] == bos and row["prompt_ids"].count(bos) == 1
     # Truncation keeps the end of the prompt but still starts it with BOS.
-    (row,) = run(bos_tok, {"prompt": "the quick brown fox " * 4, "chosen": "a", "rejected": "b"},
-                 max_prompt_length=4, max_length=8)
+    (row,) = run(
+        bos_tok,
+        {"prompt": "the quick brown fox " * 4, "chosen": "a", "rejected": "b"},
+        max_prompt_length=4,
+        max_length=8,
+    )
     assert row["prompt_truncated"] and row["prompt_ids"][0] == bos and len(row["prompt_ids"]) == 4
     assert row["prompt_ids"][1:] == ids(bos_tok, "the quick brown fox " * 4)[-3:]
 
@@ -600,8 +714,14 @@ def test_mixed_file_every_row_accounted_for(tok, tmp_path):
     good = [r for r in rows if r["reason"] is None]
     rejected = Counter(r["reason"] for r in rows if r["reason"] is not None)
     assert records.num_rows == len(lines) == len(good) + sum(rejected.values())
-    assert rejected == {"identical_responses": 1, "empty_prompt": 1, "missing_field": 1, "wrong_type": 1,
-                        "malformed_json": 2, "invalid_utf8": 1}
+    assert rejected == {
+        "identical_responses": 1,
+        "empty_prompt": 1,
+        "missing_field": 1,
+        "wrong_type": 1,
+        "malformed_json": 2,
+        "invalid_utf8": 1,
+    }
     assert [r["source"] for r in rows] == records.column("source").to_pylist()
     assert rows[0]["id"] == rows[1]["id"]
     assert all(r["raw"] is None for r in good) and all(r["raw"] is not None for r in rows if r["reason"])

@@ -8,14 +8,24 @@ import pytest
 
 from pipeline.config import ConfigError, load_config, section_hash
 from pipeline.runtime.storage import RunDir
-from pipeline.runtime.tracking import (MetricsLog, Trackers, TrackingRun, check_trackers, flat_params,
-                                       summary_metrics, tracking_run, train_metrics)
+from pipeline.runtime.tracking import (
+    MetricsLog,
+    Trackers,
+    TrackingRun,
+    check_trackers,
+    flat_params,
+    summary_metrics,
+    tracking_run,
+    train_metrics,
+)
 
 pytestmark = pytest.mark.unit
 
 
 def rows(n: int, start: int = 1) -> list[dict]:
-    return [{"step": s, "epoch": 0, "loss": 0.7 - 0.01 * s, "rewards/accuracies": None} for s in range(start, start + n)]
+    return [
+        {"step": s, "epoch": 0, "loss": 0.7 - 0.01 * s, "rewards/accuracies": None} for s in range(start, start + n)
+    ]
 
 
 def read_rows(path) -> list[dict]:
@@ -47,22 +57,45 @@ def test_on_an_object_store_the_file_is_rewritten_now_and_then_and_on_flush(tmp_
 
 def test_names_follow_trl_and_skip_what_is_not_a_number():
     assert train_metrics({"step": 3, "epoch": 1, "loss": 0.5, "rewards/accuracies": None, "kl": math.nan}) == {
-        "train/epoch": 1.0, "train/loss": 0.5}
-    summary = [{"model": "policy", "temperature": 0.25, "win_rate": 0.8, "win_rate_ci_low": 0.7,
-                "win_rate_ci_high": 0.9, "reward_mean": 0.4, "kl_mean": 12.0},
-               {"model": "reference", "temperature": 1.0, "win_rate": None, "reward_mean": -0.1, "kl_mean": 0.0},
-               {"model": "loss-ipo", "temperature": 1.0, "win_rate": 0.6}]
+        "train/epoch": 1.0,
+        "train/loss": 0.5,
+    }
+    summary = [
+        {
+            "model": "policy",
+            "temperature": 0.25,
+            "win_rate": 0.8,
+            "win_rate_ci_low": 0.7,
+            "win_rate_ci_high": 0.9,
+            "reward_mean": 0.4,
+            "kl_mean": 12.0,
+        },
+        {"model": "reference", "temperature": 1.0, "win_rate": None, "reward_mean": -0.1, "kl_mean": 0.0},
+        {"model": "loss-ipo", "temperature": 1.0, "win_rate": 0.6},
+    ]
     assert summary_metrics(summary, ["policy", "reference"]) == {
-        "eval/T0.25/policy/win_rate": 0.8, "eval/T0.25/policy/win_rate_ci_low": 0.7,
-        "eval/T0.25/policy/win_rate_ci_high": 0.9, "eval/T0.25/policy/reward_mean": 0.4,
-        "eval/T0.25/policy/kl_mean": 12.0, "eval/T1/reference/reward_mean": -0.1, "eval/T1/reference/kl_mean": 0.0}
-    assert flat_params({"train": {"beta": 0.1, "loss": "dpo", "report_to": ["tensorboard"]}, "data": {"columns": {}}}) == {
-        "train.beta": "0.1", "train.loss": "dpo", "train.report_to": '["tensorboard"]', "data.columns": "{}"}
+        "eval/T0.25/policy/win_rate": 0.8,
+        "eval/T0.25/policy/win_rate_ci_low": 0.7,
+        "eval/T0.25/policy/win_rate_ci_high": 0.9,
+        "eval/T0.25/policy/reward_mean": 0.4,
+        "eval/T0.25/policy/kl_mean": 12.0,
+        "eval/T1/reference/reward_mean": -0.1,
+        "eval/T1/reference/kl_mean": 0.0,
+    }
+    assert flat_params(
+        {"train": {"beta": 0.1, "loss": "dpo", "report_to": ["tensorboard"]}, "data": {"columns": {}}}
+    ) == {"train.beta": "0.1", "train.loss": "dpo", "train.report_to": '["tensorboard"]', "data.columns": "{}"}
 
 
 def test_the_tracker_keys_load_and_never_rerun_training(tmp_path):
-    config = load_config(None, ["train.report_to=[mlflow, wandb]", "train.tracker_project=imdb",
-                                "train.mlflow_tracking_uri=http://127.0.0.1:5000"])
+    config = load_config(
+        None,
+        [
+            "train.report_to=[mlflow, wandb]",
+            "train.tracker_project=imdb",
+            "train.mlflow_tracking_uri=http://127.0.0.1:5000",
+        ],
+    )
     assert config.train.report_to == ["mlflow", "wandb"] and config.train.tracker_project == "imdb"
     assert load_config(None, []).train.report_to == ["tensorboard"]  # the default: free and local
     assert section_hash(config, ("train",)) == section_hash(load_config(None, []), ("train",))
@@ -94,7 +127,13 @@ def test_a_resumed_tensorboard_run_hides_what_came_after_its_checkpoint(tmp_path
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard" / "attempt"))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [
-        (1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0), (6, 60.0)]
+        (1, 1.0),
+        (2, 2.0),
+        (3, 3.0),
+        (4, 40.0),
+        (5, 50.0),
+        (6, 60.0),
+    ]
 
 
 def test_a_second_writer_joins_the_same_mlflow_run(tmp_path, monkeypatch):

@@ -2,13 +2,13 @@
 
 import pytest
 import torch
-
 from micro_batches import kto_rows, pair_rows, split
 
 from pipeline.config import TrainConfig
-from pipeline.model.loading import load_model
-from pipeline.model.objectives import PairObjective, objective_for
-from pipeline.model.train_step import StepMetrics, accumulation, lr_factor, train_step
+from pipeline.model.pretrained import load_model
+from pipeline.training.metrics import StepMetrics
+from pipeline.training.objectives import PairObjective, objective_for
+from pipeline.training.step import accumulation, lr_factor, train_step
 
 CPU = torch.device("cpu")
 
@@ -16,7 +16,9 @@ pytestmark = pytest.mark.unit
 
 
 def micro_batch_loss(model, batch: dict, *, train: TrainConfig, scale: float) -> tuple[torch.Tensor, StepMetrics]:
-    return PairObjective(train, pad_id=1, device=CPU, with_reference=True).micro_batch_loss(model, batch, None, scale=scale)
+    return PairObjective(train, pad_id=1, device=CPU, with_reference=True).micro_batch_loss(
+        model, batch, None, scale=scale
+    )
 
 
 def grads_after(model, batches: list[dict], *, train: TrainConfig, pairs_per_step: int) -> list[torch.Tensor]:
@@ -58,7 +60,9 @@ def test_chunked_log_probs_give_the_same_gradient(tiny_model_dir):
     model = load_model(str(tiny_model_dir))
     batch = pair_rows(4)
     plain = grads_after(model, [batch], train=TrainConfig(loss="dpo"), pairs_per_step=4)
-    chunked = grads_after(model, [batch], train=TrainConfig(loss="dpo", chunked_logps=True, logps_chunk_size=7), pairs_per_step=4)
+    chunked = grads_after(
+        model, [batch], train=TrainConfig(loss="dpo", chunked_logps=True, logps_chunk_size=7), pairs_per_step=4
+    )
     for a, b in zip(plain, chunked):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
@@ -87,7 +91,7 @@ def test_packed_step_gives_the_same_loss_and_gradient(tiny_model_dir, loss, chun
 def test_compiled_blocks_give_the_same_loss_and_gradient(tiny_model_dir):
     """train.compile (each decoder block through torch.compile; inductor's C++ kernels on CPU) changes
     the kernels, not the numbers, with the GPU-fast layout: packed rows and chunked log-probs."""
-    from pipeline.model.loading import compile_decoder_layers
+    from pipeline.model.pretrained import compile_decoder_layers
 
     train = TrainConfig(loss="dpo", chunked_logps=True, logps_chunk_size=5, packing=True)
     batch = pair_rows(4, seed=5)
@@ -128,7 +132,9 @@ def test_step_metrics_of_two_micro_batches_equal_those_of_one_batch(tiny_model_d
 
 
 def test_step_metrics_are_read_by_name():
-    metrics = StepMetrics.of(CPU, rows=2, loss=torch.tensor([0.5, 1.5]), tokens=7) + StepMetrics.of(CPU, rows=1, tokens=3)
+    metrics = StepMetrics.of(CPU, rows=2, loss=torch.tensor([0.5, 1.5]), tokens=7) + StepMetrics.of(
+        CPU, rows=1, tokens=3
+    )
     totals = metrics.totals()
     assert (totals["rows"], totals["loss"], totals["tokens"], totals["correct"]) == (3.0, 2.0, 10.0, 0.0)
     with pytest.raises(KeyError, match="kl"):

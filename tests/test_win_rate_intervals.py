@@ -39,8 +39,11 @@ def test_resampling_comparisons_gives_the_old_too_narrow_interval():
 
 def test_resampling_prompts_gives_the_right_interval():
     assert bootstrap_ci(SCORES, groups=PROMPTS, n_boot=N_BOOT) == (0.5, 0.2, 0.8)
-    assert win_rate(SCORES, groups=PROMPTS, n_boot=N_BOOT) == {"win_rate": 0.5, "win_rate_ci_low": 0.2,
-                                                               "win_rate_ci_high": 0.8}
+    assert win_rate(SCORES, groups=PROMPTS, n_boot=N_BOOT) == {
+        "win_rate": 0.5,
+        "win_rate_ci_low": 0.2,
+        "win_rate_ci_high": 0.8,
+    }
 
 
 def test_groups_may_be_any_labels_in_any_order():
@@ -62,17 +65,48 @@ def test_the_length_controlled_interval_resamples_prompts_too():
     by_prompt = length_controlled_win_rate(SCORES, length_diff, groups=PROMPTS, n_boot=2000)
     assert by_prompt["lc_win_rate"] == by_comparison["lc_win_rate"] == pytest.approx(0.5, abs=1e-3)
     assert (by_prompt["lc_win_rate_ci_low"], by_prompt["lc_win_rate_ci_high"]) == pytest.approx((0.2, 0.8), abs=0.02)
-    assert (by_comparison["lc_win_rate_ci_low"], by_comparison["lc_win_rate_ci_high"]) == pytest.approx((0.35, 0.65), abs=0.02)
+    assert (by_comparison["lc_win_rate_ci_low"], by_comparison["lc_win_rate_ci_high"]) == pytest.approx(
+        (0.35, 0.65), abs=0.02
+    )
 
 
 def test_the_summary_resamples_prompts():
-    judgments = pa.Table.from_pandas(pd.DataFrame({
-        "model": "policy", "baseline": "reference", "temperature": 1.0, "prompt_index": PROMPTS.astype(np.int32),
-        "verdict_first": np.where(SCORES == 1.0, "A", "B"), "verdict_second": np.where(SCORES == 1.0, "B", "A"),
-        "score": SCORES, "length_diff": np.zeros(40, dtype=np.int32)}), schema=JUDGMENTS, preserve_index=False)
+    judgments = pa.Table.from_pandas(
+        pd.DataFrame(
+            {
+                "model": "policy",
+                "baseline": "reference",
+                "temperature": 1.0,
+                "prompt_index": PROMPTS.astype(np.int32),
+                "verdict_first": np.where(SCORES == 1.0, "A", "B"),
+                "verdict_second": np.where(SCORES == 1.0, "B", "A"),
+                "score": SCORES,
+                "length_diff": np.zeros(40, dtype=np.int32),
+            }
+        ),
+        schema=JUDGMENTS,
+        preserve_index=False,
+    )
     samples = pa.Table.from_pylist(
-        [{"model": m, "temperature": 1.0, "prompt_index": int(p), "sample_index": s, "prompt": "", "completion": "",
-          "completion_ids": [1], "logps": 0.0, "ref_logps": 0.0, "kl": 0.0, "reward": 0.0}
-         for m in ("policy", "reference") for p in range(10) for s in range(4)], schema=SAMPLES)
+        [
+            {
+                "model": m,
+                "temperature": 1.0,
+                "prompt_index": int(p),
+                "sample_index": s,
+                "prompt": "",
+                "completion": "",
+                "completion_ids": [1],
+                "logps": 0.0,
+                "ref_logps": 0.0,
+                "kl": 0.0,
+                "reward": 0.0,
+            }
+            for m in ("policy", "reference")
+            for p in range(10)
+            for s in range(4)
+        ],
+        schema=SAMPLES,
+    )
     [policy, _] = summarize(samples, judgments, [1.0], n_boot=N_BOOT, seed=0)
     assert (policy["win_rate"], policy["win_rate_ci_low"], policy["win_rate_ci_high"]) == (0.5, 0.2, 0.8)

@@ -1,14 +1,14 @@
 """`dpo`: run the pipeline, or one stage of it, from a config file.
 
-    dpo run --config configs/demo.yaml                 every stage (the demo's preparation first)
-    dpo tokenize|score|train|evaluate --config X       one stage
-    dpo sweep --config X --set train.beta=[0.05,0.5]   several policies from one score stage
-    dpo inspect tokenize --config X                    the tokenize audit as a table
-    dpo plan --config X [--gpu-gib 80 ...]             GPU memory per strategy and the fewest GPUs that fit
-    dpo submission-id --config X [--stage S]           the `ray job submit --submission-id` of this work
-    --set a.b=value                                    override any config key (repeatable)
-    --force                                            redo the named stage(s) even if finished
-    run --from-stage S | --only S | --to-stage S       redo S and what follows | redo S alone | stop after S
+dpo run --config configs/demo.yaml                 every stage (the demo's preparation first)
+dpo tokenize|score|train|evaluate --config X       one stage
+dpo sweep --config X --set train.beta=[0.05,0.5]   several policies from one score stage
+dpo inspect tokenize --config X                    the tokenize audit as a table
+dpo plan --config X [--gpu-gib 80 ...]             GPU memory per strategy and the fewest GPUs that fit
+dpo submission-id --config X [--stage S]           the `ray job submit --submission-id` of this work
+--set a.b=value                                    override any config key (repeatable)
+--force                                            redo the named stage(s) even if finished
+run --from-stage S | --only S | --to-stage S       redo S and what follows | redo S alone | stop after S
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ import sys
 import traceback
 
 from pipeline.cli import sweep
-from pipeline.cli.audit import print_tokenize_audit
-from pipeline.cli.capacity import print_plan
-from pipeline.cli.plan import plan_run, run_stages, submission_id
+from pipeline.cli.inspection import print_tokenize_audit
+from pipeline.cli.plan import print_plan
+from pipeline.cli.schedule import plan_run, run_stages, submission_id
 from pipeline.config import ConfigError, load_config
 from pipeline.data.sources import InputError
-from pipeline.model.capacity import CapacityError
+from pipeline.planning.memory import CapacityError
 from pipeline.runtime.lease import LeaseError
 from pipeline.runtime.resources import ResourceError
 from pipeline.runtime.storage import RunDir
@@ -40,16 +40,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("command", choices=("run", *STAGE_NAMES, "sweep", "inspect", "submission-id", "plan"))
     parser.add_argument("target", nargs="?", help="for inspect: the stage to show (tokenize)")
     parser.add_argument("--config", required=True, help="experiment YAML (see configs/)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set train.beta=0.5 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.beta=0.5 (repeatable)",
+    )
     parser.add_argument("--force", action="store_true", help="redo finished stages instead of skipping them")
     parser.add_argument("--from-stage", choices=STAGE_NAMES, help="run: redo this stage and every stage after it")
-    parser.add_argument("--only", choices=STAGE_NAMES, help="run: redo this stage alone (the stages before it must be finished)")
+    parser.add_argument(
+        "--only", choices=STAGE_NAMES, help="run: redo this stage alone (the stages before it must be finished)"
+    )
     parser.add_argument("--to-stage", choices=STAGE_NAMES, help="run: stop after this stage")
-    parser.add_argument("--gpu-gib", type=float, action="append", metavar="GIB",
-                        help="plan: the memory of one GPU; repeat for several sizes (default 80)")
-    parser.add_argument("--stage", default="run", choices=("run", *STAGE_NAMES),
-                        help="submission-id: the id of a job running this stage (default: the whole run)")
+    parser.add_argument(
+        "--gpu-gib",
+        type=float,
+        action="append",
+        metavar="GIB",
+        help="plan: the memory of one GPU; repeat for several sizes (default 80)",
+    )
+    parser.add_argument(
+        "--stage",
+        default="run",
+        choices=("run", *STAGE_NAMES),
+        help="submission-id: the id of a job running this stage (default: the whole run)",
+    )
     return parser
 
 
@@ -75,7 +92,8 @@ def _main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     if args.command == "sweep":
         sweep.run(args.config, args.overrides, force=args.force)
-        print(f"report: {load_config(args.config, sweep.split_overrides(args.overrides)[0]).run_dir}/sweep/evaluate/report.md")
+        run_dir = load_config(args.config, sweep.split_overrides(args.overrides)[0]).run_dir
+        print(f"report: {run_dir}/sweep/evaluate/report.md")
         return 0
     config = load_config(args.config, args.overrides)
     if args.command != "run" and (args.from_stage or args.only or args.to_stage):

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import ray
 import yaml
 
-from pipeline.cli.plan import run_stages
+from pipeline.cli.schedule import run_stages
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.runtime.storage import RunDir
 from pipeline.stages import EVALUATE, SCORE, TRAIN
@@ -61,7 +61,10 @@ def members(config_path: str, overrides: list[str]) -> tuple[Config, list[Member
         raise ConfigError("dpo sweep: give at least one train.* key a list, e.g. --set train.beta=[0.05,0.1,0.5]")
     out = []
     for values in itertools.product(*axes.values()):
-        settings = [f"{key}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}" for key, v in zip(axes, values)]
+        settings = [
+            f"{key}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+            for key, v in zip(axes, values)
+        ]
         name = "_".join(re.sub(r"[^A-Za-z0-9.+-]", "", f"{k.split('.', 1)[1]}-{v}") for k, v in zip(axes, values))
         trained = load_config(config_path, [*plain, *settings]).train  # typed and checked like any override
         out.append(Member(name, base.replace(run_dir=f"{base.run_dir}/sweep/{name}", train=trained)))
@@ -78,8 +81,12 @@ def check_distinct(sweep: list[Member]) -> None:
             same = member.config.train == seen[member.name].config.train
             raise ConfigError(
                 f"dpo sweep: two members would share {member.config.run_dir}"
-                + (" (their values are equal once read: give each value once)" if same else
-                   " (their values differ only in characters a directory name drops)"))
+                + (
+                    " (their values are equal once read: give each value once)"
+                    if same
+                    else " (their values differ only in characters a directory name drops)"
+                )
+            )
         seen[member.name] = member
 
 
@@ -114,5 +121,11 @@ def _run(base: Config, sweep: list[Member], data_dir: RunDir, *, force: bool) ->
         manifests = list(pool.map(lambda m: TRAIN.run(m.config, force=force, data_dir=data_dir), sweep))
     upstream = hashlib.sha256("".join(m["manifest_hash"] for m in manifests).encode()).hexdigest()[:16]
     policies = [Policy(m.name, RunDir(m.config.run_dir), m.config.train.beta) for m in sweep]
-    return EVALUATE.run(base, force=force, data_dir=data_dir, out_dir=RunDir(f"{base.run_dir}/sweep"),
-                        upstream_hash=upstream, body=functools.partial(evaluate_policies, policies=policies))
+    return EVALUATE.run(
+        base,
+        force=force,
+        data_dir=data_dir,
+        out_dir=RunDir(f"{base.run_dir}/sweep"),
+        upstream_hash=upstream,
+        body=functools.partial(evaluate_policies, policies=policies),
+    )

@@ -29,7 +29,21 @@ from pipeline.config.sections import (
 )
 
 __all__ = [
-    "RESOURCE_FIELDS", "STRATEGIES", "Config", "ConfigError", "DataConfig", "DemoConfig", "EvaluateConfig",
-    "LoraConfig", "ModelConfig", "RayConfig", "ScoreConfig", "TokenizeConfig", "TrainConfig",
-    "check_gpus_per_actor", "load_config", "refuse_credentials", "section_hash",
+    "RESOURCE_FIELDS",
+    "STRATEGIES",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "DemoConfig",
+    "EvaluateConfig",
+    "LoraConfig",
+    "ModelConfig",
+    "RayConfig",
+    "ScoreConfig",
+    "TokenizeConfig",
+    "TrainConfig",
+    "check_gpus_per_actor",
+    "load_config",
+    "refuse_credentials",
+    "section_hash",
 ]

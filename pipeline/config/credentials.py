@@ -8,7 +8,6 @@ from typing import Any
 
 from pipeline.config.sections import ConfigError
 
-
 # Where each scheme's credentials belong instead of inside a URI.
 CREDENTIAL_ENV = {
     "s3": "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)",
@@ -31,10 +30,12 @@ def refuse_credentials(value: str, *, where: str) -> None:
     if not userinfo and not query:
         return
     scheme = value.split("://", 1)[0].lower()
-    shown = f"{scheme}://***@{value[userinfo.end():]}" if userinfo else value[:query.start()] + "?***"
+    shown = f"{scheme}://***@{value[userinfo.end() :]}" if userinfo else value[: query.start()] + "?***"
     env = CREDENTIAL_ENV.get(scheme, "the filesystem's own environment variables")
-    raise ConfigError(f"{where}: {shown} carries credentials inside the URI, which would be printed and written "
-                      f"wherever the URI is; remove them and set {env} in the environment instead")
+    raise ConfigError(
+        f"{where}: {shown} carries credentials inside the URI, which would be printed and written "
+        f"wherever the URI is; remove them and set {env} in the environment instead"
+    )
 
 
 def refuse_credentials_in(tree: Any, *, prefix: str) -> None:

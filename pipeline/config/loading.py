@@ -76,12 +76,21 @@ def _set_path(tree: dict, keys: list[str], value: Any) -> None:
 # Where and how fast a stage runs, or where it reports, not what it computes: changing these never reruns a
 # finished stage.
 RESOURCE_FIELDS = (
-    "score.num_actors", "score.cpus_per_actor", "score.gpus_per_actor",
-    "train.cpus_per_worker", "train.torch_threads", "evaluate.max_actors", "evaluate.gpus_per_actor",
-    "evaluate.vllm_kv_cache_gib", "train.report_to", "train.tracker_project", "train.mlflow_tracking_uri",
+    "score.num_actors",
+    "score.cpus_per_actor",
+    "score.gpus_per_actor",
+    "train.cpus_per_worker",
+    "train.torch_threads",
+    "evaluate.max_actors",
+    "evaluate.gpus_per_actor",
+    "evaluate.vllm_kv_cache_gib",
+    "train.report_to",
+    "train.tracker_project",
+    "train.mlflow_tracking_uri",
     # Resuming reproduces the uninterrupted run, so how often to checkpoint and how often to recover never
     # change what training computes.
-    "train.checkpoint_steps", "train.max_failures",
+    "train.checkpoint_steps",
+    "train.max_failures",
 )
 
 

@@ -13,7 +13,6 @@ from typing import Any, Union
 
 from pipeline.config.sections import ConfigError
 
-
 # Keys whose name changed: an old config fails naming the new key instead of "unknown key".
 RENAMED_KEYS = {"chunked_logprobs": "chunked_logps", "logprob_chunk_size": "logps_chunk_size"}
 

@@ -131,7 +131,7 @@ class ChatRenderer:
             full = self._apply(prompt + response, add_generation_prompt=False)
             if not full.startswith(prompt_text):
                 raise Reject("template_mismatch")
-            response_texts.append(full[len(prompt_text):])
+            response_texts.append(full[len(prompt_text) :])
         return prompt_text, response_texts
 
     def _check_supported(self, messages: Messages) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pyarrow.fs as pafs
 
-from pipeline.data.files import chain, list_directory, read_arrow
+from pipeline.data.readers import chain, list_directory, read_arrow
 from pipeline.data.records import ARROW_BATCH_ROWS, InputError, Record, check_schema, join_display, rows_from_batches
 
 DEFAULT_SPLIT = "train"

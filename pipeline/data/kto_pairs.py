@@ -5,7 +5,7 @@ a reference point z = max(0, E[log pi(y'|x) - log pi_ref(y'|x)]), estimated on c
 belong to OTHER prompts. The reference model is not in training memory, so the mismatch is fixed
 before scoring: the score stage adds `with_kl_completions` to each split and writes log pi_ref of the
 mismatched pair as `ref_kl_logps` (schema SCORED_KTO); the trainer scores the same pairs under the
-policy (`pipeline.model.objectives.KtoObjective`).
+policy (`pipeline.training.objectives.KtoObjective`).
 """
 
 from __future__ import annotations
@@ -51,7 +51,6 @@ def with_kl_completions(table: pa.Table, *, max_length: int, seed: int = KL_PAIR
     completions = table["chosen_ids"].to_pylist()
     ids = table["id"].to_pylist()
     kl_ids = [completions[j][: max(1, max_length - len(p))] for p, j in zip(prompts, partners)]
-    return (
-        table.append_column("kl_partner_id", pa.array([ids[j] for j in partners], pa.string()))
-        .append_column("kl_completion_ids", pa.array(kl_ids, pa.list_(pa.int32())))
+    return table.append_column("kl_partner_id", pa.array([ids[j] for j in partners], pa.string())).append_column(
+        "kl_completion_ids", pa.array(kl_ids, pa.list_(pa.int32()))
     )

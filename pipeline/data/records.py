@@ -71,7 +71,7 @@ def to_raw_json(value) -> str:
     encoded as UTF-8, so it is written back as its escape, which round-trips to the same Python string.
     """
     text = json.dumps(value, ensure_ascii=False)
-    return _SURROGATE.sub(lambda m: "\\u%04x" % ord(m.group()), text)
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def reject_constant(name: str):

@@ -5,7 +5,7 @@ Nothing is interpreted here: which keys a row has and whether they make a prefer
 it cannot (missing, unknown format, empty, not the format its name says, a column with no JSON form) it
 raises `InputError` naming the file, before any Ray work starts.
 
-Sources: a data file or a directory of them (`pipeline.data.files`), a `datasets` `save_to_disk` folder or a
+Sources: a data file or a directory of them (`pipeline.data.readers`), a `datasets` `save_to_disk` folder or a
 hub dataset (`pipeline.data.hf_datasets`): "hf://datasets/<owner>/<name>", or a bare "<owner>/<name>" that
 is not a local path. Paths may be local or any URI `pyarrow.fs.FileSystem.from_uri` knows (file://, s3://,
 gs://, ...), or a path inside an explicit `filesystem`.
@@ -23,8 +23,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from pipeline.config import ConfigError, DataConfig
-from pipeline.data.files import KNOWN_SUFFIXES, list_directory, read_directory, read_file
 from pipeline.data.hf_datasets import DEFAULT_SPLIT, is_saved_dataset, read_hub, read_saved
+from pipeline.data.readers import KNOWN_SUFFIXES, list_directory, read_directory, read_file
 from pipeline.data.records import RECORD_SCHEMA, InputError, Record, record_table
 
 __all__ = ["RECORD_SCHEMA", "InputError", "hub_dataset", "input_fingerprint", "read_inputs", "read_records"]
@@ -42,7 +42,7 @@ def hub_dataset(path: str) -> str | None:
     that the input exists before Ray starts.
     """
     if path.startswith(_HUB_PREFIX):
-        return path[len(_HUB_PREFIX):].strip("/") or None
+        return path[len(_HUB_PREFIX) :].strip("/") or None
     if _BARE_HUB_NAME.match(path) and not path.lower().endswith(KNOWN_SUFFIXES) and not os.path.exists(path):
         return path
     return None

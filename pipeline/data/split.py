@@ -47,6 +47,7 @@ def is_eval(prompt_ids: pa.Array, fraction: float) -> np.ndarray:
     Hashing the prompt (not the pair) keeps every pair of a held-out prompt out of training, and
     adding rows never moves an old row across the split.
     """
+
     def bucket(ids: list[int]) -> int:
         return int(hashlib.sha256(np.asarray(ids, dtype=np.int32).tobytes()).hexdigest()[:8], 16)
 

@@ -65,8 +65,8 @@ class TokenRules:
         if len(prompt) <= self.max_prompt_length:
             return prompt, False
         if self.bos_id is not None and prompt[0] == self.bos_id and self.max_prompt_length > 1:
-            return [self.bos_id, *prompt[len(prompt) - (self.max_prompt_length - 1):]], True
-        return prompt[len(prompt) - self.max_prompt_length:], True
+            return [self.bos_id, *prompt[len(prompt) - (self.max_prompt_length - 1) :]], True
+        return prompt[len(prompt) - self.max_prompt_length :], True
 
     def _with_eos(self, response: list[int]) -> list[int]:
         return response if self._ends_with_eos(response) else [*response, self.eos_id]

@@ -26,13 +26,14 @@ import ray
 from pipeline.config import Config, DataConfig, ModelConfig
 from pipeline.demo import task
 from pipeline.demo.tiny_model import TinyShape, build_tiny_model, train_tokenizer
-from pipeline.model.loading import load_tokenizer, save_pretrained
+from pipeline.model.pretrained import load_tokenizer, save_pretrained
 from pipeline.runtime.sampler import start_sampler
 from pipeline.runtime.storage import RunDir
 from pipeline.stages import TOKENIZE, TRAIN
 from pipeline.stages.base import Stage, StageRun
 
 log = logging.getLogger(__name__)
+
 
 def sft_config(config: Config, base_model: str, sft_data: str) -> Config:
     """The sub-run that makes the reference model: the same pipeline, with the sft loss."""
@@ -42,9 +43,15 @@ def sft_config(config: Config, base_model: str, sft_data: str) -> Config:
         data=DataConfig(path=sft_data, eval_fraction=0.0),
         model=ModelConfig(path=base_model),
         train=dataclasses.replace(
-            config.train, loss="sft", learning_rate=d.sft_learning_rate, max_steps=d.sft_steps,
-            batch_size=d.sft_batch_size, micro_batch_size=d.sft_batch_size // config.train.num_workers,
-            warmup_steps=d.sft_steps // 20, lr_schedule="cosine", checkpoint_steps=0,
+            config.train,
+            loss="sft",
+            learning_rate=d.sft_learning_rate,
+            max_steps=d.sft_steps,
+            batch_size=d.sft_batch_size,
+            micro_batch_size=d.sft_batch_size // config.train.num_workers,
+            warmup_steps=d.sft_steps // 20,
+            lr_schedule="cosine",
+            checkpoint_steps=0,
         ),
     )
 

@@ -72,8 +72,20 @@ _MIN_ABS_VALENCE = 1.2
 # Modifiers VADER understands (vaderSentiment.NEGATE, BOOSTER_DICT). "" is the bare word; a negation flips
 # the clause (VADER scales it by -0.74), a booster strengthens it, a dampener weakens it.
 _ADJECTIVE_MODIFIERS = (
-    "", "", "", "very", "really", "extremely", "quite", "totally", "incredibly", "slightly", "somewhat",
-    "not", "not very", "never",
+    "",
+    "",
+    "",
+    "very",
+    "really",
+    "extremely",
+    "quite",
+    "totally",
+    "incredibly",
+    "slightly",
+    "somewhat",
+    "not",
+    "not very",
+    "never",
 )
 _VERB_MODIFIERS = ("", "", "", "really", "absolutely", "truly", "never", "deeply")
 
@@ -81,22 +93,63 @@ _VERB_MODIFIERS = ("", "", "", "really", "absolutely", "truly", "never", "deeply
 # words is a neutral prompt, as IMDb prefixes are in the paper.
 _DETERMINERS = ("This", "The", "That")
 _DESCRIPTORS = (
-    "new", "old", "French", "Korean", "short", "latest", "recent", "indie", "animated", "silent", "British",
-    "Italian", "quiet", "modern", "Japanese", "Spanish", "local", "long",
+    "new",
+    "old",
+    "French",
+    "Korean",
+    "short",
+    "latest",
+    "recent",
+    "indie",
+    "animated",
+    "silent",
+    "British",
+    "Italian",
+    "quiet",
+    "modern",
+    "Japanese",
+    "Spanish",
+    "local",
+    "long",
 )
 _GENRES = (
-    "movie", "film", "picture", "drama", "western", "documentary", "musical", "sequel", "remake", "mystery",
-    "biopic", "cartoon",
+    "movie",
+    "film",
+    "picture",
+    "drama",
+    "western",
+    "documentary",
+    "musical",
+    "sequel",
+    "remake",
+    "mystery",
+    "biopic",
+    "cartoon",
 )
 _COPULAS = ("was", "is", "felt", "seemed")
 _PAST_COPULAS = ("was", "felt", "seemed")
 # Subjects of later clauses, each with a participle that fits it ("the score was ... composed").
 _ASPECTS = (
-    ("acting", "done"), ("plot", "built"), ("script", "written"), ("dialogue", "written"),
-    ("cast", "chosen"), ("score", "composed"), ("soundtrack", "mixed"), ("ending", "handled"),
-    ("pacing", "handled"), ("editing", "done"), ("camera work", "done"), ("lead role", "acted"),
-    ("story", "told"), ("direction", "done"), ("costume design", "done"), ("photography", "lit"),
-    ("final act", "staged"), ("opening scene", "shot"), ("music", "arranged"), ("set design", "made"),
+    ("acting", "done"),
+    ("plot", "built"),
+    ("script", "written"),
+    ("dialogue", "written"),
+    ("cast", "chosen"),
+    ("score", "composed"),
+    ("soundtrack", "mixed"),
+    ("ending", "handled"),
+    ("pacing", "handled"),
+    ("editing", "done"),
+    ("camera work", "done"),
+    ("lead role", "acted"),
+    ("story", "told"),
+    ("direction", "done"),
+    ("costume design", "done"),
+    ("photography", "lit"),
+    ("final act", "staged"),
+    ("opening scene", "shot"),
+    ("music", "arranged"),
+    ("set design", "made"),
 )
 _CONNECTORS = (", and the", ", but the", ". The", "; the", ", although the", ", while the", ". Also the")
 _CLOSINGS = ("Overall it was", "In the end it was", "All in all it was")
@@ -123,7 +176,8 @@ def _filter_words(words: str, *, sign: int) -> tuple[str, ...]:
     """Keep the words VADER rates with `sign` and at least `_MIN_ABS_VALENCE`, in a fixed order."""
     lexicon = _analyzer().lexicon
     kept = {
-        w for w in words.split()
+        w
+        for w in words.split()
         if w.isalpha() and len(w) >= 3 and w in lexicon and sign * lexicon[w] >= _MIN_ABS_VALENCE
     }
     return tuple(sorted(kept))  # sorted: the same seed must give the same reviews on every machine
@@ -133,12 +187,9 @@ def _filter_words(words: str, *, sign: int) -> tuple[str, ...]:
 def _vocabulary() -> dict[str, dict[int, tuple[str, ...]]]:
     """Sentiment words by part of speech and polarity (+1 / -1), drawn from VADER's lexicon."""
     return {
-        "adjective": {1: _filter_words(_POSITIVE_ADJECTIVES, sign=1),
-                      -1: _filter_words(_NEGATIVE_ADJECTIVES, sign=-1)},
-        "adverb": {1: _filter_words(_POSITIVE_ADVERBS, sign=1),
-                   -1: _filter_words(_NEGATIVE_ADVERBS, sign=-1)},
-        "verb": {1: _filter_words(_POSITIVE_VERBS, sign=1),
-                 -1: _filter_words(_NEGATIVE_VERBS, sign=-1)},
+        "adjective": {1: _filter_words(_POSITIVE_ADJECTIVES, sign=1), -1: _filter_words(_NEGATIVE_ADJECTIVES, sign=-1)},
+        "adverb": {1: _filter_words(_POSITIVE_ADVERBS, sign=1), -1: _filter_words(_NEGATIVE_ADVERBS, sign=-1)},
+        "verb": {1: _filter_words(_POSITIVE_VERBS, sign=1), -1: _filter_words(_NEGATIVE_VERBS, sign=-1)},
     }
 
 
@@ -172,12 +223,12 @@ def _clause(rng: random.Random, *, polarity: int) -> str:
         verb = rng.choice(_vocabulary()["verb"][polarity])
         modifier = rng.choice(_VERB_MODIFIERS)
         return f"I {modifier} {verb} the {aspect}".replace("  ", " ")
-    return f"{aspect} {rng.choice(_PAST_COPULAS)} " + _predicate(
-        rng, polarity=polarity, aspect_participle=participle)
+    return f"{aspect} {rng.choice(_PAST_COPULAS)} " + _predicate(rng, polarity=polarity, aspect_participle=participle)
 
 
 def _candidate(rng: random.Random, *, positive_share: float) -> str:
     """One review: neutral lead + predicate, then 1-4 clauses, each positive with `positive_share`."""
+
     def polarity() -> int:
         return 1 if rng.random() < positive_share else -1
 
@@ -191,8 +242,7 @@ def _candidate(rng: random.Random, *, positive_share: float) -> str:
         if len(text.split()) >= _MAX_WORDS - 6:
             break
     if rng.random() < 0.3:
-        text = f"{text}. {rng.choice(_CLOSINGS)} " + _predicate(
-            rng, polarity=polarity(), aspect_participle="made")
+        text = f"{text}. {rng.choice(_CLOSINGS)} " + _predicate(rng, polarity=polarity(), aspect_participle="made")
     text += rng.choice((".", ".", ".", "!"))
     return text
 

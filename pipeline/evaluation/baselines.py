@@ -25,8 +25,8 @@ import pyarrow as pa
 
 from pipeline.config import ConfigError
 from pipeline.evaluation.judges import Judge
-from pipeline.evaluation.judging import judge_samples
-from pipeline.evaluation.registry import Reward
+from pipeline.evaluation.judgments import judge_samples
+from pipeline.evaluation.plugins import Reward
 
 
 def best_of_n_name(n: int) -> str:
@@ -63,9 +63,7 @@ def pick_best(scores: np.ndarray, n: int) -> np.ndarray:
     return scores.reshape(-1, n).argmax(axis=1)  # argmax returns the first maximum
 
 
-def best_of_n_answers(
-    candidates: Sequence[dict], scores: np.ndarray, n: int, *, model: str
-) -> list[dict]:
+def best_of_n_answers(candidates: Sequence[dict], scores: np.ndarray, n: int, *, model: str) -> list[dict]:
     """Keep the best of each group of n candidates: one sample row per answer.
 
     candidates: sample rows (keys of the evaluate samples table, with `completion_ids`), groups of n
@@ -84,8 +82,13 @@ def best_of_n_answers(
         if len(keys) != 1:
             raise ValueError(f"candidate group {group} mixes answers: {sorted(keys)}")
         kept = dict(members[pick])
-        kept.update(model=model, reward=float(scores[group * n + pick]), kl=None, candidates=n,
-                    tokens_generated=sum(len(c["completion_ids"]) for c in members))
+        kept.update(
+            model=model,
+            reward=float(scores[group * n + pick]),
+            kl=None,
+            candidates=n,
+            tokens_generated=sum(len(c["completion_ids"]) for c in members),
+        )
         out.append(kept)
     return out
 
@@ -98,7 +101,9 @@ def preferred_responses(eval_pairs: pa.Table, prompts: Sequence[Sequence[int]]) 
     """
     first: dict[tuple[int, ...], list[int]] = {}
     labels = eval_pairs["label"].to_pylist() if "label" in eval_pairs.column_names else [None] * eval_pairs.num_rows
-    for prompt, chosen, label in zip(eval_pairs["prompt_ids"].to_pylist(), eval_pairs["chosen_ids"].to_pylist(), labels):
+    for prompt, chosen, label in zip(
+        eval_pairs["prompt_ids"].to_pylist(), eval_pairs["chosen_ids"].to_pylist(), labels
+    ):
         if label is False:
             continue
         first.setdefault(tuple(prompt), chosen)
@@ -119,8 +124,13 @@ def judgments_to_make(rows: Sequence[dict], compared: Sequence[str], chosen_text
     return 2 * (against_reference + against_chosen)
 
 
-def judge_against_chosen(judge: Judge, rows: Sequence[dict], chosen_texts: Sequence[str | None],
-                         chosen_lengths: Sequence[int | None], models: Sequence[str]) -> list[dict]:
+def judge_against_chosen(
+    judge: Judge,
+    rows: Sequence[dict],
+    chosen_texts: Sequence[str | None],
+    chosen_lengths: Sequence[int | None],
+    models: Sequence[str],
+) -> list[dict]:
     """Every sample of `models` against its prompt's preferred response, in both orders.
 
     rows: sample rows (model, temperature, prompt_index, prompt, completion, completion_ids).
@@ -132,8 +142,13 @@ def judge_against_chosen(judge: Judge, rows: Sequence[dict], chosen_texts: Seque
     mine = rows_with_chosen(rows, chosen_texts, models)
     if not mine:
         return []
-    return judge_samples(judge, mine, "chosen", [chosen_texts[r["prompt_index"]] for r in mine],
-                         [chosen_lengths[r["prompt_index"]] for r in mine])
+    return judge_samples(
+        judge,
+        mine,
+        "chosen",
+        [chosen_texts[r["prompt_index"]] for r in mine],
+        [chosen_lengths[r["prompt_index"]] for r in mine],
+    )
 
 
 def reward_scorer(reward_fn: Reward | None, *, best_of_n: int, reward_name: str | None) -> Reward | None:
@@ -141,8 +156,10 @@ def reward_scorer(reward_fn: Reward | None, *, best_of_n: int, reward_name: str 
     if best_of_n < 0:
         raise ConfigError(f"evaluate.best_of_n: must be >= 0 (0 turns the baseline off), got {best_of_n}")
     if best_of_n and reward_fn is None:
-        raise ConfigError("evaluate.best_of_n needs evaluate.reward: the task's reward picks the best of N "
-                          f"(got reward {reward_name!r})")
+        raise ConfigError(
+            "evaluate.best_of_n needs evaluate.reward: the task's reward picks the best of N "
+            f"(got reward {reward_name!r})"
+        )
     return reward_fn
 
 

@@ -15,20 +15,29 @@ import numpy as np
 import pyarrow as pa
 
 
-def pair_accuracy(policy_chosen: np.ndarray, policy_rejected: np.ndarray, ref_chosen: np.ndarray,
-                  ref_rejected: np.ndarray, *, beta: float) -> dict:
+def pair_accuracy(
+    policy_chosen: np.ndarray,
+    policy_rejected: np.ndarray,
+    ref_chosen: np.ndarray,
+    ref_rejected: np.ndarray,
+    *,
+    beta: float,
+) -> dict:
     """How often the implicit reward ranks held-out pairs as the data does.
 
     The four arrays: log-probs of each pair's chosen and rejected response under the policy and the
     reference, shape (pairs,) each. Returns kind "pairs", pairs, accuracy and margin_mean.
     """
     margins = beta * ((np.asarray(policy_chosen) - ref_chosen) - (np.asarray(policy_rejected) - ref_rejected))
-    return {"kind": "pairs", "pairs": int(len(margins)), "accuracy": float((margins > 0).mean()),
-            "margin_mean": float(margins.mean())}
+    return {
+        "kind": "pairs",
+        "pairs": len(margins),
+        "accuracy": float((margins > 0).mean()),
+        "margin_mean": float(margins.mean()),
+    }
 
 
-def unpaired_separation(policy_logps: np.ndarray, ref_logps: np.ndarray, desirable: np.ndarray, *,
-                        beta: float) -> dict:
+def unpaired_separation(policy_logps: np.ndarray, ref_logps: np.ndarray, desirable: np.ndarray, *, beta: float) -> dict:
     """How well the implicit reward of held-out (prompt, completion, label) rows separates the two labels.
 
     policy_logps, ref_logps: each completion's log-prob under the policy and the reference; desirable: its
@@ -38,9 +47,15 @@ def unpaired_separation(policy_logps: np.ndarray, ref_logps: np.ndarray, desirab
     rewards = beta * (np.asarray(policy_logps, dtype=np.float64) - np.asarray(ref_logps, dtype=np.float64))
     desirable = np.asarray(desirable, dtype=bool)
     good, bad = rewards[desirable], rewards[~desirable]
-    out = {"kind": "unpaired", "rows": int(len(rewards)), "desirable": int(len(good)), "undesirable": int(len(bad)),
-           "reward_desirable_mean": float(good.mean()) if len(good) else None,
-           "reward_undesirable_mean": float(bad.mean()) if len(bad) else None, "auc": None}
+    out = {
+        "kind": "unpaired",
+        "rows": len(rewards),
+        "desirable": len(good),
+        "undesirable": len(bad),
+        "reward_desirable_mean": float(good.mean()) if len(good) else None,
+        "reward_undesirable_mean": float(bad.mean()) if len(bad) else None,
+        "auc": None,
+    }
     if len(good) and len(bad):
         # Rank-sum form of P(r_good > r_bad) + P(equal) / 2: O(n log n), not every combination.
         ranks = _average_ranks(np.concatenate([good, bad]))
@@ -48,8 +63,9 @@ def unpaired_separation(policy_logps: np.ndarray, ref_logps: np.ndarray, desirab
     return out
 
 
-def held_out_from_logps(held: pa.Table, kind: str, *, betas: Mapping[str, float],
-                        policy_logps: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, dict]:
+def held_out_from_logps(
+    held: pa.Table, kind: str, *, betas: Mapping[str, float], policy_logps: Mapping[str, tuple[np.ndarray, np.ndarray]]
+) -> dict[str, dict]:
     """Per policy, how its implicit reward sorts the scored held-out split: `pair_accuracy`, or for
     unpaired (KTO) data, `kind` "unpaired", `unpaired_separation`.
 
@@ -64,8 +80,9 @@ def held_out_from_logps(held: pa.Table, kind: str, *, betas: Mapping[str, float]
             labels = held["label"].to_numpy(zero_copy_only=False)
             out[name] = unpaired_separation(chosen, held["ref_chosen_logps"].to_numpy(), labels, beta=beta)
         else:
-            out[name] = pair_accuracy(chosen, rejected, held["ref_chosen_logps"].to_numpy(),
-                                      held["ref_rejected_logps"].to_numpy(), beta=beta)
+            out[name] = pair_accuracy(
+                chosen, rejected, held["ref_chosen_logps"].to_numpy(), held["ref_rejected_logps"].to_numpy(), beta=beta
+            )
     return out
 
 
@@ -89,8 +106,13 @@ def describe(name: str, result: dict) -> str:
     if result["kind"] == "pairs":
         return f"Implicit-reward accuracy of {name} on {result['pairs']} held-out pairs: {result['accuracy']:.3f}."
     if result["auc"] is None:
-        return (f"Implicit-reward separation of {name}: not defined, the {result['rows']} held-out rows "
-                f"are all of one label ({result['desirable']} desirable, {result['undesirable']} undesirable).")
-    return (f"Implicit-reward separation of {name} on {result['rows']} held-out rows ({result['desirable']} desirable, "
-            f"{result['undesirable']} undesirable): P(a desirable completion's reward > an undesirable one's) = "
-            f"{result['auc']:.3f}; mean rewards {result['reward_desirable_mean']:.3f} vs {result['reward_undesirable_mean']:.3f}.")
+        return (
+            f"Implicit-reward separation of {name}: not defined, the {result['rows']} held-out rows "
+            f"are all of one label ({result['desirable']} desirable, {result['undesirable']} undesirable)."
+        )
+    return (
+        f"Implicit-reward separation of {name} on {result['rows']} held-out rows ({result['desirable']} desirable, "
+        f"{result['undesirable']} undesirable): P(a desirable completion's reward > an undesirable one's) = "
+        f"{result['auc']:.3f}; mean rewards {result['reward_desirable_mean']:.3f} "
+        f"vs {result['reward_undesirable_mean']:.3f}."
+    )

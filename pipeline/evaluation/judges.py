@@ -2,7 +2,7 @@
 
 A judge sees a prompt and two completions and says which is better. The DPO paper judged with GPT-4;
 `ApiJudge` (pipeline/evaluation/api_judge) asks any OpenAI-compatible chat model the same way, and a task
-may register a judge of its own by name (pipeline/evaluation/registry.py). LLM judges favour whichever
+may register a judge of its own by name (pipeline/evaluation/plugins.py). LLM judges favour whichever
 answer comes first, so `judge_both_orders` asks in both orders and credits a win only when the two
 verdicts agree: a judge that always says "A" scores every pair as a tie.
 """
@@ -69,13 +69,15 @@ def judge_both_orders(
     verdicts_ba = list(judge.judge(prompts, baseline, policy))
     for order, verdicts in (("policy-first", verdicts_ab), ("baseline-first", verdicts_ba)):
         if len(verdicts) != len(prompts):
-            raise ValueError(f"judge {judge.name!r} returned {len(verdicts)} verdicts for {len(prompts)} "
-                             f"pairs ({order})")
+            raise ValueError(
+                f"judge {judge.name!r} returned {len(verdicts)} verdicts for {len(prompts)} pairs ({order})"
+            )
         unknown = set(verdicts) - _VERDICTS
         if unknown:
             # A bug in the judge, not a parse failure of its answer: stop rather than guess.
-            raise ValueError(f"judge {judge.name!r} returned verdicts outside {sorted(_VERDICTS)}: "
-                             f"{sorted(map(str, unknown))}")
+            raise ValueError(
+                f"judge {judge.name!r} returned verdicts outside {sorted(_VERDICTS)}: {sorted(map(str, unknown))}"
+            )
 
     scores = np.full(len(prompts), 0.5, dtype=np.float64)
     wins = ties = losses = unparsed = 0
@@ -90,12 +92,18 @@ def judge_both_orders(
             losses += 1
         else:
             ties += 1
-    return PairwiseResult(scores=scores, wins=wins, ties=ties, losses=losses, unparsed=unparsed,
-                          verdicts_ab=verdicts_ab, verdicts_ba=verdicts_ba)
+    return PairwiseResult(
+        scores=scores,
+        wins=wins,
+        ties=ties,
+        losses=losses,
+        unparsed=unparsed,
+        verdicts_ab=verdicts_ab,
+        verdicts_ba=verdicts_ba,
+    )
 
 
 def check_pair_lengths(prompts: Sequence[str], first: Sequence[str], second: Sequence[str]) -> None:
     """Raise ValueError unless the three sequences of a batch of pairs have one length."""
     if not len(prompts) == len(first) == len(second):
-        raise ValueError(f"prompts, first and second differ in length: "
-                         f"{len(prompts)}, {len(first)}, {len(second)}")
+        raise ValueError(f"prompts, first and second differ in length: {len(prompts)}, {len(first)}, {len(second)}")

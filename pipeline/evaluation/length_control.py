@@ -17,8 +17,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.evaluation.stats import (bootstrap_ci, check_bootstrap_args, cluster_ids, cluster_resample_counts,
-                                        percentile_interval)
+from pipeline.evaluation.stats import (
+    bootstrap_ci,
+    check_bootstrap_args,
+    cluster_ids,
+    cluster_resample_counts,
+    percentile_interval,
+)
 
 # Ridge on the mean loss: enough to keep the fit finite when lengths separate wins from losses exactly,
 # small enough to move a well-posed estimate by well under 0.1%.
@@ -29,8 +34,13 @@ _MAX_CELLS_PER_CHUNK = 2_000_000
 
 
 def length_controlled_win_rate(
-    scores: np.ndarray, length_diff: np.ndarray, *, groups: np.ndarray | None = None, n_boot: int = 2000,
-    level: float = 0.95, seed: int = 0,
+    scores: np.ndarray,
+    length_diff: np.ndarray,
+    *,
+    groups: np.ndarray | None = None,
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
 ) -> dict[str, float]:
     """Win rate at zero length difference, with a bootstrap interval over `groups` (the prompt of each
     comparison, resampled whole as in stats.py; None resamples single comparisons).
@@ -59,8 +69,13 @@ def length_controlled_win_rate(
     scale = float(length_diff.std())
     if n < 2 or scale == 0.0 or np.all(scores == scores[0]):
         mean, low, high = bootstrap_ci(scores, groups=groups, n_boot=n_boot, level=level, seed=seed)
-        return {"lc_win_rate": mean, "lc_win_rate_ci_low": low, "lc_win_rate_ci_high": high,
-                "length_slope": 0.0, "length_diff_std": scale}
+        return {
+            "lc_win_rate": mean,
+            "lc_win_rate_ci_low": low,
+            "lc_win_rate_ci_high": high,
+            "length_slope": 0.0,
+            "length_diff_std": scale,
+        }
 
     z = length_diff / scale  # (n,)
     fit = _fit_logistic(z[None, :], scores[None, :])[0]
@@ -70,13 +85,26 @@ def length_controlled_win_rate(
     # A replicate weights each comparison by how often its prompt was drawn: the fit on the resampled data.
     ids, num_clusters = cluster_ids(groups, n)
     rng = np.random.default_rng(seed)
-    boot = [_sigmoid(_fit_logistic(np.broadcast_to(z, (len(c), n)), np.broadcast_to(scores, (len(c), n)),
-                                   c[:, ids].astype(np.float64), init=fit)[:, 0])
-            for counts in cluster_resample_counts(rng, num_clusters, n_boot)
-            for c in np.array_split(counts, max(1, len(counts) * n // _MAX_CELLS_PER_CHUNK))]
+    boot = [
+        _sigmoid(
+            _fit_logistic(
+                np.broadcast_to(z, (len(c), n)),
+                np.broadcast_to(scores, (len(c), n)),
+                c[:, ids].astype(np.float64),
+                init=fit,
+            )[:, 0]
+        )
+        for counts in cluster_resample_counts(rng, num_clusters, n_boot)
+        for c in np.array_split(counts, max(1, len(counts) * n // _MAX_CELLS_PER_CHUNK))
+    ]
     low, high = percentile_interval(np.concatenate(boot), estimate, level)
-    return {"lc_win_rate": estimate, "lc_win_rate_ci_low": low, "lc_win_rate_ci_high": high,
-            "length_slope": float(slope), "length_diff_std": scale}
+    return {
+        "lc_win_rate": estimate,
+        "lc_win_rate_ci_low": low,
+        "lc_win_rate_ci_high": high,
+        "length_slope": float(slope),
+        "length_diff_std": scale,
+    }
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -94,12 +122,14 @@ def _objective(w: np.ndarray, z: np.ndarray, y: np.ndarray, weights: np.ndarray)
     return _wmean(np.logaddexp(0.0, eta) - y * eta, weights) + 0.5 * _L2 * (w**2).sum(axis=1)
 
 
-def _fit_logistic(z: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None,
-                  init: np.ndarray | None = None) -> np.ndarray:
+def _fit_logistic(
+    z: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None, init: np.ndarray | None = None
+) -> np.ndarray:
     """Ridge logistic regression of soft labels y on [1, z], one weighted fit per row, by damped Newton (IRLS).
 
     z, y, weights: (B, n), weights >= 0 with a positive sum per row (a bootstrap replicate's counts; None
-    weighs every comparison once); init: (2,), the starting point of every row (zero if None). Returns (B, 2): intercept and slope per row. The objective is strictly convex (ridge), so Newton steps with backtracking
+    weighs every comparison once); init: (2,), the starting point of every row (zero if None). Returns
+    (B, 2): intercept and slope per row. The objective is strictly convex (ridge), so Newton steps with backtracking
     converge from any start, separable rows included; bootstrap rows start at the full-data fit, which
     saves most of the steps.
     """
@@ -130,7 +160,10 @@ def _fit_logistic(z: np.ndarray, y: np.ndarray, weights: np.ndarray | None = Non
             current = _objective(wa[search], za[search], ya[search], va[search])
             for _ in range(50):
                 trial = wa[search] - t[search, None] * step[search]
-                bad = _objective(trial, za[search], ya[search], va[search]) > current - 1e-4 * t[search] * decrement[search]
+                bad = (
+                    _objective(trial, za[search], ya[search], va[search])
+                    > current - 1e-4 * t[search] * decrement[search]
+                )
                 if not bad.any():
                     break
                 search, current = search[bad], current[bad]

@@ -20,8 +20,19 @@ from pipeline.evaluation.held_out import describe
 _MISSING = "\u2013"  # en dash: shown for a number that does not exist (e.g. KL of the reference to itself)
 
 SUMMARY_COLUMNS = (
-    "model", "temperature", "n", "reward_mean", "kl_mean", "kl_bound", "win_rate", "win_rate_ci_low", "win_rate_ci_high",
-    "win_rate_vs_chosen", "win_rate_vs_chosen_ci_low", "win_rate_vs_chosen_ci_high", "samples_per_answer",
+    "model",
+    "temperature",
+    "n",
+    "reward_mean",
+    "kl_mean",
+    "kl_bound",
+    "win_rate",
+    "win_rate_ci_low",
+    "win_rate_ci_high",
+    "win_rate_vs_chosen",
+    "win_rate_vs_chosen_ci_low",
+    "win_rate_vs_chosen_ci_high",
+    "samples_per_answer",
     "tokens_per_answer",
 )
 
@@ -120,22 +131,44 @@ def plot_reward_vs_kl(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike
         without_kl = [r for r in points if not _is_number(r.get("kl_mean"))]
         color = None
         if with_kl:
-            (line,) = ax.plot([r["kl_mean"] for r in with_kl], [r["reward_mean"] for r in with_kl],
-                              marker="s" if bounded else "o", linestyle="--" if bounded else "-",
-                              label=f"{model} (at its KL bound)" if bounded else model)
+            (line,) = ax.plot(
+                [r["kl_mean"] for r in with_kl],
+                [r["reward_mean"] for r in with_kl],
+                marker="s" if bounded else "o",
+                linestyle="--" if bounded else "-",
+                label=f"{model} (at its KL bound)" if bounded else model,
+            )
             color = line.get_color()
         if without_kl:
-            (hollow,) = ax.plot([0.0] * len(without_kl), [r["reward_mean"] for r in without_kl],
-                                linestyle="none", marker="o", markerfacecolor="none", color=color,
-                                label=f"{model} (no KL, drawn at 0)")
+            (hollow,) = ax.plot(
+                [0.0] * len(without_kl),
+                [r["reward_mean"] for r in without_kl],
+                linestyle="none",
+                marker="o",
+                markerfacecolor="none",
+                color=color,
+                label=f"{model} (no KL, drawn at 0)",
+            )
             color = hollow.get_color()
         for r in with_kl:
-            ax.annotate(f"T={float(r['temperature']):g}", (r["kl_mean"], r["reward_mean"]),
-                        textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
+            ax.annotate(
+                f"T={float(r['temperature']):g}",
+                (r["kl_mean"], r["reward_mean"]),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=7,
+                color=color,
+            )
         for k, r in enumerate(without_kl):
             # Points stacked at x = 0 would print their labels on top of each other: fan them out.
-            ax.annotate(f"T={float(r['temperature']):g}", (0.0, r["reward_mean"]), textcoords="offset points",
-                        xytext=(6, 4 + 9 * k), fontsize=7, color=color)
+            ax.annotate(
+                f"T={float(r['temperature']):g}",
+                (0.0, r["reward_mean"]),
+                textcoords="offset points",
+                xytext=(6, 4 + 9 * k),
+                fontsize=7,
+                color=color,
+            )
     _finish(fig, ax, path, xlabel="KL(\u03c0 || \u03c0_ref)", ylabel="reward", title="reward vs KL to the reference")
 
 
@@ -152,14 +185,20 @@ def plot_win_rate_vs_temperature(rows: Sequence[Mapping[str, Any]], path: str | 
         temps = [float(r["temperature"]) for r in points]
         rates = [float(r["win_rate"]) for r in points]
         # Missing CI bounds draw as zero-length bars rather than failing the plot.
-        lower = [rate - r["win_rate_ci_low"] if _is_number(r.get("win_rate_ci_low")) else 0.0
-                 for rate, r in zip(rates, points)]
-        upper = [r["win_rate_ci_high"] - rate if _is_number(r.get("win_rate_ci_high")) else 0.0
-                 for rate, r in zip(rates, points)]
+        lower = [
+            rate - r["win_rate_ci_low"] if _is_number(r.get("win_rate_ci_low")) else 0.0
+            for rate, r in zip(rates, points)
+        ]
+        upper = [
+            r["win_rate_ci_high"] - rate if _is_number(r.get("win_rate_ci_high")) else 0.0
+            for rate, r in zip(rates, points)
+        ]
         ax.errorbar(temps, rates, yerr=[lower, upper], marker="o", capsize=3, label=model)
     ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
     ax.set_ylim(-0.02, 1.02)
-    _finish(fig, ax, path, xlabel="sampling temperature", ylabel="win rate vs baseline", title="win rate vs temperature")
+    _finish(
+        fig, ax, path, xlabel="sampling temperature", ylabel="win rate vs baseline", title="win rate vs temperature"
+    )
 
 
 def _cell(value: Any) -> str:
@@ -212,28 +251,41 @@ def report_notes(summary: Mapping[str, Any], *, samples_per_prompt: int, accurac
     """The notes under an evaluation report: what was judged and how, unparsed verdicts, the baselines'
     costs, and each policy's held-out measure. summary: the summary.json document; accuracy: held-out
     measures by policy name."""
-    notes = [f"Judge: {summary['judge']}; reward: {summary['reward']}; {summary['num_prompts']} held-out prompts x "
-             f"{samples_per_prompt} samples.",
-             f"Unparsed judge verdicts: {summary['unparsed_verdicts']} (comparisons with one, by baseline: "
-             f"{summary['unparsed_comparisons_by_baseline']}); they score 0.5 and are never dropped.",
-             "win_rate: against the reference's sample of the same prompt; win_rate_vs_chosen: against the held-out "
-             "pair's chosen response for that prompt. Both judged in both orders, ties and inconsistent verdicts 0.5."]
+    notes = [
+        f"Judge: {summary['judge']}; reward: {summary['reward']}; {summary['num_prompts']} held-out prompts x "
+        f"{samples_per_prompt} samples.",
+        f"Unparsed judge verdicts: {summary['unparsed_verdicts']} (comparisons with one, by baseline: "
+        f"{summary['unparsed_comparisons_by_baseline']}); they score 0.5 and are never dropped.",
+        "win_rate: against the reference's sample of the same prompt; win_rate_vs_chosen: against the held-out "
+        "pair's chosen response for that prompt. Both judged in both orders, ties and inconsistent verdicts 0.5.",
+    ]
     pref = summary["preferred_responses"]
     if pref["judged"]:
-        notes.append(f"Preferred responses: {pref['prompts_with_chosen']} prompts have one, "
-                     f"{pref['prompts_without_chosen']} have none (their samples are not judged against one).")
+        notes.append(
+            f"Preferred responses: {pref['prompts_with_chosen']} prompts have one, "
+            f"{pref['prompts_without_chosen']} have none (their samples are not judged against one)."
+        )
     bon = summary["best_of_n"]
     if bon:
-        notes.append(f"{bon['model']}: {bon['n']} reference samples per answer, the one with the highest {bon['picked_by']} kept; "
-                     f"cost {bon['candidates_sampled']} samples, {bon['tokens_generated']} tokens generated in all "
-                     "(samples_per_answer, tokens_per_answer columns). Its KL is the analytic bound "
-                     f"log N - (N-1)/N = {bon['kl_bound']:.3f} nats (kl_bound; 0 at T = 0, where the N candidates "
-                     "coincide): best-of-N has no density to take a per-sample log-ratio of.")
+        notes.append(
+            f"{bon['model']}: {bon['n']} reference samples per answer, "
+            f"the one with the highest {bon['picked_by']} kept; "
+            f"cost {bon['candidates_sampled']} samples, {bon['tokens_generated']} tokens generated in all "
+            "(samples_per_answer, tokens_per_answer columns). Its KL is the analytic bound "
+            f"log N - (N-1)/N = {bon['kl_bound']:.3f} nats (kl_bound; 0 at T = 0, where the N candidates "
+            "coincide): best-of-N has no density to take a per-sample log-ratio of."
+        )
     return notes + [describe(name, acc) for name, acc in accuracy.items()]
 
 
-def write_report_files(folder: str | os.PathLike[str], *, title: str, summary_rows: Sequence[Mapping[str, Any]],
-                       training_metrics: Mapping[str, Sequence[Mapping[str, Any]]], notes: Sequence[str]) -> list[str]:
+def write_report_files(
+    folder: str | os.PathLike[str],
+    *,
+    title: str,
+    summary_rows: Sequence[Mapping[str, Any]],
+    training_metrics: Mapping[str, Sequence[Mapping[str, Any]]],
+    notes: Sequence[str],
+) -> list[str]:
     """Write the figures and report.md of an evaluation into `folder`; the names of the files written.
 
     training_metrics[policy]: that policy's training metric rows (train/metrics.jsonl); one policy's curves
@@ -246,6 +298,7 @@ def write_report_files(folder: str | os.PathLike[str], *, title: str, summary_ro
         name = "training_curves.png" if len(training_metrics) == 1 else f"training_curves_{policy}.png"
         plot_training_curves(metrics, os.path.join(folder, name))
         figures[f"Training curves ({policy})"] = name
-    write_report_md(os.path.join(folder, "report.md"), title=title, summary_rows=summary_rows, figures=figures,
-                    notes=notes)
+    write_report_md(
+        os.path.join(folder, "report.md"), title=title, summary_rows=summary_rows, figures=figures, notes=notes
+    )
     return [*figures.values(), "report.md"]

@@ -14,8 +14,9 @@ import numpy as np
 import pyarrow as pa
 
 
-def sample_rows(model: str, by_temp: dict[float, list[list[dict]]], prompt_texts: Sequence[str], *,
-                group: int) -> list[dict]:
+def sample_rows(
+    model: str, by_temp: dict[float, list[list[dict]]], prompt_texts: Sequence[str], *, group: int
+) -> list[dict]:
     """Sample rows from an engine's output, by_temp[t][p]: the completions of prompt p at temperature t
     (dicts with text, token_ids, token_logps). With group > 1, each `group` consecutive completions of a
     prompt are the candidates of one answer (sample_index = completion index // group)."""
@@ -23,20 +24,33 @@ def sample_rows(model: str, by_temp: dict[float, list[list[dict]]], prompt_texts
     for t, per_prompt in by_temp.items():
         for p, completions in enumerate(per_prompt):
             for s, c in enumerate(completions):
-                rows.append({"model": model, "temperature": float(t), "prompt_index": p, "sample_index": s // group,
-                             "prompt": prompt_texts[p], "completion": c["text"], "completion_ids": c["token_ids"],
-                             "logps": float(np.sum(c["token_logps"])), "candidates": 1, "tokens_generated": len(c["token_ids"])})
+                rows.append(
+                    {
+                        "model": model,
+                        "temperature": float(t),
+                        "prompt_index": p,
+                        "sample_index": s // group,
+                        "prompt": prompt_texts[p],
+                        "completion": c["text"],
+                        "completion_ids": c["token_ids"],
+                        "logps": float(np.sum(c["token_logps"])),
+                        "candidates": 1,
+                        "tokens_generated": len(c["token_ids"]),
+                    }
+                )
     return rows
 
 
 def completions_to_score(prompts: Sequence[Sequence[int]], rows: Sequence[dict]) -> pa.Table:
     """Each row's completion as a scorer input (prompt_ids, chosen_ids, and an empty rejected_ids), so that
     the scorer's chosen log-probs are log pi_ref(completion | prompt)."""
-    return pa.table({
-        "prompt_ids": [prompts[r["prompt_index"]] for r in rows],
-        "chosen_ids": [r["completion_ids"] for r in rows],
-        "rejected_ids": [[] for _ in rows],
-    })
+    return pa.table(
+        {
+            "prompt_ids": [prompts[r["prompt_index"]] for r in rows],
+            "chosen_ids": [r["completion_ids"] for r in rows],
+            "rejected_ids": [[] for _ in rows],
+        }
+    )
 
 
 def add_kl_and_reward(rows: Sequence[dict], ref_logps: np.ndarray, rewards: Sequence[float | None]) -> None:

@@ -77,8 +77,9 @@ def bootstrap_ci(
     sums = np.bincount(ids, weights=values, minlength=num_clusters)  # (G,)
     sizes = np.bincount(ids, minlength=num_clusters).astype(np.float64)  # (G,)
     rng = np.random.default_rng(seed)
-    means = np.concatenate([(counts @ sums) / (counts @ sizes)
-                            for counts in cluster_resample_counts(rng, num_clusters, n_boot)])
+    means = np.concatenate(
+        [(counts @ sums) / (counts @ sizes) for counts in cluster_resample_counts(rng, num_clusters, n_boot)]
+    )
     mean = float(values.mean())
     return (mean, *percentile_interval(means, mean, level))
 

@@ -20,15 +20,30 @@ from pipeline.evaluation.stats import win_rate
 
 # The judged columns of a summary row, None until a comparison fills them.
 _JUDGED_COLUMNS = (
-    "win_rate", "win_rate_ci_low", "win_rate_ci_high", "lc_win_rate", "lc_win_rate_ci_low", "lc_win_rate_ci_high",
-    "length_slope", "win_rate_vs_chosen", "win_rate_vs_chosen_ci_low", "win_rate_vs_chosen_ci_high",
+    "win_rate",
+    "win_rate_ci_low",
+    "win_rate_ci_high",
+    "lc_win_rate",
+    "lc_win_rate_ci_low",
+    "lc_win_rate_ci_high",
+    "length_slope",
+    "win_rate_vs_chosen",
+    "win_rate_vs_chosen_ci_low",
+    "win_rate_vs_chosen_ci_high",
 )
 _LC_COLUMNS = ("lc_win_rate", "lc_win_rate_ci_low", "lc_win_rate_ci_high", "length_slope")
 
 
-def summarize(samples: pa.Table, judgments: pa.Table, temperatures: Sequence[float], *, n_boot: int, seed: int,
-              costs: Mapping[tuple[str, float], dict] | None = None,
-              kl_bounds: Mapping[tuple[str, float], float] | None = None) -> list[dict]:
+def summarize(
+    samples: pa.Table,
+    judgments: pa.Table,
+    temperatures: Sequence[float],
+    *,
+    n_boot: int,
+    seed: int,
+    costs: Mapping[tuple[str, float], dict] | None = None,
+    kl_bounds: Mapping[tuple[str, float], float] | None = None,
+) -> list[dict]:
     """One row per (model, temperature): n, reward_mean, kl_mean, win_rate with its 95% interval, and the
     same against the held-out chosen responses (win_rate_vs_chosen).
 
@@ -43,17 +58,21 @@ def summarize(samples: pa.Table, judgments: pa.Table, temperatures: Sequence[flo
             part = frame[(frame.model == model) & (frame.temperature == t)]
             mine = verdicts[(verdicts.model == model) & (verdicts.temperature == t)]
             cost = costs.get((model, t), {})
-            rows.append({
-                "model": model,
-                "temperature": t,
-                "n": int(len(part)),
-                "reward_mean": _mean(part.reward),
-                "kl_mean": _mean(part.kl),
-                "kl_bound": kl_bounds.get((model, t)),
-                "samples_per_answer": cost.get("samples_per_answer"),
-                "tokens_per_answer": cost.get("tokens_per_answer"),
-                **_judged(mine[mine.baseline == "reference"], mine[mine.baseline == "chosen"], n_boot=n_boot, seed=seed),
-            })
+            rows.append(
+                {
+                    "model": model,
+                    "temperature": t,
+                    "n": len(part),
+                    "reward_mean": _mean(part.reward),
+                    "kl_mean": _mean(part.kl),
+                    "kl_bound": kl_bounds.get((model, t)),
+                    "samples_per_answer": cost.get("samples_per_answer"),
+                    "tokens_per_answer": cost.get("tokens_per_answer"),
+                    **_judged(
+                        mine[mine.baseline == "reference"], mine[mine.baseline == "chosen"], n_boot=n_boot, seed=seed
+                    ),
+                }
+            )
     return rows
 
 
@@ -64,7 +83,7 @@ def _mean(column: pd.Series) -> float | None:
 def _judged(vs_reference: pd.DataFrame, vs_chosen: pd.DataFrame, *, n_boot: int, seed: int) -> dict:
     """The judged columns of one summary row, from its comparisons against each baseline."""
     row = dict.fromkeys(_JUDGED_COLUMNS)
-    row.update(judged_vs_chosen=int(len(vs_chosen)), unparsed_vs_chosen=unparsed_comparisons(vs_chosen))
+    row.update(judged_vs_chosen=len(vs_chosen), unparsed_vs_chosen=unparsed_comparisons(vs_chosen))
     # Intervals resample prompts: a prompt's comparisons are correlated (stats.py).
     if len(vs_chosen):
         rate = win_rate(vs_chosen.score.to_numpy(), groups=vs_chosen.prompt_index.to_numpy(), n_boot=n_boot, seed=seed)
@@ -73,8 +92,9 @@ def _judged(vs_reference: pd.DataFrame, vs_chosen: pd.DataFrame, *, n_boot: int,
         scores, prompts = vs_reference.score.to_numpy(), vs_reference.prompt_index.to_numpy()
         row.update(win_rate(scores, groups=prompts, n_boot=n_boot, seed=seed))
         # DPO is known to lengthen answers: the judge's preference with length regressed out.
-        lc = length_controlled_win_rate(scores, vs_reference.length_diff.to_numpy(dtype=float), groups=prompts,
-                                        n_boot=n_boot, seed=seed)
+        lc = length_controlled_win_rate(
+            scores, vs_reference.length_diff.to_numpy(dtype=float), groups=prompts, n_boot=n_boot, seed=seed
+        )
         row.update({k: lc[k] for k in _LC_COLUMNS})
     return row
 
@@ -90,16 +110,28 @@ def sampling_costs(rows: Sequence[dict]) -> dict[tuple[str, float], dict]:
     for r in rows:
         groups[(r["model"], r["temperature"])].append(r)
     return {
-        key: {"samples_per_answer": float(np.mean([r["candidates"] for r in group])),
-              "tokens_per_answer": float(np.mean([r["tokens_generated"] for r in group]))}
+        key: {
+            "samples_per_answer": float(np.mean([r["candidates"] for r in group])),
+            "tokens_per_answer": float(np.mean([r["tokens_generated"] for r in group])),
+        }
         for key, group in groups.items()
     }
 
 
-def evaluation_summary(rows: Sequence[dict], samples: pa.Table, judgments: pa.Table, ev: EvaluateConfig, *,
-                       kl_bounds: Mapping[tuple[str, float], float], accuracy: Mapping[str, dict],
-                       policy_names: Sequence[str], num_prompts: int, chosen_texts: Sequence[str | None] | None,
-                       candidates: Sequence[dict], engines: Mapping[str, str] | None = None) -> dict:
+def evaluation_summary(
+    rows: Sequence[dict],
+    samples: pa.Table,
+    judgments: pa.Table,
+    ev: EvaluateConfig,
+    *,
+    kl_bounds: Mapping[tuple[str, float], float],
+    accuracy: Mapping[str, dict],
+    policy_names: Sequence[str],
+    num_prompts: int,
+    chosen_texts: Sequence[str | None] | None,
+    candidates: Sequence[dict],
+    engines: Mapping[str, str] | None = None,
+) -> dict:
     """The document written as summary.json.
 
     rows: the sample rows behind `samples` (with their sampling costs); accuracy: held-out measures per
@@ -112,22 +144,40 @@ def evaluation_summary(rows: Sequence[dict], samples: pa.Table, judgments: pa.Ta
     used = sorted(set((engines or {}).values()))
     verdicts = judgments.to_pandas()
     return {
-        "rows": summarize(samples, judgments, ev.temperatures, n_boot=ev.bootstrap_samples, seed=ev.seed,
-                          costs=sampling_costs(rows), kl_bounds=kl_bounds),
+        "rows": summarize(
+            samples,
+            judgments,
+            ev.temperatures,
+            n_boot=ev.bootstrap_samples,
+            seed=ev.seed,
+            costs=sampling_costs(rows),
+            kl_bounds=kl_bounds,
+        ),
         "implicit_reward_accuracy": accuracy.get(policy_names[0]) if len(policy_names) == 1 else dict(accuracy),
-        "judge": ev.judge, "reward": ev.reward, "engine_requested": ev.engine,
+        "judge": ev.judge,
+        "reward": ev.reward,
+        "engine_requested": ev.engine,
         "engine": used[0] if len(used) == 1 else dict(engines or {}) or ev.engine,
-        "unparsed_verdicts": int(sum(v == "unparsed" for col in ("verdict_first", "verdict_second")
-                                     for v in judgments[col].to_pylist())),
-        "unparsed_comparisons_by_baseline": {b: unparsed_comparisons(verdicts[verdicts.baseline == b])
-                                             for b in ("reference", "chosen")},
+        "unparsed_verdicts": int(
+            sum(v == "unparsed" for col in ("verdict_first", "verdict_second") for v in judgments[col].to_pylist())
+        ),
+        "unparsed_comparisons_by_baseline": {
+            b: unparsed_comparisons(verdicts[verdicts.baseline == b]) for b in ("reference", "chosen")
+        },
         "num_prompts": num_prompts,
-        "preferred_responses": {"judged": chosen_texts is not None,
-                                "prompts_with_chosen": sum(c is not None for c in chosen_texts or []),
-                                "prompts_without_chosen": sum(c is None for c in chosen_texts or [])},
-        "best_of_n": None if not ev.best_of_n else {
-            "n": ev.best_of_n, "model": best_of_n_name(ev.best_of_n), "picked_by": f"reward ({ev.reward})",
-            "kl_bound": best_of_n_kl_bound(ev.best_of_n), "candidates_sampled": len(candidates),
+        "preferred_responses": {
+            "judged": chosen_texts is not None,
+            "prompts_with_chosen": sum(c is not None for c in chosen_texts or []),
+            "prompts_without_chosen": sum(c is None for c in chosen_texts or []),
+        },
+        "best_of_n": None
+        if not ev.best_of_n
+        else {
+            "n": ev.best_of_n,
+            "model": best_of_n_name(ev.best_of_n),
+            "picked_by": f"reward ({ev.reward})",
+            "kl_bound": best_of_n_kl_bound(ev.best_of_n),
+            "candidates_sampled": len(candidates),
             "tokens_generated": int(sum(len(c["completion_ids"]) for c in candidates)),
         },
     }

@@ -2,7 +2,7 @@
 
 The score stage runs the reference model through `SequenceScorer` and writes the columns as ref_*;
 evaluate runs each trained policy through it for held-out accuracy. The log-probs come from
-`pipeline.model.batch_logps.batch_sequence_logps`, the very function the trainer calls on the policy.
+`pipeline.model.logps.dispatch.batch_sequence_logps`, the very function the trainer calls on the policy.
 """
 
 from __future__ import annotations
@@ -12,12 +12,22 @@ import pyarrow as pa
 import torch
 
 from pipeline.config import Config
-from pipeline.model.batch_logps import batch_sequence_logps
-from pipeline.model.loading import compile_decoder_layers, load_model, load_tokenizer, pick_device
+from pipeline.model.logps.dispatch import batch_sequence_logps
+from pipeline.model.pretrained import compile_decoder_layers, load_model, load_tokenizer, pick_device
 
 
-def _score_two(model, prompts: list, first: list, second: list, *, pad_id: int, micro_batch: int, device: str,
-               packing: bool = False, chunk_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _score_two(
+    model,
+    prompts: list,
+    first: list,
+    second: list,
+    *,
+    pad_id: int,
+    micro_batch: int,
+    device: str,
+    packing: bool = False,
+    chunk_size: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Log-probs (float64 sums) of prompt + first[i] and prompt + second[i] under `model`, each (n,).
 
     Rows are scored in micro-batches of similar length (sorted by length, then put back in order) so
@@ -34,40 +44,76 @@ def _score_two(model, prompts: list, first: list, second: list, *, pad_id: int, 
             idx = order[start : start + micro_batch]
             batch_prompts = [prompts[i] for i in idx]
             logps, _, _ = batch_sequence_logps(
-                model, batch_prompts + batch_prompts, [first[i] for i in idx] + [second[i] for i in idx],
-                pad_id=pad_id, device=device, packing=packing, chunk_size=chunk_size,
+                model,
+                batch_prompts + batch_prompts,
+                [first[i] for i in idx] + [second[i] for i in idx],
+                pad_id=pad_id,
+                device=device,
+                packing=packing,
+                chunk_size=chunk_size,
             )
             logps = logps.double().cpu().numpy()
             first_logps[idx], second_logps[idx] = logps[: len(idx)], logps[len(idx) :]
     return first_logps, second_logps
 
 
-def score_pairs(model, table: pa.Table, *, pad_id: int, micro_batch: int, device: str, packing: bool = False,
-                chunk_size: int | None = None, prefix: str = "") -> pa.Table:
+def score_pairs(
+    model,
+    table: pa.Table,
+    *,
+    pad_id: int,
+    micro_batch: int,
+    device: str,
+    packing: bool = False,
+    chunk_size: int | None = None,
+    prefix: str = "",
+) -> pa.Table:
     """Add {prefix}chosen_logps and {prefix}rejected_logps (float64 sums over response tokens) to `table`.
 
     `table` holds prompt_ids, chosen_ids and rejected_ids. Pure over an Arrow table: no Ray.
     """
     chosen_logps, rejected_logps = _score_two(
-        model, table["prompt_ids"].to_pylist(), table["chosen_ids"].to_pylist(), table["rejected_ids"].to_pylist(),
-        pad_id=pad_id, micro_batch=micro_batch, device=device, packing=packing, chunk_size=chunk_size,
+        model,
+        table["prompt_ids"].to_pylist(),
+        table["chosen_ids"].to_pylist(),
+        table["rejected_ids"].to_pylist(),
+        pad_id=pad_id,
+        micro_batch=micro_batch,
+        device=device,
+        packing=packing,
+        chunk_size=chunk_size,
     )
-    return (
-        table.append_column(f"{prefix}chosen_logps", pa.array(chosen_logps))
-        .append_column(f"{prefix}rejected_logps", pa.array(rejected_logps))
+    return table.append_column(f"{prefix}chosen_logps", pa.array(chosen_logps)).append_column(
+        f"{prefix}rejected_logps", pa.array(rejected_logps)
     )
 
 
-def score_unpaired(model, table: pa.Table, *, pad_id: int, micro_batch: int, device: str, packing: bool = False,
-                   chunk_size: int | None = None, prefix: str = "") -> pa.Table:
+def score_unpaired(
+    model,
+    table: pa.Table,
+    *,
+    pad_id: int,
+    micro_batch: int,
+    device: str,
+    packing: bool = False,
+    chunk_size: int | None = None,
+    prefix: str = "",
+) -> pa.Table:
     """For KTO rows that carry kl_completion_ids (see pipeline.data.kto_pairs): add {prefix}chosen_logps (the
     completion), {prefix}rejected_logps (0: there is no rejected response) and {prefix}kl_logps (the
     mismatched completion after this row's prompt). Both completions of a row share one forward pass.
     Pure: no Ray.
     """
     completion_logps, kl_logps = _score_two(
-        model, table["prompt_ids"].to_pylist(), table["chosen_ids"].to_pylist(), table["kl_completion_ids"].to_pylist(),
-        pad_id=pad_id, micro_batch=micro_batch, device=device, packing=packing, chunk_size=chunk_size,
+        model,
+        table["prompt_ids"].to_pylist(),
+        table["chosen_ids"].to_pylist(),
+        table["kl_completion_ids"].to_pylist(),
+        pad_id=pad_id,
+        micro_batch=micro_batch,
+        device=device,
+        packing=packing,
+        chunk_size=chunk_size,
     )
     return (
         table.append_column(f"{prefix}chosen_logps", pa.array(completion_logps))
@@ -81,9 +127,15 @@ def scorer_options(config: Config, *, use_gpu: bool, gpus: float = 1.0) -> dict:
     `gpus` is what the actor holds, and more than one spreads the model over them."""
     score = config.score
     return dict(
-        dtype=config.model.dtype, use_gpu=use_gpu, spread=use_gpu and gpus > 1, micro_batch=score.batch_size,
-        trust_remote_code=config.model.trust_remote_code, attn_implementation=config.model.attn_implementation,
-        packing=score.packing, chunk_size=score.logps_chunk_size if score.chunked_logps else None, compile=score.compile,
+        dtype=config.model.dtype,
+        use_gpu=use_gpu,
+        spread=use_gpu and gpus > 1,
+        micro_batch=score.batch_size,
+        trust_remote_code=config.model.trust_remote_code,
+        attn_implementation=config.model.attn_implementation,
+        packing=score.packing,
+        chunk_size=score.logps_chunk_size if score.chunked_logps else None,
+        compile=score.compile,
     )
 
 
@@ -94,13 +146,29 @@ class SequenceScorer:
     get {prefix}kl_logps too. The score stage sets prefix="ref_" for the reference model.
     """
 
-    def __init__(self, model_path: str, *, dtype: str, use_gpu: bool, micro_batch: int, trust_remote_code: bool,
-                 attn_implementation: str | None = None, packing: bool = False, chunk_size: int | None = None,
-                 compile: bool = False, prefix: str = "", spread: bool = False):
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        dtype: str,
+        use_gpu: bool,
+        micro_batch: int,
+        trust_remote_code: bool,
+        attn_implementation: str | None = None,
+        packing: bool = False,
+        chunk_size: int | None = None,
+        compile: bool = False,
+        prefix: str = "",
+        spread: bool = False,
+    ):
         self.device = pick_device(use_gpu)
         self.model = load_model(
-            model_path, dtype=getattr(torch, dtype), device=self.device, trust_remote_code=trust_remote_code,
-            attn_implementation=attn_implementation, spread=spread,
+            model_path,
+            dtype=getattr(torch, dtype),
+            device=self.device,
+            trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation,
+            spread=spread,
         ).eval()
         if compile:
             compile_decoder_layers(self.model)

@@ -19,6 +19,8 @@ from typing import Any
 import ray
 
 log = logging.getLogger(__name__)
+
+
 def actor_options(retries: int) -> dict:
     """ray.remote options for an actor that survives `retries` deaths, each time redoing only the calls in
     flight (Ray's actor restart and task retry)."""
@@ -50,7 +52,7 @@ class ActorJobs:
         self._results: dict[Hashable, list] = {}
         self._names: set[Hashable] = set()  # every job ever submitted
 
-    def __enter__(self) -> "ActorJobs":
+    def __enter__(self) -> ActorJobs:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -77,14 +79,22 @@ class ActorJobs:
             try:
                 self._results[name] = ray.get(refs)
             except ray.exceptions.RayActorError as err:
-                raise ActorJobError(f"job {name!r}: its actor died and could not be restarted again "
-                                    f"({type(err).__name__}; see the log above for how it died)") from err
+                raise ActorJobError(
+                    f"job {name!r}: its actor died and could not be restarted again "
+                    f"({type(err).__name__}; see the log above for how it died)"
+                ) from err
             finally:
                 stop(actor)
             self._fill()
-            log.info("%s: %s done (%d of %d jobs done, %d running, %d waiting)", self.label,
-                     " ".join(map(str, name)) if isinstance(name, tuple) else name, len(self._results),
-                     len(self._names), len(self._running), len(self._queued))
+            log.info(
+                "%s: %s done (%d of %d jobs done, %d running, %d waiting)",
+                self.label,
+                " ".join(map(str, name)) if isinstance(name, tuple) else name,
+                len(self._results),
+                len(self._names),
+                len(self._running),
+                len(self._queued),
+            )
         return {n: self._results[n] for n in names}
 
     def _fill(self) -> None:

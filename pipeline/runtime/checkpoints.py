@@ -18,16 +18,23 @@ from pathlib import Path
 
 import torch
 
-from pipeline.model.export import export_pretrained
-from pipeline.model.sharding import load_checkpoint, save_checkpoint
+from pipeline.training.export import export_pretrained
+from pipeline.training.sharding import load_checkpoint, save_checkpoint
 
 STATE_DIR = "state"
 STATE_FILE = "trainer_state.json"
 HF_DIR = "hf"
 
 
-def write_checkpoint(directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, rank: int,
-                     step: int, history: list[dict]) -> None:
+def write_checkpoint(
+    directory: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    rank: int,
+    step: int,
+    history: list[dict],
+) -> None:
     """This rank's part of a checkpoint of `model` (unwrapped from DDP) and `optimizer` after `step`.
     Every rank must call it: saving sharded state is a collective."""
     directory = Path(directory)
@@ -37,11 +44,13 @@ def write_checkpoint(directory: str | Path, model: torch.nn.Module, optimizer: t
 
 
 def write_export(directory: str | Path, model: torch.nn.Module, tokenizer, *, rank: int, merge: bool = True) -> None:
-    """The trained policy as `directory/hf` (see pipeline.model.export); every rank must call it."""
+    """The trained policy as `directory/hf` (see pipeline.training.export); every rank must call it."""
     export_pretrained(model, tokenizer, str(Path(directory) / HF_DIR), rank=rank, merge=merge)
 
 
-def read_checkpoint(directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, list[dict]]:
+def read_checkpoint(
+    directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[int, list[dict]]:
     """Restore `model` and `optimizer` from a merged checkpoint directory; return (step, history)."""
     directory = Path(directory)
     load_checkpoint(str(directory / STATE_DIR), model, optimizer)

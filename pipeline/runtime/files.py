@@ -43,7 +43,7 @@ def _files(fs: pafs.FileSystem, root: str, skip: Iterable[str]) -> Iterator[tupl
     """(path relative to `root`, info) of every file under `root`, but `skip` and `.tmp-` leftovers."""
     skip = set(skip)
     for info in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True)):
-        rel = info.path[len(root):].lstrip("/")
+        rel = info.path[len(root) :].lstrip("/")
         if info.type == pafs.FileType.File and rel not in skip and ".tmp-" not in info.base_name:
             yield rel, info
 
@@ -65,8 +65,11 @@ def differences(expected: dict[str, dict], fs: pafs.FileSystem, root: str, *, sk
     they agree."""
     found = {rel: info.size for rel, info in _files(fs, root, skip)}
     problems = [f"{rel}: missing" for rel in expected if rel not in found]
-    problems += [f"{rel}: {found[rel]} bytes, the manifest says {entry['bytes']}"
-                 for rel, entry in expected.items() if rel in found and found[rel] != entry["bytes"]]
+    problems += [
+        f"{rel}: {found[rel]} bytes, the manifest says {entry['bytes']}"
+        for rel, entry in expected.items()
+        if rel in found and found[rel] != entry["bytes"]
+    ]
     problems += [f"{rel}: not in the manifest" for rel in found if rel not in expected]
     return problems
 
@@ -86,4 +89,5 @@ def check_same_ids(expected: Iterable[str], got: Iterable[str], *, what: str) ->
     example = next(iter(want - have), None) or next(iter(have - want))
     raise RowsLostError(
         f"{what}: {sum(have.values())} rows written for {sum(want.values())} expected: {lost} lost, "
-        f"{duplicated} duplicated or unexpected ({unknown} with an id the input never had); e.g. id {example}")
+        f"{duplicated} duplicated or unexpected ({unknown} with an id the input never had); e.g. id {example}"
+    )

@@ -23,8 +23,14 @@ log = logging.getLogger(__name__)
 # Memory as nvidia-smi reports it (MiB / 1024), for the accelerator types whose name fixes it. Plain
 # "A100" (40 or 80 GB) and "V100" (16 or 32 GB) do not, so they are left out.
 KNOWN_GPU_GIB = {
-    "T4": 15.0, "A10G": 22.49, "L4": 22.49, "L40S": 44.99, "A100-40G": 40.0, "A100-80G": 80.0,
-    "H100": 79.65, "H200": 140.4,
+    "T4": 15.0,
+    "A10G": 22.49,
+    "L4": 22.49,
+    "L40S": 44.99,
+    "A100-40G": 40.0,
+    "A100-80G": 80.0,
+    "H100": 79.65,
+    "H200": 140.4,
 }
 ACCELERATOR_PREFIX = "accelerator_type:"
 
@@ -38,8 +44,13 @@ class GpuMemory:
 def _nvidia_smi_gib() -> float | None:
     """The smallest GPU memory on this node in GiB, from nvidia-smi; None where it is missing or fails."""
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=30, check=True).stdout
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
         sizes = [float(line) / 1024 for line in out.split() if line.strip()]
     except (OSError, subprocess.SubprocessError, ValueError):
         return None
@@ -49,7 +60,7 @@ def _nvidia_smi_gib() -> float | None:
 def _from_label(resources: dict[str, float]) -> tuple[float, str] | None:
     for name in resources:
         if name.startswith(ACCELERATOR_PREFIX):
-            kind = name[len(ACCELERATOR_PREFIX):]
+            kind = name[len(ACCELERATOR_PREFIX) :]
             if kind in KNOWN_GPU_GIB:
                 return KNOWN_GPU_GIB[kind], f"accelerator_type {kind}"
     return None
@@ -59,8 +70,10 @@ def cluster_gpu_memory(*, timeout_s: float = 60.0) -> GpuMemory | None:
     """The memory of the smallest GPU a train worker may be placed on, or None when no one can say."""
     nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("GPU", 0) > 0]
     probe = ray.remote(num_cpus=0)(_nvidia_smi_gib)
-    pending = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
-               for n in nodes]
+    pending = [
+        probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
+        for n in nodes
+    ]
     try:
         measured = ray.get(pending, timeout=timeout_s)
     except ray.exceptions.GetTimeoutError:

@@ -80,8 +80,10 @@ class Claim:
 
     def describe(self, now: float) -> str:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started))
-        return (f"pid {self.pid} on {self.host} ({self.command}), writing since {since}, "
-                f"last heartbeat {now - self.heartbeat:.0f} s ago")
+        return (
+            f"pid {self.pid} on {self.host} ({self.command}), writing since {since}, "
+            f"last heartbeat {now - self.heartbeat:.0f} s ago"
+        )
 
     def is_dead(self, now: float, *, ttl: float) -> bool:
         if now - self.heartbeat > ttl:
@@ -94,7 +96,7 @@ class Claim:
 
 
 _HELD_TOKENS: set[str] = set()
-_HELD: dict[str, "Lease"] = {}  # run directory URI -> this process's lease on it
+_HELD: dict[str, Lease] = {}  # run directory URI -> this process's lease on it
 _LOCK = threading.Lock()
 
 
@@ -188,15 +190,24 @@ def _refusal(uri: str, holder: Claim, ttl: float) -> LeaseError:
     return LeaseError(
         f"{uri} is being written by another process: {holder.describe(time.time())}. Wait for it to finish "
         f"(or stop it); a holder that died frees the directory {ttl:.0f} s after its last heartbeat, at once on "
-        "its own machine")
+        "its own machine"
+    )
 
 
-def acquire(fs: pafs.FileSystem, root: str, uri: str, *, command: str, ttl: float = TTL_S,
-            heartbeat_s: float = HEARTBEAT_S) -> Lease:
+def acquire(
+    fs: pafs.FileSystem, root: str, uri: str, *, command: str, ttl: float = TTL_S, heartbeat_s: float = HEARTBEAT_S
+) -> Lease:
     """Claim the run directory at `root` or raise LeaseError naming the live holder."""
     now = time.time()
-    claim = Claim(token=uuid.uuid4().hex, host=socket.gethostname(), machine=_machine(), pid=os.getpid(),
-                  command=command, started=now, heartbeat=now)
+    claim = Claim(
+        token=uuid.uuid4().hex,
+        host=socket.gethostname(),
+        machine=_machine(),
+        pid=os.getpid(),
+        command=command,
+        started=now,
+        heartbeat=now,
+    )
     lease = Lease(fs, root, uri, claim, ttl=ttl, heartbeat_s=heartbeat_s)
     fs.create_dir(f"{root}/{LEASE_DIR}", recursive=True)
     for round_ in range(ROUNDS):
@@ -221,8 +232,9 @@ def command_line() -> str:
 
 
 @contextlib.contextmanager
-def hold(fs: pafs.FileSystem, root: str, uri: str, *, command: str | None = None,
-         on_first: Callable[[], None] | None = None) -> Iterator[Lease]:
+def hold(
+    fs: pafs.FileSystem, root: str, uri: str, *, command: str | None = None, on_first: Callable[[], None] | None = None
+) -> Iterator[Lease]:
     """Hold the lease on the run directory for the duration of the block (re-entrant in this process).
 
     `on_first` is called once the lease is acquired, on the first hold only (not on a re-entrant one): the
@@ -250,4 +262,3 @@ def hold(fs: pafs.FileSystem, root: str, uri: str, *, command: str | None = None
 def held(uri: str) -> Lease | None:
     """This process's lease on `uri`, if it holds one."""
     return _HELD.get(uri)
-

@@ -60,8 +60,11 @@ class LedgerBatches:
         if self._note is None:
             return self.process(batch)
         keys = batch[self._key]
-        note = {"rows": batch.num_rows, "first": keys[0].as_py() if len(keys) else None,
-                "last": keys[-1].as_py() if len(keys) else None}
+        note = {
+            "rows": batch.num_rows,
+            "first": keys[0].as_py() if len(keys) else None,
+            "last": keys[-1].as_py() if len(keys) else None,
+        }
         with self._fs.open_output_stream(self._note) as out:
             out.write(json.dumps(note).encode())
         try:
@@ -106,12 +109,20 @@ def run_pool(work: Callable[[], T], *, ledger: str, what: str, retries: int, res
                 raise PoolFailed(
                     f"the batch of {rows} rows from {first} to {last} was in flight in {deaths} actor "
                     f"deaths and ran out of retries (ray.max_retries={retries}); look for what kills the process on "
-                    "these rows (memory, a crashing kernel)") from err
+                    "these rows (memory, a crashing kernel)"
+                ) from err
             if attempt == retries:
-                raise PoolFailed(f"the {what} pool lost an actor {retries + 1} times, each time with no batch to "
-                                 f"blame (nodes lost?); gave up after ray.max_retries={retries} restarts") from err
-            log.warning("%s: the pool lost an actor (%s), most likely with its node; starting it again (%d of %d)",
-                        what, type(err).__name__, attempt + 1, retries)
+                raise PoolFailed(
+                    f"the {what} pool lost an actor {retries + 1} times, each time with no batch to "
+                    f"blame (nodes lost?); gave up after ray.max_retries={retries} restarts"
+                ) from err
+            log.warning(
+                "%s: the pool lost an actor (%s), most likely with its node; starting it again (%d of %d)",
+                what,
+                type(err).__name__,
+                attempt + 1,
+                retries,
+            )
             wait_for_node_loss(nodes)
             reset()
     raise AssertionError("unreachable")

@@ -25,11 +25,13 @@ def init_ray(config: RayConfig) -> None:
         # The usual slip after `export RAY_ADDRESS=http://127.0.0.1:8265` for `ray job submit`.
         raise ConfigError(
             f"RAY_ADDRESS={address} is a job API address: use it with `ray job submit`, which runs this "
-            "command on the cluster; to run it here, unset RAY_ADDRESS (or set ray.address to host:6379)")
+            "command on the cluster; to run it here, unset RAY_ADDRESS (or set ray.address to host:6379)"
+        )
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        # "local": without it Ray joins any cluster `ray start` left running on this machine (and then refuses num_cpus).
+        # "local": without it Ray joins any cluster `ray start` left running on this machine (and then
+        # refuses num_cpus).
         ray.init(address="local", num_cpus=config.num_cpus, log_to_driver=True)
     _configure_ray_data(progress_bars=on_a_terminal())
     log.info("Ray resources: %s", ray.cluster_resources())

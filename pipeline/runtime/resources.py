@@ -80,8 +80,9 @@ def check_resources(requests: list[Request], *, wait_s: float = 600.0, poll_s: f
         raise ResourceError("; ".join(problems))
     if mode == "groups":
         ceiling = nodes + _group_maxima()
-        beyond = [p for p in (_shortfall(r, ceiling, where="this cluster at its autoscaling maximum")
-                              for r in requests) if p]
+        beyond = [
+            p for p in (_shortfall(r, ceiling, where="this cluster at its autoscaling maximum") for r in requests) if p
+        ]
         if beyond:
             raise ResourceError("; ".join(beyond))
         log.info("resources: not here yet, within the autoscaler's maxima: %s", "; ".join(problems))
@@ -115,7 +116,7 @@ def _wait_for_autoscaler(requests: list[Request], *, wait_s: float, poll_s: floa
         # The request is persistent: clear it so idle nodes may scale down once the stages are done.
         try:
             request_resources(bundles=[])
-        except Exception:  # noqa: BLE001 (best effort: a stale request only delays scale-down)
+        except Exception:
             log.debug("resources: could not clear the autoscaler request", exc_info=True)
 
 
@@ -127,8 +128,11 @@ def _shortfall(request: Request, nodes: list[dict[str, float]], *, where: str) -
         total = sum(node.get(resource, 0.0) for node in nodes)
         largest = max((node.get(resource, 0.0) for node in nodes), default=0.0)
         if largest + _EPS < amount:
-            has = f"has {_n(total)} {_plural(resource, total)}" if total + _EPS < amount else (
-                f"has no node with {_n(amount)} {_plural(resource, amount)} (the largest has {_n(largest)})")
+            has = (
+                f"has {_n(total)} {_plural(resource, total)}"
+                if total + _EPS < amount
+                else (f"has no node with {_n(amount)} {_plural(resource, amount)} (the largest has {_n(largest)})")
+            )
             asks = f"{request.keys[resource]} asks for {_n(amount)} {_plural(resource, amount)} per {request.unit}"
             return f"{asks} but {where} {has}"
     fits = sum(_bundles_per_node(request.bundle, node) for node in nodes)
@@ -174,14 +178,13 @@ def _group_maxima_config():
         from ray._private.state import state
 
         cluster_config = state.get_cluster_config()
-    except Exception:  # noqa: BLE001 (a private API: absent or changed means "not reported")
+    except Exception:
         log.debug("resources: no cluster config from the GCS", exc_info=True)
         return None
     if not cluster_config or not cluster_config.node_group_configs:
         return None
     growable = [
-        g for g in cluster_config.node_group_configs
-        if g.resources and (g.max_count == -1 or g.max_count > g.min_count)
+        g for g in cluster_config.node_group_configs if g.resources and (g.max_count == -1 or g.max_count > g.min_count)
     ]
     return growable or None
 

@@ -37,8 +37,16 @@ _GROUPS: dict[str, PlacementGroup] = {}
 class Sampler:
     """Actor body: `generate` returns, per prompt, n completions as plain dicts (text, token_ids, token_logps)."""
 
-    def __init__(self, kind: str, model_path: str, *, use_gpu: bool, dtype: str, trust_remote_code: bool,
-                 engine_kwargs: dict | None = None):
+    def __init__(
+        self,
+        kind: str,
+        model_path: str,
+        *,
+        use_gpu: bool,
+        dtype: str,
+        trust_remote_code: bool,
+        engine_kwargs: dict | None = None,
+    ):
         # The engines pull in transformers (seconds to import): imported here, in the actor that loads the
         # model, so a driver that only starts samplers never pays for it.
         from pipeline.model.engines import make_engine
@@ -48,8 +56,14 @@ class Sampler:
             os.environ.pop("CUDA_VISIBLE_DEVICES", None)
         # model_path may be a URI (a policy in an s3:// run directory): this actor copies it to its own node.
         with local_model(model_path) as path:
-            self.engine = make_engine(kind, path, device="cuda" if use_gpu else "cpu", dtype=dtype,
-                                      trust_remote_code=trust_remote_code, **(engine_kwargs or {}))
+            self.engine = make_engine(
+                kind,
+                path,
+                device="cuda" if use_gpu else "cpu",
+                dtype=dtype,
+                trust_remote_code=trust_remote_code,
+                **(engine_kwargs or {}),
+            )
 
     def engine_name(self) -> str:
         return self.engine.name
@@ -94,15 +108,27 @@ def sampler_placement(kind: str, *, use_gpu: bool, gpus: float = 1.0) -> Sampler
     if engine == "hf":  # transformers spreads the model's layers over the actor's GPUs
         return SamplerPlacement("hf", num_cpus=1, num_gpus=gpus if use_gpu else 0)
     if not use_gpu:
-        return SamplerPlacement("vllm", num_cpus=2, num_gpus=0,
-                                env={"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"})
+        return SamplerPlacement(
+            "vllm", num_cpus=2, num_gpus=0, env={"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
+        )
     if gpus <= 1:
         return SamplerPlacement("vllm", num_cpus=1, num_gpus=gpus)
-    return SamplerPlacement("vllm", num_cpus=1, num_gpus=0, bundles=[{"GPU": 1.0, "CPU": 1.0} for _ in range(int(gpus))])
+    return SamplerPlacement(
+        "vllm", num_cpus=1, num_gpus=0, bundles=[{"GPU": 1.0, "CPU": 1.0} for _ in range(int(gpus))]
+    )
 
 
-def start_sampler(kind: str, model_path: str, *, use_gpu: bool = False, gpus: float = 1.0, dtype: str = "float32",
-                  trust_remote_code: bool = False, kv_cache_gib: float | None = None, retries: int = 0):
+def start_sampler(
+    kind: str,
+    model_path: str,
+    *,
+    use_gpu: bool = False,
+    gpus: float = 1.0,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    kv_cache_gib: float | None = None,
+    retries: int = 0,
+):
     """Start a sampler actor holding `model_path` (a directory, hub id, or URI such as s3://bucket/run/train/final,
     which the actor fetches itself) on `gpus` GPUs when use_gpu; stop it with `stop_sampler` when done, to
     free its CPUs or GPUs.
@@ -114,10 +140,22 @@ def start_sampler(kind: str, model_path: str, *, use_gpu: bool = False, gpus: fl
     placement = sampler_placement(kind, use_gpu=use_gpu, gpus=gpus)
     engine_kwargs = {} if placement.engine == "hf" else {"kv_cache_gib": kv_cache_gib}
     if use_gpu and gpus > 1:
-        engine_kwargs.update({"gpus": int(gpus)} if placement.engine == "hf" else
-                             {"tensor_parallel_size": int(gpus), "distributed_executor_backend": "ray"})
-    return start_placed(Sampler, placement, kind, model_path, use_gpu=use_gpu, dtype=dtype,
-                        trust_remote_code=trust_remote_code, engine_kwargs=engine_kwargs, retries=retries)
+        engine_kwargs.update(
+            {"gpus": int(gpus)}
+            if placement.engine == "hf"
+            else {"tensor_parallel_size": int(gpus), "distributed_executor_backend": "ray"}
+        )
+    return start_placed(
+        Sampler,
+        placement,
+        kind,
+        model_path,
+        use_gpu=use_gpu,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        engine_kwargs=engine_kwargs,
+        retries=retries,
+    )
 
 
 def start_placed(actor_body: type, placement: SamplerPlacement, *args, retries: int = 0, **kwargs):
@@ -132,7 +170,8 @@ def start_placed(actor_body: type, placement: SamplerPlacement, *args, retries: 
         group = placement_group(placement.bundles, strategy="STRICT_PACK")
         # capture_child_tasks: the workers vLLM starts from inside the actor land in the group's bundles.
         options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-            group, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)
+            group, placement_group_bundle_index=0, placement_group_capture_child_tasks=True
+        )
     actor = ray.remote(**options)(actor_body).remote(*args, **kwargs)
     if group is not None:
         _GROUPS[actor._actor_id.hex()] = group

@@ -30,8 +30,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.config import refuse_credentials
-from pipeline.runtime.lease import Lease, held, hold
 from pipeline.runtime.files import differences, list_files, write_atomic
+from pipeline.runtime.lease import Lease, held, hold
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,9 @@ class RunDir:
         try:
             manifest = self.read_json(f"{stage}/{MANIFEST}")
         except ValueError as err:  # empty or truncated: whatever wrote it did not finish
-            log.warning("%s: unreadable manifest (%s): the stage counts as not finished", self.uri_of(stage, MANIFEST), err)
+            log.warning(
+                "%s: unreadable manifest (%s): the stage counts as not finished", self.uri_of(stage, MANIFEST), err
+            )
             return None
         return manifest if isinstance(manifest, dict) else None
 
@@ -154,12 +156,19 @@ class RunDir:
 
     def is_finished(self, stage: str, *, config_hash: str, upstream_hash: str | None) -> bool:
         manifest = self.manifest(stage)
-        if manifest is None or manifest.get("config_hash") != config_hash or manifest.get("upstream_hash") != upstream_hash:
+        if (
+            manifest is None
+            or manifest.get("config_hash") != config_hash
+            or manifest.get("upstream_hash") != upstream_hash
+        ):
             return False
         damage = self.damage(stage, manifest)
         if damage:
-            log.warning("%s: its files do not match its manifest (%s): the stage counts as not finished",
-                        self.uri_of(stage), "; ".join(damage[:3]))
+            log.warning(
+                "%s: its files do not match its manifest (%s): the stage counts as not finished",
+                self.uri_of(stage),
+                "; ".join(damage[:3]),
+            )
         return not damage
 
     @contextlib.contextmanager
@@ -176,11 +185,14 @@ class RunDir:
         it held, no other writer can be using them."""
         entries = self.fs.get_file_info(pafs.FileSelector(self.path(STAGING), allow_not_found=True))
         if entries:
-            log.info("%s: removing %d staging folder(s) of earlier attempts that never committed",
-                     self.uri_of(), len(entries))
+            log.info(
+                "%s: removing %d staging folder(s) of earlier attempts that never committed",
+                self.uri_of(),
+                len(entries),
+            )
             self.fs.delete_dir(self.path(STAGING))
 
-    def begin(self, stage: str) -> "StageWriter":
+    def begin(self, stage: str) -> StageWriter:
         """Start a fresh attempt at `stage`: the old manifest goes first, so nothing reads as finished."""
         fs = self.fs
         if self.exists(stage, MANIFEST):
@@ -274,7 +286,7 @@ def _move_dir(fs: pafs.FileSystem, src: str, dst: str) -> None:
     # manifest, the commit point, is written.
     for info in fs.get_file_info(pafs.FileSelector(src, recursive=True)):
         if info.type == pafs.FileType.File:
-            target = dst + info.path[len(src):]
+            target = dst + info.path[len(src) :]
             fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
             fs.copy_file(info.path, target)
 

@@ -60,7 +60,7 @@ class TrackingRun:
         return {**dataclasses.asdict(self), "report_to": list(self.report_to)}
 
     @classmethod
-    def from_dict(cls, fields: dict) -> "TrackingRun":
+    def from_dict(cls, fields: dict) -> TrackingRun:
         return cls(**{**fields, "report_to": tuple(fields["report_to"])})
 
 
@@ -74,11 +74,12 @@ def check_trackers(train: TrainConfig, run_dir: str) -> None:
         if name not in TRACKERS:
             raise ConfigError(f"train.report_to: unknown tracker {name!r} (known: {', '.join(TRACKERS)})")
         if importlib.util.find_spec(name) is None:  # each tracker's module has the tracker's name
-            raise ConfigError(f"train.report_to: {name} needs the {name} package: "
-                              f"pip install 'raydpo[trackers]'")
+            raise ConfigError(f"train.report_to: {name} needs the {name} package: pip install 'raydpo[trackers]'")
     if "mlflow" in train.report_to and "://" in run_dir and not train.mlflow_tracking_uri:
-        raise ConfigError(f"train.report_to: mlflow with run_dir {run_dir} needs train.mlflow_tracking_uri "
-                          "(an MLflow server): its default file store cannot live in an object store")
+        raise ConfigError(
+            f"train.report_to: mlflow with run_dir {run_dir} needs train.mlflow_tracking_uri "
+            "(an MLflow server): its default file store cannot live in an object store"
+        )
 
 
 def train_metrics(row: dict) -> dict[str, float]:
@@ -88,8 +89,13 @@ def train_metrics(row: dict) -> dict[str, float]:
 
 def summary_metrics(rows: list[dict], models: list[str]) -> dict[str, float]:
     """The evaluate summary rows of `models` as `eval/T<temperature>/<model>/<key>` scalars."""
-    return {f"eval/T{row['temperature']:g}/{row['model']}/{key}": float(row[key])
-            for row in rows if row["model"] in models for key in SUMMARY_KEYS if _number(row.get(key))}
+    return {
+        f"eval/T{row['temperature']:g}/{row['model']}/{key}": float(row[key])
+        for row in rows
+        if row["model"] in models
+        for key in SUMMARY_KEYS
+        if _number(row.get(key))
+    }
 
 
 def flat_params(tree: dict, prefix: str = "") -> dict[str, str]:
@@ -141,8 +147,10 @@ class _TensorBoard:
     def __init__(self, trackers: Trackers, params: dict | None, resume_step: int):
         from torch.utils.tensorboard import SummaryWriter  # deferred: see the module docstring
 
-        self.writer = SummaryWriter(os.path.join(trackers.root, "tensorboard", trackers.run.attempt),
-                                    purge_step=resume_step + 1 if resume_step else None)
+        self.writer = SummaryWriter(
+            os.path.join(trackers.root, "tensorboard", trackers.run.attempt),
+            purge_step=resume_step + 1 if resume_step else None,
+        )
         if params:  # TensorBoard has no run parameters: the config goes in as text, one line a key
             self.writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in sorted(params.items())))
 
@@ -170,15 +178,18 @@ class _Mlflow:
         self.client = MlflowClient(tracking_uri=uri)
         experiment = self.client.get_experiment_by_name(run.project)
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(run.project)
-        found = self.client.search_runs([experiment_id], filter_string=f"tags.{self.TAG} = '{run.run_id}'", max_results=1)
+        found = self.client.search_runs(
+            [experiment_id], filter_string=f"tags.{self.TAG} = '{run.run_id}'", max_results=1
+        )
         if found:
             self.run_id = found[0].info.run_id
             return
-        self.run_id = self.client.create_run(experiment_id, run_name=run.attempt,
-                                             tags={self.TAG: run.run_id, "raydpo_run_dir": run.run_dir}).info.run_id
+        self.run_id = self.client.create_run(
+            experiment_id, run_name=run.attempt, tags={self.TAG: run.run_id, "raydpo_run_dir": run.run_dir}
+        ).info.run_id
         items = sorted((params or {}).items())
         for i in range(0, len(items), 100):  # MLflow takes at most 100 parameters a batch
-            self.client.log_batch(self.run_id, params=[Param(k, v[:6000]) for k, v in items[i:i + 100]])
+            self.client.log_batch(self.run_id, params=[Param(k, v[:6000]) for k, v in items[i : i + 100]])
 
     def log(self, values: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
@@ -196,9 +207,16 @@ class _Wandb:
         # Offline without a key: the run is complete on disk, and `wandb sync` uploads it later.
         mode = None if os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY") else "offline"
         os.makedirs(trackers.root, exist_ok=True)
-        self.run = wandb.init(dir=trackers.root, project=run.project, id=run.run_id, name=run.attempt,
-                              resume="allow", mode=mode, config=params or None,
-                              settings=wandb.Settings(console="off", silent=True))
+        self.run = wandb.init(
+            dir=trackers.root,
+            project=run.project,
+            id=run.run_id,
+            name=run.attempt,
+            resume="allow",
+            mode=mode,
+            config=params or None,
+            settings=wandb.Settings(console="off", silent=True),
+        )
 
     def log(self, values: dict[str, float], step: int) -> None:
         self.run.log(values, step=step)

@@ -17,8 +17,18 @@ from pipeline.stages.train import TRAIN
 STAGES: tuple[Stage, ...] = (TOKENIZE, SCORE, TRAIN, EVALUATE)
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 
-__all__ = ["EVALUATE", "SCORE", "STAGES", "STAGE_NAMES", "TOKENIZE", "TRAIN", "Stage", "by_name",
-           "cluster_requests", "enabled_stages"]
+__all__ = [
+    "EVALUATE",
+    "SCORE",
+    "STAGES",
+    "STAGE_NAMES",
+    "TOKENIZE",
+    "TRAIN",
+    "Stage",
+    "by_name",
+    "cluster_requests",
+    "enabled_stages",
+]
 
 
 def by_name(name: str) -> Stage:

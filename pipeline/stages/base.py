@@ -74,7 +74,7 @@ class Stage:
 
     name: str
     sections: tuple[str, ...]
-    body: Callable[["StageRun"], dict]
+    body: Callable[[StageRun], dict]
     upstream: Callable[[Config], str | None] = _nothing
     input_hash: Callable[[Config], str | None] = _nothing
     requests: Callable[[Config], list[Request]] = _no_requests
@@ -117,12 +117,15 @@ def upstream_manifest(stage: Stage, config: Config, data_dir: RunDir) -> dict | 
         return None
     manifest = data_dir.manifest(name)
     if manifest is None:
-        raise RuntimeError(f"{stage.name} needs a finished {name} stage under {data_dir.uri_of(name)}; "
-                           f"run `dpo {name}` first")
+        raise RuntimeError(
+            f"{stage.name} needs a finished {name} stage under {data_dir.uri_of(name)}; run `dpo {name}` first"
+        )
     damage = data_dir.damage(name, manifest)
     if damage:
-        raise RuntimeError(f"{stage.name} reads {data_dir.uri_of(name)}, whose files do not match its manifest "
-                           f"({'; '.join(damage[:3])}); redo it with `dpo run --from-stage {name}`")
+        raise RuntimeError(
+            f"{stage.name} reads {data_dir.uri_of(name)}, whose files do not match its manifest "
+            f"({'; '.join(damage[:3])}); redo it with `dpo run --from-stage {name}`"
+        )
     return manifest
 
 
@@ -136,9 +139,16 @@ def is_current(stage: Stage, config: Config, run_dir: RunDir, upstream_hash: str
     return run_dir.is_finished(stage.name, config_hash=stage.config_hash(config), upstream_hash=upstream_hash)
 
 
-def execute(stage: Stage, config: Config, *, force: bool = False, data_dir: RunDir | None = None,
-            out_dir: RunDir | None = None, upstream_hash: str | None = None,
-            body: Callable[[StageRun], dict] | None = None) -> dict:
+def execute(
+    stage: Stage,
+    config: Config,
+    *,
+    force: bool = False,
+    data_dir: RunDir | None = None,
+    out_dir: RunDir | None = None,
+    upstream_hash: str | None = None,
+    body: Callable[[StageRun], dict] | None = None,
+) -> dict:
     """Run `stage` unless it is finished for this config and upstream (or `force`); return its manifest.
 
     data_dir: where the upstream stage lives (default: the config's run_dir); out_dir: where this stage
@@ -148,8 +158,9 @@ def execute(stage: Stage, config: Config, *, force: bool = False, data_dir: RunD
     run_dir = out_dir or RunDir(config.run_dir)
     data = data_dir or RunDir(config.run_dir)
     with named_errors(stage.name), run_dir.lease():
-        return _attempt(stage, config, force=force, run_dir=run_dir, data=data, upstream_hash=upstream_hash,
-                        body=body or stage.body)
+        return _attempt(
+            stage, config, force=force, run_dir=run_dir, data=data, upstream_hash=upstream_hash, body=body or stage.body
+        )
 
 
 @contextlib.contextmanager
@@ -171,8 +182,16 @@ def check(stage: Stage, config: Config) -> None:
         stage.check(config)
 
 
-def _attempt(stage: Stage, config: Config, *, force: bool, run_dir: RunDir, data: RunDir, upstream_hash: str | None,
-             body: Callable[[StageRun], dict]) -> dict:
+def _attempt(
+    stage: Stage,
+    config: Config,
+    *,
+    force: bool,
+    run_dir: RunDir,
+    data: RunDir,
+    upstream_hash: str | None,
+    body: Callable[[StageRun], dict],
+) -> dict:
     """One attempt under the lease: skip a finished stage, or run the body and commit; a failed attempt
     leaves no staging folder behind."""
     upstream = None if upstream_hash else upstream_manifest(stage, config, data)

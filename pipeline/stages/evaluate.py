@@ -31,16 +31,23 @@ import ray
 
 from pipeline.config import Config, ConfigError, EvaluateConfig
 from pipeline.data.schemas import JUDGMENTS, SAMPLES
-from pipeline.evaluation.baselines import (best_of_n_kl_bounds, best_of_n_name, best_of_n_rows, judge_against_chosen,
-                                           judgments_to_make, preferred_responses, reward_scorer)
+from pipeline.evaluation.baselines import (
+    best_of_n_kl_bounds,
+    best_of_n_name,
+    best_of_n_rows,
+    judge_against_chosen,
+    judgments_to_make,
+    preferred_responses,
+    reward_scorer,
+)
 from pipeline.evaluation.held_out import held_out_from_logps
 from pipeline.evaluation.judges import Judge
-from pipeline.evaluation.judging import JudgeProgress, judge_against_reference
-from pipeline.evaluation.registry import Reward, check_judge, make_judge, make_reward
+from pipeline.evaluation.judgments import JudgeProgress, judge_against_reference
+from pipeline.evaluation.plugins import Reward, check_judge, make_judge, make_reward
 from pipeline.evaluation.report import report_notes, write_report_files
 from pipeline.evaluation.samples import add_kl_and_reward, completions_to_score, sample_rows
 from pipeline.evaluation.summary import evaluation_summary
-from pipeline.model.loading import load_tokenizer
+from pipeline.model.pretrained import load_tokenizer
 from pipeline.model.scoring import SequenceScorer, scorer_options
 from pipeline.runtime.actors import ActorJobs, actor_options
 from pipeline.runtime.model_copy import local_model
@@ -51,7 +58,6 @@ from pipeline.runtime.tracking import Trackers, TrackingRun, summary_metrics
 from pipeline.stages.base import Stage, StageRun
 
 log = logging.getLogger(__name__)
-
 
 
 def held_out_prompts(run_dir: RunDir, limit: int) -> list[list[int]]:
@@ -79,21 +85,44 @@ class Policy:
     beta: float
 
 
-def sampling_job(model_path: str, prompts: list[list[int]], ev: EvaluateConfig, *, dtype: str, trust_remote_code: bool,
-                 best_of_n: int = 0, retries: int = 0):
+def sampling_job(
+    model_path: str,
+    prompts: list[list[int]],
+    ev: EvaluateConfig,
+    *,
+    dtype: str,
+    trust_remote_code: bool,
+    best_of_n: int = 0,
+    retries: int = 0,
+):
     """An ActorJobs job (start, calls) for one model's sampler actor: per temperature, samples_per_prompt
     completions per prompt and, when best_of_n > 0, best_of_n * samples_per_prompt more (answer s owns
     candidates s*N .. s*N+N-1), drawn from seeds of their own so that no candidate is the very sample it
     will be judged against. The last call closes the engine (vLLM's processes stop as soon as the samples
     are in) and returns its name. `split_samples` turns the job's results into (samples, candidates, engine)."""
+
     def start():
-        return start_sampler(ev.engine, model_path, use_gpu=ev.use_gpu, gpus=ev.gpus_per_actor, dtype=dtype,
-                             trust_remote_code=trust_remote_code, kv_cache_gib=ev.vllm_kv_cache_gib, retries=retries)
+        return start_sampler(
+            ev.engine,
+            model_path,
+            use_gpu=ev.use_gpu,
+            gpus=ev.gpus_per_actor,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            kv_cache_gib=ev.vllm_kv_cache_gib,
+            retries=retries,
+        )
 
     def calls(actor) -> list:
         refs = []
         for i, temperature in enumerate(ev.temperatures):
-            params = dict(n=ev.samples_per_prompt, temperature=temperature, top_p=ev.top_p, max_tokens=ev.max_tokens, seed=ev.seed + i)
+            params = dict(
+                n=ev.samples_per_prompt,
+                temperature=temperature,
+                top_p=ev.top_p,
+                max_tokens=ev.max_tokens,
+                seed=ev.seed + i,
+            )
             refs.append(actor.generate.remote(prompts, params))
             if best_of_n:
                 params.update(n=ev.samples_per_prompt * best_of_n, seed=ev.seed + len(ev.temperatures) + i)
@@ -131,7 +160,8 @@ def scoring_job(model_path: str, table: pa.Table, *, config: Config):
     def start():
         options = actor_options(config.ray.max_retries)  # a lost scorer redoes its own table, nothing else
         return ray.remote(num_cpus=1, num_gpus=ev.gpus_per_actor if ev.use_gpu else 0, **options)(ModelScorer).remote(
-            model_path, **scorer_options(config, use_gpu=ev.use_gpu, gpus=ev.gpus_per_actor))
+            model_path, **scorer_options(config, use_gpu=ev.use_gpu, gpus=ev.gpus_per_actor)
+        )
 
     return start, lambda actor: [actor.score.remote(table.select(["prompt_ids", "chosen_ids", "rejected_ids"]))]
 
@@ -160,8 +190,12 @@ def held_out_measures(data_dir: RunDir, policies: list[Policy], *, config: Confi
         for p in policies:
             jobs.submit(p.name, *scoring_job(p.run_dir.uri_of("train/final"), held, config=config))
         results = jobs.wait_for([p.name for p in policies])
-    return held_out_from_logps(held, kind, betas={p.name: p.beta for p in policies},
-                               policy_logps={name: logps(r) for name, r in results.items()})
+    return held_out_from_logps(
+        held,
+        kind,
+        betas={p.name: p.beta for p in policies},
+        policy_logps={name: logps(r) for name, r in results.items()},
+    )
 
 
 def evaluate_stage(run: StageRun) -> dict:
@@ -198,25 +232,47 @@ def evaluate_policies(run: StageRun, policies: list[Policy]) -> dict:
         prompts = held_out_prompts(data_dir, ev.num_prompts)
         held, kind = held_out_split(data_dir)
 
-        sampled = sample_all_models(config, policies, prompts, tokenizer.batch_decode(prompts, skip_special_tokens=True),
-                                    held=held)
+        sampled = sample_all_models(
+            config, policies, prompts, tokenizer.batch_decode(prompts, skip_special_tokens=True), held=held
+        )
         rows, kl_bounds = score_samples(sampled, reward_fn, ev)
         chosen = preferred(data_dir, prompts, tokenizer) if ev.judge_vs_chosen else None
         compared = [p.name for p in policies] + ([best_of_n_name(ev.best_of_n)] if ev.best_of_n else [])
         judgments = judge_all(judge, rows, compared, chosen, ev.temperatures)
-    accuracy = {} if held is None else held_out_from_logps(held, kind, betas={p.name: p.beta for p in policies},
-                                                           policy_logps=sampled.held_out_logps)
+    accuracy = (
+        {}
+        if held is None
+        else held_out_from_logps(
+            held, kind, betas={p.name: p.beta for p in policies}, policy_logps=sampled.held_out_logps
+        )
+    )
     samples = pa.Table.from_pylist(rows, schema=SAMPLES)
-    summary = evaluation_summary(rows, samples, judgments, ev, kl_bounds=kl_bounds, accuracy=accuracy, engines=sampled.engines,
-                                 policy_names=[p.name for p in policies], num_prompts=len(prompts),
-                                 chosen_texts=chosen.texts if chosen else None, candidates=sampled.candidates)
+    summary = evaluation_summary(
+        rows,
+        samples,
+        judgments,
+        ev,
+        kl_bounds=kl_bounds,
+        accuracy=accuracy,
+        engines=sampled.engines,
+        policy_names=[p.name for p in policies],
+        num_prompts=len(prompts),
+        chosen_texts=chosen.texts if chosen else None,
+        candidates=sampled.candidates,
+    )
 
-    write_results(run.writer, config, policies, samples=samples, judgments=judgments, summary=summary, accuracy=accuracy)
-    log_to_trackers(policies, summary["rows"], baselines=["reference", *compared[len(policies):]])
+    write_results(
+        run.writer, config, policies, samples=samples, judgments=judgments, summary=summary, accuracy=accuracy
+    )
+    log_to_trackers(policies, summary["rows"], baselines=["reference", *compared[len(policies) :]])
     log.info("evaluate: report in %s", run.run_dir.uri_of("evaluate", "report.md"))
     stats = getattr(judge, "stats", None)  # the API judge's requests, cache hits, parse failures, spend
-    return {"rows_in": len(prompts), "rows_out": samples.num_rows, "dropped": {},
-            **({"judge_stats": dataclasses.asdict(stats)} if stats is not None else {})}
+    return {
+        "rows_in": len(prompts),
+        "rows_out": samples.num_rows,
+        "dropped": {},
+        **({"judge_stats": dataclasses.asdict(stats)} if stats is not None else {}),
+    }
 
 
 @dataclass
@@ -237,8 +293,9 @@ class Sampled:
     engines: dict[str, str]
 
 
-def sample_all_models(config: Config, policies: list[Policy], prompts: list[list[int]], prompt_texts: list[str], *,
-                      held: pa.Table | None) -> Sampled:
+def sample_all_models(
+    config: Config, policies: list[Policy], prompts: list[list[int]], prompt_texts: list[str], *, held: pa.Table | None
+) -> Sampled:
     """Sample every policy and the reference, score the samples under the reference, and score the
     held-out split (when there is one) under every policy: all on actors, side by side."""
     ev = config.evaluate
@@ -249,29 +306,51 @@ def sample_all_models(config: Config, policies: list[Policy], prompts: list[list
     with ActorJobs(ev.max_actors, label="evaluate") as jobs:
         # Every model's sampler and every policy's held-out scorer, side by side where the cluster has room.
         for model, path in paths.items():
-            jobs.submit(("sample", model), *sampling_job(path, prompts, ev, dtype=config.model.dtype,
-                                                         trust_remote_code=config.model.trust_remote_code, best_of_n=best_of[model],
-                                                         retries=config.ray.max_retries))
+            jobs.submit(
+                ("sample", model),
+                *sampling_job(
+                    path,
+                    prompts,
+                    ev,
+                    dtype=config.model.dtype,
+                    trust_remote_code=config.model.trust_remote_code,
+                    best_of_n=best_of[model],
+                    retries=config.ray.max_retries,
+                ),
+            )
         if held is not None:
             for p in policies:
                 jobs.submit(("held_out", p.name), *scoring_job(paths[p.name], held, config=config))
         sampled = jobs.wait_for([("sample", model) for model in paths])
         rows, candidates, engines = [], [], {}
         for model in paths:
-            by_temp, cands, engines[model] = split_samples(sampled[("sample", model)], ev.temperatures,
-                                                           best_of_n=best_of[model])
+            by_temp, cands, engines[model] = split_samples(
+                sampled[("sample", model)], ev.temperatures, best_of_n=best_of[model]
+            )
             rows += sample_rows(model, by_temp, prompt_texts, group=1)
             candidates += sample_rows(best_of_n_name(ev.best_of_n), cands, prompt_texts, group=ev.best_of_n)
-        log.info("evaluate: sampled %d completions (%d models x %d temperatures x %d prompts x %d each)%s",
-                 len(rows), len(paths), len(ev.temperatures), len(prompts), ev.samples_per_prompt,
-                 f" and {len(candidates)} best-of-{ev.best_of_n} candidates" if candidates else "")
+        log.info(
+            "evaluate: sampled %d completions (%d models x %d temperatures x %d prompts x %d each)%s",
+            len(rows),
+            len(paths),
+            len(ev.temperatures),
+            len(prompts),
+            ev.samples_per_prompt,
+            f" and {len(candidates)} best-of-{ev.best_of_n} candidates" if candidates else "",
+        )
         # log pi_ref of every sample from the scorer: the KL estimate's second term.
-        jobs.submit("ref_logps", *scoring_job(config.model.reference, completions_to_score(prompts, rows), config=config))
+        jobs.submit(
+            "ref_logps", *scoring_job(config.model.reference, completions_to_score(prompts, rows), config=config)
+        )
         ref_logps, _ = logps(jobs.wait_for(["ref_logps"])["ref_logps"])
         held_logps = jobs.wait_for([("held_out", p.name) for p in policies]) if held is not None else {}
-    return Sampled(rows, candidates, ref_logps,
-                   {p.name: logps(held_logps[("held_out", p.name)]) for p in policies} if held is not None else {},
-                   engines)
+    return Sampled(
+        rows,
+        candidates,
+        ref_logps,
+        {p.name: logps(held_logps[("held_out", p.name)]) for p in policies} if held is not None else {},
+        engines,
+    )
 
 
 def score_samples(sampled: Sampled, reward_fn: Reward | None, ev: EvaluateConfig) -> tuple[list[dict], dict]:
@@ -300,12 +379,15 @@ def preferred(data_dir: RunDir, prompts: list[list[int]], tokenizer) -> Preferre
     """The held-out data's preferred responses to `prompts` (`preferred_responses`), decoded."""
     chosen_ids = preferred_responses(read_parquet_dir(data_dir, "tokenize/eval"), prompts)
     texts = tokenizer.batch_decode([c or [] for c in chosen_ids], skip_special_tokens=True)
-    return Preferred(texts=[None if c is None else text for c, text in zip(chosen_ids, texts)],
-                     lengths=[None if c is None else len(c) for c in chosen_ids])
+    return Preferred(
+        texts=[None if c is None else text for c, text in zip(chosen_ids, texts)],
+        lengths=[None if c is None else len(c) for c in chosen_ids],
+    )
 
 
-def judge_all(judge: Judge, rows: list[dict], compared: list[str], chosen: Preferred | None,
-              temperatures: list[float]) -> pa.Table:
+def judge_all(
+    judge: Judge, rows: list[dict], compared: list[str], chosen: Preferred | None, temperatures: list[float]
+) -> pa.Table:
     """The judgments table: every compared model against the reference, and with `chosen` every model,
     the reference included, against the held-out preferred responses. Logs its progress as it goes."""
     judge = JudgeProgress(judge, judgments_to_make(rows, compared, chosen.texts if chosen else None))
@@ -315,8 +397,16 @@ def judge_all(judge: Judge, rows: list[dict], compared: list[str], chosen: Prefe
     return pa.Table.from_pylist(judged, schema=JUDGMENTS)
 
 
-def write_results(writer, config: Config, policies: list[Policy], *, samples: pa.Table, judgments: pa.Table,
-                  summary: dict, accuracy: dict) -> None:
+def write_results(
+    writer,
+    config: Config,
+    policies: list[Policy],
+    *,
+    samples: pa.Table,
+    judgments: pa.Table,
+    summary: dict,
+    accuracy: dict,
+) -> None:
     """samples.parquet, judgments.parquet, summary.json, the figures and report.md, through the stage's
     writer. The figures and report are drawn in a scratch folder and copied over."""
     writer.write_table("samples.parquet", samples, SAMPLES)
@@ -328,8 +418,13 @@ def write_results(writer, config: Config, policies: list[Policy], *, samples: pa
         training_metrics[p.name] = [json.loads(line) for line in lines if line.strip()]
     notes = report_notes(summary, samples_per_prompt=config.evaluate.samples_per_prompt, accuracy=accuracy)
     with tempfile.TemporaryDirectory() as tmp:
-        write_report_files(tmp, title=f"Evaluation of {config.run_dir}", summary_rows=summary["rows"],
-                           training_metrics=training_metrics, notes=notes)
+        write_report_files(
+            tmp,
+            title=f"Evaluation of {config.run_dir}",
+            summary_rows=summary["rows"],
+            training_metrics=training_metrics,
+            notes=notes,
+        )
         writer.run.upload_dir(tmp, writer.staging)
 
 
@@ -354,8 +449,16 @@ def evaluate_requests(config: Config) -> list[Request]:
     held = sampler_placement(ev.engine, use_gpu=ev.use_gpu, gpus=ev.gpus_per_actor).total
     bundle = {**({"GPU": held["GPU"]} if ev.use_gpu else {}), "CPU": held["CPU"]}  # the scarcer one named first
     gpu_key = "evaluate.gpus_per_actor" if ev.gpus_per_actor > 1 else "evaluate.use_gpu"
-    return [Request("evaluate", "actor", 1, bundle, {"CPU": f"evaluate.engine={ev.engine} (its sampler actor)",
-                                                     "GPU": gpu_key}, "evaluate")]
+    return [
+        Request(
+            "evaluate",
+            "actor",
+            1,
+            bundle,
+            {"CPU": f"evaluate.engine={ev.engine} (its sampler actor)", "GPU": gpu_key},
+            "evaluate",
+        )
+    ]
 
 
 EVALUATE = Stage(

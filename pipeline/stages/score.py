@@ -19,13 +19,13 @@ import ray
 from pipeline.config import Config
 from pipeline.data.kto_pairs import with_kl_completions
 from pipeline.data.schemas import SCORED, SCORED_KTO
-from pipeline.model.losses import needs_reference
 from pipeline.model.scoring import SequenceScorer, scorer_options
 from pipeline.runtime.files import check_same_ids
 from pipeline.runtime.pools import LedgerBatches, pool_options, run_pool
 from pipeline.runtime.resources import Request
 from pipeline.runtime.storage import read_parquet_dir
 from pipeline.stages.base import Stage, StageRun
+from pipeline.training.losses import needs_reference
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,8 @@ def check_kto_splits(upstream: dict, unpaired: bool) -> None:
         if unpaired and upstream[f"rows_{split}"] == 1:
             raise ValueError(
                 f"score/{split}: KTO pairs each prompt with another example's completion to estimate its "
-                "reference point, so a split needs 0 or at least 2 rows; it has 1 (change data.eval_fraction or add data)"
+                "reference point, so a split needs 0 or at least 2 rows; it has 1 "
+                "(change data.eval_fraction or add data)"
             )
 
 
@@ -52,7 +53,9 @@ def scoring_input(run: StageRun, splits: list[str], unpaired: bool):
     # KTO: the mismatched pairs are fixed here, per split, so the trainer can form the same ones.
     tables = []
     for split in splits:
-        table = with_kl_completions(read_parquet_dir(data, f"{UPSTREAM}/{split}"), max_length=run.config.tokenize.max_length)
+        table = with_kl_completions(
+            read_parquet_dir(data, f"{UPSTREAM}/{split}"), max_length=run.config.tokenize.max_length
+        )
         tables.append(table.append_column("path", pa.array([data.uri_of(UPSTREAM, split) + "/"] * table.num_rows)))
     return ray.data.from_arrow(tables), SCORED_KTO
 
@@ -75,8 +78,12 @@ def scoring_pool(ds, config: Config, ledger: str | None):
     sc = config.score
     return ds.map_batches(
         ReferenceScorer,
-        fn_constructor_kwargs=dict(ledger=ledger, model_path=config.model.reference, prefix="ref_",
-                                   **scorer_options(config, use_gpu=sc.use_gpu, gpus=sc.gpus_per_actor)),
+        fn_constructor_kwargs=dict(
+            ledger=ledger,
+            model_path=config.model.reference,
+            prefix="ref_",
+            **scorer_options(config, use_gpu=sc.use_gpu, gpus=sc.gpus_per_actor),
+        ),
         batch_size=sc.batch_size * 8,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=sc.num_actors),
@@ -94,7 +101,7 @@ def write_scored(writer, scored, schema: pa.Schema, expected: dict[str, list[str
     checked against tokenize's (`expected`, per split), and a lost or repeated row is an error giving the counts.
     """
     ids: dict[str, list[str]] = {s: [] for s in SPLITS}
-    shard = {s: 0 for s in SPLITS}
+    shard = dict.fromkeys(SPLITS, 0)
     for batch in scored.iter_batches(batch_size=SHARD_ROWS, batch_format="pyarrow"):
         in_eval = pc.match_substring(batch["path"], f"/{UPSTREAM}/eval/")
         for split, mask in (("train", pc.invert(in_eval)), ("eval", in_eval)):
@@ -126,8 +133,13 @@ def score(run: StageRun) -> dict:
         ds, schema = scoring_input(run, splits, unpaired)  # anew for each pool: nothing of a lost one is reused
         return write_scored(writer, scoring_pool(ds, config, ledger), schema, expected)
 
-    rows = run_pool(score_all, ledger=ledger, what="score", retries=config.ray.max_retries,
-                    reset=lambda: [writer.remove(split) for split in SPLITS])
+    rows = run_pool(
+        score_all,
+        ledger=ledger,
+        what="score",
+        retries=config.ray.max_retries,
+        reset=lambda: [writer.remove(split) for split in SPLITS],
+    )
     log.info("score: %d train + %d eval pairs scored with %s", rows["train"], rows["eval"], config.model.reference)
     return {
         "reference": config.model.reference,
@@ -137,15 +149,25 @@ def score(run: StageRun) -> dict:
         "rows_eval": rows["eval"],
         "dropped": {},
         "data_kind": "unpaired" if unpaired else "pairs",
-        **({"labels": {s: {k: labels[s][k] for k in ("desirable", "undesirable")} for s in SPLITS}} if unpaired else {}),
+        **(
+            {"labels": {s: {k: labels[s][k] for k in ("desirable", "undesirable")} for s in SPLITS}} if unpaired else {}
+        ),
     }
 
 
 def score_requests(config: Config) -> list[Request]:
     sc = config.score
     bundle = {"CPU": sc.cpus_per_actor, **({"GPU": sc.gpus_per_actor} if sc.use_gpu else {})}
-    return [Request("score", "actor", sc.num_actors, bundle,
-                    {"CPU": "score.cpus_per_actor", "GPU": "score.use_gpu"}, "score.num_actors")]
+    return [
+        Request(
+            "score",
+            "actor",
+            sc.num_actors,
+            bundle,
+            {"CPU": "score.cpus_per_actor", "GPU": "score.use_gpu"},
+            "score.num_actors",
+        )
+    ]
 
 
 SCORE = Stage(
@@ -154,7 +176,9 @@ SCORE = Stage(
     body=score,
     upstream=lambda config: UPSTREAM,
     requests=score_requests,
-    enabled=lambda config: needs_reference(config.train.loss),  # reference-free losses never read what this stage writes
+    enabled=lambda config: needs_reference(
+        config.train.loss
+    ),  # reference-free losses never read what this stage writes
 )
 
 
@@ -163,8 +187,7 @@ def label_counts(split: pa.Table) -> dict[str, int]:
     (null for a pair, true or false for an unpaired row)."""
     label = split["label"]
     desirable = int(pc.sum(label).as_py() or 0)
-    return {"pairs": label.null_count, "desirable": desirable,
-            "undesirable": len(label) - label.null_count - desirable}
+    return {"pairs": label.null_count, "desirable": desirable, "undesirable": len(label) - label.null_count - desirable}
 
 
 def is_unpaired(labels: dict[str, dict[str, int]]) -> bool:
@@ -173,7 +196,8 @@ def is_unpaired(labels: dict[str, dict[str, int]]) -> bool:
     unpaired = sum(c["desirable"] + c["undesirable"] for c in labels.values())
     if paired and unpaired:
         raise ValueError(
-            f"score: the tokenized data mixes {paired} pairs with {unpaired} unpaired (prompt, completion, label) rows; "
+            f"score: the tokenized data mixes {paired} pairs with {unpaired} unpaired "
+            "(prompt, completion, label) rows; "
             "pair losses and KTO each train on one kind, so split the data or set data.format"
         )
     return unpaired > 0

@@ -21,7 +21,7 @@ from pipeline.data.encode import process_records
 from pipeline.data.schemas import TOKENIZED
 from pipeline.data.sources import input_fingerprint, read_inputs
 from pipeline.data.split import finish_outcomes, held_out_rows, with_lengths
-from pipeline.model.loading import context_length, load_tokenizer
+from pipeline.model.pretrained import context_length, load_tokenizer
 from pipeline.runtime.files import RowsLostError
 from pipeline.runtime.pools import LedgerBatches, pool_options, run_pool
 from pipeline.stages.base import Stage, StageRun
@@ -58,8 +58,12 @@ def tokenize_rows(config: Config, records: pa.Table, ledger: str | None = None) 
     )
     ds = ray.data.from_arrow(records).map_batches(
         TokenizeBatch,
-        fn_constructor_kwargs=dict(model_path=config.model.path, trust_remote_code=config.model.trust_remote_code,
-                                   options=options, ledger=ledger),
+        fn_constructor_kwargs=dict(
+            model_path=config.model.path,
+            trust_remote_code=config.model.trust_remote_code,
+            options=options,
+            ledger=ledger,
+        ),
         batch_size=tok.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(ray.cluster_resources().get("CPU", 1)) - 1)),
@@ -81,7 +85,8 @@ def extra_outcomes(records: pa.Table, outcomes: pa.Table) -> int:
     if lost or unknown:
         raise RowsLostError(
             f"tokenize: {len(lost)} of {len(want)} input rows came back from the tokenizer pool with no outcome"
-            f" and {len(unknown)} outcomes name no input row (e.g. {(lost or unknown)[0]})")
+            f" and {len(unknown)} outcomes name no input row (e.g. {(lost or unknown)[0]})"
+        )
     return sum(have.values()) - len(want)
 
 
@@ -90,10 +95,15 @@ def write_outputs(writer, splits: dict[str, pa.Table], rejected: pa.Table) -> No
     for split, table in splits.items():
         for i, start in enumerate(range(0, max(table.num_rows, 1), SHARD_ROWS)):
             writer.write_table(f"{split}/part-{i:05d}.parquet", table.slice(start, SHARD_ROWS), TOKENIZED)
-    writer.write_text("rejected.jsonl", "".join(
-        json.dumps({"source": s, "reason": r, "raw": raw}, ensure_ascii=False) + "\n"
-        for s, r, raw in zip(rejected["source"].to_pylist(), rejected["reason"].to_pylist(), rejected["raw"].to_pylist())
-    ))
+    writer.write_text(
+        "rejected.jsonl",
+        "".join(
+            json.dumps({"source": s, "reason": r, "raw": raw}, ensure_ascii=False) + "\n"
+            for s, r, raw in zip(
+                rejected["source"].to_pylist(), rejected["reason"].to_pylist(), rejected["raw"].to_pylist()
+            )
+        ),
+    )
 
 
 def check_context(config: Config) -> None:
@@ -101,8 +111,10 @@ def check_context(config: Config) -> None:
     found = context_length(config.model.path, trust_remote_code=config.model.trust_remote_code)
     if found and config.tokenize.max_length > found[0]:
         raise ConfigError(
-            f"tokenize.max_length ({config.tokenize.max_length}) is beyond the context of the model at {config.model.path} "
-            f"({found[0]} positions, its config's {found[1]}); set tokenize.max_length to at most {found[0]}")
+            f"tokenize.max_length ({config.tokenize.max_length}) is beyond the context of the model "
+            f"at {config.model.path} "
+            f"({found[0]} positions, its config's {found[1]}); set tokenize.max_length to at most {found[0]}"
+        )
 
 
 def tokenize(run: StageRun) -> dict:
@@ -111,8 +123,13 @@ def tokenize(run: StageRun) -> dict:
     check_context(config)
     records, eval_sources = read_inputs(config.data)
     ledger = run.writer.scratch("in_flight")
-    outcomes = run_pool(lambda: tokenize_rows(config, records, ledger), ledger=ledger, what="tokenize",
-                        retries=config.ray.max_retries, reset=lambda: None)
+    outcomes = run_pool(
+        lambda: tokenize_rows(config, records, ledger),
+        ledger=ledger,
+        what="tokenize",
+        retries=config.ray.max_retries,
+        reset=lambda: None,
+    )
     produced_extra = extra_outcomes(records, outcomes)
     good, rejected = finish_outcomes(outcomes)
     reasons = Counter(rejected["reason"].to_pylist())

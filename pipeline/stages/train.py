@@ -6,9 +6,9 @@ with gradient accumulation, so the update equals that of one big batch. `train.s
 worker holds the whole model) or fsdp (FSDP2 shards it over the workers), either with LoRA's adapters
 (`train.lora`). Checkpoints are sharded (`pipeline.runtime.checkpoints`), resumable from the last
 one; the last also holds the policy as a Hugging Face directory, which becomes `train/final`. The
-workers run `pipeline.stages.train_worker`; the step itself is `pipeline.model.train_step`.
+workers run `pipeline.stages.train_worker`; the step itself is `pipeline.training.step`.
 
-`train.loss: kto` trains on unpaired rows instead (`pipeline.model.objectives.KtoObjective`): a step is
+`train.loss: kto` trains on unpaired rows instead (`pipeline.training.objectives.KtoObjective`): a step is
 `train.batch_size` rows, and KTO's reference point is estimated once per step from the mismatched pairs
 the score stage fixed.
 """
@@ -23,13 +23,13 @@ import os
 import ray
 
 from pipeline.config import Config
-from pipeline.model.losses import is_unpaired, loss_weights, needs_reference
-from pipeline.model.train_step import NONFINITE_CHOICES, NONFINITE_REPORT, accumulation, total_steps
 from pipeline.runtime.checkpoints import HF_DIR
 from pipeline.runtime.resources import Request
 from pipeline.runtime.tracking import check_trackers, flat_params, tracking_run
 from pipeline.stages.base import Stage, StageRun
-from pipeline.stages.capacity import check_fits
+from pipeline.stages.fit_check import check_fits
+from pipeline.training.losses import is_unpaired, loss_weights, needs_reference
+from pipeline.training.step import NONFINITE_CHOICES, NONFINITE_REPORT, accumulation, total_steps
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,8 @@ def check_data_kind(config: Config, upstream: dict, *, where: str) -> None:
     if not is_unpaired(config.train.loss):
         if kind == "unpaired":
             raise ValueError(
-                f"train.loss: {'+'.join(names)} trains on pairs, but {where} holds unpaired (prompt, completion, label) rows; "
+                f"train.loss: {'+'.join(names)} trains on pairs, but {where} holds unpaired "
+                "(prompt, completion, label) rows; "
                 "use train.loss: kto"
             )
         return
@@ -67,7 +68,8 @@ def check_data_kind(config: Config, upstream: dict, *, where: str) -> None:
         log.warning(
             "train: KTO's weighted class ratio desirable_weight*%d / (undesirable_weight*%d) is outside [1, 4/3], "
             "the range the KTO paper recommends; set train.desirable_weight / train.undesirable_weight",
-            counts["desirable"], counts["undesirable"],
+            counts["desirable"],
+            counts["undesirable"],
         )
 
 
@@ -93,7 +95,9 @@ def check_training(config: Config, upstream: dict, *, where: str) -> int:
     check_data_kind(config, upstream, where=where)
     check_trackers(train, config.run_dir)
     if train.batch_size > upstream["rows_train"]:
-        raise ValueError(f"train.batch_size ({train.batch_size}) is larger than the {upstream['rows_train']} training pairs")
+        raise ValueError(
+            f"train.batch_size ({train.batch_size}) is larger than the {upstream['rows_train']} training pairs"
+        )
     return total_steps(train, upstream["rows_train"])
 
 
@@ -183,7 +187,8 @@ def check_finite(metrics: dict) -> None:
     raise NonFiniteStepError(
         f"step {step}: the loss ({metrics.get('loss')}) or the gradient norm ({metrics.get('grad_norm')}) is not "
         f"finite; the step's pairs: {shown}. The weights are those of step {step - 1}; set train.nonfinite: skip "
-        "to skip such steps and count them")
+        "to skip such steps and count them"
+    )
 
 
 def export_final(run: StageRun, checkpoint) -> list[dict]:
@@ -224,8 +229,16 @@ def train_stage(run: StageRun) -> dict:
 def train_requests(config: Config) -> list[Request]:
     tr = config.train
     bundle = {"CPU": tr.cpus_per_worker, **({"GPU": 1.0} if tr.use_gpu else {})}
-    return [Request("train", "worker", tr.num_workers, bundle,
-                    {"CPU": "train.cpus_per_worker", "GPU": "train.use_gpu"}, "train.num_workers")]
+    return [
+        Request(
+            "train",
+            "worker",
+            tr.num_workers,
+            bundle,
+            {"CPU": "train.cpus_per_worker", "GPU": "train.use_gpu"},
+            "train.num_workers",
+        )
+    ]
 
 
 TRAIN = Stage(

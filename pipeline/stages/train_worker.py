@@ -1,8 +1,8 @@
 """The train stage's Ray Train worker: set up the policy, run train steps, log and checkpoint.
 
 Ray Train runs `train_loop_per_worker` on every worker. The step itself is
-`pipeline.model.train_step.train_step` with the objective the loss declares
-(`pipeline.model.objectives.objective_for`) and the policy comes from `pipeline.model.policy` (ddp or
+`pipeline.training.step.train_step` with the objective the loss declares
+(`pipeline.training.objectives.objective_for`) and the policy comes from `pipeline.training.policy` (ddp or
 FSDP2, LoRA); this module adds only what needs Ray Train: the worker's rank and device, its data shard,
 DDP's wrapper, and reporting metrics and checkpoints (each rank its own shards; the layout is
 `pipeline.runtime.checkpoints`). Every logged step goes out as it happens: to `ray.train.report` from
@@ -26,14 +26,13 @@ import ray.train.torch
 import torch
 
 from pipeline.config import TrainConfig
-from pipeline.model.loading import load_tokenizer
-from pipeline.model.objectives import objective_for
-from pipeline.model.policy import load_policy, make_optimizer
-from pipeline.model.train_step import (NONFINITE_REPORT, Objective, StepResult, accumulation, checkpoint_every, lr_factor,
-                                       train_step)
+from pipeline.model.pretrained import load_tokenizer
 from pipeline.runtime.checkpoints import read_checkpoint, write_checkpoint, write_export
 from pipeline.runtime.storage import RunDir
 from pipeline.runtime.tracking import MetricsLog, Trackers, TrackingRun, train_metrics
+from pipeline.training.objectives import Objective, objective_for
+from pipeline.training.policy import load_policy, make_optimizer
+from pipeline.training.step import NONFINITE_REPORT, StepResult, accumulation, checkpoint_every, lr_factor, train_step
 
 
 @dataclass
@@ -63,20 +62,32 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     worker = set_up(loop_config, train, device=device, rank=rank)
-    objective = objective_for(train, pad_id=worker.tokenizer.pad_token_id, device=device,
-                              with_reference=loop_config["with_reference"])
+    objective = objective_for(
+        train, pad_id=worker.tokenizer.pad_token_id, device=device, with_reference=loop_config["with_reference"]
+    )
     steps, accum = loop_config["total_steps"], accumulation(train)
     every = checkpoint_every(train, steps)
-    stream = micro_batches(ray.train.get_dataset_shard("train"), size=train.micro_batch_size, skip=worker.start_step * accum)
+    stream = micro_batches(
+        ray.train.get_dataset_shard("train"), size=train.micro_batch_size, skip=worker.start_step * accum
+    )
     skipped = worker.history[-1].get("nonfinite_skipped", 0) if worker.history else 0
     step_log = StepLog(loop_config, worker, objective, steps=steps) if rank == 0 else None
     try:
         for step in range(worker.start_step, steps):
             start = time.perf_counter()
-            lr = train.learning_rate * lr_factor(step, total=steps, warmup=train.warmup_steps, schedule=train.lr_schedule)
+            lr = train.learning_rate * lr_factor(
+                step, total=steps, warmup=train.warmup_steps, schedule=train.lr_schedule
+            )
             epochs, batches = zip(*(next(stream) for _ in range(accum)))
-            result = train_step(worker.model, worker.optimizer, batches, objective=objective, lr=lr,
-                                max_grad_norm=train.max_grad_norm, world=world)
+            result = train_step(
+                worker.model,
+                worker.optimizer,
+                batches,
+                objective=objective,
+                lr=lr,
+                max_grad_norm=train.max_grad_norm,
+                world=world,
+            )
             done = step + 1
             if not result.updated:
                 if train.nonfinite != "skip":
@@ -90,8 +101,15 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
                 if step_log:
                     step_log.logged(worker.history[-1])
             if logged or checkpoint:  # the same on every rank: Ray Train needs each rank's every report
-                report(worker, step=done, rank=rank, checkpoint=checkpoint, step_log=step_log, export=done == steps,
-                       merge=train.lora is None or train.lora.merge)
+                report(
+                    worker,
+                    step=done,
+                    rank=rank,
+                    checkpoint=checkpoint,
+                    step_log=step_log,
+                    export=done == steps,
+                    merge=train.lora is None or train.lora.merge,
+                )
     finally:
         if step_log:
             step_log.close()
@@ -105,8 +123,11 @@ class StepLog:
         run_dir = RunDir(loop_config["run_dir"])
         self.metrics = MetricsLog(run_dir, f"train.work/{loop_config['attempt']}/metrics.jsonl", worker.history)
         tracking = TrackingRun.from_dict(loop_config["tracking"])
-        self.trackers = (Trackers(tracking, params=loop_config["params"], resume_step=worker.start_step)
-                         if tracking.report_to else None)
+        self.trackers = (
+            Trackers(tracking, params=loop_config["params"], resume_step=worker.start_step)
+            if tracking.report_to
+            else None
+        )
         self.first: tuple[float, int] | None = None  # (time, step) of the first logged step: the rate's start
 
     def logged(self, row: dict) -> None:
@@ -119,8 +140,11 @@ class StepLog:
         else:
             seconds = int((now - self.first[0]) / (row["step"] - self.first[1]) * (self.steps - row["step"]))
             left = f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-        print(f"train step {row['step']}/{self.steps}: loss {row['loss']:.4f} {self.objective.progress(row)} "
-              f"lr {row['learning_rate']:.2e} {row['tokens_per_s']:.0f} tokens/s, {left} left", flush=True)
+        print(
+            f"train step {row['step']}/{self.steps}: loss {row['loss']:.4f} {self.objective.progress(row)} "
+            f"lr {row['learning_rate']:.2e} {row['tokens_per_s']:.0f} tokens/s, {left} left",
+            flush=True,
+        )
 
     def checkpointed(self) -> None:
         """A checkpoint is being reported: bring the copies on a remote run directory up to date."""
@@ -147,21 +171,36 @@ def nonfinite_stop(result: StepResult, batches, *, step: int, world: int) -> dic
         gathered = [None] * world
         torch.distributed.all_gather_object(gathered, mine)
     culprits = [i for ids, finite in gathered if not finite for i in ids] or [i for ids, _ in gathered for i in ids]
-    return {NONFINITE_REPORT: step, "loss": result.loss_metrics.get("loss"), "grad_norm": result.grad_norm,
-            "pair_ids": culprits}
+    return {
+        NONFINITE_REPORT: step,
+        "loss": result.loss_metrics.get("loss"),
+        "grad_norm": result.grad_norm,
+        "pair_ids": culprits,
+    }
 
 
 def set_up(loop_config: dict, train: TrainConfig, *, device: torch.device, rank: int) -> Worker:
-    """Build the policy (`pipeline.model.policy`), wrap it in DDP under ddp, make its optimizer, and
+    """Build the policy (`pipeline.training.policy`), wrap it in DDP under ddp, make its optimizer, and
     restore both from the last checkpoint when Ray Train resumes one."""
     checkpoint = ray.train.get_checkpoint()
     model_path, trust_remote_code = loop_config["model_path"], loop_config["trust_remote_code"]
-    model = load_policy(model_path, train, device=device, trust_remote_code=trust_remote_code,
-                        attn_implementation=loop_config.get("attn_implementation"), resuming=checkpoint is not None)
+    model = load_policy(
+        model_path,
+        train,
+        device=device,
+        trust_remote_code=trust_remote_code,
+        attn_implementation=loop_config.get("attn_implementation"),
+        resuming=checkpoint is not None,
+    )
     if train.strategy == "ddp":
         model = ray.train.torch.prepare_model(model)
-    worker = Worker(model, load_tokenizer(model_path, trust_remote_code=trust_remote_code),
-                    make_optimizer(model, train, device=device), 0, [])
+    worker = Worker(
+        model,
+        load_tokenizer(model_path, trust_remote_code=trust_remote_code),
+        make_optimizer(model, train, device=device),
+        0,
+        [],
+    )
     if checkpoint:
         with checkpoint.as_directory() as checkpoint_dir:
             worker.start_step, worker.history = read_checkpoint(checkpoint_dir, worker.bare_model, worker.optimizer)
@@ -197,8 +236,9 @@ def history_row(result: StepResult, *, step: int, epoch: int, lr: float, elapsed
     }
 
 
-def report(worker: Worker, *, step: int, rank: int, checkpoint: bool, step_log: StepLog | None, export: bool,
-           merge: bool) -> None:
+def report(
+    worker: Worker, *, step: int, rank: int, checkpoint: bool, step_log: StepLog | None, export: bool, merge: bool
+) -> None:
     """Report the last logged metrics to Ray Train; with `checkpoint`, each rank adds its part of one, and
     the last (`export`) also holds the policy as a Hugging Face directory, merged with LoRA's adapters if
     `merge`."""
@@ -212,4 +252,6 @@ def report(worker: Worker, *, step: int, rank: int, checkpoint: bool, step_log: 
         write_checkpoint(tmp, worker.bare_model, worker.optimizer, rank=rank, step=step, history=worker.history)
         if export:
             write_export(tmp, worker.bare_model, worker.tokenizer, rank=rank, merge=merge)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"step-{step:07d}")
+        ray.train.report(
+            metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"step-{step:07d}"
+        )

@@ -33,7 +33,20 @@ from pipeline.evaluation.api_judge.prompts import PROMPT_TEMPLATES, TASKS, built
 from pipeline.evaluation.api_judge.verdicts import VERDICT_MODES, VERDICT_SCHEMA, label_logprobs, read_verdict
 
 __all__ = [
-    "PROMPT_TEMPLATES", "TASKS", "VERDICT_MODES", "VERDICT_SCHEMA", "ApiJudge", "ApiJudgeConfig", "ApiJudgeError",
-    "ApiJudgeStats", "BudgetExceeded", "builtin_prompt", "cache_key", "label_logprobs", "make_api_judge",
-    "parse_verdict", "read_verdict", "render_prompt",
+    "PROMPT_TEMPLATES",
+    "TASKS",
+    "VERDICT_MODES",
+    "VERDICT_SCHEMA",
+    "ApiJudge",
+    "ApiJudgeConfig",
+    "ApiJudgeError",
+    "ApiJudgeStats",
+    "BudgetExceeded",
+    "builtin_prompt",
+    "cache_key",
+    "label_logprobs",
+    "make_api_judge",
+    "parse_verdict",
+    "read_verdict",
+    "render_prompt",
 ]

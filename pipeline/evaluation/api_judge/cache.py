@@ -61,8 +61,15 @@ def open_cache(path: str | None) -> ResponseCache:
 
 
 def _row(key: str, model: str, reply: Reply) -> dict:
-    return {"key": key, "model": model, "text": reply.text, "input_tokens": reply.input_tokens,
-            "output_tokens": reply.output_tokens, "label_logprobs": reply.label_logprobs, "created": time.time()}
+    return {
+        "key": key,
+        "model": model,
+        "text": reply.text,
+        "input_tokens": reply.input_tokens,
+        "output_tokens": reply.output_tokens,
+        "label_logprobs": reply.label_logprobs,
+        "created": time.time(),
+    }
 
 
 class SqliteCache:
@@ -81,8 +88,9 @@ class SqliteCache:
             self._db.execute("ALTER TABLE replies ADD COLUMN label_logprobs TEXT")
 
     def get(self, key: str) -> Reply | None:
-        found = self._db.execute("SELECT text, input_tokens, output_tokens, label_logprobs FROM replies "
-                                 "WHERE key = ?", (key,)).fetchone()
+        found = self._db.execute(
+            "SELECT text, input_tokens, output_tokens, label_logprobs FROM replies WHERE key = ?", (key,)
+        ).fetchone()
         if found is None:
             return None
         text, input_tokens, output_tokens, logprobs = found
@@ -90,9 +98,11 @@ class SqliteCache:
 
     def put(self, key: str, model: str, reply: Reply) -> None:
         logprobs = None if reply.label_logprobs is None else json.dumps(reply.label_logprobs)
-        self._db.execute("INSERT OR REPLACE INTO replies (key, model, text, input_tokens, output_tokens, created, "
-                         "label_logprobs) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                         (key, model, reply.text, reply.input_tokens, reply.output_tokens, time.time(), logprobs))
+        self._db.execute(
+            "INSERT OR REPLACE INTO replies (key, model, text, input_tokens, output_tokens, created, "
+            "label_logprobs) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (key, model, reply.text, reply.input_tokens, reply.output_tokens, time.time(), logprobs),
+        )
 
     def close(self) -> None:
         self._db.close()

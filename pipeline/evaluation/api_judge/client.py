@@ -91,8 +91,10 @@ class Usage:
             self._stats.input_tokens += reply.input_tokens or 0
             self._stats.output_tokens += reply.output_tokens or 0
             if cfg.priced:
-                self._stats.cost_usd += ((reply.input_tokens or 0) * cfg.price_per_1k_input_tokens
-                                         + (reply.output_tokens or 0) * cfg.price_per_1k_output_tokens) / 1000.0
+                self._stats.cost_usd += (
+                    (reply.input_tokens or 0) * cfg.price_per_1k_input_tokens
+                    + (reply.output_tokens or 0) * cfg.price_per_1k_output_tokens
+                ) / 1000.0
 
 
 class Meter:
@@ -120,8 +122,13 @@ class Meter:
         self.usage.reserve(self.abort)
         if self._local.attempts:
             self.usage.count(retries=1)
-            log.warning("%s: %s; retry %d of %d", self.name, self._local.problem, self._local.attempts,
-                        self.usage.config.max_retries)
+            log.warning(
+                "%s: %s; retry %d of %d",
+                self.name,
+                self._local.problem,
+                self._local.attempts,
+                self.usage.config.max_retries,
+            )
         self._local.attempts += 1
         self._local.problem = "no response (connection error or timeout)"  # until a response says otherwise
 
@@ -135,8 +142,10 @@ def read_key(config: ApiJudgeConfig, *, name: str) -> str | None:
         return None
     api_key = os.environ.get(config.api_key_env, "")
     if not api_key:
-        raise ApiJudgeError(f"{name}: environment variable {config.api_key_env} is empty or unset; it must "
-                            f"hold the API key (or set api_key_env to null for a server without authentication)")
+        raise ApiJudgeError(
+            f"{name}: environment variable {config.api_key_env} is empty or unset; it must "
+            f"hold the API key (or set api_key_env to null for a server without authentication)"
+        )
     return api_key
 
 
@@ -146,21 +155,31 @@ def open_client(config: ApiJudgeConfig, meter: Meter, api_key: str | None):
 
     http = openai.DefaultHttpxClient(event_hooks={"request": [meter.on_request], "response": [meter.on_response]})
     # Without a key the library still wants one; the Authorization header is omitted per request instead.
-    return openai.OpenAI(base_url=config.base_url, api_key=api_key or "no-key", max_retries=config.max_retries,
-                         timeout=config.timeout_s, http_client=http)
+    return openai.OpenAI(
+        base_url=config.base_url,
+        api_key=api_key or "no-key",
+        max_retries=config.max_retries,
+        timeout=config.timeout_s,
+        http_client=http,
+    )
 
 
 def request_args(config: ApiJudgeConfig, rendered: str, *, with_key: bool) -> dict[str, Any]:
     """The chat-completions arguments for one rendered judging prompt, as `config.verdict` asks for it."""
     import openai  # deferred: see the module docstring
 
-    args: dict[str, Any] = {"model": config.model, "messages": [{"role": "user", "content": rendered}],
-                            "temperature": config.temperature}
+    args: dict[str, Any] = {
+        "model": config.model,
+        "messages": [{"role": "user", "content": rendered}],
+        "temperature": config.temperature,
+    }
     if config.max_tokens is not None:
         args["max_tokens"] = config.max_tokens
     if config.verdict == "json":
-        args["response_format"] = {"type": "json_schema",
-                                   "json_schema": {"name": "verdict", "strict": True, "schema": VERDICT_SCHEMA}}
+        args["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "verdict", "strict": True, "schema": VERDICT_SCHEMA},
+        }
     elif config.verdict == "logprobs":
         args.update(logprobs=True, top_logprobs=TOP_LOGPROBS)
     if not with_key:
@@ -200,16 +219,23 @@ def _as_judge_error(exc: BaseException, meter: Meter, client, api_key: str | Non
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
         if status in RETRIED_STATUS:
-            return ApiJudgeError(f"{meter.name}: gave up after {meter.attempts} attempts to {url}; last: HTTP {status}",
-                                 status=status)
-        hint = (" (a server without structured output rejects `verdict: json`: set evaluate.judge_api.verdict "
-                "to text)" if status == 400 and meter.usage.config.verdict == "json" else "")
+            return ApiJudgeError(
+                f"{meter.name}: gave up after {meter.attempts} attempts to {url}; last: HTTP {status}", status=status
+            )
+        hint = (
+            " (a server without structured output rejects `verdict: json`: set evaluate.judge_api.verdict to text)"
+            if status == 400 and meter.usage.config.verdict == "json"
+            else ""
+        )
         detail = _redact(exc.message, api_key)[:500]
-        return ApiJudgeError(f"{meter.name}: {url} answered HTTP {status}, which is not retried: {detail}{hint}",
-                             status=status)
+        return ApiJudgeError(
+            f"{meter.name}: {url} answered HTTP {status}, which is not retried: {detail}{hint}", status=status
+        )
     if isinstance(exc, openai.APIConnectionError):  # timeouts included
-        return ApiJudgeError(f"{meter.name}: gave up after {meter.attempts} attempts to {url}; last: "
-                             f"{type(exc).__name__}: {_redact(str(exc), api_key)[:300]}")
+        return ApiJudgeError(
+            f"{meter.name}: gave up after {meter.attempts} attempts to {url}; last: "
+            f"{type(exc).__name__}: {_redact(str(exc), api_key)[:300]}"
+        )
     if isinstance(exc, ApiJudgeError):
         return exc
     return None
@@ -226,11 +252,15 @@ def read_reply(completion, *, name: str) -> Reply:
     usage = completion.usage
     labels = None
     if tokens:
-        labels = label_logprobs([(t.token, [(alt.token, alt.logprob) for alt in (t.top_logprobs or [])])
-                                 for t in tokens])
-    return Reply(text=content if isinstance(content, str) else "",
-                 input_tokens=getattr(usage, "prompt_tokens", None), output_tokens=getattr(usage, "completion_tokens", None),
-                 label_logprobs=labels)
+        labels = label_logprobs(
+            [(t.token, [(alt.token, alt.logprob) for alt in (t.top_logprobs or [])]) for t in tokens]
+        )
+    return Reply(
+        text=content if isinstance(content, str) else "",
+        input_tokens=getattr(usage, "prompt_tokens", None),
+        output_tokens=getattr(usage, "completion_tokens", None),
+        label_logprobs=labels,
+    )
 
 
 def _redact(text: str, api_key: str | None) -> str:

@@ -54,7 +54,9 @@ class ApiJudgeConfig:
         if self.prompt_template is not None:
             missing = [p for p in ("prompt", "first", "second") if "{" + p + "}" not in self.prompt_template]
             if missing:
-                problems.append(f"prompt_template: lacks the placeholder(s) {', '.join('{' + m + '}' for m in missing)}")
+                problems.append(
+                    f"prompt_template: lacks the placeholder(s) {', '.join('{' + m + '}' for m in missing)}"
+                )
         if self.max_concurrency < 1:
             problems.append(f"max_concurrency: must be >= 1, got {self.max_concurrency}")
         if self.max_retries < 0:
@@ -95,8 +97,9 @@ class BudgetExceeded(ApiJudgeError):
     rerun with a larger budget continues from here. `verdicts` holds this call's verdicts, None where the
     pair was not judged."""
 
-    def __init__(self, message: str, *, requests: int, cost_usd: float, judged: int, total: int,
-                 verdicts: list[Verdict | None]):
+    def __init__(
+        self, message: str, *, requests: int, cost_usd: float, judged: int, total: int, verdicts: list[Verdict | None]
+    ):
         super().__init__(message)
         self.requests, self.cost_usd, self.judged, self.total = requests, cost_usd, judged, total
         self.verdicts = verdicts

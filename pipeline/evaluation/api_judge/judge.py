@@ -11,8 +11,16 @@ from typing import Any
 
 from pipeline.config import ConfigError
 from pipeline.evaluation.api_judge.cache import Reply, ResponseCache, cache_key, open_cache
-from pipeline.evaluation.api_judge.client import (BudgetStop, Cancelled, Meter, Usage, open_client, read_key,
-                                                  request_args, send)
+from pipeline.evaluation.api_judge.client import (
+    BudgetStop,
+    Cancelled,
+    Meter,
+    Usage,
+    open_client,
+    read_key,
+    request_args,
+    send,
+)
 from pipeline.evaluation.api_judge.config import ApiJudgeConfig, ApiJudgeError, ApiJudgeStats, BudgetExceeded
 from pipeline.evaluation.api_judge.prompts import render_prompt
 from pipeline.evaluation.api_judge.verdicts import read_verdict
@@ -60,8 +68,9 @@ class ApiJudge:
             self._count_unparsed(verdicts)
         return verdicts  # type: ignore[return-value]  # no None is left when no exception was raised
 
-    def _answer_from_cache(self, cache: ResponseCache, positions: dict[str, list[int]],
-                           verdicts: list[Verdict | None]) -> list[str]:
+    def _answer_from_cache(
+        self, cache: ResponseCache, positions: dict[str, list[int]], verdicts: list[Verdict | None]
+    ) -> list[str]:
         """Fill in the verdicts of cached pairs; the keys still to ask."""
         todo = []
         for key, where in positions.items():
@@ -87,8 +96,14 @@ class ApiJudge:
             log.warning("%s: %d of %d verdicts could not be parsed", self.name, unparsed, len(verdicts))
         self._usage.count(unparsed=unparsed)
 
-    def _ask_all(self, todo: list[str], rendered: dict[str, str], positions: dict[str, list[int]],
-                 verdicts: list[Verdict | None], cache: ResponseCache) -> None:
+    def _ask_all(
+        self,
+        todo: list[str],
+        rendered: dict[str, str],
+        positions: dict[str, list[int]],
+        verdicts: list[Verdict | None],
+        cache: ResponseCache,
+    ) -> None:
         """Ask every key in `todo` in parallel, caching and parsing each reply as it lands."""
         cfg = self.config
         api_key = read_key(cfg, name=self.name)
@@ -97,8 +112,12 @@ class ApiJudge:
         client = open_client(cfg, meter, api_key)
         pool = ThreadPoolExecutor(max_workers=min(cfg.max_concurrency, len(todo)), thread_name_prefix="api-judge")
         try:
-            futures = {pool.submit(send, client, meter, request_args(cfg, rendered[key], with_key=api_key is not None),
-                                   api_key=api_key): key for key in todo}
+            futures = {
+                pool.submit(
+                    send, client, meter, request_args(cfg, rendered[key], with_key=api_key is not None), api_key=api_key
+                ): key
+                for key in todo
+            }
             budget_hit, error = self._collect(futures, positions, verdicts, cache, abort)
         finally:
             # A worker asleep in the client's backoff sends nothing once it wakes (e.g. after KeyboardInterrupt).
@@ -110,8 +129,14 @@ class ApiJudge:
         if budget_hit:
             raise self._budget_exceeded(verdicts)
 
-    def _collect(self, futures: dict[Future, str], positions: dict[str, list[int]], verdicts: list[Verdict | None],
-                 cache: ResponseCache, abort: threading.Event) -> tuple[bool, Exception | None]:
+    def _collect(
+        self,
+        futures: dict[Future, str],
+        positions: dict[str, list[int]],
+        verdicts: list[Verdict | None],
+        cache: ResponseCache,
+        abort: threading.Event,
+    ) -> tuple[bool, Exception | None]:
         """Cache and parse the replies as they land: (whether a budget was reached, the first failure)."""
         cfg = self.config
         budget_hit, error = False, None
@@ -124,7 +149,7 @@ class ApiJudge:
                 continue
             except Cancelled:
                 continue
-            except Exception as exc:  # noqa: BLE001  (raised by the caller once the rest have landed)
+            except Exception as exc:
                 if error is None:
                     error = exc
                 abort.set()
@@ -134,8 +159,10 @@ class ApiJudge:
             if cfg.max_cost_usd is not None and not reply.has_usage:
                 # Paid for and cached above, but further spending could not be tracked: stop here.
                 if error is None:
-                    error = ApiJudgeError(f"{self.name}: max_cost_usd is set but a response carries no "
-                                          f"`usage` token counts, so spending cannot be tracked")
+                    error = ApiJudgeError(
+                        f"{self.name}: max_cost_usd is set but a response carries no "
+                        f"`usage` token counts, so spending cannot be tracked"
+                    )
                 abort.set()
         return budget_hit, error
 
@@ -143,14 +170,21 @@ class ApiJudge:
         cfg = self.config
         stats = self.stats
         judged = sum(v is not None for v in verdicts)
-        where = (f"replies so far are cached in {cfg.cache_path}; rerun with a larger budget to continue"
-                 if cfg.cache_path else "no cache_path is set, so a rerun starts over")
+        where = (
+            f"replies so far are cached in {cfg.cache_path}; rerun with a larger budget to continue"
+            if cfg.cache_path
+            else "no cache_path is set, so a rerun starts over"
+        )
         return BudgetExceeded(
             f"{self.name}: budget reached after {stats.requests} requests (max_requests="
             f"{cfg.max_requests}) and ${stats.cost_usd:.4f} (max_cost_usd={cfg.max_cost_usd}); "
             f"{judged} of {len(verdicts)} pairs of this call judged; {where}",
-            requests=stats.requests, cost_usd=stats.cost_usd, judged=judged, total=len(verdicts),
-            verdicts=list(verdicts))
+            requests=stats.requests,
+            cost_usd=stats.cost_usd,
+            judged=judged,
+            total=len(verdicts),
+            verdicts=list(verdicts),
+        )
 
 
 # Keys of earlier versions: a config that still has one fails naming why instead of "unknown key".
@@ -160,8 +194,9 @@ REMOVED_KEYS = {
 }
 
 
-def make_api_judge(config: Mapping[str, Any], *, where: str = "evaluate.judge_api",
-                   default_cache_path: str | None = None) -> ApiJudge:
+def make_api_judge(
+    config: Mapping[str, Any], *, where: str = "evaluate.judge_api", default_cache_path: str | None = None
+) -> ApiJudge:
     """An `ApiJudge` from a plain mapping (a YAML section). Unknown keys are errors naming their path.
 
     default_cache_path: the cache used when the section leaves `cache_path` out (an explicit null keeps none).
@@ -172,8 +207,11 @@ def make_api_judge(config: Mapping[str, Any], *, where: str = "evaluate.judge_ap
     unknown = sorted(set(config) - known)
     if unknown:
         raise ConfigError(f"{where}.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
-    required = [f.name for f in dataclasses.fields(ApiJudgeConfig)
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    required = [
+        f.name
+        for f in dataclasses.fields(ApiJudgeConfig)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     missing = [name for name in required if name not in config]
     if missing:
         raise ConfigError(f"{where}: {', '.join(missing)} not set (the API judge needs {', '.join(required)})")

@@ -62,6 +62,7 @@ def builtin_prompt(task: str, verdict: str) -> str:
     """The built-in prompt of `task`, asking for the answer in the form `verdict` reads (json, or text)."""
     return _BODIES[task] + (_JSON_FORMAT if verdict == "json" else _ANSWER_FORMAT)
 
+
 _PLACEHOLDER = re.compile(r"\{(prompt|first|second)\}")
 
 _MARKUP = re.compile(r"[*_`#>~]")

@@ -71,7 +71,7 @@ def json_verdict(text: str | None) -> Verdict | None:
     except ValueError:
         # A model that wraps its object in a code fence or a sentence: the outermost braces.
         try:
-            reply = json.loads(text[text.find("{"):text.rfind("}") + 1])
+            reply = json.loads(text[text.find("{") : text.rfind("}") + 1])
         except ValueError:
             return None
     choice = reply.get("preferred") if isinstance(reply, dict) else None

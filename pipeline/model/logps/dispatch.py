@@ -10,9 +10,9 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
-from pipeline.model.chunked_logps import chunked_sequence_logps
-from pipeline.model.logps import collate_sequences, sequence_logps
-from pipeline.model.packed_logps import pack_sequences, packed_sequence_logps
+from pipeline.model.logps.chunked import chunked_sequence_logps
+from pipeline.model.logps.packed import pack_sequences, packed_sequence_logps
+from pipeline.model.logps.padded import collate_sequences, sequence_logps
 
 
 def sequence_logps_fn(*, chunked: bool, chunk_size: int) -> Callable:
@@ -28,11 +28,13 @@ def sequence_logps_fn(*, chunked: bool, chunk_size: int) -> Callable:
 PACK_MULTIPLE = 128  # packed rows are padded to a multiple of this: few distinct shapes for compiled kernels
 
 
-def batch_sequence_logps(model, prompts, responses, *, pad_id: int, device, packing: bool = False, chunk_size: int | None = None):
+def batch_sequence_logps(
+    model, prompts, responses, *, pad_id: int, device, packing: bool = False, chunk_size: int | None = None
+):
     """Response log-prob sums and token counts of N prompt + response sequences, and the number of real
     (non-pad) tokens, counted on the CPU (no device sync): ((N,), (N,), int).
 
-    Padded or packed (`pipeline.model.packed_logps`), with full logits or chunked ones (`chunk_size`): the train
+    Padded or packed (`pipeline.model.logps.packed`), with full logits or chunked ones (`chunk_size`): the train
     stage (policy) and the score stage (reference) both come here, and every combination gives the same
     numbers within float error (tests/test_packing.py, tests/test_chunked_logps.py).
     """

@@ -31,12 +31,18 @@ def base_key(key: str) -> str:
 def add_adapters(model: torch.nn.Module, lora: LoraConfig, *, base_path: str) -> torch.nn.Module:
     """Wrap `model` in PEFT with `lora`'s adapters (fp32, whatever the base's dtype); the base is frozen."""
     try:
-        from peft import LoraConfig as PeftLoraConfig, get_peft_model  # optional: see the module docstring
+        from peft import LoraConfig as PeftLoraConfig  # optional: see the module docstring
+        from peft import get_peft_model
     except ImportError as err:
         raise ImportError("train.lora needs peft: pip install 'raydpo[peft]'") from err
 
-    config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                            target_modules=lora.target_modules, task_type="CAUSAL_LM")
+    config = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
     peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
     peft_model.peft_config[ADAPTER].base_model_name_or_path = base_path  # what the adapter alone loads onto
     return peft_model
@@ -44,8 +50,11 @@ def add_adapters(model: torch.nn.Module, lora: LoraConfig, *, base_path: str) ->
 
 def lora_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """{prefix: module} of every adapted layer, prefix being its name in the state dict."""
-    return {name: module for name, module in model.named_modules()
-            if hasattr(module, "lora_A") and ADAPTER in getattr(module, "lora_A", {})}
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if hasattr(module, "lora_A") and ADAPTER in getattr(module, "lora_A", {})
+    }
 
 
 def init_adapters(model: torch.nn.Module, *, seed: int) -> None:
@@ -56,7 +65,9 @@ def init_adapters(model: torch.nn.Module, *, seed: int) -> None:
     for prefix, module in sorted(lora_modules(model).items()):
         r, fan_in = module.lora_A[ADAPTER].weight.shape
         bound = 1.0 / math.sqrt(fan_in)
-        values[f"{prefix}.lora_A.{ADAPTER}.weight"] = torch.empty(r, fan_in).uniform_(-bound, bound, generator=generator)
+        values[f"{prefix}.lora_A.{ADAPTER}.weight"] = torch.empty(r, fan_in).uniform_(
+            -bound, bound, generator=generator
+        )
         values[f"{prefix}.lora_B.{ADAPTER}.weight"] = torch.zeros(module.lora_B[ADAPTER].weight.shape)
     set_model_state_dict(model, values, options=StateDictOptions(full_state_dict=True, strict=False))
 

@@ -1,7 +1,7 @@
 """What a train step optimises: the paired losses, or KTO on unpaired rows (torch only, no Ray).
 
-`objective_for` picks one from the loss's declaration (`pipeline.model.losses.is_unpaired`), once; the
-step (`pipeline.model.train_step.train_step`) then calls the same three methods either way:
+`objective_for` picks one from the loss's declaration (`pipeline.training.losses.is_unpaired`), once; the
+step (`pipeline.training.step.train_step`) then calls the same three methods either way:
 
 - `PairObjective`: each micro-batch of pairs stands alone; the rejected response is run through the
   model only when some loss in use reads it.
@@ -16,12 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from pipeline.config import TrainConfig
-from pipeline.model.losses import (
+from pipeline.training.losses import (
     KtoLogps,
     PairLogps,
     compute_loss,
@@ -30,7 +31,24 @@ from pipeline.model.losses import (
     loss_hyperparameters,
     reads_rejected,
 )
-from pipeline.model.train_step import Objective, StepMetrics, mean_metrics, policy_sequence_logps
+from pipeline.training.metrics import StepMetrics, mean_metrics
+from pipeline.training.policy import policy_sequence_logps
+
+
+class Objective(Protocol):
+    """What a step optimises: the paired losses or KTO (below)."""
+
+    def begin_step(self, model, batches: Sequence[dict], *, world: int) -> tuple[Any, StepMetrics]:
+        """What every micro-batch of the step shares (None, or KTO's mismatched-pair log-probs) and its metrics."""
+
+    def micro_batch_loss(self, model, batch: dict, shared: Any, *, scale: float) -> tuple[torch.Tensor, StepMetrics]:
+        """Forward one micro-batch: the loss to backpropagate (per-row losses summed, times scale) and its sums."""
+
+    def loss_metrics(self, totals: dict[str, float], shared: Any) -> dict[str, float | None]:
+        """The step's logged loss metrics from the summed `StepMetrics.totals()`."""
+
+    def progress(self, row: dict) -> str:
+        """The few metrics worth printing from a logged row."""
 
 
 def _column(batch: dict, name: str, device: torch.device) -> torch.Tensor:
@@ -54,8 +72,12 @@ class PairObjective:
         b, prompts = len(batch["prompt_ids"]), list(batch["prompt_ids"])
         if self.reads_rejected:
             logps, counts, tokens = policy_sequence_logps(
-                model, prompts + prompts, list(batch["chosen_ids"]) + list(batch["rejected_ids"]),
-                train=self.train, pad_id=self.pad_id, device=self.device,
+                model,
+                prompts + prompts,
+                list(batch["chosen_ids"]) + list(batch["rejected_ids"]),
+                train=self.train,
+                pad_id=self.pad_id,
+                device=self.device,
             )
             chosen, rejected, chosen_len, rejected_len = logps[:b], logps[b:], counts[:b], counts[b:]
         else:  # don't pay a forward pass for a response no loss reads
@@ -65,10 +87,17 @@ class PairObjective:
             rejected, rejected_len = torch.zeros_like(chosen), torch.ones_like(chosen_len)
         ref = {}
         if self.with_reference:
-            ref = dict(ref_chosen_logps=_column(batch, "ref_chosen_logps", self.device),
-                       ref_rejected_logps=_column(batch, "ref_rejected_logps", self.device))
-        pair = PairLogps(policy_chosen_logps=chosen, policy_rejected_logps=rejected,
-                         chosen_lengths=chosen_len.float(), rejected_lengths=rejected_len.float(), **ref)
+            ref = dict(
+                ref_chosen_logps=_column(batch, "ref_chosen_logps", self.device),
+                ref_rejected_logps=_column(batch, "ref_rejected_logps", self.device),
+            )
+        pair = PairLogps(
+            policy_chosen_logps=chosen,
+            policy_rejected_logps=rejected,
+            chosen_lengths=chosen_len.float(),
+            rejected_lengths=rejected_len.float(),
+            **ref,
+        )
         return pair, tokens
 
     def micro_batch_loss(self, model, batch: dict, shared: None, *, scale: float) -> tuple[torch.Tensor, StepMetrics]:
@@ -76,10 +105,17 @@ class PairObjective:
         out = compute_loss(self.train.loss, pair, **self.hyperparameters)
         pairs = len(out.losses)
         metrics = StepMetrics.of(
-            self.device, rows=pairs, loss=out.losses, chosen=pairs, rejected=pairs,
-            chosen_rewards=out.chosen_rewards, rejected_rewards=out.rejected_rewards,
-            chosen_logps=pair.policy_chosen_logps, rejected_logps=pair.policy_rejected_logps,
-            correct=out.chosen_rewards > out.rejected_rewards, margins=out.chosen_rewards - out.rejected_rewards,
+            self.device,
+            rows=pairs,
+            loss=out.losses,
+            chosen=pairs,
+            rejected=pairs,
+            chosen_rewards=out.chosen_rewards,
+            rejected_rewards=out.rejected_rewards,
+            chosen_logps=pair.policy_chosen_logps,
+            rejected_logps=pair.policy_rejected_logps,
+            correct=out.chosen_rewards > out.rejected_rewards,
+            margins=out.chosen_rewards - out.rejected_rewards,
             tokens=tokens,
         )
         return out.losses.sum() * scale, metrics
@@ -103,8 +139,9 @@ class KtoReference:
         return float(kto_reference_point(self.policy_logps, self.ref_logps))
 
 
-def kl_logps(model, batches: Sequence[dict], *, train: TrainConfig, pad_id: int, device: torch.device,
-             world: int = 1) -> tuple[KtoReference, int]:
+def kl_logps(
+    model, batches: Sequence[dict], *, train: TrainConfig, pad_id: int, device: torch.device, world: int = 1
+) -> tuple[KtoReference, int]:
     """The step's mismatched pairs scored under the policy, beside their reference log-probs, and the tokens run.
 
     `batches` are this worker's micro-batches of one optimizer step (numpy dicts of SCORED_KTO rows).
@@ -120,8 +157,11 @@ def kl_logps(model, batches: Sequence[dict], *, train: TrainConfig, pad_id: int,
             )
             tokens += batch_tokens
             policy.append(logps.float())
-    ref = torch.tensor(np.concatenate([np.asarray(b["ref_kl_logps"], dtype=np.float64) for b in batches]),
-                       dtype=torch.float32, device=device)
+    ref = torch.tensor(
+        np.concatenate([np.asarray(b["ref_kl_logps"], dtype=np.float64) for b in batches]),
+        dtype=torch.float32,
+        device=device,
+    )
     policy = torch.cat(policy)
     if world > 1:
         policy, ref = _all_gather(torch.stack([policy, ref]), world)  # one collective for both
@@ -143,23 +183,39 @@ class KtoObjective:
         self.hyperparameters = loss_hyperparameters(train)
 
     def begin_step(self, model, batches: Sequence[dict], *, world: int) -> tuple[KtoReference, StepMetrics]:
-        reference, tokens = kl_logps(model, batches, train=self.train, pad_id=self.pad_id, device=self.device, world=world)
+        reference, tokens = kl_logps(
+            model, batches, train=self.train, pad_id=self.pad_id, device=self.device, world=world
+        )
         return reference, StepMetrics.of(self.device, tokens=tokens)
 
-    def micro_batch_loss(self, model, batch: dict, shared: KtoReference, *, scale: float) -> tuple[torch.Tensor, StepMetrics]:
+    def micro_batch_loss(
+        self, model, batch: dict, shared: KtoReference, *, scale: float
+    ) -> tuple[torch.Tensor, StepMetrics]:
         """Desirable rows count as chosen and undesirable ones as rejected in the metrics."""
         policy, _, tokens = policy_sequence_logps(
             model, batch["prompt_ids"], batch["chosen_ids"], train=self.train, pad_id=self.pad_id, device=self.device
         )
         labels = torch.as_tensor(np.asarray(batch["label"], dtype=bool), device=self.device)
-        logps = KtoLogps(policy_logps=policy, ref_logps=_column(batch, "ref_chosen_logps", self.device), labels=labels,
-                         kl_policy_logps=shared.policy_logps, kl_ref_logps=shared.ref_logps)
+        logps = KtoLogps(
+            policy_logps=policy,
+            ref_logps=_column(batch, "ref_chosen_logps", self.device),
+            labels=labels,
+            kl_policy_logps=shared.policy_logps,
+            kl_ref_logps=shared.ref_logps,
+        )
         out = compute_loss(self.train.loss, logps, **self.hyperparameters)
         policy = policy.detach()
         metrics = StepMetrics.of(
-            self.device, rows=len(out.losses), loss=out.losses, chosen=labels, rejected=~labels,
-            chosen_rewards=out.chosen_rewards, rejected_rewards=out.rejected_rewards,
-            chosen_logps=policy[labels], rejected_logps=policy[~labels], tokens=tokens,
+            self.device,
+            rows=len(out.losses),
+            loss=out.losses,
+            chosen=labels,
+            rejected=~labels,
+            chosen_rewards=out.chosen_rewards,
+            rejected_rewards=out.rejected_rewards,
+            chosen_logps=policy[labels],
+            rejected_logps=policy[~labels],
+            tokens=tokens,
         )
         return out.losses.sum() * scale, metrics
 

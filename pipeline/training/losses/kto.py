@@ -1,14 +1,14 @@
 """KTO, the unpaired loss: single completions labelled desirable or not, against a KL reference point.
 
 Imports torch only. The mismatched pairs behind the reference point are fixed by
-`pipeline.data.kto_pairs` and scored under the policy by `pipeline.model.objectives.KtoObjective`.
+`pipeline.data.kto_pairs` and scored under the policy by `pipeline.training.objectives.KtoObjective`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from pipeline.model.losses.interface import KtoLogps, LossOutput
+from pipeline.training.losses.interface import KtoLogps, LossOutput
 
 
 def kto_reference_point(kl_policy_logps: torch.Tensor, kl_ref_logps: torch.Tensor) -> torch.Tensor:
@@ -19,7 +19,9 @@ def kto_reference_point(kl_policy_logps: torch.Tensor, kl_ref_logps: torch.Tenso
     cannot lower its loss by moving the reference point. Shapes: (M,), (M,) -> ().
     """
     if kl_policy_logps.numel() == 0:
-        raise ValueError("kto needs at least one mismatched pair (kl_policy_logps is empty) to estimate its reference point")
+        raise ValueError(
+            "kto needs at least one mismatched pair (kl_policy_logps is empty) to estimate its reference point"
+        )
     return (kl_policy_logps - kl_ref_logps).mean().clamp(min=0).detach()
 
 
@@ -39,7 +41,9 @@ def kto_loss(
     examples (N_D,), rejected_rewards = beta r of the undesirable ones (N_U,): lengths may differ.
     """
     if desirable_weight < 0 or undesirable_weight < 0:
-        raise ValueError(f"kto needs desirable_weight, undesirable_weight >= 0, got {desirable_weight}, {undesirable_weight}")
+        raise ValueError(
+            f"kto needs desirable_weight, undesirable_weight >= 0, got {desirable_weight}, {undesirable_weight}"
+        )
     labels = batch.labels.to(torch.bool)
     ratio = batch.policy_logps - batch.ref_logps  # (N,)
     kl = kto_reference_point(batch.kl_policy_logps, batch.kl_ref_logps)

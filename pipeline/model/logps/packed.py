@@ -9,7 +9,7 @@ sequences), cu_seqlens for flash-attention. The same log-prob arithmetic then ru
 last token of a sequence "predicts" the first token of the next, but that target is a prompt token,
 outside the response mask, so it never counts.
 
-`packed_sequence_logps` returns what `pipeline.model.logps.sequence_logps` returns for the padded batch
+`packed_sequence_logps` returns what `pipeline.model.logps.padded.sequence_logps` returns for the padded batch
 (tests/test_packing.py checks values and gradients on a tiny Llama and a tiny GPT-2 in float32 on CPU).
 """
 
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.model.chunked_logps import chunked_token_logps, response_hidden_states
-from pipeline.model.logps import token_logps
+from pipeline.model.logps.chunked import chunked_token_logps, response_hidden_states
+from pipeline.model.logps.padded import token_logps
 
 __all__ = ["PackedBatch", "pack_sequences", "packed_sequence_logps"]
 
@@ -37,8 +37,11 @@ class PackedBatch:
     segments: torch.Tensor  # (1, T) long: the sequence each token belongs to; N for tail padding
     num_sequences: int
 
-    def to(self, device: str | torch.device) -> "PackedBatch":
-        moved = (t.to(device, non_blocking=True) for t in (self.input_ids, self.position_ids, self.response_mask, self.segments))
+    def to(self, device: str | torch.device) -> PackedBatch:
+        moved = (
+            t.to(device, non_blocking=True)
+            for t in (self.input_ids, self.position_ids, self.response_mask, self.segments)
+        )
         return PackedBatch(*moved, num_sequences=self.num_sequences)
 
     @property
@@ -79,15 +82,17 @@ def pack_sequences(
         segments[start:end] = i
         start = end
     position_ids[total:] = np.arange(width - total)  # the tail restarts too: it attends only to itself
-    as_row = lambda a: torch.from_numpy(a)[None]  # noqa: E731
-    return PackedBatch(as_row(input_ids), as_row(position_ids), as_row(response), as_row(segments), num_sequences=len(lengths))
+    as_row = lambda a: torch.from_numpy(a)[None]
+    return PackedBatch(
+        as_row(input_ids), as_row(position_ids), as_row(response), as_row(segments), num_sequences=len(lengths)
+    )
 
 
 def packed_sequence_logps(model, batch: PackedBatch, *, chunk_size: int | None = None):
     """Sum of response-token log-probs per packed sequence and the response token counts: ((N,), (N,)).
 
     With `chunk_size`, logits are made only at response positions, chunk by chunk
-    (`pipeline.model.chunked_logps`); otherwise from the full (1, T, V) logits.
+    (`pipeline.model.logps.chunked`); otherwise from the full (1, T, V) logits.
     """
     mask = batch.response_mask[:, 1:]
     target_segments = batch.segments[:, 1:][mask]  # (M,): the sequence of each response-token target
@@ -95,7 +100,9 @@ def packed_sequence_logps(model, batch: PackedBatch, *, chunk_size: int | None =
         logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
         per_token = token_logps(logits, batch.input_ids)[mask]
     else:
-        hidden, targets = response_hidden_states(model, batch.input_ids, None, batch.response_mask, position_ids=batch.position_ids)
+        hidden, targets = response_hidden_states(
+            model, batch.input_ids, None, batch.response_mask, position_ids=batch.position_ids
+        )
         per_token = chunked_token_logps(model, hidden, targets, chunk_size=chunk_size)
     n = batch.num_sequences
     logps = per_token.new_zeros(n).index_add(0, target_segments, per_token)

@@ -70,8 +70,13 @@ def context_length(path: str, *, trust_remote_code: bool = False) -> tuple[int, 
 
 
 def load_model(
-    path: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu", trust_remote_code: bool = False,
-    attn_implementation: str | None = None, spread: bool = False,
+    path: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+    spread: bool = False,
 ):
     """Load a causal LM from a hub id or a directory, in `dtype`, on `device`.
 

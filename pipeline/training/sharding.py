@@ -2,10 +2,11 @@
 
 `build_on_meta` builds the model with its parameters on the meta device (no memory), `shard` applies
 `fully_shard` to each decoder layer and then to the root, `materialize` gives the shards real storage,
-and `load_safetensors` lets every rank read only its own slices of the checkpoint's safetensors files (torch.distributed.checkpoint's
-Hugging Face reader). On a GPU the mixed-precision policy all-gathers bf16 parameters, computes in
-bf16 and reduces gradients in fp32 into the fp32 shards the optimizer updates (the master weights);
-on CPU everything stays fp32, which is how the tests compare FSDP with DDP within 1e-5.
+and `load_safetensors` lets every rank read only its own slices of the checkpoint's safetensors files
+(torch.distributed.checkpoint's Hugging Face reader). On a GPU the mixed-precision policy all-gathers
+bf16 parameters, computes in bf16 and reduces gradients in fp32 into the fp32 shards the optimizer
+updates (the master weights); on CPU everything stays fp32, which is how the tests compare FSDP with DDP
+within 1e-5.
 
 Checkpoints are sharded too (`save_checkpoint` / `load_checkpoint`: each rank writes and reads its
 own shards, with torch.distributed.checkpoint), and `full_state_dict` gathers the weights to rank 0,
@@ -25,13 +26,16 @@ from contextlib import contextmanager
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict,
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
 )
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from pipeline.model.loading import decoder_layers
-from pipeline.model.lora import base_key
+from pipeline.model.pretrained import decoder_layers
+from pipeline.training.lora import base_key
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -59,8 +63,9 @@ def parameters_on_meta() -> Iterator[None]:
         torch.nn.Module.register_parameter = register
 
 
-def build_on_meta(path: str, *, dtype: torch.dtype, trust_remote_code: bool = False,
-                  attn_implementation: str | None = None) -> torch.nn.Module:
+def build_on_meta(
+    path: str, *, dtype: torch.dtype, trust_remote_code: bool = False, attn_implementation: str | None = None
+) -> torch.nn.Module:
     """The causal LM of `path`'s config.json with its parameters on the meta device (see parameters_on_meta),
     and `path`'s generation config where it has one, as from_pretrained would give (the export saves it,
     and samplers read their stop tokens from it)."""
@@ -130,8 +135,9 @@ def load_safetensors(model: torch.nn.Module, path: str) -> None:
     names = hf_names(state)
     wanted = {file_key: state[key] for key, file_key in names.items() if file_key in in_files}
     loaded = {_storage(tensor) for tensor in wanted.values()}
-    missing = [key for key, file_key in names.items()
-               if file_key not in in_files and _storage(state[key]) not in loaded]  # a tied weight is there once
+    missing = [
+        key for key, file_key in names.items() if file_key not in in_files and _storage(state[key]) not in loaded
+    ]  # a tied weight is there once
     if missing:
         raise KeyError(f"{path}: the checkpoint lacks {', '.join(missing[:3])}")
     dcp.load(wanted, storage_reader=dcp.HuggingFaceStorageReader(path))  # in place, into the shards

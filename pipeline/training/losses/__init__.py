@@ -9,9 +9,9 @@
 Imports torch (and pipeline.config) only.
 """
 
-from pipeline.model.losses.interface import KtoLogps, LossOutput, PairLogps
-from pipeline.model.losses.kto import kto_loss, kto_reference_point
-from pipeline.model.losses.paired import (
+from pipeline.training.losses.interface import KtoLogps, LossOutput, PairLogps
+from pipeline.training.losses.kto import kto_loss, kto_reference_point
+from pipeline.training.losses.paired import (
     dpo_loss,
     hinge_loss,
     ipo_loss,
@@ -22,7 +22,7 @@ from pipeline.model.losses.paired import (
     simpo_loss,
     unlikelihood_loss,
 )
-from pipeline.model.losses.registry import (
+from pipeline.training.losses.registry import (
     HYPERPARAMETERS,
     LOSSES,
     LossChoice,

@@ -11,7 +11,7 @@ import torch
 class PairLogps:
     """Per-pair sequence log-probs of B preference pairs; every tensor has shape (B,).
 
-    Log-probs are sums over the response tokens (what `pipeline.model.batch_logps.batch_sequence_logps` returns).
+    Log-probs are sums over the response tokens (what `pipeline.model.logps.dispatch.batch_sequence_logps` returns).
     Reference fields may be None for reference-free losses and lengths may be None for losses that do
     not length-normalise; a loss that needs a missing field raises ValueError naming it.
     """

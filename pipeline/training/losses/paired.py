@@ -2,7 +2,7 @@
 
 Every loss here takes a `PairLogps` (per-pair sequence log-probs, each a sum over response tokens) and
 keyword hyperparameters, and returns a `LossOutput`. What each one needs (the reference or not, the
-rejected response or not) is declared once, in `pipeline.model.losses.registry`.
+rejected response or not) is declared once, in `pipeline.training.losses.registry`.
 
 Notation in the docstrings, all per pair, shape (B,):
     pi_w, pi_l    policy log-prob of the chosen (w) / rejected (l) response, summed over its tokens
@@ -22,8 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pipeline.model.losses.interface import LossOutput, PairLogps
-
+from pipeline.training.losses.interface import LossOutput, PairLogps
 
 # ---------------------------------------------------------------------------------------------------
 # helpers

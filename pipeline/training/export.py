@@ -14,8 +14,8 @@ import os
 
 import torch
 
-from pipeline.model.lora import ADAPTER, lora_modules, split_export
-from pipeline.model.sharding import full_state_dict
+from pipeline.training.lora import ADAPTER, lora_modules, split_export
+from pipeline.training.sharding import full_state_dict
 
 MAX_SHARD_SIZE = "5GB"
 ADAPTER_DIR = "adapter"
@@ -45,5 +45,8 @@ def save_adapter(model: torch.nn.Module, adapter: dict[str, torch.Tensor], direc
 
     os.makedirs(directory, exist_ok=True)
     model.peft_config[ADAPTER].save_pretrained(directory)
-    save_file({k: v.contiguous() for k, v in adapter.items()}, os.path.join(directory, "adapter_model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in adapter.items()},
+        os.path.join(directory, "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pipeline.config import Config
-from pipeline.model.loading import load_tokenizer
+from pipeline.model.pretrained import load_tokenizer
 from pipeline.runtime.storage import RunDir, read_parquet_dir
 
 
@@ -27,7 +27,10 @@ def print_tokenize_audit(config: Config, *, examples: int = 3) -> None:
         ("responses truncated", str(audit["response_truncated"])),
         ("boundary mismatches", str(audit["boundary_mismatches"])),
         ("duplicates", str(audit["duplicates"])),
-        ("chosen longer than rejected", "–" if audit["chosen_longer_share"] is None else f"{audit['chosen_longer_share']:.1%}"),
+        (
+            "chosen longer than rejected",
+            "–" if audit["chosen_longer_share"] is None else f"{audit['chosen_longer_share']:.1%}",
+        ),
     ]
     for name, hist in audit["length_histograms"].items():
         if hist.get("counts"):

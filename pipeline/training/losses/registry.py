@@ -13,8 +13,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from pipeline.config import ConfigError, TrainConfig
-from pipeline.model.losses import kto, paired
-from pipeline.model.losses.interface import KtoLogps, LossOutput, PairLogps
+from pipeline.training.losses import kto, paired
+from pipeline.training.losses.interface import KtoLogps, LossOutput, PairLogps
 
 LossChoice = str | Mapping[str, float]  # train.loss: one name, or {name: weight}
 
@@ -96,7 +96,9 @@ def loss_weights(loss: LossChoice) -> dict[str, float]:
         raise ConfigError("train.loss is empty; name at least one loss")
     unknown = [name for name in weights if name not in LOSSES]
     if unknown:
-        raise ConfigError(f"train.loss: unknown loss {', '.join(map(repr, unknown))}; known losses: {', '.join(sorted(LOSSES))}")
+        raise ConfigError(
+            f"train.loss: unknown loss {', '.join(map(repr, unknown))}; known losses: {', '.join(sorted(LOSSES))}"
+        )
     unpaired = [name for name in weights if LOSSES[name].unpaired]
     if unpaired and len(weights) > 1:
         raise ConfigError(
@@ -142,7 +144,9 @@ def compute_loss(loss: LossChoice, batch: PairLogps | KtoLogps, **hyperparameter
     """
     unknown = sorted(set(hyperparameters) - set(HYPERPARAMETERS))
     if unknown or "beta" not in hyperparameters:
-        raise TypeError(f"compute_loss takes beta and any of {', '.join(HYPERPARAMETERS)}; got {', '.join(sorted(hyperparameters))}")
+        raise TypeError(
+            f"compute_loss takes beta and any of {', '.join(HYPERPARAMETERS)}; got {', '.join(sorted(hyperparameters))}"
+        )
     weighted: list[tuple[float, LossOutput]] = []
     for name, weight in loss_weights(loss).items():
         spec = LOSSES[name]

@@ -1,6 +1,6 @@
 """Log-prob primitives over a right-padded batch: collate, per-token log-probs, per-sequence sums.
 
-`pipeline.model.batch_logps.batch_sequence_logps` dispatches between these and their chunked and packed
+`pipeline.model.logps.dispatch.batch_sequence_logps` dispatches between these and their chunked and packed
 twins (chunked_logps.py, packed_logps.py), which compute the same numbers with less memory or padding.
 """
 

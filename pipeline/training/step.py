@@ -3,7 +3,7 @@
 A step takes this worker's micro-batches, runs the objective's loss on each with gradient
 accumulation, clips, steps the optimizer and returns the step's metrics by name. The Ray Train worker
 (`pipeline.stages.train_worker`) and `benchmarks/train_step.py` both call `train_step`. What differs
-between paired losses and KTO lives in the objective (`pipeline.model.objectives`).
+between paired losses and KTO lives in the objective (`pipeline.training.objectives`).
 """
 
 from __future__ import annotations
@@ -12,13 +12,12 @@ import math
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Protocol
 
 import torch
 from torch.distributed.tensor import DTensor
 
 from pipeline.config import TrainConfig
-from pipeline.model.batch_logps import batch_sequence_logps
+from pipeline.training.objectives import Objective
 
 
 def lr_factor(step: int, *, total: int, warmup: int, schedule: str) -> float:
@@ -51,113 +50,6 @@ def accumulation(train: TrainConfig) -> int:
             f"micro_batch_size ({train.micro_batch_size}) x a whole number of accumulation steps"
         )
     return per_worker // train.micro_batch_size
-
-
-def disable_dropout(model: torch.nn.Module) -> None:
-    """Set every dropout probability to 0.
-
-    DPO compares log-probs of the policy against fixed reference numbers computed without dropout;
-    dropout in the policy would bias that comparison and make resumed runs diverge.
-    """
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-
-
-def policy_sequence_logps(model, prompts, responses, *, train: TrainConfig, pad_id: int, device: torch.device):
-    """`batch_sequence_logps` under bf16 autocast on GPU, packed and chunked as `train` says.
-
-    Returns response log-prob sums (N,), response token counts (N,) and the number of real tokens.
-    """
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    with autocast:
-        return batch_sequence_logps(
-            model, prompts, responses, pad_id=pad_id, device=device, packing=train.packing,
-            chunk_size=train.logps_chunk_size if train.chunked_logps else None,
-        )
-
-
-class StepMetrics:
-    """Sums over the rows of a step, in one float64 tensor (so workers all-reduce them in one call), read by name.
-
-    rows: rows of the step (pairs, or KTO examples); loss: sum of their per-row losses. chosen /
-    rejected: rows whose reward counts as chosen / rejected (every pair counts for both, a KTO example
-    for one), and chosen_rewards, rejected_rewards, chosen_logps, rejected_logps their sums. correct:
-    pairs whose chosen reward beats the rejected one; margins: sum of the pairs' reward margins.
-    tokens: non-pad tokens the step put through the model.
-    """
-
-    NAMES = ("rows", "loss", "chosen", "rejected", "chosen_rewards", "rejected_rewards", "chosen_logps",
-             "rejected_logps", "correct", "margins", "tokens")
-
-    def __init__(self, sums: torch.Tensor):
-        self.sums = sums  # (len(NAMES),) float64
-
-    @classmethod
-    def of(cls, device: torch.device | str, **values: torch.Tensor | float) -> StepMetrics:
-        """Named sums, the rest 0; a tensor value is detached (a () tensor, or summed when it has rows)."""
-        unknown = sorted(set(values) - set(cls.NAMES))
-        if unknown:
-            raise KeyError(f"StepMetrics has no {', '.join(unknown)} (names: {', '.join(cls.NAMES)})")
-        sums = torch.zeros(len(cls.NAMES), dtype=torch.float64, device=device)
-        for name, value in values.items():
-            sums[cls.NAMES.index(name)] = value.detach().sum() if isinstance(value, torch.Tensor) else float(value)
-        return cls(sums)
-
-    def __add__(self, other: StepMetrics) -> StepMetrics:
-        return StepMetrics(self.sums + other.sums)
-
-    def all_reduce(self) -> StepMetrics:
-        """The sums over every worker of the default process group (in place; returns self)."""
-        torch.distributed.all_reduce(self.sums)
-        return self
-
-    def totals(self) -> dict[str, float]:
-        """{name: sum}, read back from the device in one copy."""
-        return dict(zip(self.NAMES, self.sums.tolist()))
-
-
-def _mean(total: float, count: float) -> float | None:
-    return total / count if count else None
-
-
-def mean_metrics(totals: dict[str, float], *, paired: bool) -> dict[str, float | None]:
-    """The logged per-row means of `StepMetrics.totals()`; a class with no rows in the step gives None.
-
-    paired: rewards/accuracies and rewards/margins are means over pairs. Unpaired rows have no pairs
-    to compare, so no accuracy (None), and the margin is the difference of the two classes' means.
-    """
-    chosen = _mean(totals["chosen_rewards"], totals["chosen"])
-    rejected = _mean(totals["rejected_rewards"], totals["rejected"])
-    if paired:
-        accuracy, margin = totals["correct"] / totals["rows"], totals["margins"] / totals["rows"]
-    else:
-        accuracy, margin = None, None if chosen is None or rejected is None else chosen - rejected
-    return {
-        "loss": totals["loss"] / totals["rows"],
-        "rewards/chosen": chosen,
-        "rewards/rejected": rejected,
-        "rewards/accuracies": accuracy,
-        "rewards/margins": margin,
-        "logps/chosen": _mean(totals["chosen_logps"], totals["chosen"]),
-        "logps/rejected": _mean(totals["rejected_logps"], totals["rejected"]),
-    }
-
-
-class Objective(Protocol):
-    """What a step optimises: the paired losses or KTO (`pipeline.model.objectives`)."""
-
-    def begin_step(self, model, batches: Sequence[dict], *, world: int) -> tuple[Any, StepMetrics]:
-        """What every micro-batch of the step shares (None, or KTO's mismatched-pair log-probs) and its metrics."""
-
-    def micro_batch_loss(self, model, batch: dict, shared: Any, *, scale: float) -> tuple[torch.Tensor, StepMetrics]:
-        """Forward one micro-batch: the loss to backpropagate (per-row losses summed, times scale) and its sums."""
-
-    def loss_metrics(self, totals: dict[str, float], shared: Any) -> dict[str, float | None]:
-        """The step's logged loss metrics from the summed `StepMetrics.totals()`."""
-
-    def progress(self, row: dict) -> str:
-        """The few metrics worth printing from a logged row."""
 
 
 @dataclass(frozen=True)
@@ -220,7 +112,9 @@ def train_step(
     if updated:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(objective.loss_metrics(totals, shared), grad_norm, int(totals["tokens"]), updated, local_loss_finite)
+    return StepResult(
+        objective.loss_metrics(totals, shared), grad_norm, int(totals["tokens"]), updated, local_loss_finite
+    )
 
 
 def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:

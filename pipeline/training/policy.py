@@ -2,31 +2,41 @@
 
 One function for both strategies, so the Ray Train worker, the benchmark and the tests build the same
 model. ddp loads the whole model on every worker (the worker then wraps it in DDP); fsdp builds it on
-the meta device and gives each rank only its shards (`pipeline.model.sharding`). Under LoRA on a GPU
+the meta device and gives each rank only its shards (`pipeline.training.sharding`). Under LoRA on a GPU
 the frozen base is loaded in bf16 (it never takes an optimizer step, so it needs no fp32 master copy)
 and the adapters train in fp32; on CPU everything is fp32.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 from pipeline.config import TrainConfig
-from pipeline.model.loading import compile_decoder_layers, load_model, local_checkpoint
-from pipeline.model.lora import add_adapters, init_adapters
-from pipeline.model.sharding import build_on_meta, load_safetensors, materialize, shard
-from pipeline.model.train_step import disable_dropout
+from pipeline.model.logps.dispatch import batch_sequence_logps
+from pipeline.model.pretrained import compile_decoder_layers, load_model, local_checkpoint
+from pipeline.training.lora import add_adapters, init_adapters
+from pipeline.training.sharding import build_on_meta, load_safetensors, materialize, shard
 
 
-def load_policy(model_path: str, train: TrainConfig, *, device: torch.device, trust_remote_code: bool = False,
-                attn_implementation: str | None = None, resuming: bool = False) -> torch.nn.Module:
+def load_policy(
+    model_path: str,
+    train: TrainConfig,
+    *,
+    device: torch.device,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+    resuming: bool = False,
+) -> torch.nn.Module:
     """The trainable policy of `train` (strategy, LoRA, gradient checkpointing, compile) on `device`.
 
     resuming: the weights that train come from a checkpoint next, so under fsdp without LoRA the
     base weights are not read from `model_path` first (a frozen LoRA base always is).
     """
-    options = dict(dtype=base_dtype(train, device), trust_remote_code=trust_remote_code,
-                   attn_implementation=attn_implementation)
+    options = dict(
+        dtype=base_dtype(train, device), trust_remote_code=trust_remote_code, attn_implementation=attn_implementation
+    )
     sharded = train.strategy == "fsdp"
     model = build_on_meta(model_path, **options) if sharded else load_model(model_path, device=device, **options)
     model = prepare_policy(model, train, device=device, base_path=model_path)
@@ -42,7 +52,9 @@ def base_dtype(train: TrainConfig, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if train.lora and device.type == "cuda" else torch.float32
 
 
-def prepare_policy(model: torch.nn.Module, train: TrainConfig, *, device: torch.device, base_path: str) -> torch.nn.Module:
+def prepare_policy(
+    model: torch.nn.Module, train: TrainConfig, *, device: torch.device, base_path: str
+) -> torch.nn.Module:
     """Dropout off, LoRA's adapters, gradient checkpointing, compile, and under fsdp the shards (given
     storage, not yet values) of `model`, which is whole on `device` (ddp) or on the meta device (fsdp)."""
     disable_dropout(model)  # before the adapters: LoRA's own dropout is train.lora.dropout
@@ -65,3 +77,32 @@ def make_optimizer(model: torch.nn.Module, train: TrainConfig, *, device: torch.
     trainable = [p for p in model.parameters() if p.requires_grad]
     fused = device.type == "cuda" and train.strategy == "ddp"
     return torch.optim.AdamW(trainable, lr=train.learning_rate, weight_decay=train.weight_decay, fused=fused)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set every dropout probability to 0.
+
+    DPO compares log-probs of the policy against fixed reference numbers computed without dropout;
+    dropout in the policy would bias that comparison and make resumed runs diverge.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def policy_sequence_logps(model, prompts, responses, *, train: TrainConfig, pad_id: int, device: torch.device):
+    """`batch_sequence_logps` under bf16 autocast on GPU, packed and chunked as `train` says.
+
+    Returns response log-prob sums (N,), response token counts (N,) and the number of real tokens.
+    """
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    with autocast:
+        return batch_sequence_logps(
+            model,
+            prompts,
+            responses,
+            pad_id=pad_id,
+            device=device,
+            packing=train.packing,
+            chunk_size=train.logps_chunk_size if train.chunked_logps else None,
+        )

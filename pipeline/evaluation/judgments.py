@@ -26,28 +26,42 @@ class JudgeProgress:
         verdicts = self.inner.judge(prompts, first, second)
         self.done += len(verdicts)
         stats = getattr(self.inner, "stats", None)
-        counts = (f"; {stats.requests} requests, {stats.cache_hits} from the cache, {stats.unparsed} unparsed"
-                  if stats is not None else "")
+        counts = (
+            f"; {stats.requests} requests, {stats.cache_hits} from the cache, {stats.unparsed} unparsed"
+            if stats is not None
+            else ""
+        )
         log.info("evaluate: judged %d of %d (%s)%s", self.done, self.total, self.name, counts)
         return verdicts
 
 
-def judge_samples(judge: Judge, samples: Sequence[dict], baseline: str, baseline_texts: Sequence[str],
-                  baseline_lengths: Sequence[int]) -> list[dict]:
+def judge_samples(
+    judge: Judge, samples: Sequence[dict], baseline: str, baseline_texts: Sequence[str], baseline_lengths: Sequence[int]
+) -> list[dict]:
     """Each sample row against baseline_texts[i] (baseline_lengths[i] tokens long): one judgment row each."""
-    result = judge_both_orders(judge, [r["prompt"] for r in samples], [r["completion"] for r in samples],
-                               baseline_texts)
+    result = judge_both_orders(
+        judge, [r["prompt"] for r in samples], [r["completion"] for r in samples], baseline_texts
+    )
     return [
-        {"model": r["model"], "baseline": baseline, "temperature": float(r["temperature"]),
-         "prompt_index": r["prompt_index"], "verdict_first": a, "verdict_second": b, "score": float(score),
-         "length_diff": len(r["completion_ids"]) - length}
-        for r, length, a, b, score in zip(samples, baseline_lengths, result.verdicts_ab, result.verdicts_ba,
-                                          result.scores)
+        {
+            "model": r["model"],
+            "baseline": baseline,
+            "temperature": float(r["temperature"]),
+            "prompt_index": r["prompt_index"],
+            "verdict_first": a,
+            "verdict_second": b,
+            "score": float(score),
+            "length_diff": len(r["completion_ids"]) - length,
+        }
+        for r, length, a, b, score in zip(
+            samples, baseline_lengths, result.verdicts_ab, result.verdicts_ba, result.scores
+        )
     ]
 
 
-def judge_against_reference(judge: Judge, rows: Sequence[dict], models: Sequence[str],
-                            temperatures: Sequence[float]) -> list[dict]:
+def judge_against_reference(
+    judge: Judge, rows: Sequence[dict], models: Sequence[str], temperatures: Sequence[float]
+) -> list[dict]:
     """Each sample of `models` against the reference's sample of the same prompt, index and temperature.
 
     rows: sample rows of every model, the reference's included. Returns judgment rows with baseline
@@ -59,6 +73,7 @@ def judge_against_reference(judge: Judge, rows: Sequence[dict], models: Sequence
         for t in temperatures:
             mine = [r for r in rows if r["model"] == name and r["temperature"] == t]
             theirs = [reference[(r["temperature"], r["prompt_index"], r["sample_index"])] for r in mine]
-            out += judge_samples(judge, mine, "reference", [r["completion"] for r in theirs],
-                                 [len(r["completion_ids"]) for r in theirs])
+            out += judge_samples(
+                judge, mine, "reference", [r["completion"] for r in theirs], [len(r["completion_ids"]) for r in theirs]
+            )
     return out

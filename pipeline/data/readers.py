@@ -104,7 +104,7 @@ def _read_json_file(filesystem, inner, display, *, gzipped: bool, allow_array: b
     except (OSError, EOFError, gzip.BadGzipFile) as exc:
         raise InputError(f"{display}: cannot read: {exc}") from exc
     if data.startswith(_BOM):
-        data = data[len(_BOM):]
+        data = data[len(_BOM) :]
     if allow_array and data.lstrip()[:1] == b"[":
         return _read_json_array(data, display)
     return _read_json_lines(data, display)

@@ -61,18 +61,20 @@ def registered(group: str) -> list[str]:
     return sorted({ep.name for ep in entry_points(group=group)})
 
 
-def _load(group: str, name: str, *, setting: str, kind: str, builtin: Sequence[str],
-          none_allowed: bool = False) -> Any:
+def _load(group: str, name: str, *, setting: str, kind: str, builtin: Sequence[str], none_allowed: bool = False) -> Any:
     """The object registered as `name` in `group`; a ValueError naming `setting` and the known names if
     there is none, or if installed packages register different objects under that name (a ConfigError:
     the user's to fix)."""
     targets = {ep.value: ep for ep in entry_points(group=group, name=name)}
     if not targets:
         known = ", ".join(sorted({*registered(group), *builtin})) or "none"
-        raise ConfigError(f"{setting}: unknown {kind} {name!r} (known: {known}"
-                         f"{'; null for none' if none_allowed else ''})")
+        raise ConfigError(
+            f"{setting}: unknown {kind} {name!r} (known: {known}{'; null for none' if none_allowed else ''})"
+        )
     if len(targets) > 1:
-        raise ConfigError(f"{setting}: {kind} {name!r} is registered more than once ({', '.join(sorted(targets))}) "
-                         f"in the entry point group {group}")
+        raise ConfigError(
+            f"{setting}: {kind} {name!r} is registered more than once ({', '.join(sorted(targets))}) "
+            f"in the entry point group {group}"
+        )
     (entry,) = targets.values()
     return entry.load()

@@ -1,4 +1,4 @@
-"""Sequence log-probs without the [N, T, V] logits: the same numbers as `pipeline.model.logps.sequence_logps`.
+"""Sequence log-probs without the [N, T, V] logits: the same numbers as `pipeline.model.logps.padded.sequence_logps`.
 
 With reference log-probs precomputed, a DPO step is supervised training on chosen + rejected, and at a
 32k vocabulary the output layer dominates its memory: `sequence_logps` builds logits for every position
@@ -54,13 +54,20 @@ def _last_hidden(output) -> torch.Tensor:
     return output.last_hidden_state
 
 
-def response_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, response_mask: torch.Tensor, *, position_ids: torch.Tensor | None = None):
+def response_hidden_states(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    response_mask: torch.Tensor,
+    *,
+    position_ids: torch.Tensor | None = None,
+):
     """Final hidden states at the positions that predict response tokens, packed without padding.
 
     Returns (hidden (M, H), targets (M,) long), M = response tokens in the batch, in row-major order of
     `response_mask[:, 1:]`: entry k is the hidden state at position t - 1 of some row, whose next token
     targets[k] = input_ids[row, t] is a response token. Same shift and mask as `sequence_logps`.
-    `position_ids` (with no attention mask) is how a packed row is passed (`pipeline.model.packed_logps`).
+    `position_ids` (with no attention mask) is how a packed row is passed (`pipeline.model.logps.packed`).
     """
     bare = _unwrap(model)
     decoder = _decoder(bare)
@@ -122,7 +129,7 @@ def chunked_sequence_logps(
     chunk_size: int = 1024,
     use_checkpoint: bool = True,
 ):
-    """Drop-in for `pipeline.model.logps.sequence_logps` that never builds the (N, T, V) logits.
+    """Drop-in for `pipeline.model.logps.padded.sequence_logps` that never builds the (N, T, V) logits.
 
     input_ids, attention_mask, response_mask: (N, T), right padded. Returns (logps (N,) float32, counts (N,)
     long). Logits exist for at most `chunk_size` response tokens at a time ((chunk_size, V) float32); with
@@ -130,7 +137,9 @@ def chunked_sequence_logps(
     `model` may be a Hugging Face causal LM or one wrapped in DDP / torch.compile.
     """
     hidden, targets = response_hidden_states(model, input_ids, attention_mask, response_mask)  # (M, H), (M,)
-    per_token = chunked_token_logps(model, hidden, targets, chunk_size=chunk_size, use_checkpoint=use_checkpoint)  # (M,)
+    per_token = chunked_token_logps(
+        model, hidden, targets, chunk_size=chunk_size, use_checkpoint=use_checkpoint
+    )  # (M,)
     # Back onto the (N, T-1) grid and summed along it, as sequence_logps sums: the same float32 addition
     # order, so the sums differ only by the per-token rounding.
     mask = response_mask[:, 1:].bool()
@@ -138,7 +147,9 @@ def chunked_sequence_logps(
     return grid.sum(-1), mask.sum(-1)
 
 
-def chunked_token_logps(model, hidden: torch.Tensor, targets: torch.Tensor, *, chunk_size: int = 1024, use_checkpoint: bool = True) -> torch.Tensor:
+def chunked_token_logps(
+    model, hidden: torch.Tensor, targets: torch.Tensor, *, chunk_size: int = 1024, use_checkpoint: bool = True
+) -> torch.Tensor:
     """log p(targets) from final hidden states (M, H) through the model's output layer, `chunk_size` rows
     at a time: (M,) float32. With gradients on and `use_checkpoint`, backward recomputes each chunk."""
     if chunk_size < 1:
