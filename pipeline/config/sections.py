@@ -37,9 +37,8 @@ class ModelConfig:
     ref_path: str | None = None  # the reference; None means the same weights as `path`
     trust_remote_code: bool = False  # off unless the user turns it on: remote code runs on every worker
     dtype: str = "float32"  # weights' dtype for scoring and sampling; training keeps fp32 master weights
-    attn_implementation: str | None = (
-        None  # transformers' name (sdpa, flex_attention, flash_attention_2); None: its default
-    )
+    # transformers' name (sdpa, flex_attention, flash_attention_2); None: its default
+    attn_implementation: str | None = None
 
     @property
     def reference(self) -> str:
@@ -133,17 +132,15 @@ class TrainConfig:
     # ddp: every worker holds the whole model. fsdp: FSDP2 shards weights, gradients and optimizer
     # state over the workers (bf16 compute, fp32 master weights and gradient reduction on GPU).
     strategy: str = "ddp"
-    cpu_offload: bool = (
-        False  # fsdp only: shards, gradients and optimizer state on the host (slower, far less GPU memory)
-    )
+    # fsdp only: shards, gradients and optimizer state on the host (slower, far less GPU memory)
+    cpu_offload: bool = False
     lora: LoraConfig | None = None  # None: full fine-tuning
     torch_threads: int = 0  # 0: leave torch's default
     chunked_logps: bool = False  # response positions only, lm_head chunk by chunk: no (N, T, V) fp32 logits
     logps_chunk_size: int = 1024
     compile: bool = False  # torch.compile each decoder block (GPU: the largest single speed-up we measured)
-    packing: bool = (
-        False  # sequences end to end in one row, no padding (use model.attn_implementation: flex_attention on GPU)
-    )
+    # sequences end to end in one row, no padding (use model.attn_implementation: flex_attention on GPU)
+    packing: bool = False
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
     logging_steps: int = 1  # every logged step: a progress line, a metrics.jsonl row, the trackers
     # A checkpoint every this many steps, so a lost worker or node costs at most that much work: None is
@@ -171,9 +168,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    engine: str = (
-        "hf"  # hf | vllm | auto (vllm where it is installed and faster: on GPUs; see README "Sampling engines")
-    )
+    # hf | vllm | auto (vllm where it is installed and faster: on GPUs; see README "Sampling engines")
+    engine: str = "hf"
     # vLLM only: each sampler's KV cache in GiB; None is vLLM's share of GPU memory on a GPU and 1 GiB on
     # the CPU (where vLLM would otherwise reserve 90% of the machine's memory). Resources only.
     vllm_kv_cache_gib: float | None = None
@@ -184,9 +180,8 @@ class EvaluateConfig:
     top_p: float = 1.0
     reward: str | None = None  # a task reward by name (e.g. "vader"), None where the task has none
     judge: str = "vader"  # pairwise judge by name: api (any OpenAI-compatible chat endpoint) or a task's, e.g. vader
-    judge_api: dict[str, Any] = field(
-        default_factory=dict
-    )  # ApiJudgeConfig keys (pipeline/evaluation/api_judge/config.py)
+    # ApiJudgeConfig keys (pipeline/evaluation/api_judge/config.py)
+    judge_api: dict[str, Any] = field(default_factory=dict)
     bootstrap_samples: int = 2000
     # Baselines beside the reference's samples (pipeline/evaluation/baselines.py). best_of_n: 0 is off; N draws N
     # reference samples per answer and keeps the one `reward` scores best (costs N times the sampling).

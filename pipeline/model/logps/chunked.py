@@ -137,9 +137,8 @@ def chunked_sequence_logps(
     `model` may be a Hugging Face causal LM or one wrapped in DDP / torch.compile.
     """
     hidden, targets = response_hidden_states(model, input_ids, attention_mask, response_mask)  # (M, H), (M,)
-    per_token = chunked_token_logps(
-        model, hidden, targets, chunk_size=chunk_size, use_checkpoint=use_checkpoint
-    )  # (M,)
+    # (M,)
+    per_token = chunked_token_logps(model, hidden, targets, chunk_size=chunk_size, use_checkpoint=use_checkpoint)
     # Back onto the (N, T-1) grid and summed along it, as sequence_logps sums: the same float32 addition
     # order, so the sums differ only by the per-token rounding.
     mask = response_mask[:, 1:].bool()
