@@ -9,12 +9,12 @@ import json
 import logging
 
 import pytest
-from test_capacity import LLAMA_8B
 
 from pipeline.cli.main import main
 from pipeline.config import load_config
 from pipeline.runtime.gpus import cluster_gpu_memory
 from pipeline.stages.fit_check import check_fits
+from tests.helpers.model_configs import LLAMA_8B
 
 pytestmark = pytest.mark.stage
 

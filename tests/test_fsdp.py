@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from distributed_runs import run_steps, spawn
-from micro_batches import kto_rows, pair_rows
+from tests.helpers.distributed_runs import run_steps, spawn
+from tests.helpers.micro_batches import kto_rows, pair_rows
 
 from pipeline.config import TrainConfig
 

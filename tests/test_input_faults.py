@@ -10,7 +10,7 @@ import math
 import pyarrow as pa
 import pytest
 import torch
-from micro_batches import pair_rows
+from tests.helpers.micro_batches import pair_rows
 
 from pipeline.config import ConfigError, TrainConfig, load_config
 from pipeline.data.encode import process_records

@@ -1,12 +1,11 @@
 """Verdicts that do not hang on a regex alone: a JSON verdict, the answer labels' log-probs, the regex as
-fallback; against the loopback server of tests/test_api_judge.py where the server's side matters."""
+fallback; against the loopback server of tests/helpers/fake_chat_server.py where the server's side matters."""
 
 import logging
 import math
 import sqlite3
 
 import pytest
-from test_api_judge import api_key, make_judge, pairs, server  # noqa: F401  (fixtures: the key, the server)
 
 from pipeline.config import load_config
 from pipeline.evaluation.api_judge import ApiJudgeConfig, cache_key, label_logprobs, read_verdict
@@ -14,8 +13,9 @@ from pipeline.evaluation.api_judge.cache import Reply, SqliteCache
 from pipeline.evaluation.judgments import JudgeProgress
 from pipeline.evaluation.plugins import make_judge as make_judge_from
 from pipeline.runtime.storage import RunDir
+from tests.helpers.fake_chat_server import make_judge, pairs
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("api_key")]
 
 
 def tokens(*pieces, alternatives=None):

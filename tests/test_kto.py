@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from micro_batches import kto_rows, split
+from tests.helpers.micro_batches import kto_rows, split
 from torch.testing import assert_close
 
 from pipeline.config import Config, TrainConfig

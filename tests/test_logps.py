@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from pairs import collate_pairs, pair_logps
+from tests.helpers.pairs import collate_pairs, pair_logps
 
 from pipeline.model.logps.padded import sequence_logps
 from pipeline.model.pretrained import load_model

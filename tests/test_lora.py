@@ -9,8 +9,8 @@ import math
 
 import pytest
 import torch
-from distributed_runs import CPU, step_batches
-from micro_batches import pair_rows
+from tests.helpers.distributed_runs import CPU, step_batches
+from tests.helpers.micro_batches import pair_rows
 
 from pipeline.config import LoraConfig, TrainConfig
 from pipeline.model.logps.dispatch import batch_sequence_logps

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from pairs import collate_pairs, pack_pairs
-from test_chunked_logps import ATOL, MODELS, grads, one_thread  # noqa: F401 (fixture)
 
 from pipeline.model.logps.packed import pack_sequences, packed_sequence_logps
 from pipeline.model.logps.padded import sequence_logps
+from tests.helpers.logp_models import ATOL, MODELS, grads
+from tests.helpers.pairs import collate_pairs, pack_pairs
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 
 
 def ragged_pairs(seed: int = 0):

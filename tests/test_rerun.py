@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import write_pairs
+from tests.helpers.tiny import write_pairs
 
 from pipeline.cli.schedule import current_stages, make_plan, plan_run, submission_id
 from pipeline.config import ConfigError, load_config

@@ -21,7 +21,7 @@ from pipeline.runtime.files import RowsLostError, check_same_ids
 from pipeline.runtime.lease import LEASE_DIR, TTL_S, LeaseError
 from pipeline.runtime.storage import RunDir
 from pipeline.stages.base import execute
-from tests.child_writer import letters_config, letters_stage
+from tests.helpers.child_writer import letters_config, letters_stage
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).parent.parent
@@ -31,7 +31,7 @@ LETTERS_STAGE = letters_stage()
 def child(*args: str, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
-        [sys.executable, "-m", "tests.child_writer", *args],
+        [sys.executable, "-m", "tests.helpers.child_writer", *args],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -293,7 +293,7 @@ def test_sweep_values_that_name_one_member_are_refused(tmp_path):
 
 
 def test_a_second_dpo_on_a_run_dir_being_written_ends_in_one_error_line(tmp_path, tiny_model_dir, capsys):
-    from conftest import write_pairs
+    from tests.helpers.tiny import write_pairs
 
     from pipeline.cli.main import main
 

@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import write_dataset_dict, write_pairs
+from tests.helpers.datasets_on_disk import write_dataset_dict
+from tests.helpers.tiny import write_pairs
 
 from pipeline.config import load_config
 from pipeline.runtime.storage import RunDir, read_parquet_dir
@@ -297,7 +298,7 @@ def write_unpaired(path, n: int) -> None:
     """n unpaired rows, every third one labelled undesirable."""
     import random
 
-    from conftest import CORPUS
+    from tests.helpers.tiny import CORPUS
 
     rng = random.Random(1)
     rows = [{"prompt": f"review {i}:", "completion": " " + rng.choice(CORPUS), "label": i % 3 != 0} for i in range(n)]

@@ -110,7 +110,7 @@ def test_a_batch_tokenizes_each_distinct_text_once():
     pairs' ids come out as if each had been tokenized alone."""
     import json
 
-    from conftest import CORPUS
+    from tests.helpers.tiny import CORPUS
 
     from pipeline.data.encode import process_records
     from pipeline.data.records import RECORD_SCHEMA

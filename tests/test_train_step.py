@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from micro_batches import kto_rows, pair_rows, split
+from tests.helpers.micro_batches import kto_rows, pair_rows, split
 
 from pipeline.config import TrainConfig
 from pipeline.model.pretrained import load_model

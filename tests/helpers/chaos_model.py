@@ -7,7 +7,7 @@ It is a real model loaded the way users load theirs (remote code, `model.trust_r
     chaos_kill_token  a forward pass whose input holds this token id SIGKILLs its own process, as an
                       out-of-memory kill or a crashing kernel would: a batch that always kills its actor
 
-Weights, tokenizer and log-probs are those of `tests.conftest.make_tiny_model_dir` with the same seed.
+Weights, tokenizer and log-probs are those of `tests.helpers.tiny.make_tiny_model_dir` with the same seed.
 """
 
 from __future__ import annotations

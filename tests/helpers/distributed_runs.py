@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from micro_batches import split
 
 from pipeline.config import TrainConfig
 from pipeline.model.pretrained import load_tokenizer
@@ -22,6 +21,7 @@ from pipeline.runtime.checkpoints import read_checkpoint, write_checkpoint, writ
 from pipeline.training.objectives import objective_for
 from pipeline.training.policy import load_policy, make_optimizer
 from pipeline.training.step import accumulation, train_step
+from tests.helpers.micro_batches import split
 
 CPU = torch.device("cpu")
 

@@ -1,4 +1,4 @@
-"""A second process that writes a run directory, for the fault tests: `python -m tests.child_writer MODE ...`.
+"""A second process that writes a run directory, for the fault tests: `python -m tests.helpers.child_writer MODE ...`.
 
     hold RUN_DIR READY             take the lease, touch READY, sleep until killed
     race RUN_DIR START_AT          at time START_AT (epoch s), try the lease; print "won" (and hold it
