@@ -32,7 +32,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -372,13 +371,10 @@ def test_a_batch_that_always_kills_its_actor_fails_the_stage_naming_it(cluster, 
     mine = [*overrides, f"run_dir={run_dir}", f"model.path={poison}", f"data.path={data}", "ray.max_retries=1"]
     assert main(argv("tokenize", mine)) == 0
     capsys.readouterr()
-    started = time.monotonic()
     assert main(argv("score", mine)) == 1
-    took = time.monotonic() - started
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("dpo: error: score: the batch of "), last
     assert "was in flight in 2 actor deaths and ran out of retries (ray.max_retries=1)" in last
-    assert took < 120, took
     assert RunDir(str(run_dir)).manifest("score") is None
     assert not any(run_dir.glob(".staging/*"))  # the failed attempt left nothing behind
 

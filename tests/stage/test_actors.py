@@ -33,21 +33,25 @@ def ray_local():
 @ray.remote(num_cpus=0.25)
 class Worker:
     def work(self, seconds: float, value):
-        t0 = time.time()
         time.sleep(seconds)
-        return value, t0, time.time()
+        return value
+
+    def meet(self, folder: str, name: str, partner: str | None) -> tuple[str, int, bool]:
+        """Mark this call started in `folder` and count the calls running now (this one included); then wait
+        until `partner`'s call has counted too (at most 60 s: a guard that only ends a hung test) and mark this
+        one finished. Returns (name, calls running on arrival, whether the partner's call was seen)."""
+        here = Path(folder)
+        (here / f"{name}.started").touch()
+        running = len(list(here.glob("*.started"))) - len(list(here.glob("*.finished")))
+        (here / f"{name}.counted").touch()
+        deadline = time.monotonic() + 60
+        while partner and not (here / f"{partner}.counted").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        (here / f"{name}.finished").touch()
+        return name, running, not partner or (here / f"{partner}.counted").exists()
 
     def fail(self):
         raise RuntimeError("this model does not load")
-
-
-def most_at_once(intervals: list[tuple[float, float]]) -> int:
-    events = sorted([(t0, 1) for t0, _ in intervals] + [(t1, -1) for _, t1 in intervals])
-    now = peak = 0
-    for _, step in events:
-        now += step
-        peak = max(peak, now)
-    return peak
 
 
 def job(seconds: float, value, started: list | None = None):
@@ -60,25 +64,36 @@ def job(seconds: float, value, started: list | None = None):
     return start, lambda actor: [actor.work.remote(seconds, value), actor.work.remote(0.0, value + "!")]
 
 
-def test_jobs_run_side_by_side_up_to_the_cap_and_return_by_name(caplog):
+def test_jobs_run_side_by_side_up_to_the_cap_and_return_by_name(caplog, tmp_path):
     started = []
+
+    def meeting(name: str, partner: str | None):
+        """A job whose first call meets `partner`'s: neither ends until both have started."""
+
+        def start():
+            started.append(Worker.remote())
+            return started[-1]
+
+        return start, lambda actor: [actor.meet.remote(str(tmp_path), name, partner), actor.work.remote(0.0, name + "!")]
+
     caplog.set_level(logging.INFO, logger="pipeline.runtime.actors")
     with ActorJobs(max_actors=2, label="evaluate") as jobs:
-        for name in "abcd":
-            jobs.submit(name, *job(3.0, name, started))  # long enough to overlap on a loaded machine
+        for name, partner in [("a", "b"), ("b", "a"), ("c", None), ("d", None)]:
+            jobs.submit(name, *meeting(name, partner))
         assert len(started) == 2  # the others wait for a slot
         results = jobs.wait_for(["d", "a"])
         assert list(results) == ["d", "a"]
-        assert jobs.wait_for("bc")["c"][1][0] == "c!"
-    assert {n: [r[0] for r in results[n]] for n in results} == {"d": ["d", "d!"], "a": ["a", "a!"]}
+        assert jobs.wait_for("bc")["c"][1] == "c!"
+        results |= jobs.wait_for("bc")
+    assert {n: [results[n][0][0], results[n][1]] for n in results} == {n: [n, n + "!"] for n in "abcd"}
     assert len(started) == 4
     # Each job's end is logged as it happens, with the counts a person watching needs.
     assert re.search(r"evaluate: [ab] done \(1 of 4 jobs done, 2 running, 1 waiting\)", caplog.text)
     assert "of 4 jobs done, 0 running, 0 waiting)" in caplog.text
-    spans = [(r[0][1], r[0][2]) for r in (results["a"], results["d"])] + [
-        (r[0][1], r[0][2]) for r in jobs.wait_for("bc").values()
-    ]
-    assert most_at_once(spans) == 2  # side by side, never more than the cap
+    # Side by side: a's and b's calls met, each waiting for the other. Never more than the cap: no call
+    # found more than two running when it started, and the second of a and b found two.
+    assert results["a"][0][2] and results["b"][0][2]
+    assert max(running for _, running, _ in (results[n][0] for n in "abcd")) == 2
     for actor in started:  # each killed once its calls were done
         with pytest.raises(ray.exceptions.RayActorError):
             ray.get(actor.work.remote(0.0, "x"), timeout=30)

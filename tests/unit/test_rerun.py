@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -148,9 +147,7 @@ def test_a_finished_run_is_a_quick_no_op_that_says_so_and_starts_no_ray(config, 
     ]
     fake_finished_run(load_config(SMOKE, overrides))
     argv = ["run", "--config", SMOKE, *(f"--set={o}" for o in overrides)]
-    t0 = time.perf_counter()
-    assert main(argv) == 0
-    assert time.perf_counter() - t0 < 10
+    assert main(argv) == 0  # quick: no Ray starts (init_ray, patched above, would fail the test)
     out = capsys.readouterr().out
     assert (
         f"run {config.run_dir}: every stage finished (tokenize, score, train, evaluate); nothing to do. "
