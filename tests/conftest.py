@@ -38,7 +38,6 @@ def tiny_llama_dir(tmp_path_factory) -> str:
     return str(make_tiny_llama_dir(tmp_path_factory.mktemp("tiny_llama")))
 
 
-
 def _tier(path: Path) -> str | None:
     """The tier folder a test file sits in, directly; None for one anywhere else."""
     try:

@@ -37,7 +37,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import ray
-from tests.helpers.tiny import write_pairs
 from ray._common.test_utils import wait_for_condition
 from ray.util.state import list_actors
 from safetensors.torch import load_file
@@ -47,6 +46,7 @@ from pipeline.config import RayConfig
 from pipeline.runtime.ray_setup import init_ray
 from pipeline.runtime.storage import RunDir, read_parquet_dir
 from tests.helpers.chaos_model import make_chaos_model_dir
+from tests.helpers.tiny import write_pairs
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "configs" / "demo_smoke.yaml"

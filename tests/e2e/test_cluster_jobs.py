@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
+
 from tests.helpers.tiny import write_pairs
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -99,9 +99,7 @@ class _Handler(BaseHTTPRequestHandler):
         with fake.lock:
             fake.in_flight += 1
             fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
-            fake.received.append(
-                {"path": self.path, "auth": self.headers.get("Authorization"), "body": body}
-            )
+            fake.received.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
             fault = fake.faults.popleft() if fake.faults else None
         try:
             time.sleep(fake.delay_s)

@@ -21,7 +21,6 @@ from pipeline.runtime.sampler import sampler_placement, start_placed, stop_sampl
 from pipeline.stages.evaluate import evaluate_requests
 
 
-
 @pytest.fixture(scope="module", autouse=True)
 def ray_local():
     # Logical GPUs: Ray schedules them like real ones, and nothing here touches a device.
@@ -74,7 +73,10 @@ def test_jobs_run_side_by_side_up_to_the_cap_and_return_by_name(caplog, tmp_path
             started.append(Worker.remote())
             return started[-1]
 
-        return start, lambda actor: [actor.meet.remote(str(tmp_path), name, partner), actor.work.remote(0.0, name + "!")]
+        return start, lambda actor: [
+            actor.meet.remote(str(tmp_path), name, partner),
+            actor.work.remote(0.0, name + "!"),
+        ]
 
     caplog.set_level(logging.INFO, logger="pipeline.runtime.actors")
     with ActorJobs(max_actors=2, label="evaluate") as jobs:
@@ -101,11 +103,11 @@ def test_jobs_run_side_by_side_up_to_the_cap_and_return_by_name(caplog, tmp_path
 
 def test_a_failing_job_surfaces_and_no_actor_outlives_the_block():
     started = []
-    with pytest.raises(RuntimeError, match="this model does not load"):
-        with ActorJobs(max_actors=3) as jobs:
-            jobs.submit("slow", *job(30.0, "slow", started))
-            bad = lambda: started.append(Worker.remote()) or started[-1]
-            jobs.submit("bad", bad, lambda actor: [actor.fail.remote()])
+    with ActorJobs(max_actors=3) as jobs:
+        jobs.submit("slow", *job(30.0, "slow", started))
+        bad = lambda: started.append(Worker.remote()) or started[-1]
+        jobs.submit("bad", bad, lambda actor: [actor.fail.remote()])
+        with pytest.raises(RuntimeError, match="this model does not load"):
             jobs.wait_for(["slow", "bad"])
     for actor in started:  # the slow one too: killed on the way out, not left sleeping
         with pytest.raises(ray.exceptions.RayActorError):
@@ -172,7 +174,7 @@ def test_evaluate_asks_for_its_samplers_gpus_on_one_node():
     ev = ["evaluate.engine=vllm", "evaluate.use_gpu=true"]
     check_resources(evaluate_requests(load_config(None, [*ev, "evaluate.gpus_per_actor=2"])))
     with pytest.raises(
-        ResourceError, match="evaluate.gpus_per_actor asks for 4 GPUs per actor but this cluster has 2 GPUs"
+        ResourceError, match=r"evaluate\.gpus_per_actor asks for 4 GPUs per actor but this cluster has 2 GPUs"
     ):
         check_resources(evaluate_requests(load_config(None, [*ev, "evaluate.gpus_per_actor=4"])))
     # On the CPU a vLLM sampler holds 2 CPUs: its engine core's and its worker's.
@@ -215,9 +217,9 @@ def test_a_killed_actor_is_restarted_and_redoes_only_its_call_in_flight(tmp_path
 
 
 def test_a_call_that_always_kills_its_actor_fails_its_job_by_name(tmp_path):
-    with pytest.raises(ActorJobError, match="job 'poison': its actor died and could not be restarted again"):
-        with ActorJobs(max_actors=1) as jobs:
-            jobs.submit(
-                "poison", lambda: Noted.options(**actor_options(1)).remote(str(tmp_path)), lambda a: [a.die.remote()]
-            )
+    with ActorJobs(max_actors=1) as jobs:
+        jobs.submit(
+            "poison", lambda: Noted.options(**actor_options(1)).remote(str(tmp_path)), lambda a: [a.die.remote()]
+        )
+        with pytest.raises(ActorJobError, match="job 'poison': its actor died and could not be restarted again"):
             jobs.wait_for(["poison"])

@@ -34,7 +34,6 @@ from pipeline.model.logps.padded import token_logps
 from pipeline.model.pretrained import load_model, load_tokenizer, save_pretrained
 from tests.helpers.vllm_check import HAS_VLLM, needs_vllm
 
-
 SENTENCES = [
     "the cat sat on the mat.",
     "a dog ran in the park.",

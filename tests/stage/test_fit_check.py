@@ -17,7 +17,6 @@ from pipeline.stages.fit_check import check_fits
 from tests.helpers.model_configs import LLAMA_8B
 
 
-
 @pytest.fixture(scope="module", autouse=True)
 def ray_with_a_labelled_gpu():
     import ray

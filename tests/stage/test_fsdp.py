@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.helpers.distributed_runs import run_steps, spawn
-from tests.helpers.micro_batches import kto_rows, pair_rows
 
 from pipeline.config import TrainConfig
-
+from tests.helpers.distributed_runs import run_steps, spawn
+from tests.helpers.micro_batches import kto_rows, pair_rows
 
 STEPS = 4
 BASE = dict(

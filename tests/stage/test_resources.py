@@ -12,7 +12,6 @@ from pipeline.runtime.resources import AUTOSCALING_ENV, ResourceError, check_res
 from pipeline.stages import cluster_requests
 
 
-
 @pytest.fixture(scope="module", autouse=True)
 def ray_local():
     import ray
@@ -78,7 +77,7 @@ def test_too_many_workers_in_all_fails_naming_the_count_and_cpu():
 def test_only_the_named_stages_are_checked():
     gpu_score = config("score.use_gpu=true")
     check_resources(cluster_requests(gpu_score, ("train", "evaluate")))  # score is not asked about
-    with pytest.raises(ResourceError, match="score.use_gpu"):
+    with pytest.raises(ResourceError, match=r"score\.use_gpu"):
         check_resources(cluster_requests(gpu_score, ("score",)))
 
 

@@ -11,15 +11,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from tests.helpers.datasets_on_disk import write_dataset_dict
-from tests.helpers.tiny import write_pairs
 
 from pipeline.config import load_config
 from pipeline.runtime.storage import RunDir, read_parquet_dir
 from pipeline.runtime.tracking import TrackingRun
 from pipeline.stages import EVALUATE, SCORE, TOKENIZE, TRAIN
 from pipeline.stages.evaluate import Policy, held_out_measures
-
+from tests.helpers.datasets_on_disk import write_dataset_dict
+from tests.helpers.tiny import write_pairs
 
 
 @pytest.fixture(scope="module")

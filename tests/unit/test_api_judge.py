@@ -112,7 +112,7 @@ def test_unreachable_server_is_retried_then_raises():
             base_url=f"http://127.0.0.1:{port}/v1", model="m", api_key_env=KEY_ENV, max_retries=1, timeout_s=0.5
         )
     )
-    with pytest.raises(ApiJudgeError, match="gave up after 2 attempts .*ConnectionError") as caught:
+    with pytest.raises(ApiJudgeError, match=r"gave up after 2 attempts .*ConnectionError") as caught:
         judge.judge(["p"], ["a"], ["b"])
     assert judge.stats.requests == 2 and judge.stats.retries == 1
     assert SECRET not in str(caught.value)

@@ -3,6 +3,7 @@ responses, the summary columns they fill, and actors' fetching of models given b
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -24,7 +25,6 @@ from pipeline.evaluation.baselines import (
 from pipeline.evaluation.summary import sampling_costs, summarize
 
 
-
 def exact_best_of_n_kl(rewards: np.ndarray, n: int) -> float:
     """KL(best-of-n || uniform) over outcomes with these rewards, each of probability 1/M, worked out exactly.
 
@@ -32,7 +32,7 @@ def exact_best_of_n_kl(rewards: np.ndarray, n: int) -> float:
     that the max reward of n draws is that level, shared equally among the outcomes at that level.
     """
     m = rewards.size
-    levels, counts = np.unique(rewards, return_counts=True)
+    _, counts = np.unique(rewards, return_counts=True)
     below = np.concatenate([[0], np.cumsum(counts)[:-1]])  # outcomes strictly below each level
     level_mass = ((below + counts) / m) ** n - (below / m) ** n
     per_outcome = level_mass / counts  # the pick's probability of each outcome at the level
@@ -44,7 +44,7 @@ def test_kl_bound_is_log_n_minus_n_minus_1_over_n():
     assert best_of_n_kl_bound(2) == pytest.approx(math.log(2) - 0.5)
     assert best_of_n_kl_bound(4) == pytest.approx(math.log(4) - 0.75)
     bounds = [best_of_n_kl_bound(n) for n in range(1, 65)]
-    assert all(a < b for a, b in zip(bounds, bounds[1:]))  # more candidates, further from the reference
+    assert all(a < b for a, b in itertools.pairwise(bounds))  # more candidates, further from the reference
     assert best_of_n_kl_bound(8, greedy=True) == 0.0  # n identical greedy candidates: best-of-n is the reference
     with pytest.raises(ValueError, match="n >= 1"):
         best_of_n_kl_bound(0)
@@ -111,9 +111,9 @@ def test_best_of_n_keeps_the_best_candidate_and_charges_all_of_them():
 
 
 def test_best_of_n_config_errors_name_the_key():
-    with pytest.raises(ConfigError, match="evaluate.best_of_n: must be >= 0"):
+    with pytest.raises(ConfigError, match=r"evaluate\.best_of_n: must be >= 0"):
         reward_scorer(None, best_of_n=-1, reward_name=None)
-    with pytest.raises(ConfigError, match="evaluate.best_of_n needs evaluate.reward"):
+    with pytest.raises(ConfigError, match=r"evaluate\.best_of_n needs evaluate\.reward"):
         reward_scorer(None, best_of_n=4, reward_name=None)
     assert reward_scorer(None, best_of_n=0, reward_name=None) is None
 

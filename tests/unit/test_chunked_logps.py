@@ -19,8 +19,6 @@ from tests.helpers.logp_models import ATOL, MODELS, grads, tiny_llama
 from tests.helpers.pairs import chunked_pair_logps, collate_pairs, pair_logps
 
 
-
-
 def ragged_batch(seed: int = 0):
     """Three pairs of unequal lengths, one with a one-token response, right padded with pad id 0."""
     g = torch.Generator().manual_seed(seed)

@@ -4,8 +4,6 @@ own autoscaler checks cluster.yaml in tests/stage/test_cluster_schema.py: that i
 
 from __future__ import annotations
 
-import copy
-import json
 import re
 from pathlib import Path
 

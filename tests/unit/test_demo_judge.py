@@ -8,7 +8,6 @@ from pipeline.demo.sentiment_judge import VaderJudge, vader_judge
 from pipeline.evaluation.judges import Judge, judge_both_orders
 
 
-
 def test_vader_judge_picks_the_clearly_positive_text_in_either_position():
     judge: Judge = VaderJudge()
     prompts = ["This new drama was", "This new drama was"]
@@ -22,7 +21,7 @@ def test_vader_judge_calls_near_equal_texts_a_tie():
 
 
 def test_vader_judge_rejects_mismatched_lengths():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="prompts, first and second differ in length: 1, 2, 1"):
         VaderJudge().judge(["p"], [" a", " b"], [" c"])
 
 

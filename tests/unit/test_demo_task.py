@@ -6,7 +6,6 @@ import pytest
 from pipeline.demo import task as demo_task
 
 
-
 @pytest.fixture(scope="module")
 def reviews() -> list[str]:
     return demo_task.generate_reviews(300, seed=0)
@@ -65,7 +64,7 @@ def test_prompts_are_neutral_prefixes_of_reviews(prefix_words):
 
 
 def test_prompt_word_count_is_validated():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"prefix_words must be in \[2, \d+\], got 1"):
         demo_task.review_prompts(3, seed=0, prefix_words=1)
 
 
@@ -113,5 +112,5 @@ def test_label_pairs_prefers_the_higher_reward_by_at_least_min_gap():
 
 def test_label_pairs_with_equal_rewards_gives_no_pairs_and_rejects_zero_gap():
     assert demo_task.label_pairs("A film", [" about a man.", " about a dog."]) == []
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"min_gap must be > 0, got 0\.0"):
         demo_task.label_pairs("A film", [" x", " y"], min_gap=0.0)

@@ -10,13 +10,12 @@ import types
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from tests.helpers.datasets_on_disk import write_dataset_dict, write_save_to_disk
 
 import pipeline.cli.schedule as plan
 import pipeline.data.sources as sources
 from pipeline.config import ConfigError, DataConfig, load_config
 from pipeline.data.sources import RECORD_SCHEMA, InputError, hub_dataset, input_fingerprint, read_inputs, read_records
-
+from tests.helpers.datasets_on_disk import write_dataset_dict, write_save_to_disk
 
 PAIR = {"prompt": "Q?", "chosen": "yes", "rejected": "no"}
 
@@ -229,7 +228,7 @@ def test_read_inputs_puts_the_eval_split_after_the_training_split(tmp_path):
     assert eval_sources == {f"{directory}/test/data-00000-of-00001.arrow#{i}" for i in range(2)}
     table, eval_sources = read_inputs(DataConfig(path=str(directory), split="test"))
     assert table.num_rows == 2 and eval_sources is None
-    with pytest.raises(ConfigError, match="data.eval_split: 'train' is the split trained on"):
+    with pytest.raises(ConfigError, match=r"data\.eval_split: 'train' is the split trained on"):
         read_inputs(DataConfig(path=str(directory), eval_split="train"))
 
 
@@ -267,10 +266,10 @@ def test_rereading_gives_identical_tables(tmp_path):
 
 
 def test_input_errors_name_the_file(tmp_path, monkeypatch):
-    with pytest.raises(InputError, match="nope.jsonl"):
+    with pytest.raises(InputError, match=r"nope\.jsonl"):
         read_records(str(tmp_path / "nope.jsonl"))
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(InputError, match="data/nope.jsonl: no such file"):
+    with pytest.raises(InputError, match=r"data/nope\.jsonl: no such file"):
         read_records("data/nope.jsonl")  # looks like owner/name, but names a data file: not the hub
     (tmp_path / "d.csv").write_text("a,b\n")
     with pytest.raises(InputError, match=r"d\.csv.*unknown file type"):
@@ -279,7 +278,7 @@ def test_input_errors_name_the_file(tmp_path, monkeypatch):
     with pytest.raises(InputError, match=r"empty\.jsonl.*empty"):
         read_records(str(tmp_path / "empty.jsonl"))
     (tmp_path / "empty.jsonl.gz").write_bytes(gzip.compress(b""))
-    with pytest.raises(InputError, match="empty.jsonl.gz"):
+    with pytest.raises(InputError, match=r"empty\.jsonl\.gz"):
         read_records(str(tmp_path / "empty.jsonl.gz"))
     (tmp_path / "fake.parquet").write_bytes(b"this is not parquet")
     with pytest.raises(InputError, match=r"fake\.parquet"):

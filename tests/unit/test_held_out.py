@@ -8,7 +8,6 @@ import pytest
 from pipeline.evaluation.held_out import describe, pair_accuracy, unpaired_separation
 
 
-
 def test_pair_accuracy_counts_pairs_whose_chosen_reward_is_larger():
     # margins / beta: (0 - 1) - (0 - 0) = -1, (2 - 0) - (1 - 0) = 1, (1 - 0) - (0 - 0) = 1
     result = pair_accuracy([0.0, 2.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0], beta=0.5)

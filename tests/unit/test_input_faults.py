@@ -10,7 +10,6 @@ import math
 import pyarrow as pa
 import pytest
 import torch
-from tests.helpers.micro_batches import pair_rows
 
 from pipeline.config import ConfigError, TrainConfig, load_config
 from pipeline.data.encode import process_records
@@ -21,6 +20,7 @@ from pipeline.stages.base import one_line
 from pipeline.stages.tokenize import check_context
 from pipeline.training.objectives import objective_for
 from pipeline.training.step import checkpoint_every, train_step
+from tests.helpers.micro_batches import pair_rows
 
 CPU = torch.device("cpu")
 

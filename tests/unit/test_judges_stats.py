@@ -9,7 +9,6 @@ from pipeline.evaluation.judges import Verdict, judge_both_orders
 from pipeline.evaluation.stats import bootstrap_ci, win_rate
 
 
-
 class AlwaysFirstJudge:
     """A judge with pure position bias: whatever comes first wins."""
 
@@ -75,7 +74,7 @@ def test_bootstrap_ci_narrows_with_more_values():
 
 def test_bootstrap_ci_of_one_value_is_that_value():
     assert bootstrap_ci(np.array([0.7])) == (0.7, 0.7, 0.7)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="bootstrap_ci needs at least one value"):
         bootstrap_ci(np.array([]))
 
 

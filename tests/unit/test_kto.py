@@ -9,7 +9,6 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from tests.helpers.micro_batches import kto_rows, split
 from torch.testing import assert_close
 
 from pipeline.config import Config, TrainConfig
@@ -19,7 +18,7 @@ from pipeline.model.scoring import score_unpaired
 from pipeline.stages.score import is_unpaired
 from pipeline.stages.train import check_data_kind
 from pipeline.training.objectives import KtoObjective, kl_logps
-
+from tests.helpers.micro_batches import kto_rows, split
 
 CPU = torch.device("cpu")
 
@@ -89,7 +88,7 @@ def test_the_train_stage_matches_the_loss_to_the_data():
     unpaired = {"data_kind": "unpaired", "labels": {"train": {"desirable": 4, "undesirable": 4}}}
     kto_config = Config(train=TrainConfig(loss="kto"))
     check_data_kind(kto_config, unpaired, where="run/score")
-    with pytest.raises(ValueError, match="kto trains on unpaired .* holds pairs"):
+    with pytest.raises(ValueError, match=r"kto trains on unpaired .* holds pairs"):
         check_data_kind(kto_config, {"data_kind": "pairs"}, where="run/score")
     with pytest.raises(ValueError, match="cannot be mixed"):
         check_data_kind(Config(train=TrainConfig(loss={"kto": 1.0, "sft": 0.1})), unpaired, where="run/score")

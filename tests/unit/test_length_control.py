@@ -5,7 +5,6 @@ import pytest
 
 from pipeline.evaluation.length_control import _L2, _fit_logistic, length_controlled_win_rate
 
-
 KEYS = {"lc_win_rate", "lc_win_rate_ci_low", "lc_win_rate_ci_high", "length_slope"}
 
 

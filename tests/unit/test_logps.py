@@ -1,12 +1,10 @@
 """The shared log-prob function: prompt tokens masked, shifted by one, padding has no effect."""
 
-import pytest
 import torch
-from tests.helpers.pairs import collate_pairs, pair_logps
 
 from pipeline.model.logps.padded import sequence_logps
 from pipeline.model.pretrained import load_model
-
+from tests.helpers.pairs import collate_pairs, pair_logps
 
 
 def hand_logp(model, prompt: list[int], response: list[int]) -> float:

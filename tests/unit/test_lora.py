@@ -9,8 +9,6 @@ import math
 
 import pytest
 import torch
-from tests.helpers.distributed_runs import CPU, step_batches
-from tests.helpers.micro_batches import pair_rows
 
 from pipeline.config import LoraConfig, TrainConfig
 from pipeline.model.logps.dispatch import batch_sequence_logps
@@ -19,7 +17,8 @@ from pipeline.training.export import ADAPTER_DIR, export_pretrained
 from pipeline.training.objectives import objective_for
 from pipeline.training.policy import load_policy, make_optimizer
 from pipeline.training.step import train_step
-
+from tests.helpers.distributed_runs import CPU, step_batches
+from tests.helpers.micro_batches import pair_rows
 
 LORA = LoraConfig(r=4, alpha=8.0, target_modules="all-linear")
 

@@ -26,7 +26,6 @@ from pipeline.training.losses import (
     register,
 )
 
-
 PAIRED = sorted(name for name, spec in LOSSES.items() if not spec.unpaired)
 
 
@@ -128,7 +127,7 @@ def test_what_callers_ask_of_a_loss_choice():
 def test_train_loss_is_checked_once_naming_the_known_losses():
     assert loss_weights({"dpo": 1, "sft": 0.1}) == {"dpo": 1.0, "sft": 0.1}
     for ask in (needs_reference, is_unpaired, reads_rejected, loss_weights):
-        with pytest.raises(ValueError, match="unknown loss 'dpoo'; known losses: .*dpo"):
+        with pytest.raises(ValueError, match=r"unknown loss 'dpoo'; known losses: .*dpo"):
             ask("dpoo")
     with pytest.raises(ValueError, match="cannot be mixed"):
         loss_weights({"kto": 1.0, "sft": 0.1})
@@ -148,5 +147,5 @@ def test_register_adds_a_declared_loss_once():
             register(LossSpec("margin_test", margin_loss))
     finally:
         LOSSES.pop("margin_test", None)
-    with pytest.raises(ValueError, match="no train.\\* key sets"):
+    with pytest.raises(ValueError, match=r"no train\.\* key sets"):
         LossSpec("bad", lambda batch, *, beta, temperature=1.0: None)

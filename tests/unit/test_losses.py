@@ -12,7 +12,6 @@ from torch.testing import assert_close
 
 from pipeline.training.losses import LOSSES, KtoLogps, LossOutput, PairLogps, compute_loss, kto_loss
 
-
 PAIRED = sorted(name for name, spec in LOSSES.items() if not spec.unpaired)
 
 
@@ -347,7 +346,7 @@ def test_compute_loss_passes_only_accepted_params():
 
 
 def test_compute_loss_unknown_name():
-    with pytest.raises(ValueError, match="known losses: .*dpo"):
+    with pytest.raises(ValueError, match=r"known losses: .*dpo"):
         compute_loss("dpoo", BATCH, beta=BETA)
     with pytest.raises(ValueError, match="'nope'"):
         compute_loss({"dpo": 1.0, "nope": 1.0}, BATCH, beta=BETA)

@@ -25,7 +25,6 @@ from pipeline.planning.memory import (
 )
 from tests.helpers.model_configs import LLAMA_8B
 
-
 # benchmarks/common.py's "tiny" shape.
 TINY = {
     "model_type": "llama",

@@ -16,7 +16,6 @@ from tests.helpers.logp_models import ATOL, MODELS, grads
 from tests.helpers.pairs import collate_pairs, pack_pairs
 
 
-
 def ragged_pairs(seed: int = 0):
     g = torch.Generator().manual_seed(seed)
 

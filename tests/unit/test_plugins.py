@@ -10,7 +10,6 @@ from pipeline.evaluation.api_judge import ApiJudge
 from pipeline.evaluation.plugins import JUDGE_GROUP, REWARD_GROUP, make_judge, make_reward, registered
 
 
-
 def test_the_demo_registers_its_reward_and_judge():
     assert "vader" in registered(REWARD_GROUP)
     assert "vader" in registered(JUDGE_GROUP)

@@ -2,10 +2,7 @@
 
 import math
 
-import pytest
-
 from pipeline.evaluation import report
-
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

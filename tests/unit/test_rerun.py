@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tests.helpers.tiny import write_pairs
 
 from pipeline.cli.schedule import current_stages, make_plan, plan_run, submission_id
 from pipeline.config import ConfigError, load_config
@@ -13,6 +12,7 @@ from pipeline.data.sources import input_fingerprint
 from pipeline.runtime.storage import RunDir
 from pipeline.stages import STAGE_NAMES as STAGES
 from pipeline.stages import by_name
+from tests.helpers.tiny import write_pairs
 
 NO_SCORE = ("tokenize", "train", "evaluate")
 SMOKE = str(Path(__file__).resolve().parents[2] / "configs" / "demo_smoke.yaml")
@@ -55,7 +55,7 @@ def test_bad_combinations_are_errors_naming_the_flag():
     with pytest.raises(ConfigError, match="--force"):
         make_plan(STAGES, (), from_stage="train", force=True)
     with pytest.raises(
-        ConfigError, match="--only score: not a stage of this run .the configured loss needs no reference"
+        ConfigError, match=r"--only score: not a stage of this run \(the configured loss needs no reference"
     ):
         make_plan(NO_SCORE, NO_SCORE, only="score")
     assert make_plan(STAGES, STAGES, force=True).force == set(STAGES)

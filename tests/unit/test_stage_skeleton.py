@@ -10,7 +10,6 @@ from pipeline.stages import STAGE_NAMES, STAGES, by_name, enabled_stages
 from pipeline.stages.base import Stage, execute
 
 
-
 def counting_stage(name: str, upstream: str | None, calls: list) -> Stage:
     def body(run):
         calls.append(name)

@@ -150,8 +150,8 @@ def test_tiers_are_the_markers_pyproject_declares():
 
 def test_every_test_module_sits_directly_in_one_tier_folder():
     misplaced = [rel(p) for p in all_test_modules() if p.parent.parent != TESTS or p.parent.name not in TIERS]
-    assert not misplaced, "test modules outside tests/<tier>/ (tiers: " + ", ".join(TIERS) + "):\n" + "\n".join(
-        misplaced
+    assert not misplaced, (
+        "test modules outside tests/<tier>/ (tiers: " + ", ".join(TIERS) + "):\n" + "\n".join(misplaced)
     )
 
 

@@ -15,7 +15,6 @@ from pipeline.data.scored import make_pairs
 from pipeline.data.sources import read_records
 from pipeline.demo.tiny_model import EOS, train_tokenizer
 
-
 # "cab" is frequent, so BPE learns "ca" + "b" -> "cab": a prompt ending in "ca" and a response starting with
 # "b" tokenize differently apart than together (byte-level pre-tokenization keeps " cab" one word).
 CORPUS = ["abab ab abba cab dab cab cab " * 20, "Q: what is the answer? A: the quick brown fox " * 20] * 20

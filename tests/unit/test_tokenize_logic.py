@@ -8,7 +8,6 @@ from pipeline.data.outcomes import OUTCOME_SCHEMA
 from pipeline.data.split import finish_outcomes, held_out_rows, is_eval
 
 
-
 def outcomes(rows: list[dict]) -> pa.Table:
     base = {
         "source": "f:1",
@@ -109,11 +108,10 @@ def test_a_batch_tokenizes_each_distinct_text_once():
     pairs' ids come out as if each had been tokenized alone."""
     import json
 
-    from tests.helpers.tiny import CORPUS
-
     from pipeline.data.encode import process_records
     from pipeline.data.records import RECORD_SCHEMA
     from pipeline.demo.tiny_model import train_tokenizer
+    from tests.helpers.tiny import CORPUS
 
     row = {
         "prompt": "Q: ",

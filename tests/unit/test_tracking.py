@@ -20,7 +20,6 @@ from pipeline.runtime.tracking import (
 )
 
 
-
 def rows(n: int, start: int = 1) -> list[dict]:
     return [
         {"step": s, "epoch": 0, "loss": 0.7 - 0.01 * s, "rewards/accuracies": None} for s in range(start, start + n)
@@ -106,7 +105,7 @@ def test_the_tracker_keys_load_and_never_rerun_training(tmp_path):
 def test_trackers_that_cannot_work_are_refused_naming_the_fix():
     with pytest.raises(ConfigError, match="unknown tracker 'comet'"):
         check_trackers(load_config(None, ["train.report_to=[comet]"]).train, "/runs/x")
-    with pytest.raises(ConfigError, match="needs train.mlflow_tracking_uri"):
+    with pytest.raises(ConfigError, match=r"needs train\.mlflow_tracking_uri"):
         check_trackers(load_config(None, ["train.report_to=[mlflow]"]).train, "s3://bucket/run")
     check_trackers(load_config(None, ["train.report_to=[tensorboard, mlflow, wandb]"]).train, "/runs/x")
 

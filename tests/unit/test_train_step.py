@@ -1,18 +1,19 @@
 """The train step without Ray: accumulation equals the large batch; metrics by name; the learning-rate schedule.
 (train.compile, which compiles for minutes on two cores, is tests/stage/test_compiled_step.py.)"""
 
+import itertools
+
 import pytest
 import torch
-from tests.helpers.micro_batches import kto_rows, pair_rows, split
 
 from pipeline.config import TrainConfig
 from pipeline.model.pretrained import load_model
 from pipeline.training.metrics import StepMetrics
 from pipeline.training.objectives import PairObjective, objective_for
 from pipeline.training.step import accumulation, lr_factor, train_step
+from tests.helpers.micro_batches import kto_rows, pair_rows, split
 
 CPU = torch.device("cpu")
-
 
 
 def micro_batch_loss(model, batch: dict, *, train: TrainConfig, scale: float) -> tuple[torch.Tensor, StepMetrics]:
@@ -49,7 +50,7 @@ def test_accumulation_steps_and_bad_layouts():
 def test_learning_rate_warms_up_then_decays():
     factors = [lr_factor(s, total=10, warmup=2, schedule="cosine") for s in range(10)]
     assert factors[:2] == [0.5, 1.0]
-    assert all(a >= b for a, b in zip(factors[1:], factors[2:]))
+    assert all(a >= b for a, b in itertools.pairwise(factors[1:]))
     assert lr_factor(9, total=10, warmup=0, schedule="linear") == pytest.approx(0.1)
     assert lr_factor(5, total=10, warmup=0, schedule="constant") == 1.0
     with pytest.raises(ValueError, match="lr_schedule"):

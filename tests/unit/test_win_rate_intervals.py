@@ -24,7 +24,6 @@ from pipeline.evaluation.length_control import length_controlled_win_rate
 from pipeline.evaluation.stats import bootstrap_ci, win_rate
 from pipeline.evaluation.summary import summarize
 
-
 PROMPTS = np.repeat(np.arange(10), 4)  # (40,) the prompt of each comparison
 SCORES = np.where(PROMPTS < 5, 1.0, 0.0)  # (40,) every sample of prompts 0-4 wins, of 5-9 loses
 # Enough replicates that the empirical quantiles land on the exact ones above (the nearest binomial
