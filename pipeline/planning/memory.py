@@ -17,7 +17,7 @@ What each strategy keeps on a GPU (N parameters, W workers; the run's GPU precis
             state in fp32, counted like the full model's under the same strategy.
 Activations are what autograd saves per token, per decoder layer and for the output layer, in the
 precision the strategy computes in. The per-layer coefficients were read off transformers' Llama
-layers with saved-tensor hooks (tests/test_capacity.py measures them again on CPU under the same
+layers with saved-tensor hooks (tests/unit/test_memory_plan.py measures them again on CPU under the same
 dtypes); on top come one layer's activation gradients in backward and, without chunked log-probs,
 the (tokens, vocab) logits with their fp32 copy. torch.compile and packing are not counted (both
 save memory: the plan errs on the safe side).

@@ -13,7 +13,7 @@ The hidden states are captured with a forward hook on the decoder while the mode
 its backbone, keeps DistributedDataParallel's forward bookkeeping intact when `model` is DDP-wrapped.
 
 Equality with `sequence_logps`: in float32 on CPU the log-probs agree within 1e-5 (absolute) and so do the
-parameter gradients; tests/test_chunked_logps.py checks both on a tiny GPT-2 and a tiny Llama. Under
+parameter gradients; tests/unit/test_chunked_logps.py checks both on a tiny GPT-2 and a tiny Llama. Under
 bf16 autocast both paths round the logits to bf16 the same way, so they agree to bf16 noise.
 """
 

@@ -36,7 +36,7 @@ def batch_sequence_logps(
 
     Padded or packed (`pipeline.model.logps.packed`), with full logits or chunked ones (`chunk_size`): the train
     stage (policy) and the score stage (reference) both come here, and every combination gives the same
-    numbers within float error (tests/test_packing.py, tests/test_chunked_logps.py).
+    numbers within float error (tests/unit/test_packing.py, tests/unit/test_chunked_logps.py).
     """
     if packing:
         packed = pack_sequences(prompts, responses, pad_id=pad_id, multiple_of=PACK_MULTIPLE)

@@ -10,7 +10,7 @@ last token of a sequence "predicts" the first token of the next, but that target
 outside the response mask, so it never counts.
 
 `packed_sequence_logps` returns what `pipeline.model.logps.padded.sequence_logps` returns for the padded batch
-(tests/test_packing.py checks values and gradients on a tiny Llama and a tiny GPT-2 in float32 on CPU).
+(tests/unit/test_packing.py checks values and gradients on a tiny Llama and a tiny GPT-2 in float32 on CPU).
 """
 
 from __future__ import annotations
