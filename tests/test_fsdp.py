@@ -17,7 +17,7 @@ import torch
 from distributed_runs import run_steps, spawn
 from micro_batches import kto_rows, pair_rows
 
-from pipeline.config import TrainConfig
+from pipeline.config import LoraConfig, TrainConfig
 
 pytestmark = pytest.mark.stage
 
@@ -38,7 +38,7 @@ RUNS = {
     "cpu_offload": ({**BASE, "cpu_offload": True}, 2, None),
     "checkpointing": ({**BASE, "gradient_checkpointing": True}, 2, None),
     "kto": ({**BASE, "loss": "kto", "batch_size": 6, "micro_batch_size": 3}, 2, None),
-    "lora": ({**BASE, "learning_rate": 1e-2, "lora": {"r": 4, "alpha": 8, "target_modules": "all-linear"}}, 3, None),
+    "lora": ({**BASE, "learning_rate": 1e-2, "lora": LoraConfig(r=4, alpha=8, target_modules="all-linear")}, 3, None),
 }
 
 

@@ -18,7 +18,8 @@ from pipeline.model.pretrained import load_model
 from pipeline.model.scoring import score_unpaired
 from pipeline.stages.score import is_unpaired
 from pipeline.stages.train import check_data_kind
-from pipeline.training.objectives import KtoObjective, kl_logps
+from pipeline.training.kto_objective import KtoObjective, KtoStep, kl_logps
+from pipeline.training.rows import step_denominators
 
 pytestmark = pytest.mark.unit
 
@@ -90,7 +91,7 @@ def test_the_train_stage_matches_the_loss_to_the_data():
     unpaired = {"data_kind": "unpaired", "labels": {"train": {"desirable": 4, "undesirable": 4}}}
     kto_config = Config(train=TrainConfig(loss="kto"))
     check_data_kind(kto_config, unpaired, where="run/score")
-    with pytest.raises(ValueError, match="kto trains on unpaired .* holds pairs"):
+    with pytest.raises(ValueError, match=r"kto trains on unpaired .* holds pairs"):
         check_data_kind(kto_config, {"data_kind": "pairs"}, where="run/score")
     with pytest.raises(ValueError, match="cannot be mixed"):
         check_data_kind(Config(train=TrainConfig(loss={"kto": 1.0, "sft": 0.1})), unpaired, where="run/score")
@@ -138,10 +139,11 @@ def test_kl_term_and_loss_of_the_train_path_equal_a_hand_computation(model, offs
         x = 0.5 * (r - z) if label else 0.5 * (z - r)
         expected.append((1.0 if label else 1.5) / (1.0 + math.exp(x)))
     objective = KtoObjective(train, pad_id=1, device=CPU)
-    loss, metrics = objective.micro_batch_loss(model, rows, reference, scale=1.0 / 6)
+    step = KtoStep(step_denominators([rows], world=1, device=CPU), reference)
+    loss, metrics = objective.micro_batch_loss(model, rows, step, index=0)
     assert float(loss.detach()) == pytest.approx(sum(expected) / 6, abs=1e-5)
     totals = metrics.totals()
-    row = objective.loss_metrics(totals, reference)
+    row = objective.loss_metrics(totals, step)
     assert row["loss"] == pytest.approx(sum(expected) / 6, abs=1e-5)
     assert totals["chosen"] == 4 and totals["rejected"] == 2  # desirable / undesirable counts
     assert row["kl"] == pytest.approx(z, abs=1e-5) and row["rewards/accuracies"] is None
@@ -156,9 +158,9 @@ def test_kto_gradient_accumulation_matches_the_large_batch(model):
     def grads(micro: int) -> list[torch.Tensor]:
         model.zero_grad()
         batches = split(rows, micro)
-        reference, _ = objective.begin_step(model, batches, world=1)
-        for batch in batches:
-            loss, _ = objective.micro_batch_loss(model, batch, reference, scale=1.0 / 8)
+        shared, _ = objective.begin_step(model, batches, world=1)
+        for i, batch in enumerate(batches):
+            loss, _ = objective.micro_batch_loss(model, batch, shared, index=i)
             loss.backward()
         return [p.grad.clone() for p in model.parameters()]
 
