@@ -122,15 +122,19 @@ def run(config_path: str, overrides: list[str], *, force: bool = False) -> dict:
         return _run(base, sweep, data_dir, force=force)
 
 
-def _run(base: Config, sweep: list[Member], data_dir: RunDir, *, force: bool) -> dict:
-    # The shared stages run with a member's train section that needs the score stage, where one does (the
-    # base's own loss may be reference-free while a swept one is not), and one whose loss reads the prefix
-    # log-probs where one does, so that ONE score stage serves every member.
-    for member in sweep:  # a loss key out of range refuses the sweep before any stage runs
-        check_loss_config(member.config.train)
+def shared_stages_config(base: Config, sweep: list[Member]) -> Config:
+    """The config the shared tokenize and score stages run with: a member's train section that needs the
+    score stage, where one does (the base's own loss may be reference-free while a swept one is not), and
+    one whose loss reads the prefix log-probs where one does, so that ONE score stage serves every member."""
     scoring = [m.config for m in sweep if SCORE.enabled(m.config)]
     scored = next((c for c in scoring if SCORE.derived(c)), scoring[0] if scoring else base)
-    run_stages(base.replace(train=scored.train), ("tokenize", "score"), force=force)
+    return base.replace(train=scored.train)
+
+
+def _run(base: Config, sweep: list[Member], data_dir: RunDir, *, force: bool) -> dict:
+    for member in sweep:  # a loss key out of range refuses the sweep before any stage runs
+        check_loss_config(member.config.train)
+    run_stages(shared_stages_config(base, sweep), ("tokenize", "score"), force=force)
     for member in sweep:
         check(TRAIN, member.config)  # a member too large for the cluster's GPUs fails before any trains
     slots = min(len(sweep), parallel_slots(base))
