@@ -170,6 +170,9 @@ class TrainConfig:
     mlflow_tracking_uri: str | None = None  # None: a local file store at <run_dir>/mlruns
 
     def __post_init__(self):
+        if self.lora is not None and not isinstance(self.lora, LoraConfig):
+            # The YAML loader builds a LoraConfig; anything else is a caller's slip, never patched up here.
+            raise ConfigError(f"train.lora: expected a LoraConfig (a mapping of r, alpha, ...), got {self.lora!r}")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"train.strategy: {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
         if self.cpu_offload and self.strategy != "fsdp":
