@@ -16,8 +16,14 @@ import numpy as np
 import torch
 
 from pipeline.config import TrainConfig
-from pipeline.training.losses import KtoLogps, Reduction, choice_of, compute_loss, kto_reference_point
-from pipeline.training.losses.registry import loss_hyperparameters
+from pipeline.training.losses import (
+    KtoLogps,
+    Reduction,
+    choice_of,
+    compute_loss,
+    kto_reference_point,
+    loss_hyperparameters,
+)
 from pipeline.training.metrics import StepMetrics, mean_metrics
 from pipeline.training.policy import policy_sequence_logps
 from pipeline.training.rows import column, step_denominators
