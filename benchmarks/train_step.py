@@ -63,10 +63,10 @@ def build_policy(shape: common.Shape, device: torch.device, train, *, attn: str 
     return model
 
 
-def plain_loop_loss(model, batch: dict, *, device: torch.device, beta: float, scale: float):
+def plain_loop_loss(model, batch: dict, *, device: torch.device, beta: float, rows: int):
     """The textbook step: full logits, float32 log_softmax over the vocabulary, gather, mask, DPO loss."""
     from pipeline.model.logps.padded import collate_sequences
-    from pipeline.training.losses import PairLogps, compute_loss
+    from pipeline.training.losses import PairLogps, Reduction, compute_loss
 
     prompts = list(batch["prompt_ids"])
     input_ids, attention_mask, response_mask = (
@@ -93,7 +93,7 @@ def plain_loop_loss(model, batch: dict, *, device: torch.device, beta: float, sc
         ),
         beta=beta,
     )
-    return out.losses.sum() * scale, int(attention_mask.sum())
+    return out.reduced({Reduction.ROWS: rows}), int(attention_mask.sum())
 
 
 class PlainLoop:
@@ -105,19 +105,28 @@ class PlainLoop:
     def begin_step(self, model, batches, *, world: int):
         from pipeline.training.metrics import StepMetrics
 
-        return None, StepMetrics.of(self.device)
+        return sum(len(batch["prompt_ids"]) for batch in batches) * world, StepMetrics.of(self.device)
 
-    def micro_batch_loss(self, model, batch: dict, shared, *, scale: float):
+    def micro_batch_loss(self, model, batch: dict, shared: int, *, index: int):
         from pipeline.training.metrics import StepMetrics
 
-        loss, tokens = plain_loop_loss(model, batch, device=self.device, beta=self.beta, scale=scale)
+        loss, tokens = plain_loop_loss(model, batch, device=self.device, beta=self.beta, rows=shared)
         return loss, StepMetrics.of(self.device, rows=len(batch["prompt_ids"]), tokens=tokens)
+
+    def end_step(self, totals: dict) -> None:
+        return None
 
     def loss_metrics(self, totals: dict, shared) -> dict:
         return {}
 
     def progress(self, row: dict) -> str:
         return ""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        return None
 
 
 class Measured(NamedTuple):

@@ -7,6 +7,7 @@ and one reward-vs-KL plot, like the DPO paper's frontier figure. Members train i
 each a TorchTrainer, as far as the cluster's CPUs (or GPUs) allow while leaving Ray Data a CPU.
 
     dpo sweep --config configs/demo.yaml --set train.beta=[0.05,0.1,0.5] --set train.loss=[dpo,sft,unlikelihood]
+    dpo sweep --config configs/demo.yaml --set "train=[{loss: dpo}, {loss: dpo, ld_alpha: 0.5}, {loss: ipo}]"
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pipeline.runtime.storage import RunDir
 from pipeline.stages import EVALUATE, SCORE, TRAIN
 from pipeline.stages.base import check
 from pipeline.stages.evaluate import Policy, evaluate_policies
+from pipeline.training.losses import check_loss_config
 
 log = logging.getLogger(__name__)
 
@@ -39,18 +41,33 @@ class Member:
 
 
 def split_overrides(overrides: list[str]) -> tuple[list[str], dict[str, list]]:
-    """Separate sweep axes (`train.x=[a,b]`) from plain overrides. Only train.* keys sweep."""
+    """Separate sweep axes (`train.x=[a,b]`, or `train=[{...}, {...}]`: members listed whole) from plain
+    overrides. Only train.* keys sweep."""
     plain, axes = [], {}
     for item in overrides:
         key, sep, value = item.partition("=")
         parsed = yaml.safe_load(value) if sep else None
-        if key.startswith("train.") and isinstance(parsed, list):
+        if (key.startswith("train.") or key == "train") and isinstance(parsed, list):
             if not parsed:
                 raise ConfigError(f"{key}: a sweep needs at least one value")
+            if key == "train" and not all(isinstance(v, dict) and v for v in parsed):
+                raise ConfigError("train: a sweep over whole members lists mappings of train keys, e.g. [{loss: dpo}]")
             axes[key] = parsed
         else:
             plain.append(item)
     return plain, axes
+
+
+def _settings(key: str, value) -> list[str]:
+    """A sweep point's overrides: one `train.x=v`, or one per key of a member listed whole."""
+    items = [(f"train.{k}", v) for k, v in value.items()] if key == "train" else [(key, value)]
+    return [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}" for k, v in items]
+
+
+def _name(key: str, value) -> str:
+    """A sweep point's part of its member's name (and folder)."""
+    items = list(value.items()) if key == "train" else [(key.split(".", 1)[1], value)]
+    return "_".join(re.sub(r"[^A-Za-z0-9.+-]", "", f"{k}-{v}") for k, v in items)
 
 
 def members(config_path: str, overrides: list[str]) -> tuple[Config, list[Member]]:
@@ -61,11 +78,8 @@ def members(config_path: str, overrides: list[str]) -> tuple[Config, list[Member
         raise ConfigError("dpo sweep: give at least one train.* key a list, e.g. --set train.beta=[0.05,0.1,0.5]")
     out = []
     for values in itertools.product(*axes.values()):
-        settings = [
-            f"{key}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
-            for key, v in zip(axes, values)
-        ]
-        name = "_".join(re.sub(r"[^A-Za-z0-9.+-]", "", f"{k.split('.', 1)[1]}-{v}") for k, v in zip(axes, values))
+        settings = [setting for key, v in zip(axes, values) for setting in _settings(key, v)]
+        name = "_".join(_name(key, v) for key, v in zip(axes, values))
         trained = load_config(config_path, [*plain, *settings]).train  # typed and checked like any override
         out.append(Member(name, base.replace(run_dir=f"{base.run_dir}/sweep/{name}", train=trained)))
     check_distinct(out)
@@ -108,11 +122,19 @@ def run(config_path: str, overrides: list[str], *, force: bool = False) -> dict:
         return _run(base, sweep, data_dir, force=force)
 
 
+def shared_stages_config(base: Config, sweep: list[Member]) -> Config:
+    """The config the shared tokenize and score stages run with: a member's train section that needs the
+    score stage, where one does (the base's own loss may be reference-free while a swept one is not), and
+    one whose loss reads the prefix log-probs where one does, so that ONE score stage serves every member."""
+    scoring = [m.config for m in sweep if SCORE.enabled(m.config)]
+    scored = next((c for c in scoring if SCORE.derived(c)), scoring[0] if scoring else base)
+    return base.replace(train=scored.train)
+
+
 def _run(base: Config, sweep: list[Member], data_dir: RunDir, *, force: bool) -> dict:
-    # The shared stages run with a member's train section that needs the score stage, where one does:
-    # the base's own loss may be reference-free while a swept one is not.
-    scored = next((m.config for m in sweep if SCORE.enabled(m.config)), base)
-    run_stages(base.replace(train=scored.train), ("tokenize", "score"), force=force)
+    for member in sweep:  # a loss key out of range refuses the sweep before any stage runs
+        check_loss_config(member.config.train)
+    run_stages(shared_stages_config(base, sweep), ("tokenize", "score"), force=force)
     for member in sweep:
         check(TRAIN, member.config)  # a member too large for the cluster's GPUs fails before any trains
     slots = min(len(sweep), parallel_slots(base))

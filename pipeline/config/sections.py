@@ -110,13 +110,25 @@ STRATEGIES = ("ddp", "fsdp")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    loss: str | dict[str, float] = "dpo"  # a name from pipeline.training.losses.LOSSES, or name -> weight
+    # A name from pipeline.training.losses.LOSSES (or TRL's, e.g. sigmoid), a list of names (TRL's loss_type,
+    # weighted by loss_weights), or name -> weight. See docs/losses.md.
+    loss: str | list[str] | dict[str, float] = "dpo"
+    loss_weights: list[float] | None = None  # TRL's: one weight per name of a list `loss`; None: 1.0 each
     beta: float = 0.1  # DPO's KL strength: the paper's default
-    label_smoothing: float = 0.0
-    gamma: float = 0.5
-    alpha: float = 1.0
+    label_smoothing: float = 0.0  # cDPO's / rDPO's label-flip rate, EXO's epsilon (which must be > 0)
+    gamma: float = 0.5  # SimPO's target reward margin
+    alpha: float = 1.0  # the weight of the NLL / odds-ratio / unlikelihood term of rpo, orpo, unlikelihood
     desirable_weight: float = 1.0  # KTO's lambda_D; keep lambda_D n_D / (lambda_U n_U) in [1, 4/3] (the paper)
     undesirable_weight: float = 1.0  # KTO's lambda_U
+    discopop_tau: float = 0.05  # DiscoPOP's temperature: the paper's value
+    dpop_lambda: float = 50.0  # DPO-Positive's penalty on a chosen log-ratio below 0: Smaug's value
+    # f-DPO's divergence (TRL's names): reverse_kl (DPO itself) | forward_kl | js_divergence | alpha_divergence
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5  # alpha_divergence only, TRL's parameter
+    # LD-DPO: the weight in [0, 1] of the tokens past the shorter response's length; None: off. The score
+    # stage then also writes the reference's log-probs of each response's first min(len_w, len_l) tokens.
+    ld_alpha: float | None = None
+    use_weighting: bool = False  # WPO: weight each pair by the policy's own (aligned) probability of it
     learning_rate: float = 5e-7
     max_steps: int | None = None  # wins over epochs when set
     epochs: int = 1
@@ -158,8 +170,9 @@ class TrainConfig:
     mlflow_tracking_uri: str | None = None  # None: a local file store at <run_dir>/mlruns
 
     def __post_init__(self):
-        if isinstance(self.lora, dict):  # a TrainConfig rebuilt from dataclasses.asdict (the Train workers')
-            object.__setattr__(self, "lora", LoraConfig(**self.lora))
+        if self.lora is not None and not isinstance(self.lora, LoraConfig):
+            # The YAML loader builds a LoraConfig; anything else is a caller's slip, never patched up here.
+            raise ConfigError(f"train.lora: expected a LoraConfig (a mapping of r, alpha, ...), got {self.lora!r}")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"train.strategy: {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
         if self.cpu_offload and self.strategy != "fsdp":

@@ -29,6 +29,17 @@ SCORED = pa.schema(
     ]
 )
 
+# score/{train,eval}/part-*.parquet when a loss reads each response's prefix log-prob (LD-DPO's
+# train.ld_alpha): the scored rows plus the reference's sums over each response's first min(len_w, len_l)
+# tokens, the tokens both responses of the pair have.
+SCORED_PREFIX = pa.schema(
+    list(SCORED)
+    + [
+        ("ref_chosen_prefix_logps", pa.float64()),
+        ("ref_rejected_prefix_logps", pa.float64()),
+    ]
+)
+
 # score/{train,eval}/part-*.parquet for unpaired (KTO) data: the scored rows plus the mismatched pair
 # behind KTO's reference point. Each row's prompt is paired with ANOTHER row's completion (see
 # pipeline.data.kto_pairs.kl_partners); the trainer scores the same pair under the policy, so the KL estimate

@@ -12,7 +12,7 @@ import pyarrow as pa
 import torch
 
 from pipeline.config import Config
-from pipeline.model.logps.dispatch import batch_sequence_logps
+from pipeline.model.logps.dispatch import batch_sequence_stats
 from pipeline.model.pretrained import compile_decoder_layers, load_model, load_tokenizer, pick_device
 
 
@@ -27,23 +27,26 @@ def _score_two(
     device: str,
     packing: bool = False,
     chunk_size: int | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Log-probs (float64 sums) of prompt + first[i] and prompt + second[i] under `model`, each (n,).
+    prefix_logps: bool = False,
+) -> tuple[np.ndarray, ...]:
+    """Log-probs (float64 sums) of prompt + first[i] and prompt + second[i] under `model`, each (n,); with
+    `prefix_logps` also the sums over each response's first min(len(first[i]), len(second[i])) tokens, from
+    the same forward pass (4 arrays in all: first, second, first's prefix, second's prefix).
 
     Rows are scored in micro-batches of similar length (sorted by length, then put back in order) so
     little compute goes to padding; `packing` removes the padding altogether and `chunk_size` makes
-    output-layer logits only at response positions (see `batch_sequence_logps`).
+    output-layer logits only at response positions (see `batch_sequence_stats`).
     """
     n = len(prompts)
-    first_logps = np.zeros(n, dtype=np.float64)
-    second_logps = np.zeros(n, dtype=np.float64)
+    sums = np.zeros((4 if prefix_logps else 2, n), dtype=np.float64)
     total = np.array([len(p) + max(len(a), len(b)) for p, a, b in zip(prompts, first, second)])
     order = np.argsort(total, kind="stable")
     with torch.inference_mode():
         for start in range(0, n, micro_batch):
             idx = order[start : start + micro_batch]
             batch_prompts = [prompts[i] for i in idx]
-            logps, _, _ = batch_sequence_logps(
+            shared = [min(len(first[i]), len(second[i])) for i in idx] if prefix_logps else None
+            stats = batch_sequence_stats(
                 model,
                 batch_prompts + batch_prompts,
                 [first[i] for i in idx] + [second[i] for i in idx],
@@ -51,10 +54,14 @@ def _score_two(
                 device=device,
                 packing=packing,
                 chunk_size=chunk_size,
+                prefix_lengths=None if shared is None else shared + shared,
             )
-            logps = logps.double().cpu().numpy()
-            first_logps[idx], second_logps[idx] = logps[: len(idx)], logps[len(idx) :]
-    return first_logps, second_logps
+            logps = stats.logps.double().cpu().numpy()
+            sums[0, idx], sums[1, idx] = logps[: len(idx)], logps[len(idx) :]
+            if stats.prefix_logps is not None:
+                prefix = stats.prefix_logps.double().cpu().numpy()
+                sums[2, idx], sums[3, idx] = prefix[: len(idx)], prefix[len(idx) :]
+    return tuple(sums)
 
 
 def score_pairs(
@@ -67,12 +74,15 @@ def score_pairs(
     packing: bool = False,
     chunk_size: int | None = None,
     prefix: str = "",
+    prefix_logps: bool = False,
 ) -> pa.Table:
-    """Add {prefix}chosen_logps and {prefix}rejected_logps (float64 sums over response tokens) to `table`.
+    """Add {prefix}chosen_logps and {prefix}rejected_logps (float64 sums over response tokens) to `table`;
+    with `prefix_logps` also {prefix}chosen_prefix_logps and {prefix}rejected_prefix_logps, the sums over
+    each response's first min(len_w, len_l) tokens (LD-DPO reads them; `pipeline.data.schemas.SCORED_PREFIX`).
 
     `table` holds prompt_ids, chosen_ids and rejected_ids. Pure over an Arrow table: no Ray.
     """
-    chosen_logps, rejected_logps = _score_two(
+    sums = _score_two(
         model,
         table["prompt_ids"].to_pylist(),
         table["chosen_ids"].to_pylist(),
@@ -82,10 +92,12 @@ def score_pairs(
         device=device,
         packing=packing,
         chunk_size=chunk_size,
+        prefix_logps=prefix_logps,
     )
-    return table.append_column(f"{prefix}chosen_logps", pa.array(chosen_logps)).append_column(
-        f"{prefix}rejected_logps", pa.array(rejected_logps)
-    )
+    names = ["chosen_logps", "rejected_logps", "chosen_prefix_logps", "rejected_prefix_logps"]
+    for name, values in zip(names, sums):
+        table = table.append_column(f"{prefix}{name}", pa.array(values))
+    return table
 
 
 def score_unpaired(
@@ -142,8 +154,9 @@ def scorer_options(config: Config, *, use_gpu: bool, gpus: float = 1.0) -> dict:
 class SequenceScorer:
     """Scores batches of rows under one model, loaded once (a Ray Data callable class, or an actor's body).
 
-    Paired rows get {prefix}chosen_logps and {prefix}rejected_logps; KTO rows (with kl_completion_ids)
-    get {prefix}kl_logps too. The score stage sets prefix="ref_" for the reference model.
+    Paired rows get {prefix}chosen_logps and {prefix}rejected_logps (and with `prefix_logps` the two
+    prefix sums LD-DPO reads); KTO rows (with kl_completion_ids) get {prefix}kl_logps too. The score stage
+    sets prefix="ref_" for the reference model.
     """
 
     def __init__(
@@ -160,6 +173,7 @@ class SequenceScorer:
         compile: bool = False,
         prefix: str = "",
         spread: bool = False,
+        prefix_logps: bool = False,
     ):
         self.device = pick_device(use_gpu)
         self.model = load_model(
@@ -174,7 +188,11 @@ class SequenceScorer:
             compile_decoder_layers(self.model)
         self.pad_id = load_tokenizer(model_path, trust_remote_code=trust_remote_code).pad_token_id
         self.options = dict(micro_batch=micro_batch, packing=packing, chunk_size=chunk_size, prefix=prefix)
+        self.prefix_logps = prefix_logps
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        score = score_unpaired if "kl_completion_ids" in batch.column_names else score_pairs
-        return score(self.model, batch, pad_id=self.pad_id, device=self.device, **self.options)
+        if "kl_completion_ids" in batch.column_names:
+            return score_unpaired(self.model, batch, pad_id=self.pad_id, device=self.device, **self.options)
+        return score_pairs(
+            self.model, batch, pad_id=self.pad_id, device=self.device, prefix_logps=self.prefix_logps, **self.options
+        )

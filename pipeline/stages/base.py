@@ -12,6 +12,8 @@ marks every failure with the stage's name (`failed_stage`; the CLI prints `dpo: 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,6 +59,10 @@ def _always(config: Config) -> bool:
     return True
 
 
+def _no_derived(config: Config) -> dict:
+    return {}
+
+
 @dataclass(frozen=True)
 class Stage:
     """What the pipeline knows of a stage.
@@ -70,6 +76,8 @@ class Stage:
     never read a reference).
     check(config): refuses, by raising, what the cluster cannot run, before any stage starts (train: a
     GPU run whose memory plan does not fit the cluster's GPUs).
+    derived(config): values derived from other sections that also decide the output (score: whether it
+    writes the prefix log-probs a loss reads); hashed with the sections when not empty.
     """
 
     name: str
@@ -80,9 +88,13 @@ class Stage:
     requests: Callable[[Config], list[Request]] = _no_requests
     enabled: Callable[[Config], bool] = _always
     check: Callable[[Config], None] = _nothing
+    derived: Callable[[Config], dict] = _no_derived
 
     def config_hash(self, config: Config) -> str:
-        return section_hash(config, self.sections)
+        base, extra = section_hash(config, self.sections), self.derived(config)
+        if not extra:
+            return base
+        return hashlib.sha256(f"{base}|{json.dumps(extra, sort_keys=True)}".encode()).hexdigest()[:16]
 
     def run(self, config: Config, *, force: bool = False, **where) -> dict:
         """`execute` this stage (see there for `where`: data_dir, out_dir, upstream_hash, body)."""

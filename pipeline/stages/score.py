@@ -18,14 +18,14 @@ import ray
 
 from pipeline.config import Config
 from pipeline.data.kto_pairs import with_kl_completions
-from pipeline.data.schemas import SCORED, SCORED_KTO
+from pipeline.data.schemas import SCORED, SCORED_KTO, SCORED_PREFIX
 from pipeline.model.scoring import SequenceScorer, scorer_options
 from pipeline.runtime.files import check_same_ids
 from pipeline.runtime.pools import LedgerBatches, pool_options, run_pool
 from pipeline.runtime.resources import Request
 from pipeline.runtime.storage import read_parquet_dir
 from pipeline.stages.base import Stage, StageRun
-from pipeline.training.losses import needs_reference
+from pipeline.training.losses import needs_prefix_logps, needs_reference
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,8 @@ def scoring_input(run: StageRun, splits: list[str], unpaired: bool):
     """Both splits as ONE Ray dataset (one model load per actor); a `path` column tells them apart."""
     data = run.data_dir
     if not unpaired:
-        return ray.data.read_parquet([data.uri_of(UPSTREAM, s) for s in splits], include_paths=True), SCORED
+        schema = SCORED_PREFIX if needs_prefix_logps(run.config.train) else SCORED
+        return ray.data.read_parquet([data.uri_of(UPSTREAM, s) for s in splits], include_paths=True), schema
     # KTO: the mismatched pairs are fixed here, per split, so the trainer can form the same ones.
     tables = []
     for split in splits:
@@ -82,6 +83,7 @@ def scoring_pool(ds, config: Config, ledger: str | None):
             ledger=ledger,
             model_path=config.model.reference,
             prefix="ref_",
+            prefix_logps=needs_prefix_logps(config.train),
             **scorer_options(config, use_gpu=sc.use_gpu, gpus=sc.gpus_per_actor),
         ),
         batch_size=sc.batch_size * 8,
@@ -149,6 +151,7 @@ def score(run: StageRun) -> dict:
         "rows_eval": rows["eval"],
         "dropped": {},
         "data_kind": "unpaired" if unpaired else "pairs",
+        "prefix_logps": needs_prefix_logps(config.train) and not unpaired,
         **(
             {"labels": {s: {k: labels[s][k] for k in ("desirable", "undesirable")} for s in SPLITS}} if unpaired else {}
         ),
@@ -170,9 +173,15 @@ def score_requests(config: Config) -> list[Request]:
     ]
 
 
+def score_columns(config: Config) -> dict:
+    """What decides the stage's columns beyond its sections: the prefix log-probs, when a loss reads them."""
+    return {"prefix_logps": True} if needs_prefix_logps(config.train) else {}
+
+
 SCORE = Stage(
     name="score",
     sections=("model",),
+    derived=score_columns,
     body=score,
     upstream=lambda config: UPSTREAM,
     requests=score_requests,

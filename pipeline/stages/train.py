@@ -15,7 +15,6 @@ the score stage fixed.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -28,7 +27,7 @@ from pipeline.runtime.resources import Request
 from pipeline.runtime.tracking import check_trackers, flat_params, tracking_run
 from pipeline.stages.base import Stage, StageRun
 from pipeline.stages.fit_check import check_fits
-from pipeline.training.losses import is_unpaired, loss_weights, needs_reference
+from pipeline.training.losses import check_loss_config, choice_of, is_unpaired, needs_prefix_logps, needs_reference
 from pipeline.training.step import NONFINITE_CHOICES, NONFINITE_REPORT, accumulation, total_steps
 
 log = logging.getLogger(__name__)
@@ -45,7 +44,7 @@ def check_data_kind(config: Config, upstream: dict, *, where: str) -> None:
     `upstream` is the manifest the trainer reads (a score manifest carries data_kind; one from before
     KTO, or a tokenize manifest, is taken as pairs). Also warns when KTO's classes are out of balance.
     """
-    names = list(loss_weights(config.train.loss))  # also refuses KTO mixed with paired losses
+    names = list(choice_of(config.train))  # also refuses KTO mixed with paired losses
     kind = upstream.get("data_kind", "pairs")
     if not is_unpaired(config.train.loss):
         if kind == "unpaired":
@@ -89,7 +88,12 @@ def check_training(config: Config, upstream: dict, *, where: str) -> int:
     """Refuse, before any worker starts, a run its data cannot serve; return the number of optimizer steps."""
     train = config.train
     accumulation(train)  # a bad batch layout
-    loss_weights(train.loss)  # an unknown loss name
+    check_loss_config(train)  # an unknown loss name, a value a loss refuses
+    if needs_prefix_logps(train) and upstream_stage(config) == "score" and not upstream.get("prefix_logps"):
+        raise ValueError(
+            f"train.ld_alpha: LD-DPO reads the reference's prefix log-probs, which {where} lacks; "
+            "rerun the score stage with this train section (`dpo run` does), or unset train.ld_alpha"
+        )
     if train.nonfinite not in NONFINITE_CHOICES:
         raise ValueError(f"train.nonfinite: {train.nonfinite!r} is not one of {', '.join(NONFINITE_CHOICES)}")
     check_data_kind(config, upstream, where=where)
@@ -124,7 +128,7 @@ def make_trainer(run: StageRun, steps: int):
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.stages.train_worker import train_loop_per_worker
+    from pipeline.stages.train_worker import LOOP_KEY, TrainLoopConfig, train_loop_per_worker
 
     config, train, run_dir = run.config, run.config.train, run.run_dir
     source = upstream_stage(config)
@@ -140,16 +144,18 @@ def make_trainer(run: StageRun, steps: int):
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "train": dataclasses.asdict(train),
-            "model_path": config.model.path,
-            "trust_remote_code": config.model.trust_remote_code,
-            "attn_implementation": config.model.attn_implementation,
-            "total_steps": steps,
-            "with_reference": source == "score",
-            "run_dir": run_dir.uri,
-            "attempt": name,
-            "tracking": tracking_run(train, run_dir.uri, name).to_dict(),
-            "params": flat_params(config.to_dict()),
+            LOOP_KEY: TrainLoopConfig(
+                train=train,
+                model_path=config.model.path,
+                trust_remote_code=config.model.trust_remote_code,
+                attn_implementation=config.model.attn_implementation,
+                total_steps=steps,
+                with_reference=source == "score",
+                run_dir=run_dir.uri,
+                attempt=name,
+                tracking=tracking_run(train, run_dir.uri, name),
+                params=flat_params(config.to_dict()),
+            )
         },
         scaling_config=ScalingConfig(
             num_workers=train.num_workers,

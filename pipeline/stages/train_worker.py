@@ -27,7 +27,7 @@ import torch
 
 from pipeline.config import TrainConfig
 from pipeline.model.pretrained import load_tokenizer
-from pipeline.runtime.checkpoints import read_checkpoint, write_checkpoint, write_export
+from pipeline.runtime.checkpoints import read_checkpoint, read_objective_state, write_checkpoint, write_export
 from pipeline.runtime.storage import RunDir
 from pipeline.runtime.tracking import MetricsLog, Trackers, TrackingRun, train_metrics
 from pipeline.training.objectives import Objective, objective_for
@@ -35,16 +35,39 @@ from pipeline.training.policy import load_policy, make_optimizer
 from pipeline.training.step import NONFINITE_REPORT, StepResult, accumulation, checkpoint_every, lr_factor, train_step
 
 
+@dataclass(frozen=True)
+class TrainLoopConfig:
+    """What every Train worker receives from the train stage: the frozen train section as loaded and
+    checked on the driver, and the facts of this run. Ray Train hands a worker a dict, so the stage
+    passes {LOOP_KEY: TrainLoopConfig(...)}."""
+
+    train: TrainConfig
+    model_path: str
+    trust_remote_code: bool
+    attn_implementation: str | None
+    total_steps: int
+    with_reference: bool  # the rows carry the reference's log-probs (the score stage ran)
+    run_dir: str
+    attempt: str  # the attempt's folder under train.work
+    tracking: TrackingRun
+    params: dict[str, str]  # the whole config, flattened, as the trackers' run parameters
+
+
+LOOP_KEY = "loop"
+
+
 @dataclass
 class Worker:
     """One worker's training state: the policy (DDP-wrapped, or FSDP's shards), its tokenizer and
-    optimizer, and the step it starts at with the metrics logged before it (from the checkpoint it resumes)."""
+    optimizer, and the step it starts at with the metrics logged before it and the losses' running
+    states (from the checkpoint it resumes)."""
 
     model: torch.nn.Module
     tokenizer: Any
     optimizer: torch.optim.Optimizer
     start_step: int
     history: list[dict]
+    objective_state: dict[str, dict]  # the losses' running states at start_step (BCO's reward mean)
 
     @property
     def bare_model(self) -> torch.nn.Module:
@@ -52,9 +75,10 @@ class Worker:
         return self.model.module if hasattr(self.model, "module") else self.model
 
 
-def train_loop_per_worker(loop_config: dict) -> dict | None:
-    """The per-worker training function run by Ray Train; `loop_config` is what the train stage's run() passes."""
-    train = TrainConfig(**loop_config["train"])
+def train_loop_per_worker(ray_config: dict) -> dict | None:
+    """The per-worker training function run by Ray Train; `ray_config[LOOP_KEY]` is the stage's TrainLoopConfig."""
+    loop_config: TrainLoopConfig = ray_config[LOOP_KEY]
+    train = loop_config.train
     if train.torch_threads:
         torch.set_num_threads(train.torch_threads)
     torch.manual_seed(train.seed)
@@ -63,9 +87,10 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     device = ray.train.torch.get_device()
     worker = set_up(loop_config, train, device=device, rank=rank)
     objective = objective_for(
-        train, pad_id=worker.tokenizer.pad_token_id, device=device, with_reference=loop_config["with_reference"]
+        train, pad_id=worker.tokenizer.pad_token_id, device=device, with_reference=loop_config.with_reference
     )
-    steps, accum = loop_config["total_steps"], accumulation(train)
+    objective.load_state_dict(worker.objective_state)
+    steps, accum = loop_config.total_steps, accumulation(train)
     every = checkpoint_every(train, steps)
     stream = micro_batches(
         ray.train.get_dataset_shard("train"), size=train.micro_batch_size, skip=worker.start_step * accum
@@ -103,6 +128,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
             if logged or checkpoint:  # the same on every rank: Ray Train needs each rank's every report
                 report(
                     worker,
+                    objective,
                     step=done,
                     rank=rank,
                     checkpoint=checkpoint,
@@ -118,15 +144,13 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
 class StepLog:
     """Rank 0's outlets for each logged step: the attempt's live metrics.jsonl, the trackers, a progress line."""
 
-    def __init__(self, loop_config: dict, worker: Worker, objective: Objective, *, steps: int):
+    def __init__(self, loop_config: TrainLoopConfig, worker: Worker, objective: Objective, *, steps: int):
         self.objective, self.steps = objective, steps
-        run_dir = RunDir(loop_config["run_dir"])
-        self.metrics = MetricsLog(run_dir, f"train.work/{loop_config['attempt']}/metrics.jsonl", worker.history)
-        tracking = TrackingRun.from_dict(loop_config["tracking"])
+        run_dir = RunDir(loop_config.run_dir)
+        self.metrics = MetricsLog(run_dir, f"train.work/{loop_config.attempt}/metrics.jsonl", worker.history)
+        tracking = loop_config.tracking
         self.trackers = (
-            Trackers(tracking, params=loop_config["params"], resume_step=worker.start_step)
-            if tracking.report_to
-            else None
+            Trackers(tracking, params=loop_config.params, resume_step=worker.start_step) if tracking.report_to else None
         )
         self.first: tuple[float, int] | None = None  # (time, step) of the first logged step: the rate's start
 
@@ -179,17 +203,17 @@ def nonfinite_stop(result: StepResult, batches, *, step: int, world: int) -> dic
     }
 
 
-def set_up(loop_config: dict, train: TrainConfig, *, device: torch.device, rank: int) -> Worker:
+def set_up(loop_config: TrainLoopConfig, train: TrainConfig, *, device: torch.device, rank: int) -> Worker:
     """Build the policy (`pipeline.training.policy`), wrap it in DDP under ddp, make its optimizer, and
-    restore both from the last checkpoint when Ray Train resumes one."""
+    restore both, and the losses' running states, from the last checkpoint when Ray Train resumes one."""
     checkpoint = ray.train.get_checkpoint()
-    model_path, trust_remote_code = loop_config["model_path"], loop_config["trust_remote_code"]
+    model_path, trust_remote_code = loop_config.model_path, loop_config.trust_remote_code
     model = load_policy(
         model_path,
         train,
         device=device,
         trust_remote_code=trust_remote_code,
-        attn_implementation=loop_config.get("attn_implementation"),
+        attn_implementation=loop_config.attn_implementation,
         resuming=checkpoint is not None,
     )
     if train.strategy == "ddp":
@@ -200,10 +224,12 @@ def set_up(loop_config: dict, train: TrainConfig, *, device: torch.device, rank:
         make_optimizer(model, train, device=device),
         0,
         [],
+        {},
     )
     if checkpoint:
         with checkpoint.as_directory() as checkpoint_dir:
             worker.start_step, worker.history = read_checkpoint(checkpoint_dir, worker.bare_model, worker.optimizer)
+            worker.objective_state = read_objective_state(checkpoint_dir)
         if rank == 0:
             print(f"train: resuming at step {worker.start_step} from checkpoint {checkpoint.path}", flush=True)
     return worker
@@ -237,11 +263,19 @@ def history_row(result: StepResult, *, step: int, epoch: int, lr: float, elapsed
 
 
 def report(
-    worker: Worker, *, step: int, rank: int, checkpoint: bool, step_log: StepLog | None, export: bool, merge: bool
+    worker: Worker,
+    objective: Objective,
+    *,
+    step: int,
+    rank: int,
+    checkpoint: bool,
+    step_log: StepLog | None,
+    export: bool,
+    merge: bool,
 ) -> None:
-    """Report the last logged metrics to Ray Train; with `checkpoint`, each rank adds its part of one, and
-    the last (`export`) also holds the policy as a Hugging Face directory, merged with LoRA's adapters if
-    `merge`."""
+    """Report the last logged metrics to Ray Train; with `checkpoint`, each rank adds its part of one (with
+    the losses' running states), and the last (`export`) also holds the policy as a Hugging Face directory,
+    merged with LoRA's adapters if `merge`."""
     metrics = worker.history[-1] if worker.history else {"step": step}
     if not checkpoint:
         ray.train.report(metrics)
@@ -249,7 +283,15 @@ def report(
     if step_log:
         step_log.checkpointed()  # first: a checkpoint never gets ahead of the live metrics on a remote run dir
     with tempfile.TemporaryDirectory() as tmp:
-        write_checkpoint(tmp, worker.bare_model, worker.optimizer, rank=rank, step=step, history=worker.history)
+        write_checkpoint(
+            tmp,
+            worker.bare_model,
+            worker.optimizer,
+            rank=rank,
+            step=step,
+            history=worker.history,
+            objective_state=objective.state_dict(),
+        )
         if export:
             write_export(tmp, worker.bare_model, worker.tokenizer, rank=rank, merge=merge)
         ray.train.report(

@@ -8,11 +8,13 @@ import torch
 class StepMetrics:
     """Sums over the rows of a step, in one float64 tensor (so workers all-reduce them in one call), read by name.
 
-    rows: rows of the step (pairs, or KTO examples); loss: sum of their per-row losses. chosen /
+    rows: rows of the step (pairs, or KTO examples); loss: the step's loss, each micro-batch adding its
+    share (already divided by the step's denominators, `pipeline.training.losses.ChoiceOutput.reduced`). chosen /
     rejected: rows whose reward counts as chosen / rejected (every pair counts for both, a KTO example
     for one), and chosen_rewards, rejected_rewards, chosen_logps, rejected_logps their sums. correct:
     pairs whose chosen reward beats the rejected one; margins: sum of the pairs' reward margins.
-    tokens: non-pad tokens the step put through the model.
+    tokens: non-pad tokens the step put through the model. state_sum / state_count: what a loss's
+    running state takes from the step (BCO: the sum and number of its rewards).
     """
 
     NAMES = (
@@ -27,6 +29,8 @@ class StepMetrics:
         "correct",
         "margins",
         "tokens",
+        "state_sum",
+        "state_count",
     )
 
     def __init__(self, sums: torch.Tensor):
@@ -61,7 +65,7 @@ def _mean(total: float, count: float) -> float | None:
 
 
 def mean_metrics(totals: dict[str, float], *, paired: bool) -> dict[str, float | None]:
-    """The logged per-row means of `StepMetrics.totals()`; a class with no rows in the step gives None.
+    """The logged loss and per-row means of `StepMetrics.totals()`; a class with no rows in the step gives None.
 
     paired: rewards/accuracies and rewards/margins are means over pairs. Unpaired rows have no pairs
     to compare, so no accuracy (None), and the margin is the difference of the two classes' means.
@@ -73,7 +77,7 @@ def mean_metrics(totals: dict[str, float], *, paired: bool) -> dict[str, float |
     else:
         accuracy, margin = None, None if chosen is None or rejected is None else chosen - rejected
     return {
-        "loss": totals["loss"] / totals["rows"],
+        "loss": totals["loss"],
         "rewards/chosen": chosen,
         "rewards/rejected": rejected,
         "rewards/accuracies": accuracy,

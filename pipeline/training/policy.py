@@ -9,12 +9,13 @@ and the adapters train in fp32; on CPU everything is fp32.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import nullcontext
 
 import torch
 
 from pipeline.config import TrainConfig
-from pipeline.model.logps.dispatch import batch_sequence_logps
+from pipeline.model.logps.dispatch import SequenceStats, batch_sequence_stats
 from pipeline.model.pretrained import compile_decoder_layers, load_model, local_checkpoint
 from pipeline.training.lora import add_adapters, init_adapters
 from pipeline.training.sharding import build_on_meta, load_safetensors, materialize, shard
@@ -90,14 +91,23 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
-def policy_sequence_logps(model, prompts, responses, *, train: TrainConfig, pad_id: int, device: torch.device):
-    """`batch_sequence_logps` under bf16 autocast on GPU, packed and chunked as `train` says.
-
-    Returns response log-prob sums (N,), response token counts (N,) and the number of real tokens.
-    """
+def policy_sequence_stats(
+    model,
+    prompts,
+    responses,
+    *,
+    train: TrainConfig,
+    pad_id: int,
+    device: torch.device,
+    prefix_lengths: Sequence[int] | None = None,
+    sq_probs: bool = False,
+) -> SequenceStats:
+    """`batch_sequence_stats` under bf16 autocast on GPU, packed and chunked as `train` says: the response
+    log-prob sums, counts and real tokens, with each response's prefix sum (`prefix_lengths`) and its
+    squared-probability sum (`sq_probs`) when a loss asks for them."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     with autocast:
-        return batch_sequence_logps(
+        return batch_sequence_stats(
             model,
             prompts,
             responses,
@@ -105,4 +115,12 @@ def policy_sequence_logps(model, prompts, responses, *, train: TrainConfig, pad_
             device=device,
             packing=train.packing,
             chunk_size=train.logps_chunk_size if train.chunked_logps else None,
+            prefix_lengths=prefix_lengths,
+            sq_probs=sq_probs,
         )
+
+
+def policy_sequence_logps(model, prompts, responses, *, train: TrainConfig, pad_id: int, device: torch.device):
+    """`policy_sequence_stats` as (response log-prob sums (N,), response token counts (N,), real tokens)."""
+    stats = policy_sequence_stats(model, prompts, responses, train=train, pad_id=pad_id, device=device)
+    return stats.logps, stats.counts, stats.tokens

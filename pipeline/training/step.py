@@ -82,11 +82,14 @@ def train_step(
 ) -> StepResult:
     """One optimizer step over this worker's micro-batches (numpy dicts of scored rows).
 
-    Each micro-batch's loss is its per-row losses summed over the rows of the whole step, so the
-    accumulated gradient equals that of one large batch; DDP or FSDP (world > 1) averages it over
-    workers. DDP synchronises only on the last micro-batch. FSDP reduce-scatters after every one,
-    each rank accumulating its gradient shard: skipping that (`set_requires_gradient_sync(False)`)
-    would keep every layer's whole gradient in fp32 on each GPU, as much memory as DDP's gradients.
+    Each micro-batch's loss is its share of the step's loss: its rows' losses over the whole step's
+    denominators, as each loss declares its reduction (`pipeline.training.losses.Reduction`), so the
+    shares of every micro-batch and worker add up to the documented loss and the accumulated gradient
+    equals that of one large batch. DDP and FSDP (world > 1) average gradients over workers, so each
+    worker backpropagates world times its share. DDP synchronises only on the last micro-batch. FSDP
+    reduce-scatters after every one, each rank accumulating its gradient shard: skipping that
+    (`set_requires_gradient_sync(False)`) would keep every layer's whole gradient in fp32 on each GPU, as
+    much memory as DDP's gradients.
     Gradients are clipped to max_grad_norm, or not at all when it is <= 0. The metrics are summed
     over micro-batches and workers. A step whose loss (summed over every worker) or gradient norm is
     not finite leaves the weights and the optimizer as they were (`updated` False): every worker sees
@@ -95,13 +98,12 @@ def train_step(
     for group in optimizer.param_groups:
         group["lr"] = lr
     shared, metrics = objective.begin_step(model, batches, world=world)
-    scale = 1.0 / sum(len(batch["prompt_ids"]) for batch in batches)
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     for i, batch in enumerate(batches):
         defer = ddp and world > 1 and i < len(batches) - 1
         with model.no_sync() if defer else nullcontext():
-            loss, batch_metrics = objective.micro_batch_loss(model, batch, shared, scale=scale)
-            loss.backward()
+            share, batch_metrics = objective.micro_batch_loss(model, batch, shared, index=i)
+            (share * world).backward()
         metrics += batch_metrics
     grad_norm = clip_gradients(model, max_grad_norm)
     local_loss_finite = math.isfinite(metrics.totals()["loss"])
@@ -111,6 +113,7 @@ def train_step(
     updated = math.isfinite(totals["loss"]) and math.isfinite(grad_norm)
     if updated:
         optimizer.step()
+        objective.end_step(totals)  # running states move with the weights, never past a skipped step
     optimizer.zero_grad(set_to_none=True)
     return StepResult(
         objective.loss_metrics(totals, shared), grad_norm, int(totals["tokens"]), updated, local_loss_finite

@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 
 from pipeline.config import TrainConfig
 from pipeline.model.pretrained import load_tokenizer
-from pipeline.runtime.checkpoints import read_checkpoint, write_checkpoint, write_export
+from pipeline.runtime.checkpoints import read_checkpoint, read_objective_state, write_checkpoint, write_export
 from pipeline.training.objectives import objective_for
 from pipeline.training.policy import load_policy, make_optimizer
 from pipeline.training.step import accumulation, train_step
@@ -49,14 +49,16 @@ def run_steps(
     resume_from: Path | None = None,
 ) -> list[dict]:
     """Per-step {loss metrics..., grad_norm} of `steps` optimizer steps; with `out`, a checkpoint after
-    step `checkpoint_at` in out/checkpoint-rank<r> and the final export in out/hf (from `write_export`)."""
+    step `checkpoint_at` in out/checkpoint-rank<r> (with the losses' running states) and the final export
+    in out/hf (from `write_export`)."""
     model = load_policy(model_dir, train, device=CPU, resuming=resume_from is not None)
     optimizer = make_optimizer(model, train, device=CPU)
     start = 0
-    if resume_from is not None:
-        start, _ = read_checkpoint(resume_from, model, optimizer)
     tokenizer = load_tokenizer(model_dir)
     objective = objective_for(train, pad_id=tokenizer.pad_token_id, device=CPU, with_reference=True)
+    if resume_from is not None:
+        start, _ = read_checkpoint(resume_from, model, optimizer)
+        objective.load_state_dict(read_objective_state(resume_from))
     results = []
     for step in range(start, steps):
         result = train_step(
@@ -70,7 +72,15 @@ def run_steps(
         )
         results.append({**result.loss_metrics, "grad_norm": result.grad_norm})
         if out is not None and step + 1 == checkpoint_at:
-            write_checkpoint(out / f"checkpoint-rank{rank}", model, optimizer, rank=rank, step=step + 1, history=[])
+            write_checkpoint(
+                out / f"checkpoint-rank{rank}",
+                model,
+                optimizer,
+                rank=rank,
+                step=step + 1,
+                history=[],
+                objective_state=objective.state_dict(),
+            )
     if out is not None:
         write_export(out, model, tokenizer, rank=rank, merge=True)
     return results

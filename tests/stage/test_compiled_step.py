@@ -25,7 +25,8 @@ def test_compiled_blocks_give_the_same_loss_and_gradient(tiny_model_dir):
             compile_decoder_layers(model)
             assert all(block._compiled_call_impl is not None for block in model.get_decoder().h)  # GPT-2 blocks
         objective = PairObjective(train, pad_id=1, device=CPU, with_reference=True)
-        loss_value, metrics = objective.micro_batch_loss(model, batch, None, scale=0.25)
+        shared, _ = objective.begin_step(model, [batch], world=1)
+        loss_value, metrics = objective.micro_batch_loss(model, batch, shared, index=0)
         loss_value.backward()
         results.append((loss_value.detach(), metrics.sums, [p.grad.clone() for p in model.parameters()]))
     (l0, s0, g0), (l1, s1, g1) = results

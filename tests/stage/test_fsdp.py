@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.config import TrainConfig
+from pipeline.config import LoraConfig, TrainConfig
 from tests.helpers.distributed_runs import run_steps, spawn
 from tests.helpers.micro_batches import kto_rows, pair_rows
 
@@ -36,7 +36,7 @@ RUNS = {
     "cpu_offload": ({**BASE, "cpu_offload": True}, 2, None),
     "checkpointing": ({**BASE, "gradient_checkpointing": True}, 2, None),
     "kto": ({**BASE, "loss": "kto", "batch_size": 6, "micro_batch_size": 3}, 2, None),
-    "lora": ({**BASE, "learning_rate": 1e-2, "lora": {"r": 4, "alpha": 8, "target_modules": "all-linear"}}, 3, None),
+    "lora": ({**BASE, "learning_rate": 1e-2, "lora": LoraConfig(r=4, alpha=8, target_modules="all-linear")}, 3, None),
 }
 
 

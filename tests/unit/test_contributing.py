@@ -6,9 +6,9 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.helpers.micro_batches import pair_rows
 
 from tests.helpers.doc_pages import CONTRIBUTING, repository_paths, resolve, section_blocks
+from tests.helpers.micro_batches import pair_rows
 
 try:
     import tomllib

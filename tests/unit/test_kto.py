@@ -17,7 +17,8 @@ from pipeline.model.pretrained import load_model
 from pipeline.model.scoring import score_unpaired
 from pipeline.stages.score import is_unpaired
 from pipeline.stages.train import check_data_kind
-from pipeline.training.objectives import KtoObjective, kl_logps
+from pipeline.training.kto_objective import KtoObjective, KtoStep, kl_logps
+from pipeline.training.rows import step_denominators
 from tests.helpers.micro_batches import kto_rows, split
 
 CPU = torch.device("cpu")
@@ -136,10 +137,11 @@ def test_kl_term_and_loss_of_the_train_path_equal_a_hand_computation(model, offs
         x = 0.5 * (r - z) if label else 0.5 * (z - r)
         expected.append((1.0 if label else 1.5) / (1.0 + math.exp(x)))
     objective = KtoObjective(train, pad_id=1, device=CPU)
-    loss, metrics = objective.micro_batch_loss(model, rows, reference, scale=1.0 / 6)
+    step = KtoStep(step_denominators([rows], world=1, device=CPU), reference)
+    loss, metrics = objective.micro_batch_loss(model, rows, step, index=0)
     assert float(loss.detach()) == pytest.approx(sum(expected) / 6, abs=1e-5)
     totals = metrics.totals()
-    row = objective.loss_metrics(totals, reference)
+    row = objective.loss_metrics(totals, step)
     assert row["loss"] == pytest.approx(sum(expected) / 6, abs=1e-5)
     assert totals["chosen"] == 4 and totals["rejected"] == 2  # desirable / undesirable counts
     assert row["kl"] == pytest.approx(z, abs=1e-5) and row["rewards/accuracies"] is None
@@ -154,9 +156,9 @@ def test_kto_gradient_accumulation_matches_the_large_batch(model):
     def grads(micro: int) -> list[torch.Tensor]:
         model.zero_grad()
         batches = split(rows, micro)
-        reference, _ = objective.begin_step(model, batches, world=1)
-        for batch in batches:
-            loss, _ = objective.micro_batch_loss(model, batch, reference, scale=1.0 / 8)
+        shared, _ = objective.begin_step(model, batches, world=1)
+        for i, batch in enumerate(batches):
+            loss, _ = objective.micro_batch_loss(model, batch, shared, index=i)
             loss.backward()
         return [p.grad.clone() for p in model.parameters()]
 

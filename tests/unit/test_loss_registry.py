@@ -48,7 +48,7 @@ KTO_BATCH = KtoLogps(
     kl_policy_logps=t(-2.0, -2.0),
     kl_ref_logps=t(-2.2, -2.4),
 )
-FIELDS = ("loss", "losses", "chosen_rewards", "rejected_rewards")
+FIELDS = ("losses", "chosen_rewards", "rejected_rewards")
 
 
 def outputs_equal(a: LossOutput, b: LossOutput, fields=FIELDS) -> bool:
@@ -82,7 +82,7 @@ def test_a_loss_that_does_not_read_the_rejected_response_ignores_it(name):
     grads = []
     for batch in (BATCH, skipped):
         out = fn(replace(batch, policy_chosen_logps=policy), beta=0.5)
-        grads.append(torch.autograd.grad(out.loss, policy)[0])
+        grads.append(torch.autograd.grad(out.losses.sum(), policy)[0])
         assert_close(out.losses, fn(BATCH, beta=0.5).losses)
         assert_close(out.chosen_rewards, fn(BATCH, beta=0.5).chosen_rewards)
     assert_close(grads[0], grads[1])
@@ -105,11 +105,11 @@ def test_an_unpaired_loss_takes_only_unpaired_rows_and_a_paired_one_only_pairs()
 
 def test_declared_hyperparameters_are_train_keys_and_the_signature():
     assert set(HYPERPARAMETERS) <= {f.name for f in dataclasses.fields(TrainConfig)}
-    assert LOSSES["dpo"].hyperparameters == {"beta", "label_smoothing"}
+    assert LOSSES["dpo"].hyperparameters == {"beta", "label_smoothing", "f_divergence_type", "f_alpha_divergence_coef"}
     assert LOSSES["kto"].hyperparameters == {"beta", "desirable_weight", "undesirable_weight"}
     train = TrainConfig(loss="simpo", beta=2.0, gamma=0.3)
     assert_close(
-        compute_loss("simpo", BATCH, **loss_hyperparameters(train)).losses,
+        compute_loss("simpo", BATCH, **loss_hyperparameters(train)).terms[0][2].losses,
         LOSSES["simpo"].fn(BATCH, beta=2.0, gamma=0.3).losses,
     )
     with pytest.raises(TypeError, match="beta"):
@@ -138,7 +138,7 @@ def test_train_loss_is_checked_once_naming_the_known_losses():
 def test_register_adds_a_declared_loss_once():
     def margin_loss(batch: PairLogps, *, beta: float, gamma: float = 0.0) -> LossOutput:
         chosen, rejected = beta * batch.policy_chosen_logps, beta * batch.policy_rejected_logps
-        return LossOutput.mean_of(torch.nn.functional.softplus(rejected - chosen + gamma), chosen, rejected)
+        return LossOutput.of(torch.nn.functional.softplus(rejected - chosen + gamma), chosen, rejected)
 
     try:
         register(LossSpec("margin_test", margin_loss, reference_free=True))

@@ -59,9 +59,9 @@ BATCH = pairs(
 
 
 def check(out: LossOutput, expected_losses: list[float]) -> None:
-    assert torch.isfinite(out.losses).all() and torch.isfinite(out.loss)
+    """Per-row values: a loss never averages (its declared reduction does, in compute_loss and the step)."""
+    assert torch.isfinite(out.losses).all()
     assert_close(out.losses, t(*expected_losses))
-    assert_close(out.loss, t(*expected_losses).mean())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -80,7 +80,7 @@ def test_dpo_values_and_asymptotics():
 def test_dpo_step_zero_is_log2():
     # policy == reference: every implicit reward is 0, the loss is -log sigmoid(0) = log 2.
     same = pairs(pi_w=[-3.0, -7.0], pi_l=[-4.0, -1.0], ref_w=[-3.0, -7.0], ref_l=[-4.0, -1.0])
-    assert_close(LOSSES["dpo"].fn(same, beta=0.1).loss, t(math.log(2.0))[0])
+    assert_close(compute_loss("dpo", same, beta=0.1).loss, t(math.log(2.0))[0])
 
 
 def test_cdpo_values():
@@ -92,9 +92,10 @@ def test_cdpo_values():
 
 
 def test_ipo_values():
-    # beta = 0.5: target 1/(2 beta) = 1; (h - 1)^2 = 0, 9, 99^2, 101^2.
+    # Per-token log-ratios u / len: chosen 0.5/2, -1/3, 0/5, -100/10; rejected -0.5/4, 1/1, -100/10, 0/5.
+    # Margins 0.375, -4/3, 10, -10; beta = 0.5, target 1/(2 beta) = 1: (0.375 - 1)^2, (7/3)^2, 9^2, 11^2.
     out = LOSSES["ipo"].fn(BATCH, beta=BETA)
-    check(out, [0.0, 9.0, 9801.0, 10201.0])
+    check(out, [0.390625, 49.0 / 9.0, 81.0, 121.0])
 
 
 def test_hinge_values():
@@ -150,7 +151,7 @@ def test_orpo_and_unlikelihood_finite_at_probability_one():
             rejected_lengths=torch.tensor([2, 3]),
         )
         out = LOSSES[name].fn(batch, beta=0.1)
-        out.loss.backward()
+        out.losses.sum().backward()
         assert torch.isfinite(out.losses).all() and torch.isfinite(logps.grad).all(), name
 
 
@@ -162,11 +163,11 @@ def test_rpo_values():
 
 
 def test_sft_values():
-    # token mean over the batch: (2 + 9) / (1 + 3) = 2.75; per pair: 2/1, 9/3.
+    # per pair: the summed NLL 2, 9; reduced over chosen tokens: (2 + 9) / (1 + 3) = 2.75, the token mean.
     batch = pairs(pi_w=[-2.0, -9.0], pi_l=[-5.0, -5.0], len_w=[1, 3], len_l=[2, 2])
     out = LOSSES["sft"].fn(batch, beta=0.1)
-    assert_close(out.loss, t(2.75)[0])
-    assert_close(out.losses, t(2.0, 3.0))
+    assert_close(out.losses, t(2.0, 9.0))
+    assert_close(compute_loss("sft", batch, beta=0.1).loss, t(2.75)[0])
     assert_close(out.chosen_rewards, t(-0.2, -0.9))
 
 
@@ -212,8 +213,8 @@ def test_kto_reference_point_clamped_and_detached():
         kl_ref_logps=t(-2.0, -2.0),
     )
     out = kto_loss(batch, beta=1.0)
-    assert_close(out.loss, t(1 - sigmoid(1.0))[0])
-    out.loss.backward()
+    assert_close(out.losses, t(1 - sigmoid(1.0)))
+    out.losses.sum().backward()
     assert kl_policy.grad is None  # z is detached: no gradient through the reference point
     assert_close(policy.grad, t(-sigmoid(1.0) * (1 - sigmoid(1.0))))
 
@@ -231,7 +232,10 @@ def test_gradcheck(name):
         [-1.5, -2.0, -5.0],
         [-1.2, -2.5, -5.0],
     )  # pi_w, pi_l, ref_w, ref_l
-    inputs = tuple(t(*v).requires_grad_() for v in values)
+    # A batch-wise loss (AOT) matches each row with another row's detached value of the same rank: only
+    # its sum over rows is the sorted loss, and it trains the policy alone (the reference is data).
+    batch_wise = LOSSES[name].batch_wise
+    inputs = tuple(t(*v).requires_grad_(not batch_wise or i < 2) for i, v in enumerate(values))
     lengths = torch.tensor([2, 3, 5]), torch.tensor([4, 1, 3])
 
     def f(pi_w, pi_l, ref_w, ref_l):
@@ -243,9 +247,9 @@ def test_gradcheck(name):
             chosen_lengths=lengths[0],
             rejected_lengths=lengths[1],
         )
-        params = {"label_smoothing": 0.2} if name in ("dpo", "robust", "rpo") else {}
+        params = {"label_smoothing": 0.2} if "label_smoothing" in LOSSES[name].hyperparameters else {}
         out = LOSSES[name].fn(batch, beta=0.7, **params)
-        return out.loss, out.losses
+        return out.losses.sum() if batch_wise else (out.losses.sum(), out.losses)
 
     assert torch.autograd.gradcheck(f, inputs)
 
@@ -254,7 +258,7 @@ def test_dpo_gradient_wrt_policy_chosen():
     # d/d pi_w of mean_b -logsigmoid(r_w - r_l) = -beta sigmoid(r_l - r_w) / B.
     pi_w = BATCH.policy_chosen_logps.clone().requires_grad_()
     batch = replace(BATCH, policy_chosen_logps=pi_w)
-    out = LOSSES["dpo"].fn(batch, beta=BETA)
+    out = compute_loss("dpo", batch, beta=BETA)
     out.loss.backward()
     expected = t(*[-BETA * sigmoid(-m) / len(MARGINS) for m in MARGINS])
     assert_close(pi_w.grad, expected)
@@ -267,9 +271,9 @@ def test_ipo_minimum_at_half_inverse_beta():
 
     def loss_at(h: float) -> tuple[torch.Tensor, torch.Tensor]:
         pi_w = t(h - 4.0).requires_grad_()  # pi_w - ref_w = h, pi_l - ref_l = 0
-        batch = pairs(pi_w=[0.0], pi_l=[-1.0], ref_w=[-4.0], ref_l=[-1.0])
+        batch = pairs(pi_w=[0.0], pi_l=[-1.0], ref_w=[-4.0], ref_l=[-1.0], len_w=[1], len_l=[1])
         batch = replace(batch, policy_chosen_logps=pi_w)
-        loss = LOSSES["ipo"].fn(batch, beta=beta).loss
+        loss = LOSSES["ipo"].fn(batch, beta=beta).losses.sum()
         loss.backward()
         return loss.detach(), pi_w.grad
 
@@ -294,8 +298,9 @@ def test_float32_extremes_finite():
             chosen_lengths=torch.tensor([1, 1]),
             rejected_lengths=torch.tensor([1, 1]),
         )
-        out = LOSSES[name].fn(batch, beta=1.0)
-        out.loss.backward()
+        params = {"label_smoothing": 0.1} if name == "exo_pair" else {}
+        out = LOSSES[name].fn(batch, beta=1.0, **params)
+        out.losses.sum().backward()
         assert torch.isfinite(out.losses).all() and torch.isfinite(pi_w.grad).all(), name
 
 
@@ -308,13 +313,12 @@ def test_zero_label_smoothing_is_dpo(name):
     plain = LOSSES["dpo"].fn(BATCH, beta=BETA)
     smoothed = LOSSES[name].fn(BATCH, beta=BETA, label_smoothing=0.0)
     assert_close(smoothed.losses, plain.losses)
-    assert_close(smoothed.loss, plain.loss)
 
 
 def test_robust_rejects_half_or_more():
     for eps in (0.5, 0.7):
-        with pytest.raises(ValueError, match="label_smoothing"):
-            LOSSES["robust"].fn(BATCH, beta=BETA, label_smoothing=eps)
+        with pytest.raises(ValueError, match=r"train\.label_smoothing: .*robust needs 0 <= label_smoothing < 0\.5"):
+            compute_loss("robust", BATCH, beta=BETA, label_smoothing=eps)
 
 
 def test_missing_field_is_named():
@@ -327,11 +331,12 @@ def test_missing_field_is_named():
 
 
 def test_compute_loss_weighted_sum():
+    # each term reduced by its own declaration: dpo's mean over pairs, sft's mean over chosen tokens.
     mixed = compute_loss({"dpo": 1.0, "sft": 0.5}, BATCH, beta=BETA)
     dpo = LOSSES["dpo"].fn(BATCH, beta=BETA)
-    sft = LOSSES["sft"].fn(BATCH, beta=BETA)
-    assert_close(mixed.loss, dpo.loss + 0.5 * sft.loss)
-    assert_close(mixed.losses, dpo.losses + 0.5 * sft.losses)
+    sft_token_mean = (1.0 + 3.0 + 10.0 + 110.0) / (2 + 3 + 5 + 10)
+    assert_close(mixed.loss, dpo.losses.mean() + 0.5 * sft_token_mean)
+    assert [(spec.name, weight) for spec, weight, _ in mixed.terms] == [("dpo", 1.0), ("sft", 0.5)]
     # rewards are the first loss's
     assert_close(mixed.chosen_rewards, dpo.chosen_rewards)
     assert_close(mixed.rejected_rewards, dpo.rejected_rewards)
@@ -340,9 +345,9 @@ def test_compute_loss_weighted_sum():
 def test_compute_loss_passes_only_accepted_params():
     # simpo takes neither label_smoothing nor alpha; dpo takes no gamma.
     by_name = compute_loss("simpo", BATCH, beta=2.0, label_smoothing=0.1, gamma=0.3, alpha=0.2)
-    assert_close(by_name.losses, LOSSES["simpo"].fn(BATCH, beta=2.0, gamma=0.3).losses)
+    assert_close(by_name.terms[0][2].losses, LOSSES["simpo"].fn(BATCH, beta=2.0, gamma=0.3).losses)
     by_name = compute_loss("dpo", BATCH, beta=BETA, label_smoothing=0.1, gamma=0.3)
-    assert_close(by_name.losses, LOSSES["dpo"].fn(BATCH, beta=BETA, label_smoothing=0.1).losses)
+    assert_close(by_name.terms[0][2].losses, LOSSES["dpo"].fn(BATCH, beta=BETA, label_smoothing=0.1).losses)
 
 
 def test_compute_loss_unknown_name():

@@ -19,7 +19,6 @@ from tests.helpers.doc_pages import (
     user_pages,
 )
 
-
 LOSS_EXAMPLE = "register(LossSpec("  # the custom-loss block, wherever it lives
 
 

@@ -16,27 +16,31 @@ from tests.helpers.micro_batches import kto_rows, pair_rows, split
 CPU = torch.device("cpu")
 
 
-def micro_batch_loss(model, batch: dict, *, train: TrainConfig, scale: float) -> tuple[torch.Tensor, StepMetrics]:
-    return PairObjective(train, pad_id=1, device=CPU, with_reference=True).micro_batch_loss(
-        model, batch, None, scale=scale
-    )
+def micro_batch_loss(model, batch: dict, *, train: TrainConfig) -> tuple[torch.Tensor, StepMetrics]:
+    """The loss of `batch` taken as a whole step, and its metrics."""
+    objective = PairObjective(train, pad_id=1, device=CPU, with_reference=True)
+    shared, _ = objective.begin_step(model, [batch], world=1)
+    return objective.micro_batch_loss(model, batch, shared, index=0)
 
 
-def grads_after(model, batches: list[dict], *, train: TrainConfig, pairs_per_step: int) -> list[torch.Tensor]:
+def grads_after(model, batches: list[dict], *, train: TrainConfig) -> list[torch.Tensor]:
+    """The gradient of one step over `batches`, accumulated micro-batch by micro-batch."""
     model.zero_grad()
-    for batch in batches:
-        loss, _ = micro_batch_loss(model, batch, train=train, scale=1.0 / pairs_per_step)
+    objective = PairObjective(train, pad_id=1, device=CPU, with_reference=True)
+    shared, _ = objective.begin_step(model, batches, world=1)
+    for i, batch in enumerate(batches):
+        loss, _ = objective.micro_batch_loss(model, batch, shared, index=i)
         loss.backward()
     return [p.grad.clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("loss", ["dpo", "sft", "ipo"])
+@pytest.mark.parametrize("loss", ["dpo", "sft", "ipo", {"dpo": 1.0, "sft": 0.1}])
 def test_gradient_accumulation_matches_the_large_batch(tiny_model_dir, loss):
     model = load_model(str(tiny_model_dir))
     train = TrainConfig(loss=loss, beta=0.1)
     big = pair_rows(8)
-    whole = grads_after(model, [big], train=train, pairs_per_step=8)
-    accumulated = grads_after(model, split(big, 2), train=train, pairs_per_step=8)
+    whole = grads_after(model, [big], train=train)
+    accumulated = grads_after(model, split(big, 2), train=train)
     for a, b in zip(whole, accumulated):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
@@ -60,10 +64,8 @@ def test_learning_rate_warms_up_then_decays():
 def test_chunked_log_probs_give_the_same_gradient(tiny_model_dir):
     model = load_model(str(tiny_model_dir))
     batch = pair_rows(4)
-    plain = grads_after(model, [batch], train=TrainConfig(loss="dpo"), pairs_per_step=4)
-    chunked = grads_after(
-        model, [batch], train=TrainConfig(loss="dpo", chunked_logps=True, logps_chunk_size=7), pairs_per_step=4
-    )
+    plain = grads_after(model, [batch], train=TrainConfig(loss="dpo"))
+    chunked = grads_after(model, [batch], train=TrainConfig(loss="dpo", chunked_logps=True, logps_chunk_size=7))
     for a, b in zip(plain, chunked):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
@@ -79,7 +81,7 @@ def test_packed_step_gives_the_same_loss_and_gradient(tiny_model_dir, loss, chun
     results = []
     for train in (padded, packed):
         model.zero_grad()
-        loss_value, metrics = micro_batch_loss(model, batch, train=train, scale=0.25)
+        loss_value, metrics = micro_batch_loss(model, batch, train=train)
         loss_value.backward()
         results.append((loss_value.detach(), metrics.sums, [p.grad.clone() for p in model.parameters()]))
     (l0, s0, g0), (l1, s1, g1) = results
@@ -98,8 +100,8 @@ def test_step_metrics_of_two_micro_batches_equal_those_of_one_batch(tiny_model_d
     results = []
     for batches in ([batch], split(batch, 3)):
         shared, metrics = objective.begin_step(model, batches, world=1)
-        for micro in batches:
-            metrics += objective.micro_batch_loss(model, micro, shared, scale=1 / 6)[1]
+        for i, micro in enumerate(batches):
+            metrics += objective.micro_batch_loss(model, micro, shared, index=i)[1]
         results.append((metrics, objective.loss_metrics(metrics.totals(), shared)))
     (whole, whole_row), (parts, parts_row) = results
     torch.testing.assert_close(parts.sums, whole.sums, atol=1e-4, rtol=0)

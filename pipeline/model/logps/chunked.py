@@ -24,7 +24,13 @@ import inspect
 import torch
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["chunked_sequence_logps", "chunked_token_logps", "response_hidden_states"]
+__all__ = [
+    "chunked_response_grid",
+    "chunked_sequence_logps",
+    "chunked_token_logps",
+    "chunked_token_stats",
+    "response_hidden_states",
+]
 
 
 def _unwrap(model):
@@ -120,6 +126,40 @@ def _chunk_token_logps(head, transform, hidden: torch.Tensor, targets: torch.Ten
     return picked - torch.logsumexp(logits.float(), dim=-1)
 
 
+def _chunk_log_sq_probs(head, transform, hidden: torch.Tensor) -> torch.Tensor:
+    """log sum_v p(v)^2 for one chunk, without gradient: (C, H) -> (C,) float32."""
+    with torch.no_grad():
+        logits = head(hidden)
+        if transform is not None:
+            logits = transform(logits)
+        z = logits.float()
+        return torch.logsumexp(2.0 * z, dim=-1) - 2.0 * torch.logsumexp(z, dim=-1)
+
+
+def chunked_response_grid(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    chunk_size: int = 1024,
+    use_checkpoint: bool = True,
+    sq_probs: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`pipeline.model.logps.padded.response_grid` without the (N, T, V) logits: (N, T-1) log-probs, zero
+    outside the response, and with `sq_probs` log sum_v p(v)^2 on the same grid (no gradient), else None."""
+    hidden, targets = response_hidden_states(model, input_ids, attention_mask, response_mask)  # (M, H), (M,)
+    per_token, log_sq = chunked_token_stats(
+        model, hidden, targets, chunk_size=chunk_size, use_checkpoint=use_checkpoint, sq_probs=sq_probs
+    )  # (M,) each
+    # Back onto the (N, T-1) grid, to be summed along it as sequence_logps sums: the same float32 addition
+    # order, so the sums differ only by the per-token rounding.
+    mask = response_mask[:, 1:].bool()
+    grid = per_token.new_zeros(mask.shape).masked_scatter(mask, per_token)  # (N, T-1)
+    sq_grid = None if log_sq is None else log_sq.new_zeros(mask.shape).masked_scatter(mask, log_sq)
+    return grid, sq_grid
+
+
 def chunked_sequence_logps(
     model,
     input_ids: torch.Tensor,
@@ -136,14 +176,42 @@ def chunked_sequence_logps(
     gradients on and `use_checkpoint`, backward recomputes each chunk instead of keeping its logits.
     `model` may be a Hugging Face causal LM or one wrapped in DDP / torch.compile.
     """
-    hidden, targets = response_hidden_states(model, input_ids, attention_mask, response_mask)  # (M, H), (M,)
-    # (M,)
-    per_token = chunked_token_logps(model, hidden, targets, chunk_size=chunk_size, use_checkpoint=use_checkpoint)
-    # Back onto the (N, T-1) grid and summed along it, as sequence_logps sums: the same float32 addition
-    # order, so the sums differ only by the per-token rounding.
-    mask = response_mask[:, 1:].bool()
-    grid = per_token.new_zeros(mask.shape).masked_scatter(mask, per_token)  # (N, T-1)
-    return grid.sum(-1), mask.sum(-1)
+    grid, _ = chunked_response_grid(
+        model, input_ids, attention_mask, response_mask, chunk_size=chunk_size, use_checkpoint=use_checkpoint
+    )
+    return grid.sum(-1), response_mask[:, 1:].bool().sum(-1)
+
+
+def chunked_token_stats(
+    model,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    chunk_size: int = 1024,
+    use_checkpoint: bool = True,
+    sq_probs: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(targets) (M,) float32 from final hidden states (M, H) through the model's output layer,
+    `chunk_size` rows at a time, and with `sq_probs` log sum_v p(v)^2 (M,) without gradient, else None.
+    With gradients on and `use_checkpoint`, backward recomputes each chunk's logits."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    bare = _unwrap(model)
+    head = bare.get_output_embeddings()
+    transform = _logit_transform(bare)
+    recompute = use_checkpoint and torch.is_grad_enabled()
+    pieces, squares = [], []
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+        if recompute:
+            pieces.append(checkpoint(_chunk_token_logps, head, transform, h, t, use_reentrant=False))
+        else:
+            pieces.append(_chunk_token_logps(head, transform, h, t))
+        if sq_probs:  # a second pass through the head, without gradient: only WPO asks for it
+            squares.append(_chunk_log_sq_probs(head, transform, h))
+    empty = hidden.new_zeros(0, dtype=torch.float32)
+    per_token = torch.cat(pieces) if pieces else empty
+    return per_token, (torch.cat(squares) if squares else empty) if sq_probs else None
 
 
 def chunked_token_logps(
@@ -151,17 +219,4 @@ def chunked_token_logps(
 ) -> torch.Tensor:
     """log p(targets) from final hidden states (M, H) through the model's output layer, `chunk_size` rows
     at a time: (M,) float32. With gradients on and `use_checkpoint`, backward recomputes each chunk."""
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    bare = _unwrap(model)
-    head = bare.get_output_embeddings()
-    transform = _logit_transform(bare)
-    recompute = use_checkpoint and torch.is_grad_enabled()
-    pieces = []
-    for start in range(0, hidden.shape[0], chunk_size):
-        h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
-        if recompute:
-            pieces.append(checkpoint(_chunk_token_logps, head, transform, h, t, use_reentrant=False))
-        else:
-            pieces.append(_chunk_token_logps(head, transform, h, t))
-    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+    return chunked_token_stats(model, hidden, targets, chunk_size=chunk_size, use_checkpoint=use_checkpoint)[0]

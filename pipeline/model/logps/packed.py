@@ -21,10 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.model.logps.chunked import chunked_token_logps, response_hidden_states
-from pipeline.model.logps.padded import token_logps
+from pipeline.model.logps.chunked import chunked_token_stats, response_hidden_states
+from pipeline.model.logps.padded import token_log_sq_probs, token_logps
 
-__all__ = ["PackedBatch", "pack_sequences", "packed_sequence_logps"]
+__all__ = ["PackedBatch", "pack_sequences", "packed_sequence_logps", "packed_token_stats"]
 
 
 @dataclass(frozen=True)
@@ -88,8 +88,11 @@ def pack_sequences(
     )
 
 
-def packed_sequence_logps(model, batch: PackedBatch, *, chunk_size: int | None = None):
-    """Sum of response-token log-probs per packed sequence and the response token counts: ((N,), (N,)).
+def packed_token_stats(
+    model, batch: PackedBatch, *, chunk_size: int | None = None, sq_probs: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Per response token of the packed row: log-probs (M,) float32, with `sq_probs` log sum_v p(v)^2 (M,)
+    without gradient (else None), and the sequence each token belongs to (M,) long, in row order.
 
     With `chunk_size`, logits are made only at response positions, chunk by chunk
     (`pipeline.model.logps.chunked`); otherwise from the full (1, T, V) logits.
@@ -99,11 +102,22 @@ def packed_sequence_logps(model, batch: PackedBatch, *, chunk_size: int | None =
     if chunk_size is None:
         logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
         per_token = token_logps(logits, batch.input_ids)[mask]
+        log_sq = token_log_sq_probs(logits)[mask] if sq_probs else None
     else:
         hidden, targets = response_hidden_states(
             model, batch.input_ids, None, batch.response_mask, position_ids=batch.position_ids
         )
-        per_token = chunked_token_logps(model, hidden, targets, chunk_size=chunk_size)
+        per_token, log_sq = chunked_token_stats(model, hidden, targets, chunk_size=chunk_size, sq_probs=sq_probs)
+    return per_token, log_sq, target_segments
+
+
+def packed_sequence_logps(model, batch: PackedBatch, *, chunk_size: int | None = None):
+    """Sum of response-token log-probs per packed sequence and the response token counts: ((N,), (N,)).
+
+    With `chunk_size`, logits are made only at response positions, chunk by chunk
+    (`pipeline.model.logps.chunked`); otherwise from the full (1, T, V) logits.
+    """
+    per_token, _, target_segments = packed_token_stats(model, batch, chunk_size=chunk_size)
     n = batch.num_sequences
     logps = per_token.new_zeros(n).index_add(0, target_segments, per_token)
     counts = torch.bincount(target_segments, minlength=n)[:n]

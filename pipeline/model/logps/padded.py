@@ -44,14 +44,41 @@ def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     return picked - torch.logsumexp(logits.float(), dim=-1)
 
 
+def token_log_sq_probs(logits: torch.Tensor) -> torch.Tensor:
+    """log sum_v pi(v | tokens_<t)^2 at every position that predicts a token, without gradient, in float32.
+
+    logits: (N, T, V) -> (N, T - 1), aligned with `token_logps`. It is logsumexp(2 z) - 2 logsumexp(z):
+    the log of the probability that two draws from the position's distribution agree (WPO's alignment
+    term, `pipeline.training.losses.modifiers.wpo_weights`).
+    """
+    with torch.no_grad():
+        z = logits[:, :-1].float()
+        return torch.logsumexp(2.0 * z, dim=-1) - 2.0 * torch.logsumexp(z, dim=-1)
+
+
+def response_grid(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    sq_probs: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-position log-probs (N, T-1) float32, and with `sq_probs` `token_log_sq_probs` (N, T-1), else None.
+
+    Entry t - 1 belongs to token t; only the entries where response_mask[:, 1:] is set are response tokens.
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (N, T, V)
+    return token_logps(logits, input_ids), token_log_sq_probs(logits) if sq_probs else None
+
+
 def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor):
     """Sum of response-token log-probs per row, and the number of response tokens.
 
     Prompt tokens are masked out; the first response token is scored from the last prompt position
     (the shift by one). Returns (logps (N,) float32, counts (N,) long).
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (N, T, V)
-    per_token = token_logps(logits, input_ids)  # (N, T-1)
+    per_token, _ = response_grid(model, input_ids, attention_mask, response_mask)  # (N, T-1)
     mask = response_mask[:, 1:]
     logps = (per_token * mask).sum(-1)
     return logps, mask.sum(-1)

@@ -37,10 +37,11 @@ def kto_loss(
     detached as in the paper so the policy cannot lower its loss by moving the reference point.
     desirable_weight / undesirable_weight are lambda_D / lambda_U (the paper keeps
     lambda_D n_D / (lambda_U n_U) in [1, 4/3] when the classes are unbalanced).
-    Shapes: (N,) in; loss is the mean over all N examples; chosen_rewards = beta r of the desirable
+    Shapes: (N,) in; losses (N,) per example (declared with the ROWS reduction: the mean over the step's
+    examples trains); chosen_rewards = beta r of the desirable
     examples (N_D,), rejected_rewards = beta r of the undesirable ones (N_U,): lengths may differ.
     """
-    if desirable_weight < 0 or undesirable_weight < 0:
+    if desirable_weight < 0 or undesirable_weight < 0:  # checked up front too (checks.py); a direct call lands here
         raise ValueError(
             f"kto needs desirable_weight, undesirable_weight >= 0, got {desirable_weight}, {undesirable_weight}"
         )
@@ -52,4 +53,4 @@ def kto_loss(
     undesirable = undesirable_weight * torch.sigmoid(-beta * (kl - ratio))
     losses = torch.where(labels, desirable, undesirable)
     rewards = beta * ratio
-    return LossOutput.mean_of(losses, rewards[labels], rewards[~labels])
+    return LossOutput.of(losses, rewards[labels], rewards[~labels])
