@@ -216,15 +216,43 @@ class StageWriter:
     def uri(self, *parts: str) -> str:
         return self.run.uri_of(self.staging, *parts)
 
-    def write_table(self, rel: str, table: pa.Table, schema: pa.Schema | None = None) -> None:
-        """Write one Parquet shard, checked against the shard type's schema."""
+    def write_table(
+        self,
+        rel: str,
+        table: pa.Table,
+        schema: pa.Schema | None = None,
+        *,
+        keep_extra: bool = False,
+        metadata: dict[str, str] | None = None,
+        row_group_rows: int | None = None,
+    ) -> None:
+        """Write one Parquet shard, checked against the shard type's schema, whole or not at all (a reader
+        never sees part of it: see `write_atomic`).
+
+        keep_extra: columns beyond `schema` are kept (after its own), e.g. what a scorer adds that this
+        package does not know of; otherwise the shard holds the schema's columns only. `metadata` goes into
+        the file's footer (read back with `shard_metadata`); `row_group_rows` caps its row groups, so a reader
+        of a few rows reads little more than those.
+        """
         if schema is not None:
             check_schema(table, schema, what=f"{self.stage}/{rel}")
-            table = table.select(schema.names).cast(schema)
+            extra = [n for n in table.column_names if n not in schema.names] if keep_extra else []
+            cast = table.select(schema.names).cast(schema)
+            table = pa.Table.from_arrays(
+                [*cast.columns, *(table[n] for n in extra)],
+                schema=pa.schema([*cast.schema, *(table.schema.field(n) for n in extra)]),
+            )
+        if metadata:
+            table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
         fs = self.run.fs
         path = self.path(rel)
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        pq.write_table(table, path, filesystem=fs)
+        if not isinstance(fs, pafs.LocalFileSystem):  # an object appears only once its upload completes
+            pq.write_table(table, path, filesystem=fs, row_group_size=row_group_rows)
+            return
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        pq.write_table(table, tmp, filesystem=fs, row_group_size=row_group_rows)
+        fs.move(tmp, path)
 
     def write_text(self, rel: str, text: str) -> None:
         self.run.write_text(f"{self.staging}/{rel}", text)
@@ -253,6 +281,9 @@ class StageWriter:
         fs = self.run.fs
         if fs.get_file_info(self.path(SCRATCH)).type != pafs.FileType.NotFound:
             fs.delete_dir(self.path(SCRATCH))
+        for info in fs.get_file_info(pafs.FileSelector(self.path(), recursive=True)):
+            if info.type == pafs.FileType.File and ".tmp-" in info.base_name:
+                fs.delete_file(info.path)  # left by a worker that died writing it: never part of the stage
         final = self.run.path(self.stage)
         if self.run.exists(self.stage):
             fs.delete_dir(final)
@@ -313,6 +344,27 @@ def _castable(src: pa.DataType, dst: pa.DataType) -> bool:
     if pa.types.is_string(src) or pa.types.is_large_string(src):
         return pa.types.is_string(dst) or pa.types.is_large_string(dst)
     return False
+
+
+def shard_metadata(fs: pafs.FileSystem, path: str) -> tuple[int, dict[str, str]]:
+    """(rows, the footer's key-value metadata) of a Parquet shard, from its footer alone."""
+    meta = pq.read_metadata(path, filesystem=fs)
+    return meta.num_rows, {k.decode(): v.decode() for k, v in (meta.metadata or {}).items() if k != b"ARROW:schema"}
+
+
+def read_rows(fs: pafs.FileSystem, path: str, start: int, stop: int) -> pa.Table:
+    """Rows [start, stop) of a Parquet shard, reading only the row groups that hold them."""
+    parquet = pq.ParquetFile(fs.open_input_file(path))
+    groups, offsets, offset = [], [], 0
+    for group in range(parquet.metadata.num_row_groups):
+        rows = parquet.metadata.row_group(group).num_rows
+        if offset < stop and offset + rows > start:
+            groups.append(group)
+            offsets.append(offset)
+        offset += rows
+    if not groups:
+        return parquet.schema_arrow.empty_table()
+    return parquet.read_row_groups(groups).slice(start - offsets[0], stop - start)
 
 
 def read_parquet_dir(run: RunDir, rel: str, *, columns: list[str] | None = None) -> pa.Table:

@@ -105,6 +105,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
                     worker,
                     step=done,
                     rank=rank,
+                    world=world,
                     checkpoint=checkpoint,
                     step_log=step_log,
                     export=done == steps,
@@ -201,9 +202,10 @@ def set_up(loop_config: dict, train: TrainConfig, *, device: torch.device, rank:
         0,
         [],
     )
-    if checkpoint:
-        with checkpoint.as_directory() as checkpoint_dir:
-            worker.start_step, worker.history = read_checkpoint(checkpoint_dir, worker.bare_model, worker.optimizer)
+    if checkpoint:  # read where it lies, each rank its own shards (never a copy of the whole checkpoint)
+        worker.start_step, worker.history = read_checkpoint(
+            checkpoint.path, worker.bare_model, worker.optimizer, filesystem=checkpoint.filesystem
+        )
         if rank == 0:
             print(f"train: resuming at step {worker.start_step} from checkpoint {checkpoint.path}", flush=True)
     return worker
@@ -237,7 +239,15 @@ def history_row(result: StepResult, *, step: int, epoch: int, lr: float, elapsed
 
 
 def report(
-    worker: Worker, *, step: int, rank: int, checkpoint: bool, step_log: StepLog | None, export: bool, merge: bool
+    worker: Worker,
+    *,
+    step: int,
+    rank: int,
+    world: int,
+    checkpoint: bool,
+    step_log: StepLog | None,
+    export: bool,
+    merge: bool,
 ) -> None:
     """Report the last logged metrics to Ray Train; with `checkpoint`, each rank adds its part of one, and
     the last (`export`) also holds the policy as a Hugging Face directory, merged with LoRA's adapters if
@@ -251,7 +261,7 @@ def report(
     with tempfile.TemporaryDirectory() as tmp:
         write_checkpoint(tmp, worker.bare_model, worker.optimizer, rank=rank, step=step, history=worker.history)
         if export:
-            write_export(tmp, worker.bare_model, worker.tokenizer, rank=rank, merge=merge)
+            write_export(tmp, worker.bare_model, worker.tokenizer, rank=rank, world=world, merge=merge)
         ray.train.report(
             metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"step-{step:07d}"
         )
