@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pipeline.config import Config
 from pipeline.model.pretrained import load_tokenizer
-from pipeline.runtime.storage import RunDir, read_rows
+from pipeline.runtime.shards import read_rows
+from pipeline.runtime.storage import RunDir
 
 
 def _table(rows: list[tuple[str, str]]) -> str:

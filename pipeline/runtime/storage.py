@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from pipeline.config import refuse_credentials
 from pipeline.runtime.files import differences, list_files, write_atomic
 from pipeline.runtime.lease import Lease, held, hold
+from pipeline.runtime.shards import conform
 
 log = logging.getLogger(__name__)
 
@@ -231,17 +232,11 @@ class StageWriter:
 
         keep_extra: columns beyond `schema` are kept (after its own), e.g. what a scorer adds that this
         package does not know of; otherwise the shard holds the schema's columns only. `metadata` goes into
-        the file's footer (read back with `shard_metadata`); `row_group_rows` caps its row groups, so a reader
-        of a few rows reads little more than those.
+        the file's footer (read back with `pipeline.runtime.shards.shard_metadata`); `row_group_rows` caps
+        its row groups, so a reader of a few rows reads little more than those.
         """
         if schema is not None:
-            check_schema(table, schema, what=f"{self.stage}/{rel}")
-            extra = [n for n in table.column_names if n not in schema.names] if keep_extra else []
-            cast = table.select(schema.names).cast(schema)
-            table = pa.Table.from_arrays(
-                [*cast.columns, *(table[n] for n in extra)],
-                schema=pa.schema([*cast.schema, *(table.schema.field(n) for n in extra)]),
-            )
+            table = conform(table, schema, what=f"{self.stage}/{rel}", keep_extra=keep_extra)
         if metadata:
             table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
         fs = self.run.fs
@@ -320,51 +315,6 @@ def _move_dir(fs: pafs.FileSystem, src: str, dst: str) -> None:
             target = dst + info.path[len(src) :]
             fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
             fs.copy_file(info.path, target)
-
-
-def check_schema(table: pa.Table, schema: pa.Schema, *, what: str) -> None:
-    """Raise if `table` lacks a column of `schema` or has one of an incompatible type."""
-    for f in schema:
-        if f.name not in table.column_names:
-            raise ValueError(f"{what}: missing column {f.name!r} (expected schema {schema})")
-        got = table.schema.field(f.name).type
-        if got != f.type and not _castable(got, f.type):
-            raise ValueError(f"{what}: column {f.name!r} is {got}, expected {f.type}")
-
-
-def _castable(src: pa.DataType, dst: pa.DataType) -> bool:
-    if pa.types.is_null(src):
-        return True
-    if pa.types.is_integer(src) and pa.types.is_integer(dst):
-        return True
-    if pa.types.is_floating(src) and pa.types.is_floating(dst):
-        return True
-    if pa.types.is_list(src) or pa.types.is_large_list(src):
-        return (pa.types.is_list(dst) or pa.types.is_large_list(dst)) and _castable(src.value_type, dst.value_type)
-    if pa.types.is_string(src) or pa.types.is_large_string(src):
-        return pa.types.is_string(dst) or pa.types.is_large_string(dst)
-    return False
-
-
-def shard_metadata(fs: pafs.FileSystem, path: str) -> tuple[int, dict[str, str]]:
-    """(rows, the footer's key-value metadata) of a Parquet shard, from its footer alone."""
-    meta = pq.read_metadata(path, filesystem=fs)
-    return meta.num_rows, {k.decode(): v.decode() for k, v in (meta.metadata or {}).items() if k != b"ARROW:schema"}
-
-
-def read_rows(fs: pafs.FileSystem, path: str, start: int, stop: int) -> pa.Table:
-    """Rows [start, stop) of a Parquet shard, reading only the row groups that hold them."""
-    parquet = pq.ParquetFile(fs.open_input_file(path))
-    groups, offsets, offset = [], [], 0
-    for group in range(parquet.metadata.num_row_groups):
-        rows = parquet.metadata.row_group(group).num_rows
-        if offset < stop and offset + rows > start:
-            groups.append(group)
-            offsets.append(offset)
-        offset += rows
-    if not groups:
-        return parquet.schema_arrow.empty_table()
-    return parquet.read_row_groups(groups).slice(start - offsets[0], stop - start)
 
 
 def read_parquet_dir(run: RunDir, rel: str, *, columns: list[str] | None = None) -> pa.Table:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import uuid
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -33,7 +34,8 @@ from pipeline.model.scoring import SequenceScorer, scorer_options
 from pipeline.runtime.files import RowsLostError
 from pipeline.runtime.pools import LedgerBatches, pool_options, run_pool
 from pipeline.runtime.resources import Request
-from pipeline.runtime.storage import RunDir, StageWriter, read_rows, shard_metadata
+from pipeline.runtime.shards import read_rows, shard_metadata
+from pipeline.runtime.storage import RunDir, StageWriter
 from pipeline.stages.base import Stage, StageRun
 from pipeline.training.losses import needs_reference
 
@@ -62,9 +64,18 @@ class ReferenceScorer(LedgerBatches):
     per unit: its name, rows and id checksum."""
 
     def __init__(
-        self, *, ledger: str | None, data: str, writer: StageWriter, max_length: int, unpaired: bool, **scorer_kwargs
+        self,
+        *,
+        ledger: str | None,
+        passes: str,
+        data: str,
+        writer: StageWriter,
+        max_length: int,
+        unpaired: bool,
+        **scorer_kwargs,
     ):
         super().__init__(ledger, key="id")
+        self.passes = RunDir(passes)
         self.fs, self.root = RunDir(data).fs_and_root
         self.writer = writer
         self.max_length = max_length
@@ -83,6 +94,7 @@ class ReferenceScorer(LedgerBatches):
         if self.unpaired:
             after = read_rows(self.fs, f"{self.root}/{UPSTREAM}/{unit.after[0]}", unit.after[1], unit.after[1] + 1)
             rows = with_kl_completions(rows, max_length=self.max_length, following=after)
+        self.passes.write_text(f"{unit.name.replace('/', '_')}.{uuid.uuid4().hex[:8]}", str(rows.num_rows))
         scored = self.noted(rows, lambda: self.scorer(rows))
         if scored["id"].to_pylist() != rows["id"].to_pylist():
             raise RowsLostError(f"score/{unit.name}: the scorer returned {scored.num_rows} rows for {rows.num_rows}")
@@ -97,8 +109,16 @@ class ReferenceScorer(LedgerBatches):
         return unit.name, sums["rows"], sums["id_sum"]
 
 
+def unit_items(units: list[Unit]) -> list[dict]:
+    """The units as plain rows for Ray Data (`after` in two columns of their own)."""
+    return [
+        {**dataclasses.asdict(u), "after": None, "after_source": u.after[0], "after_row": u.after[1]} for u in units
+    ]
+
+
 def unit_of(row: dict) -> Unit:
-    return Unit(**{**row, "after": tuple(row["after"])})
+    fields = {k: v for k, v in row.items() if k not in ("after", "after_source", "after_row")}
+    return Unit(**fields, after=(row["after_source"], int(row["after_row"])))
 
 
 def written(writer: StageWriter, name: str) -> tuple[int, str] | None:
@@ -110,15 +130,16 @@ def written(writer: StageWriter, name: str) -> tuple[int, str] | None:
     return rows, metadata[ID_SUM]
 
 
-def scoring_pool(units: list[Unit], run: StageRun, *, unpaired: bool, ledger: str):
+def scoring_pool(units: list[Unit], run: StageRun, *, unpaired: bool, ledger: str, passes: str):
     """The units through a pool of `score.num_actors` reference scorers, one unit per call; a unit whose
     actor dies is retried `ray.max_retries` times."""
     config, sc = run.config, run.config.score
-    items = [dataclasses.asdict(u) for u in units]
+    items = unit_items(units)
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         ReferenceScorer,
         fn_constructor_kwargs=dict(
             ledger=ledger,
+            passes=passes,
             data=run.data_dir.uri,
             writer=run.writer,
             max_length=config.tokenize.max_length,
@@ -136,10 +157,11 @@ def scoring_pool(units: list[Unit], run: StageRun, *, unpaired: bool, ledger: st
     )
 
 
-def score_units(run: StageRun, units: list[Unit], *, unpaired: bool) -> list[dict]:
+def score_units(run: StageRun, units: list[Unit], *, unpaired: bool) -> tuple[list[dict], dict]:
     """Score every unit whose shard is not written yet (all of them, but in a pool started again after a lost
-    node), through `run_pool`'s bounded restarts; returns what each start left to do."""
-    writer, ledger = run.writer, run.writer.scratch("in_flight")
+    node), through `run_pool`'s bounded restarts. Returns what each start of the pool left to do, and the rows
+    the scorers began to score in all (`rows`) and a second time or more (`redone`: units whose actor died)."""
+    writer, ledger, passes = run.writer, run.writer.scratch("in_flight"), run.writer.scratch("passes")
     starts: list[dict] = []
 
     def score_left() -> None:
@@ -156,10 +178,21 @@ def score_units(run: StageRun, units: list[Unit], *, unpaired: bool) -> list[dic
                 sum(u.rows for u in units),
             )
         if left:
-            scoring_pool(left, run, unpaired=unpaired, ledger=ledger).take_all()  # a row per unit: small
+            scoring_pool(left, run, unpaired=unpaired, ledger=ledger, passes=passes).take_all()  # a row per unit
 
     run_pool(score_left, ledger=ledger, what="score", retries=run.config.ray.max_retries, reset=lambda: None)
-    return starts
+    return starts, scoring_passes(RunDir(passes))
+
+
+def scoring_passes(passes: RunDir) -> dict[str, int]:
+    """{"rows": rows the scorers began to score, "redone": of them, rows of units begun more than once}; each
+    begun unit left a note of its rows in `passes`."""
+    fs, root = passes.fs_and_root
+    begun: dict[str, list[int]] = {}
+    for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+        if info.type == pafs.FileType.File:
+            begun.setdefault(info.base_name.rsplit(".", 1)[0], []).append(int(passes.read_text(info.base_name)))
+    return {"rows": sum(sum(r) for r in begun.values()), "redone": sum(sum(r[1:]) for r in begun.values())}
 
 
 def writer_files(writer: StageWriter) -> list[str]:
@@ -201,7 +234,7 @@ def score(run: StageRun) -> dict:
     unpaired = is_unpaired(labels)
     check_kto_splits(upstream, unpaired)  # before the writer begins: a refusal leaves a finished stage as it was
     units = [u for s in SPLITS for u in plan_units(upstream["files"], split=s, shard_rows=config.score.shard_rows)]
-    starts = score_units(run, units, unpaired=unpaired)
+    starts, passes = score_units(run, units, unpaired=unpaired)
     rows = check_against_upstream(run.writer, units, upstream)
     schema = SCORED_KTO if unpaired else SCORED
     for split in SPLITS:  # a split with no rows still has a (empty) shard, so that readers find the folder
@@ -217,6 +250,7 @@ def score(run: StageRun) -> dict:
         "dropped": {},
         "checksums": {s: upstream["checksums"][s] for s in SPLITS},
         "pool_starts": starts,
+        "scoring_passes": passes,
         "data_kind": "unpaired" if unpaired else "pairs",
         **(
             {"labels": {s: {k: labels[s][k] for k in ("desirable", "undesirable")} for s in SPLITS}} if unpaired else {}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -94,8 +95,10 @@ class FakeAutoscalingHead:
         token = Path(self.temp_dir) / "auth_token"
         token.write_text(secrets.token_hex(32))
         token.chmod(0o600)
+        import ray
+
         port = free_port()
-        self.address = f"127.0.0.1:{port}"
+        self.address = f"{ray.util.get_node_ip_address()}:{port}"  # the address every node of this machine joins
         config = Path(self.temp_dir) / "autoscaler.yaml"
         config.write_text(
             json.dumps(  # JSON is YAML
@@ -116,10 +119,13 @@ class FakeAutoscalingHead:
             "RAY_AUTH_TOKEN_PATH": str(token),
             "RAY_USAGE_STATS_ENABLED": "0",
             "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+            # A raylet waits this long for its dashboard agent's ports and dies without them: on a loaded
+            # machine the agent's start (a Python process importing much of Ray) takes longer than the default.
+            "RAY_agent_register_timeout_ms": "300000",
             "RAYDPO_AUTOSCALING": "1",  # the stages ask the autoscaler for what they need and wait for it
         }
         self.log = open(Path(self.temp_dir) / "ray_start.log", "w")
-        agent, agent_grpc, runtime_env, metrics, client = (free_port() for _ in range(5))
+        dashboard, agent, agent_grpc, runtime_env, metrics, client = (free_port() for _ in range(6))
         self.process = subprocess.Popen(
             [
                 str(BIN / "ray"),
@@ -127,12 +133,12 @@ class FakeAutoscalingHead:
                 "--head",
                 "--block",
                 f"--port={port}",
-                "--node-ip-address=127.0.0.1",
                 f"--autoscaling-config={config}",
                 "--num-cpus=0",
                 "--num-gpus=0",
                 "--object-store-memory=200000000",
                 "--include-dashboard=false",
+                f"--dashboard-port={dashboard}",  # not served, but its default (8265) is probed and may be taken
                 f"--dashboard-agent-listen-port={agent}",
                 f"--dashboard-agent-grpc-port={agent_grpc}",
                 f"--runtime-env-agent-port={runtime_env}",
@@ -169,6 +175,7 @@ class FakeAutoscalingHead:
             except ProcessLookupError:
                 pass
         self.log.close()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def own_processes(self) -> list[int]:
         """Processes of this cluster only: in the head's process group, or naming its unique temp dir."""
