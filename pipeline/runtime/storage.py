@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 # The layout of a stage folder and its manifest. Raised when a stage's output changes shape, so that a run
 # directory written by other code is refused by name (redo it with --force), not read as if it were this one's.
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2  # 2: tokenize's rejected rows per shard, its checksums and label counts; score's units
 
 
 class OutdatedStageError(ConfigError):
