@@ -216,14 +216,19 @@ def machine() -> str:
     return f"{platform.node()}: {os.cpu_count()} cores ({cpu}), {memory:.0f} GiB, {platform.system()}"
 
 
-def run_child(kind: str, rows: int, work: Path, num_cpus: int) -> dict:
-    before = os.getloadavg()[0]
+def run_child(kind: str, rows: int, work: Path, num_cpus: int, *, tries: int = 6) -> dict:
+    """One run in a fresh process; a Ray that could not start in time (a loaded machine) is tried again."""
     command = [sys.executable, str(HERE), "--child", kind, "--rows", str(rows), "--workdir", str(work)]
-    done = subprocess.run([*command, "--num-cpus", str(num_cpus)], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{kind} at {rows}: exit {done.returncode}\n{done.stderr[-3000:]}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    return {**result, "load_before": before, "load_after": os.getloadavg()[0]}
+    for attempt in range(tries):
+        before = os.getloadavg()[0]
+        done = subprocess.run([*command, "--num-cpus", str(num_cpus)], capture_output=True, text=True)
+        if done.returncode == 0:
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            return {**result, "load_before": before, "load_after": os.getloadavg()[0]}
+        if "timed out during startup" not in done.stderr or attempt == tries - 1:
+            raise RuntimeError(f"{kind} at {rows}: exit {done.returncode}\n{done.stderr[-3000:]}")
+        print(f"# {kind} at {rows}: Ray did not start in time (load {before:.0f}); again", flush=True)
+    raise AssertionError("unreachable")
 
 
 def table(results: list[dict]) -> str:

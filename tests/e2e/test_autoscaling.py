@@ -29,16 +29,24 @@ STAGES = ("tokenize", "score", "train", "evaluate")
 
 @pytest.fixture(scope="module")
 def cluster():
-    head = FakeAutoscalingHead(worker_cpus=2, max_workers=2, idle_timeout_s=IDLE_TIMEOUT_S)
-    watch = None
-    try:
+    """The head, up and alone. On a loaded machine `ray start` may give up waiting for its own raylet (Ray
+    allows it 30 s): it is started again, up to three times, before the test fails saying why."""
+    failures = []
+    for _ in range(3):
+        head = FakeAutoscalingHead(worker_cpus=2, max_workers=2, idle_timeout_s=IDLE_TIMEOUT_S)
         watch = NodeWatch(head)
-        if not watch.wait(lambda workers: workers == 0, timeout=180):
-            pytest.fail(f"the head did not come up with no worker node within 180 s:\n{head.start_log()}")
+        up = watch.wait(lambda workers: workers == 0, timeout=180, alive=head.running)
+        if up:
+            break
+        failures.append(head.start_log())
+        watch.stop()
+        head.stop()
+    else:
+        pytest.fail("the head did not come up alone in three tries:\n" + "\n---\n".join(failures))
+    try:
         yield head, watch
     finally:
-        if watch is not None:
-            watch.stop()
+        watch.stop()
         head.stop()
 
 

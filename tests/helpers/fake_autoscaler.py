@@ -153,6 +153,9 @@ class FakeAutoscalingHead:
             start_new_session=True,
         )
 
+    def running(self) -> bool:
+        return self.process.poll() is None
+
     def start_log(self) -> str:
         return (Path(self.temp_dir) / "ray_start.log").read_text()[-3000:]
 
@@ -219,9 +222,10 @@ class NodeWatch:
         """Worker nodes alive at the last sample (None before the first)."""
         return self.samples[-1]["workers"] if self.samples else None
 
-    def wait(self, condition, *, timeout: float) -> bool:
+    def wait(self, condition, *, timeout: float, alive=lambda: True) -> bool:
+        """Whether `condition(worker nodes alive)` held within `timeout` (False at once when `alive()` is not)."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and alive():
             if self.samples and condition(self.samples[-1]["workers"]):
                 return True
             time.sleep(1)
