@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pipeline.config import Config
 from pipeline.model.pretrained import load_tokenizer
-from pipeline.runtime.storage import RunDir, read_parquet_dir
+from pipeline.runtime.shards import read_rows
+from pipeline.runtime.storage import RunDir
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
@@ -23,6 +24,7 @@ def print_tokenize_audit(config: Config, *, examples: int = 3) -> None:
         ("rows in", str(manifest["rows_in"])),
         ("pairs out", f"{manifest['rows_out']} (train {manifest['rows_train']}, eval {manifest['rows_eval']})"),
         *[(f"dropped: {reason}", str(n)) for reason, n in manifest["dropped"].items()],
+        ("rejected rows in", run_dir.uri_of("tokenize", "rejected") + "/part-*.jsonl"),
         ("prompts truncated", str(audit["prompt_truncated"])),
         ("responses truncated", str(audit["response_truncated"])),
         ("boundary mismatches", str(audit["boundary_mismatches"])),
@@ -39,8 +41,9 @@ def print_tokenize_audit(config: Config, *, examples: int = 3) -> None:
     if manifest["rows_out"] == 0:
         return
     tokenizer = load_tokenizer(config.model.path, trust_remote_code=config.model.trust_remote_code)
-    table = read_parquet_dir(run_dir, "tokenize/train").slice(0, examples)
-    for row in table.to_pylist():
+    shards = sorted(f for f, entry in manifest["files"].items() if f.startswith("train/") and entry.get("rows"))
+    table = read_rows(run_dir.fs, run_dir.path("tokenize", shards[0]), 0, examples) if shards else None
+    for row in table.to_pylist() if table is not None else []:
         print(f"\n[{row['id']}] from {row['source']}")
         for part in ("prompt", "chosen", "rejected"):
             print(f"  {part:>8}: {tokenizer.decode(row[f'{part}_ids'])!r}")

@@ -76,7 +76,9 @@ def _set_path(tree: dict, keys: list[str], value: Any) -> None:
 # Where and how fast a stage runs, or where it reports, not what it computes: changing these never reruns a
 # finished stage.
 RESOURCE_FIELDS = (
+    "tokenize.num_actors",
     "score.num_actors",
+    "score.shard_rows",
     "score.cpus_per_actor",
     "score.gpus_per_actor",
     "train.cpus_per_worker",

@@ -52,6 +52,11 @@ class TokenizeConfig:
     max_length: int = 512  # prompt + response; responses are cut to fit
     strict: bool | list[str] = False  # True: any rejection is fatal; a list: those reasons are
     batch_size: int = 512
+    # Output shards per split (rows go to a shard by their content hash, so any count gives the same rows in the
+    # same order); None: one per 64 MiB of input.
+    num_shards: int | None = None
+    # Tokenizer actors in the Ray Data pool; None: one per CPU of the cluster but one, at least one. Resources only.
+    num_actors: int | None = None
 
 
 def check_gpus_per_actor(value: float, *, path: str) -> None:
@@ -64,6 +69,9 @@ def check_gpus_per_actor(value: float, *, path: str) -> None:
 class ScoreConfig:
     num_actors: int = 1  # reference-model replicas in the Ray Data actor pool
     batch_size: int = 16  # pairs per forward pass
+    # Pairs per score shard, the unit of work an actor reads, scores and writes whole: a pool started again
+    # after a lost node skips the units already written. Resources only: never reruns a finished stage.
+    shard_rows: int = 4096
     use_gpu: bool = False
     # A fraction packs several small reference models on one GPU; a whole number above 1 spreads one
     # model too large for a GPU over that many (layers placed in turn on each, GPU only).

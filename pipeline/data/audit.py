@@ -1,42 +1,80 @@
-"""What a user should know about their data before training on it, and the rejections they will not accept."""
+"""What a user should know about their data before training on it, and the rejections they will not accept.
+
+The audit is computed where the rows are: `partial_audit` sums one shard's kept rows into small counts
+(length counts by value, truncations, boundary merges, chosen-longer pairs), and `merge_audits` turns the
+shards' sums into the manifest's audit, the same whichever way the rows were sharded.
+"""
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
+
+LENGTHS = ("prompt", "chosen", "rejected")
 
 
-def audit(good: pa.Table, rejected_reasons: Counter) -> dict:
-    """Length histograms, truncation and boundary counts, the chosen-longer share and the duplicates.
+def partial_audit(good: pa.Table) -> dict:
+    """One shard's sums: {"lengths": {name: {length: count}}, "prompt_truncated", "response_truncated",
+    "boundary_mismatches", "paired", "chosen_longer"} (JSON keys are strings).
 
-    `good` holds the kept rows with their `*_len` columns (`pipeline.data.split.with_lengths`).
+    `good` holds kept rows with their `*_len` columns (`pipeline.data.split.with_lengths`).
     """
-    lengths = {n: good[f"{n}_len"].to_numpy() for n in ("prompt", "chosen", "rejected")}
-    paired = ~pc.is_valid(good["label"]).to_numpy(zero_copy_only=False) if good.num_rows else np.zeros(0, bool)
-    chosen_longer = (lengths["chosen"] > lengths["rejected"])[paired]
+    lengths = {n: good[f"{n}_len"].to_numpy() for n in LENGTHS}
+    paired = good["label"].is_null().to_numpy(zero_copy_only=False) if good.num_rows else np.zeros(0, bool)
     return {
-        "length_histograms": {n: _histogram(v) for n, v in lengths.items()},
-        "prompt_truncated": int(pc.sum(good["prompt_truncated"]).as_py() or 0),
-        "response_truncated": int(pc.sum(good["response_truncated"]).as_py() or 0),
-        "boundary_mismatches": int(pc.sum(good["boundary_mismatch"]).as_py() or 0),
+        "lengths": {n: {str(k): int(c) for k, c in zip(*np.unique(v, return_counts=True))} for n, v in lengths.items()},
+        "prompt_truncated": _count(good["prompt_truncated"]),
+        "response_truncated": _count(good["response_truncated"]),
+        "boundary_mismatches": _count(good["boundary_mismatch"]),
+        "paired": int(paired.sum()),
+        "chosen_longer": int((lengths["chosen"] > lengths["rejected"])[paired].sum()),
+    }
+
+
+def _count(flags: pa.ChunkedArray) -> int:
+    """How many of a never-null bool column are true."""
+    return int(flags.to_numpy(zero_copy_only=False).sum()) if len(flags) else 0
+
+
+def merge_audits(partials: Iterable[dict], rejected_reasons: Counter) -> dict:
+    """The manifest's audit from the shards' sums: length histograms, truncation and boundary counts, the
+    chosen-longer share and the duplicates."""
+    partials = list(partials)
+    counts = {n: Counter() for n in LENGTHS}
+    for part in partials:
+        for n in LENGTHS:
+            counts[n].update({int(k): c for k, c in part["lengths"][n].items()})
+    total = {k: sum(p[k] for p in partials) for k in ("prompt_truncated", "response_truncated", "boundary_mismatches")}
+    paired, longer = sum(p["paired"] for p in partials), sum(p["chosen_longer"] for p in partials)
+    return {
+        "length_histograms": {n: _histogram(counts[n]) for n in LENGTHS},
+        **total,
         # DPO learns length if the data rewards it: show the bias before training on it.
-        "chosen_longer_share": float(chosen_longer.mean()) if len(chosen_longer) else None,
+        "chosen_longer_share": longer / paired if paired else None,
         "duplicates": int(rejected_reasons.get("duplicate_pair", 0)),
     }
 
 
-def _histogram(values: np.ndarray) -> dict:
-    if len(values) == 0:
+def audit(good: pa.Table, rejected_reasons: Counter) -> dict:
+    """The audit of one table of kept rows (the whole set in one piece)."""
+    return merge_audits([partial_audit(good)], rejected_reasons)
+
+
+def _histogram(counts: Counter) -> dict:
+    """Up to 20 equal bins between the least and the greatest length, as np.histogram makes them."""
+    if not counts:
         return {"edges": [], "counts": []}
-    counts, edges = np.histogram(values, bins=min(20, max(1, len(np.unique(values)))))
+    values = np.array(sorted(counts), dtype=np.int64)
+    weights = np.array([counts[v] for v in values], dtype=np.int64)
+    hist, edges = np.histogram(values, bins=min(20, max(1, len(values))), weights=weights)
     return {
         "edges": [float(e) for e in edges],
-        "counts": [int(c) for c in counts],
+        "counts": [int(c) for c in hist],
         "max": int(values.max()),
-        "mean": float(values.mean()),
+        "mean": float((values * weights).sum() / weights.sum()),
     }
 
 

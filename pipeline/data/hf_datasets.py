@@ -42,9 +42,18 @@ def read_saved(
     For a DatasetDict, those of `split` (None: "train"); one saved dataset is read whole, and a `split` other
     than the one its state.json names is refused.
     """
+    shards = saved_shards(filesystem, inner, display, entries, split=split)
+    return chain(read_arrow(filesystem, path, where) for path, where in shards)
+
+
+def saved_shards(
+    filesystem: pafs.FileSystem, inner: str, display: str, entries: list[pafs.FileInfo], *, split: str | None
+) -> list[tuple[str, str]]:
+    """(path, display) of the Arrow shards of a `save_to_disk` folder (of `split`, for a DatasetDict), in the
+    dataset's order; `InputError` for a split it does not hold."""
     names = {e.base_name for e in entries}
     if "dataset_dict.json" in names:
-        return _read_saved_split(filesystem, inner, display, entries, split or DEFAULT_SPLIT)
+        return _saved_split(filesystem, inner, display, entries, split or DEFAULT_SPLIT)
     order = [e.base_name for e in entries if _is_shard(e)]
     saved_split, listed = _read_state(filesystem, inner, display) if "state.json" in names else (None, [])
     if split is not None and saved_split != split:
@@ -54,12 +63,12 @@ def read_saved(
         if missing:
             raise InputError(f"{display}: state.json lists shards that are not there: {missing}")
         order = listed
-    return chain(read_arrow(filesystem, inner.rstrip("/") + "/" + name, join_display(display, name)) for name in order)
+    return [(inner.rstrip("/") + "/" + name, join_display(display, name)) for name in order]
 
 
-def _read_saved_split(
+def _saved_split(
     filesystem: pafs.FileSystem, inner: str, display: str, entries: list[pafs.FileInfo], split: str
-) -> Iterator[Record]:
+) -> list[tuple[str, str]]:
     splits = sorted(e.base_name for e in entries if e.type == pafs.FileType.Directory)
     if split not in splits:
         raise InputError(f"{display}: a DatasetDict with no split {split!r}; its splits are {splits}")
@@ -67,7 +76,7 @@ def _read_saved_split(
     split_entries = list_directory(filesystem, split_inner, split_display)
     if not is_saved_dataset(split_entries) or any(e.base_name == "dataset_dict.json" for e in split_entries):
         raise InputError(f"{split_display}: not a saved dataset (data-*.arrow beside state.json)")
-    return read_saved(filesystem, split_inner, split_display, split_entries, split=None)
+    return saved_shards(filesystem, split_inner, split_display, split_entries, split=None)
 
 
 def _read_state(filesystem: pafs.FileSystem, inner: str, display: str) -> tuple[str | None, list[str]]:

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Iterator
+import zlib
+from collections.abc import Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -55,6 +56,12 @@ def list_directory(filesystem: pafs.FileSystem, inner: str, display: str) -> lis
 
 def read_directory(filesystem: pafs.FileSystem, entries: list[pafs.FileInfo], display: str) -> Iterator[Record]:
     """The records of every data file among `entries` (a directory's listing), in name order."""
+    return chain(read_file(filesystem, path, where) for path, where in data_files(entries, display))
+
+
+def data_files(entries: list[pafs.FileInfo], display: str) -> list[tuple[str, str]]:
+    """(path, display) of every data file among `entries` (a directory's listing), in name order; the rest is
+    skipped (hidden files, README, LICENSE) or refused (subdirectories, unknown suffixes)."""
     files = []
     for entry in entries:
         name = entry.base_name
@@ -65,10 +72,10 @@ def read_directory(filesystem: pafs.FileSystem, entries: list[pafs.FileInfo], di
             raise InputError(f"{where}: subdirectories are not read; point at one directory of files")
         if not name.lower().endswith(KNOWN_SUFFIXES):
             raise InputError(f"{where}: unknown file type (expected one of {', '.join(KNOWN_SUFFIXES)})")
-        files.append(entry)
+        files.append((entry.path, where))
     if not files:
         raise InputError(f"{display}: directory holds no data files")
-    return chain(read_file(filesystem, e.path, join_display(display, e.base_name)) for e in files)
+    return files
 
 
 def chain(iterators) -> Iterator[Record]:
@@ -95,25 +102,46 @@ def read_file(filesystem: pafs.FileSystem, inner: str, display: str) -> Iterator
 
 
 def _read_json_file(filesystem, inner, display, *, gzipped: bool, allow_array: bool) -> Iterator[Record]:
+    """A JSON Lines file streamed in chunks (never whole in memory), or a JSON array file read whole."""
+    chunks = _chunks(filesystem, inner, display, gzipped=gzipped)
+    head = next(chunks, b"")  # enough of the start to see the BOM and the first non-blank byte
+    if head.startswith(_BOM):
+        head = head[len(_BOM) :]
+    if allow_array and head.lstrip()[:1] == b"[":
+        return _read_json_array(head + b"".join(chunks), display)
+    return _read_json_lines(_lines(head, chunks), display)
+
+
+CHUNK_BYTES = 8 << 20
+
+
+def _chunks(filesystem, inner, display, *, gzipped: bool) -> Iterator[bytes]:
+    """The file's bytes in chunks, decompressed; a read that fails midway is an `InputError` naming the file."""
     try:
         # compression=None: pyarrow would otherwise guess from the extension; we decompress ourselves.
-        with filesystem.open_input_stream(inner, compression=None) as f:
-            data = f.read()
-        if gzipped:
-            data = gzip.decompress(data)
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        with filesystem.open_input_stream(inner, compression=None) as raw:
+            stream = gzip.GzipFile(fileobj=raw) if gzipped else raw
+            while chunk := stream.read(CHUNK_BYTES):
+                yield chunk
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise InputError(f"{display}: cannot read: {exc}") from exc
-    if data.startswith(_BOM):
-        data = data[len(_BOM) :]
-    if allow_array and data.lstrip()[:1] == b"[":
-        return _read_json_array(data, display)
-    return _read_json_lines(data, display)
 
 
-def _read_json_lines(data: bytes, display: str) -> Iterator[Record]:
-    lines = data.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()  # the newline that ends the last line starts no new line
+def _lines(head: bytes, chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """The lines of `head` followed by `chunks`, split at b"\\n" (a last line without one is a line too)."""
+    rest = head
+    while True:
+        *whole, rest = rest.split(b"\n")
+        yield from whole
+        chunk = next(chunks, None)
+        if chunk is None:
+            break
+        rest += chunk
+    if rest:
+        yield rest
+
+
+def _read_json_lines(lines: Iterable[bytes], display: str) -> Iterator[Record]:
     for number, line in enumerate(lines, start=1):
         source = f"{display}:{number}"
         if line.endswith(b"\r"):
@@ -148,12 +176,27 @@ def _read_json_array(data: bytes, display: str) -> Iterator[Record]:
 
 
 def _read_parquet(filesystem, inner, display) -> Iterator[Record]:
+    return read_parquet_rows(filesystem, inner, display)
+
+
+def read_parquet_rows(
+    filesystem: pafs.FileSystem, inner: str, display: str, *, row_groups: list[int] | None = None, first_row: int = 0
+) -> Iterator[Record]:
+    """The records of a Parquet file, or of its `row_groups` only (then `first_row` is the file's row number of
+    their first row, which names the sources)."""
+    parquet = open_parquet(filesystem, inner, display)
+    batches = parquet.iter_batches(batch_size=ARROW_BATCH_ROWS, row_groups=row_groups)
+    return rows_from_batches(guard_batches(batches, display), display, start=first_row)
+
+
+def open_parquet(filesystem: pafs.FileSystem, inner: str, display: str) -> pq.ParquetFile:
+    """The Parquet file, its columns checked (`check_schema`); `InputError` if it is not one."""
     try:
         parquet = pq.ParquetFile(filesystem.open_input_file(inner))
     except (OSError, pa.ArrowException) as exc:
         raise InputError(f"{display}: not a readable Parquet file: {exc}") from exc
     check_schema(parquet.schema_arrow, display)
-    return rows_from_batches(guard_batches(parquet.iter_batches(batch_size=ARROW_BATCH_ROWS), display), display)
+    return parquet
 
 
 def read_arrow(filesystem: pafs.FileSystem, inner: str, display: str) -> Iterator[Record]:

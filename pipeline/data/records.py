@@ -107,9 +107,10 @@ def check_schema(schema: pa.Schema, display: str) -> None:
         )
 
 
-def rows_from_batches(batches: Iterable[pa.RecordBatch], display: str) -> Iterator[Record]:
-    """One record per Arrow row, sourced "<display>#<row>"; a row with invalid UTF-8 is an "invalid_utf8" record."""
-    index = 0
+def rows_from_batches(batches: Iterable[pa.RecordBatch], display: str, *, start: int = 0) -> Iterator[Record]:
+    """One record per Arrow row, sourced "<display>#<row>" (rows numbered from `start`); a row with invalid UTF-8
+    is an "invalid_utf8" record."""
+    index = start
     for batch in batches:
         try:
             rows = batch.to_pylist()

@@ -1,9 +1,12 @@
-"""Reading preference data from any common source into one table of raw records (`RECORD_SCHEMA`).
+"""Reading preference data from any common source: the whole input as one table of raw records, or its
+pieces (`pipeline.data.pieces`) for readers on many workers.
 
 Nothing is interpreted here: which keys a row has and whether they make a preference example is decided by
 `pipeline.data.encode.process_records`. What is decided here is whether the input can be read at all; when
 it cannot (missing, unknown format, empty, not the format its name says, a column with no JSON form) it
-raises `InputError` naming the file, before any Ray work starts.
+raises `InputError` naming the file: planning the pieces, before any Ray work starts, for everything a
+listing, a footer or a schema shows; while reading, for what only the rows show (a gzip stream cut short, a
+JSON array that does not parse).
 
 Sources: a data file or a directory of them (`pipeline.data.readers`), a `datasets` `save_to_disk` folder or a
 hub dataset (`pipeline.data.hf_datasets`): "hf://datasets/<owner>/<name>", or a bare "<owner>/<name>" that
@@ -16,40 +19,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
-from collections.abc import Iterator
+from dataclasses import replace
+from itertools import chain
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
 from pipeline.config import ConfigError, DataConfig
-from pipeline.data.hf_datasets import DEFAULT_SPLIT, is_saved_dataset, read_hub, read_saved
-from pipeline.data.readers import KNOWN_SUFFIXES, list_directory, read_directory, read_file
-from pipeline.data.records import RECORD_SCHEMA, InputError, Record, record_table
+from pipeline.data.hf_datasets import DEFAULT_SPLIT
+from pipeline.data.pieces import Piece, hub_dataset, plan_pieces, read_piece
+from pipeline.data.records import RECORD_SCHEMA, InputError, record_table
 
-__all__ = ["RECORD_SCHEMA", "InputError", "hub_dataset", "input_fingerprint", "read_inputs", "read_records"]
-
-_HUB_PREFIX = "hf://datasets/"
-_BARE_HUB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-def hub_dataset(path: str) -> str | None:
-    """The hub dataset `path` names, or None when it names none.
-
-    "hf://datasets/<owner>/<name>" names <owner>/<name>. A bare "<owner>/<name>" names itself when it is
-    no local path and does not end in a data-file suffix: "data/train.jsonl" stays a (missing) file.
-    The one rule for reading (`read_records`), fingerprinting (`input_fingerprint`) and the CLI's check
-    that the input exists before Ray starts.
-    """
-    if path.startswith(_HUB_PREFIX):
-        return path[len(_HUB_PREFIX) :].strip("/") or None
-    if _BARE_HUB_NAME.match(path) and not path.lower().endswith(KNOWN_SUFFIXES) and not os.path.exists(path):
-        return path
-    return None
+__all__ = ["RECORD_SCHEMA", "InputError", "hub_dataset", "input_fingerprint", "plan_inputs", "read_records"]
 
 
 def read_records(path: str, *, filesystem: pafs.FileSystem | None = None, split: str | None = None) -> pa.Table:
-    """Read every row of `path` into a table with `RECORD_SCHEMA` (source, raw, read_error).
+    """Read every row of `path` into a table with `RECORD_SCHEMA` (source, raw, read_error), in one process.
 
     Rows keep their order: files sorted by name, rows in file order. Every input row yields exactly one
     output row; a row that cannot be parsed is kept with `read_error` set. A blank line in a JSON Lines
@@ -59,53 +44,23 @@ def read_records(path: str, *, filesystem: pafs.FileSystem | None = None, split:
     `split` picks one split of a hub dataset or a save_to_disk DatasetDict folder (None: "train"); an input
     that does not hold it refuses it. Raises `InputError` for an input that cannot be read at all.
     """
-    if filesystem is not None:
-        return record_table(path, _read_path(filesystem, path, path, split))
-    name = hub_dataset(path)
-    if path.startswith("hf://"):
-        if name is None:
-            raise InputError(f"{path}: hub paths look like hf://datasets/<owner>/<name>")
-        return record_table(path, read_hub(name, split))
-    if "://" in path:
-        try:
-            filesystem, inner = pafs.FileSystem.from_uri(path)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, ValueError) as exc:
-            raise InputError(f"{path}: cannot open this URI with pyarrow: {exc}") from exc
-        return record_table(path, _read_path(filesystem, inner, path, split))
-    if name is not None:  # "owner/name" with no such local path; "dir/file.jsonl" stays a missing file
-        return record_table(path, read_hub(name, split, bare=True))
-    return record_table(path, _read_path(pafs.LocalFileSystem(), os.path.abspath(path), path, split))
+    pieces = plan_pieces(path, split=split, filesystem=filesystem)
+    return record_table(path, chain.from_iterable(read_piece(piece) for piece in pieces))
 
 
-def _read_path(filesystem: pafs.FileSystem, inner: str, display: str, split: str | None) -> Iterator[Record]:
-    try:
-        info = filesystem.get_file_info(inner)
-    except OSError as exc:
-        raise InputError(f"{display}: cannot stat: {exc}") from exc
-    if info.type == pafs.FileType.NotFound:
-        raise InputError(f"{display}: no such file or directory")
-    entries = list_directory(filesystem, inner, display) if info.type == pafs.FileType.Directory else None
-    if entries is not None and is_saved_dataset(entries):
-        return read_saved(filesystem, inner, display, entries, split=split)
-    if split is not None:
-        raise InputError(f"{display}: no split {split!r}: only hub datasets and DatasetDict folders have splits")
-    if entries is None:
-        return read_file(filesystem, inner, display)
-    return read_directory(filesystem, entries, display)
+def plan_inputs(data: DataConfig) -> tuple[list[Piece], list[Piece]]:
+    """The pieces `data` names: (those of the split trained on, those of `data.eval_split`, [] without one).
 
-
-def read_inputs(data: DataConfig) -> tuple[pa.Table, frozenset[str] | None]:
-    """The records `data` names, and which of them are its eval split (their sources; None: no eval split).
-
-    With `data.eval_split`, that split's records follow the training split's in one table.
+    The eval split's files are numbered after the training split's, so its rows' ordinals follow theirs.
     """
-    records = read_records(data.path, split=data.split)
+    pieces = plan_pieces(data.path, split=data.split)
     if data.eval_split is None:
-        return records, None
+        return pieces, []
     if data.eval_split == (data.split or DEFAULT_SPLIT):
         raise ConfigError(f"data.eval_split: {data.eval_split!r} is the split trained on; name another one")
-    eval_records = read_records(data.path, split=data.eval_split)
-    return pa.concat_tables([records, eval_records]), frozenset(eval_records["source"].to_pylist())
+    first = max((p.file_index for p in pieces), default=-1) + 1
+    held_out = plan_pieces(data.path, split=data.eval_split, first_index=first)
+    return pieces, [replace(p, eval_split=True) for p in held_out]
 
 
 def input_fingerprint(path: str) -> str:

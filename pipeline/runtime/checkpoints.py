@@ -4,19 +4,26 @@
                         adapters) and of the optimizer state; each rank writes files of its own name
                         (rank 0 also the metadata), so the ranks' directories merged are the whole state
     trainer_state.json  the step, the metrics history and the losses' running states (rank 0)
-    hf/                 in the last checkpoint only: the trained policy as a Hugging Face directory
+    hf/                 in the last checkpoint only: the trained policy as a Hugging Face directory, each
+                        rank writing its share of the safetensors files
 
 Every rank writes its part into a local directory and reports it to Ray Train, which merges them in
-the run's storage; a resumed worker reads its own shards back from the merged directory. No pickle:
-DCP's tensor files and JSON.
+the run's storage; a resumed worker reads its own shards back from the merged directory where it lies
+(`read_checkpoint` on the storage's pyarrow filesystem: a local disk, s3://, gs://), fetching only the byte
+ranges of its own shards and the metadata, never a copy of the whole checkpoint. No pickle of ours: DCP's
+tensor files and JSON.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import torch
+from torch.distributed.checkpoint.filesystem import FileSystemBase, FileSystemReader
 
 from pipeline.training.export import export_pretrained
 from pipeline.training.sharding import load_checkpoint, save_checkpoint
@@ -46,26 +53,93 @@ def write_checkpoint(
         (directory / STATE_FILE).write_text(json.dumps(state))
 
 
-def write_export(directory: str | Path, model: torch.nn.Module, tokenizer, *, rank: int, merge: bool = True) -> None:
-    """The trained policy as `directory/hf` (see pipeline.training.export); every rank must call it."""
-    export_pretrained(model, tokenizer, str(Path(directory) / HF_DIR), rank=rank, merge=merge)
+def write_export(
+    directory: str | Path, model: torch.nn.Module, tokenizer, *, rank: int, world: int = 1, merge: bool = True
+) -> None:
+    """This rank's share of the trained policy as `directory/hf` (see pipeline.training.export); every rank must
+    call it, and the ranks' directories merged are the whole export."""
+    export_pretrained(model, tokenizer, str(Path(directory) / HF_DIR), rank=rank, world=world, merge=merge)
 
 
 def read_checkpoint(
-    directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    directory: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    filesystem: pafs.FileSystem | None = None,
 ) -> tuple[int, list[dict]]:
-    """Restore `model` and `optimizer` from a merged checkpoint directory; return (step, history)."""
-    directory = Path(directory)
-    load_checkpoint(str(directory / STATE_DIR), model, optimizer)
-    return read_history(directory)
+    """Restore `model` and `optimizer` from a merged checkpoint directory; return (step, history).
+
+    With `filesystem` (Ray Train's checkpoint.filesystem), `directory` is read in place on it: each rank
+    reads the metadata and the byte ranges of its own shards, nothing else."""
+    if filesystem is None:
+        load_checkpoint(str(Path(directory) / STATE_DIR), model, optimizer)
+    else:
+        state = f"{str(directory).rstrip('/')}/{STATE_DIR}"
+        load_checkpoint(state, model, optimizer, reader=ArrowCheckpointReader(filesystem, state))
+    return read_history(directory, filesystem=filesystem)
 
 
-def read_history(directory: str | Path) -> tuple[int, list[dict]]:
+def read_trainer_state(directory: str | Path, *, filesystem: pafs.FileSystem | None = None) -> dict:
+    """The checkpoint's trainer_state.json, read locally or, with `filesystem`, where it lies."""
+    if filesystem is None:
+        return json.loads((Path(directory) / STATE_FILE).read_text())
+    with filesystem.open_input_stream(f"{str(directory).rstrip('/')}/{STATE_FILE}") as f:
+        return json.loads(f.read())
+
+
+def read_history(directory: str | Path, *, filesystem: pafs.FileSystem | None = None) -> tuple[int, list[dict]]:
     """(step, metrics history) of a checkpoint directory."""
-    meta = json.loads((Path(directory) / STATE_FILE).read_text())
+    meta = read_trainer_state(directory, filesystem=filesystem)
     return meta["step"], meta["history"]
 
 
-def read_objective_state(directory: str | Path) -> dict[str, dict]:
+def read_objective_state(directory: str | Path, *, filesystem: pafs.FileSystem | None = None) -> dict[str, dict]:
     """The losses' running states a checkpoint directory holds ({} for losses that keep none)."""
-    return json.loads((Path(directory) / STATE_FILE).read_text()).get("objective", {})
+    return read_trainer_state(directory, filesystem=filesystem).get("objective", {})
+
+
+class ArrowFileSystem(FileSystemBase):
+    """torch.distributed.checkpoint's file system interface over a pyarrow filesystem, for reading: files open
+    for random access, so a reader fetches the ranges it reads (ranged GETs on an object store)."""
+
+    def __init__(self, filesystem: pafs.FileSystem):
+        self.filesystem = filesystem
+
+    @contextmanager
+    def create_stream(self, path, mode: str) -> Iterator:
+        if mode != "rb":
+            raise ValueError(f"ArrowFileSystem reads checkpoints only (asked for mode {mode!r})")
+        with self.filesystem.open_input_file(str(path)) as stream:
+            yield stream
+
+    def concat_path(self, path, suffix: str) -> str:
+        return f"{str(path).rstrip('/')}/{suffix}"
+
+    def init_path(self, path) -> str:
+        return str(path)
+
+    def exists(self, path) -> bool:
+        return self.filesystem.get_file_info(str(path)).type != pafs.FileType.NotFound
+
+    def rename(self, path, new_path) -> None:
+        raise NotImplementedError("ArrowFileSystem reads checkpoints only")
+
+    def mkdir(self, path) -> None:
+        raise NotImplementedError("ArrowFileSystem reads checkpoints only")
+
+    def rm_file(self, path) -> None:
+        raise NotImplementedError("ArrowFileSystem reads checkpoints only")
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id) -> bool:
+        return False
+
+
+class ArrowCheckpointReader(FileSystemReader):
+    """DCP's file reader on a pyarrow filesystem: the checkpoint read where it lies, each rank its own ranges."""
+
+    def __init__(self, filesystem: pafs.FileSystem, path: str):
+        super().__init__(path)
+        self.fs = ArrowFileSystem(filesystem)
+        self.path = self.fs.init_path(path)

@@ -57,18 +57,22 @@ class LedgerBatches:
         raise NotImplementedError
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        return self.noted(batch, lambda: self.process(batch))
+
+    def noted(self, rows: pa.Table, work: Callable[[], T]) -> T:
+        """`work()`, with `rows` (their count, first and last key) noted in the ledger while it runs."""
         if self._note is None:
-            return self.process(batch)
-        keys = batch[self._key]
+            return work()
+        keys = rows[self._key]
         note = {
-            "rows": batch.num_rows,
+            "rows": rows.num_rows,
             "first": keys[0].as_py() if len(keys) else None,
             "last": keys[-1].as_py() if len(keys) else None,
         }
         with self._fs.open_output_stream(self._note) as out:
             out.write(json.dumps(note).encode())
         try:
-            return self.process(batch)
+            return work()
         finally:  # an error raised here is no death: only a process that dies leaves its note behind
             self._fs.delete_file(self._note)
 
@@ -83,6 +87,23 @@ def in_flight(ledger: str) -> Counter:
                 note = json.loads(f.read())
                 found[(note["rows"], note["first"], note["last"])] += 1
     return found
+
+
+@contextlib.contextmanager
+def user_error(*kinds: type[BaseException]):
+    """Re-raise an error of `kinds` that a worker raised as itself, not inside Ray's and Ray Data's wrappers:
+    the CLI then reads it as the user's mistake it is (exit 2, one line)."""
+    try:
+        yield
+    except Exception as err:
+        cause: BaseException | None = err
+        seen: set[int] = set()
+        while cause is not None and id(cause) not in seen:
+            if isinstance(cause, kinds) and type(cause) in kinds:
+                raise cause from None
+            seen.add(id(cause))
+            cause = getattr(cause, "cause", None) or cause.__cause__
+        raise
 
 
 class PoolFailed(RuntimeError):

@@ -32,13 +32,14 @@ import pyarrow.parquet as pq
 from pipeline.config import ConfigError, refuse_credentials
 from pipeline.runtime.files import differences, list_files, write_atomic
 from pipeline.runtime.lease import Lease, held, hold
+from pipeline.runtime.shards import conform
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 # The layout of a stage folder and its manifest. Raised when a stage's output changes shape, so that a run
 # directory written by other code is refused by name (redo it with --force), not read as if it were this one's.
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2  # 2: tokenize's rejected rows per shard, its checksums and label counts; score's units
 
 
 class OutdatedStageError(ConfigError):
@@ -231,15 +232,37 @@ class StageWriter:
     def uri(self, *parts: str) -> str:
         return self.run.uri_of(self.staging, *parts)
 
-    def write_table(self, rel: str, table: pa.Table, schema: pa.Schema | None = None) -> None:
-        """Write one Parquet shard, checked against the shard type's schema."""
+    def write_table(
+        self,
+        rel: str,
+        table: pa.Table,
+        schema: pa.Schema | None = None,
+        *,
+        keep_extra: bool = False,
+        metadata: dict[str, str] | None = None,
+        row_group_rows: int | None = None,
+    ) -> None:
+        """Write one Parquet shard, checked against the shard type's schema, whole or not at all (a reader
+        never sees part of it: see `write_atomic`).
+
+        keep_extra: columns beyond `schema` are kept (after its own), e.g. what a scorer adds that this
+        package does not know of; otherwise the shard holds the schema's columns only. `metadata` goes into
+        the file's footer (read back with `pipeline.runtime.shards.shard_metadata`); `row_group_rows` caps
+        its row groups, so a reader of a few rows reads little more than those.
+        """
         if schema is not None:
-            check_schema(table, schema, what=f"{self.stage}/{rel}")
-            table = table.select(schema.names).cast(schema)
+            table = conform(table, schema, what=f"{self.stage}/{rel}", keep_extra=keep_extra)
+        if metadata:
+            table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
         fs = self.run.fs
         path = self.path(rel)
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        pq.write_table(table, path, filesystem=fs)
+        if not isinstance(fs, pafs.LocalFileSystem):  # an object appears only once its upload completes
+            pq.write_table(table, path, filesystem=fs, row_group_size=row_group_rows)
+            return
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        pq.write_table(table, tmp, filesystem=fs, row_group_size=row_group_rows)
+        fs.move(tmp, path)
 
     def write_text(self, rel: str, text: str) -> None:
         self.run.write_text(f"{self.staging}/{rel}", text)
@@ -268,6 +291,9 @@ class StageWriter:
         fs = self.run.fs
         if fs.get_file_info(self.path(SCRATCH)).type != pafs.FileType.NotFound:
             fs.delete_dir(self.path(SCRATCH))
+        for info in fs.get_file_info(pafs.FileSelector(self.path(), recursive=True)):
+            if info.type == pafs.FileType.File and ".tmp-" in info.base_name:
+                fs.delete_file(info.path)  # left by a worker that died writing it: never part of the stage
         final = self.run.path(self.stage)
         if self.run.exists(self.stage):
             fs.delete_dir(final)
@@ -305,30 +331,6 @@ def _move_dir(fs: pafs.FileSystem, src: str, dst: str) -> None:
             target = dst + info.path[len(src) :]
             fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
             fs.copy_file(info.path, target)
-
-
-def check_schema(table: pa.Table, schema: pa.Schema, *, what: str) -> None:
-    """Raise if `table` lacks a column of `schema` or has one of an incompatible type."""
-    for f in schema:
-        if f.name not in table.column_names:
-            raise ValueError(f"{what}: missing column {f.name!r} (expected schema {schema})")
-        got = table.schema.field(f.name).type
-        if got != f.type and not _castable(got, f.type):
-            raise ValueError(f"{what}: column {f.name!r} is {got}, expected {f.type}")
-
-
-def _castable(src: pa.DataType, dst: pa.DataType) -> bool:
-    if pa.types.is_null(src):
-        return True
-    if pa.types.is_integer(src) and pa.types.is_integer(dst):
-        return True
-    if pa.types.is_floating(src) and pa.types.is_floating(dst):
-        return True
-    if pa.types.is_list(src) or pa.types.is_large_list(src):
-        return (pa.types.is_list(dst) or pa.types.is_large_list(dst)) and _castable(src.value_type, dst.value_type)
-    if pa.types.is_string(src) or pa.types.is_large_string(src):
-        return pa.types.is_string(dst) or pa.types.is_large_string(dst)
-    return False
 
 
 def read_parquet_dir(run: RunDir, rel: str, *, columns: list[str] | None = None) -> pa.Table:

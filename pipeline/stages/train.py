@@ -19,6 +19,7 @@ import json
 import logging
 import os
 
+import pyarrow.fs as pafs
 import ray
 
 from pipeline.config import Config
@@ -199,10 +200,18 @@ def check_finite(metrics: dict) -> None:
 
 def export_final(run: StageRun, checkpoint) -> list[dict]:
     """The last checkpoint's Hugging Face directory as `train/final`, and the attempt's live metrics.jsonl as
-    `train/metrics.jsonl`, the very lines logged as training ran; returns them."""
+    `train/metrics.jsonl`, the very lines logged as training ran; returns them.
+
+    The directory is copied from storage to storage, file by file: never the whole checkpoint to this node."""
     writer = run.writer
-    with checkpoint.as_directory() as ckpt:
-        run.run_dir.upload_dir(os.path.join(ckpt, HF_DIR), f"{writer.staging}/final")
+    target = run.run_dir.path(writer.staging, "final")
+    run.run_dir.fs.create_dir(target, recursive=True)
+    pafs.copy_files(
+        f"{checkpoint.path.rstrip('/')}/{HF_DIR}",
+        target,
+        source_filesystem=checkpoint.filesystem,
+        destination_filesystem=run.run_dir.fs,
+    )
     metrics = run.run_dir.read_text(f"train.work/{attempt_name(run)}/metrics.jsonl")
     writer.write_text("metrics.jsonl", metrics)
     return [json.loads(line) for line in metrics.splitlines() if line.strip()]

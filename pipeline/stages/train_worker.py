@@ -131,6 +131,7 @@ def train_loop_per_worker(ray_config: dict) -> dict | None:
                     objective,
                     step=done,
                     rank=rank,
+                    world=world,
                     checkpoint=checkpoint,
                     step_log=step_log,
                     export=done == steps,
@@ -226,10 +227,11 @@ def set_up(loop_config: TrainLoopConfig, train: TrainConfig, *, device: torch.de
         [],
         {},
     )
-    if checkpoint:
-        with checkpoint.as_directory() as checkpoint_dir:
-            worker.start_step, worker.history = read_checkpoint(checkpoint_dir, worker.bare_model, worker.optimizer)
-            worker.objective_state = read_objective_state(checkpoint_dir)
+    if checkpoint:  # read where it lies, each rank its own shards (never a copy of the whole checkpoint)
+        worker.start_step, worker.history = read_checkpoint(
+            checkpoint.path, worker.bare_model, worker.optimizer, filesystem=checkpoint.filesystem
+        )
+        worker.objective_state = read_objective_state(checkpoint.path, filesystem=checkpoint.filesystem)
         if rank == 0:
             print(f"train: resuming at step {worker.start_step} from checkpoint {checkpoint.path}", flush=True)
     return worker
@@ -268,6 +270,7 @@ def report(
     *,
     step: int,
     rank: int,
+    world: int,
     checkpoint: bool,
     step_log: StepLog | None,
     export: bool,
@@ -293,7 +296,7 @@ def report(
             objective_state=objective.state_dict(),
         )
         if export:
-            write_export(tmp, worker.bare_model, worker.tokenizer, rank=rank, merge=merge)
+            write_export(tmp, worker.bare_model, worker.tokenizer, rank=rank, world=world, merge=merge)
         ray.train.report(
             metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"step-{step:07d}"
         )

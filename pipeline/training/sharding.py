@@ -9,8 +9,8 @@ updates (the master weights); on CPU everything stays fp32, which is how the tes
 within 1e-5.
 
 Checkpoints are sharded too (`save_checkpoint` / `load_checkpoint`: each rank writes and reads its
-own shards, with torch.distributed.checkpoint), and `full_state_dict` gathers the weights to rank 0,
-tensor by tensor into CPU memory, for the final Hugging Face export.
+own shards, with torch.distributed.checkpoint); the final Hugging Face export (`pipeline.training.export`)
+is written by every rank from `model_state`, the shards as they are.
 
 Everything here is torch only (no Ray): the Ray Train worker calls it inside its process group, and
 the tests call it in processes of their own over gloo.
@@ -159,19 +159,21 @@ def save_checkpoint(directory: str, model: torch.nn.Module, optimizer: torch.opt
     dcp.save({"model": model_state, "optim": optim_state}, storage_writer=dcp.FileSystemWriter(directory))
 
 
-def load_checkpoint(directory: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Read the trained weights and the optimizer state of `save_checkpoint` back, each rank its shards."""
+def load_checkpoint(
+    directory: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, reader: dcp.StorageReader | None = None
+) -> None:
+    """Read the trained weights and the optimizer state of `save_checkpoint` back, each rank its shards.
+
+    `reader` reads `directory` where a plain local one cannot (pipeline.runtime.checkpoints: object storage,
+    read in place, each rank only the byte ranges of its own shards)."""
     options = _state_options(model)
     model_state, optim_state = get_state_dict(model, optimizer, options=options)
     state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, storage_reader=dcp.FileSystemReader(directory))
+    dcp.load(state, storage_reader=reader or dcp.FileSystemReader(directory))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)
 
 
-def full_state_dict(model: torch.nn.Module, *, rank: int) -> dict[str, torch.Tensor]:
-    """The whole model's weights on rank 0's CPU ({} on the other ranks, which must call too): gathered
-    one tensor at a time, so no GPU ever holds them all. A plain model's own state dict, unsharded."""
-    if not is_sharded(model):
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()} if rank == 0 else {}
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return state if rank == 0 else {}
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict as each rank holds it: FSDP's shards (DTensors, nothing gathered), or a plain
+    model's own tensors."""
+    return get_model_state_dict(model) if is_sharded(model) else model.state_dict()

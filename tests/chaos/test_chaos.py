@@ -8,8 +8,9 @@ One `ray.cluster_utils.Cluster` for the module: a head that runs no work (0 CPUs
   responses, emoji, right-to-left text, combining marks and invalid UTF-8;
 - run B, the same config into another run directory, as a `dpo run` subprocess while this process hurts
   it: SIGKILL the scorer actor with a batch in flight, then remove the node hosting the (restarted)
-  scorer; SIGKILL a train worker after a checkpoint, then remove the node hosting the train workers
-  (a node joins in place of each one removed, as an autoscaler's would); and, meanwhile, start a second
+  scorer, whose pool starts again on the shards not yet written; SIGKILL a train worker after a
+  checkpoint, then remove the node hosting the train workers (a node joins in place of each one
+  removed, as an autoscaler's would); and, meanwhile, start a second
   `dpo run` on B's directory, which must be refused at once naming B's process.
 Then B must equal A: tokenize and score shards row for row (ids, log-probs), final weights tensor for
 tensor, training metrics (all but throughput), evaluate's samples. Equal to an undisturbed run means
@@ -142,6 +143,7 @@ def setting(tmp_path_factory, tiny_model_dir):
         "tokenize.max_prompt_length=48",
         "tokenize.max_length=96",
         "score.batch_size=2",
+        "score.shard_rows=16",  # units of work small enough that some are written before the node goes
         "score.cpus_per_actor=1",
         "train.num_workers=2",
         "train.cpus_per_worker=0.5",
@@ -335,6 +337,13 @@ def test_killed_and_lost_scorers_and_train_workers_lose_and_duplicate_nothing(ru
             )
         scored = read_parquet_dir(b, f"score/{split}")["id"].to_pylist()
         assert scored == read_parquet_dir(b, f"tokenize/{split}")["id"].to_pylist() and len(set(scored)) == len(scored)
+    # Recovery redid the units in flight at the kill and the node loss, not the input: the rows scored a second
+    # time are fewer than the input (a pool started again skips the shards already written).
+    rows, passes = b.manifest("tokenize")["rows_out"], b.manifest("score")["scoring_passes"]
+    assert a.manifest("score")["scoring_passes"] == {"rows": rows, "redone": 0}
+    assert 0 < passes["redone"] < rows and passes["rows"] == rows + passes["redone"], passes
+    if len(b.manifest("score")["pool_starts"]) > 1:  # Ray gave the pool up with the node: it started again
+        assert driver.saw("shards are written already; scoring the other")
     weights_a, weights_b = (load_file(str(r / "train" / "final" / "model.safetensors")) for r in (run_a, run_b_dir))
     assert weights_a.keys() == weights_b.keys()
     for name in weights_a:
@@ -388,6 +397,7 @@ def test_max_length_beyond_the_models_context_is_one_error_line(cluster, setting
 
 def test_tokenize_accounts_for_every_bad_row_and_keeps_unicode_to_disk_and_back(run_a, setting):
     from pipeline.model.pretrained import load_tokenizer
+    from pipeline.stages.tokenize import rejected_rows
 
     _, model, _ = setting
     run = RunDir(str(run_a))
@@ -403,7 +413,7 @@ def test_tokenize_accounts_for_every_bad_row_and_keeps_unicode_to_disk_and_back(
         "duplicate_pair": 1,
     }
     assert manifest["audit"]["prompt_truncated"] >= 1 and manifest["audit"]["response_truncated"] >= 1
-    rejected = [json.loads(line) for line in run.read_text("tokenize/rejected.jsonl").splitlines()]
+    rejected = rejected_rows(run)
     assert next(r for r in rejected if r["reason"] == "invalid_utf8")["raw"].startswith(
         '{"prompt": "bytes:", "chosen": " caf\\xe9"'
     )

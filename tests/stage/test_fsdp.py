@@ -12,6 +12,8 @@ on it.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -60,6 +62,7 @@ def fsdp_runs(tiny_llama_dir, tmp_path_factory):
         out=str(out),
         runs=runs,
         resume="full",
+        export="full",
     )
     return results, out
 
@@ -114,6 +117,59 @@ def test_resume_from_a_sharded_checkpoint_reproduces_the_run(fsdp_runs):
     checkpoint_at = RUNS["full"][2]
     assert_same_steps(results["resumed"], results["full"][checkpoint_at:])
     assert_same_weights(out / "resumed" / "hf", out / "full" / "hf")
+
+
+def test_every_rank_writes_its_share_of_the_export_and_none_holds_the_whole_model(fsdp_runs):
+    """The export of two FSDP ranks, in files of at most 40 kB: each rank wrote other files, together every file
+    of the index, and neither ever held as many tensor bytes as the model has; the weights are those of the
+    model gathered whole on one rank and saved by transformers (the export as it was), value for value."""
+    from safetensors.torch import load_file
+
+    results, out = fsdp_runs
+    rank0, rank1 = results["export"]
+    shared, gathered = out / "full" / "shared", out / "full" / "gathered"
+    index = json.loads((shared / "model.safetensors.index.json").read_text())
+    assert rank0["files"] and rank1["files"] and not set(rank0["files"]) & set(rank1["files"])
+    assert sorted(rank0["files"] + rank1["files"]) == sorted(set(index["weight_map"].values()))
+    mine, theirs = {}, {}
+    for name in rank0["files"] + rank1["files"]:
+        mine.update(load_file(str(shared / name)))
+    for path in gathered.glob("*.safetensors"):
+        theirs.update(load_file(str(path)))
+    whole = sum(t.numel() * t.element_size() for t in theirs.values())
+    assert max(rank0["peak_bytes"], rank1["peak_bytes"]) < whole / 2
+    assert mine.keys() == theirs.keys() == index["weight_map"].keys()
+    for key in mine:
+        assert torch.equal(mine[key], theirs[key]), key
+    assert json.loads((shared / "config.json").read_text()) == json.loads((gathered / "config.json").read_text())
+    assert_same_weights(shared, gathered)  # and transformers loads it
+
+
+def test_a_resume_reads_only_its_own_shards_in_place(fsdp_runs):
+    """The resumed run read the checkpoint through a pyarrow filesystem (as it reads s3:// in place). Each rank
+    read its own shard file, and of the other rank's file only entries that are not sharded (the optimizer's
+    step counts and settings, stored once for all ranks): never the other rank's shards, never a copy."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    results, out = fsdp_runs
+    metadata = FileSystemReader(str(out / "full" / "checkpoint" / "state")).read_metadata()
+    shared: dict[str, list[tuple[int, int]]] = {}  # per file, the byte ranges of entries every rank reads
+    for index, info in metadata.storage_data.items():
+        entry = metadata.state_dict_metadata[index.fqn]
+        if not isinstance(entry, TensorStorageMetadata) or len(entry.chunks) == 1:
+            shared.setdefault(info.relative_path, []).append((info.offset, info.offset + info.length))
+    for rank, reads in enumerate(results["resume_reads"]):
+        own = f"__{rank}_0.distcp"
+        assert reads.get(own), (rank, reads.keys())
+        for name, ranges in reads.items():
+            if name.endswith(".distcp") and name != own:
+                outside = [
+                    r
+                    for r in ranges
+                    if r[1] > r[0] and not any(a <= r[0] and r[1] <= b for a, b in shared.get(name, []))
+                ]
+                assert not outside, (rank, name, outside[:3])
 
 
 def test_checkpoint_shards_are_per_rank(fsdp_runs):

@@ -88,8 +88,9 @@ def test_every_row_is_accounted_for(finished):
 
 
 def test_rejected_rows_are_kept_with_source_and_reason(finished, config):
-    lines = RunDir(config.run_dir).read_text("tokenize/rejected.jsonl").splitlines()
-    rejected = [json.loads(line) for line in lines]
+    from pipeline.stages.tokenize import rejected_rows
+
+    rejected = rejected_rows(RunDir(config.run_dir))
     assert sorted(r["reason"] for r in rejected) == [
         "duplicate_pair",
         "identical_responses",

@@ -14,7 +14,7 @@ import pytest
 import pipeline.cli.schedule as plan
 import pipeline.data.sources as sources
 from pipeline.config import ConfigError, DataConfig, load_config
-from pipeline.data.sources import RECORD_SCHEMA, InputError, hub_dataset, input_fingerprint, read_inputs, read_records
+from pipeline.data.sources import RECORD_SCHEMA, InputError, hub_dataset, input_fingerprint, plan_inputs, read_records
 from tests.helpers.datasets_on_disk import write_dataset_dict, write_save_to_disk
 
 PAIR = {"prompt": "Q?", "chosen": "yes", "rejected": "no"}
@@ -220,16 +220,23 @@ def test_save_to_disk_written_by_the_datasets_package(tmp_path):
     assert [json.loads(r["raw"]) for r in records(read_records(str(tmp_path / "one")))] == implicit
 
 
-def test_read_inputs_puts_the_eval_split_after_the_training_split(tmp_path):
+def test_plan_inputs_puts_the_eval_split_after_the_training_split(tmp_path):
+    from pipeline.data.pieces import piece_tables
+
     directory = tmp_path / "dd"
     write_dataset_dict(directory, {"train": TRAIN_ROWS, "test": TEST_ROWS})
-    table, eval_sources = read_inputs(DataConfig(path=str(directory), eval_split="test"))
-    assert [json.loads(raw) for raw in table["raw"].to_pylist()] == TRAIN_ROWS + TEST_ROWS
-    assert eval_sources == {f"{directory}/test/data-00000-of-00001.arrow#{i}" for i in range(2)}
-    table, eval_sources = read_inputs(DataConfig(path=str(directory), split="test"))
-    assert table.num_rows == 2 and eval_sources is None
+    train, held_out = plan_inputs(DataConfig(path=str(directory), eval_split="test"))
+    tables = [t for piece in train + held_out for t in piece_tables(piece)]
+    assert [json.loads(raw) for t in tables for raw in t["raw"].to_pylist()] == TRAIN_ROWS + TEST_ROWS
+    assert [t["source"].to_pylist() for p in held_out for t in piece_tables(p)] == [
+        [f"{directory}/test/data-00000-of-00001.arrow#{i}" for i in range(2)]
+    ]
+    ordinals = [o for t in tables for o in t["ordinal"].to_pylist()]
+    assert ordinals == sorted(ordinals)  # the eval split's rows follow the training split's
+    train, held_out = plan_inputs(DataConfig(path=str(directory), split="test"))
+    assert sum(t.num_rows for p in train for t in piece_tables(p)) == 2 and held_out == []
     with pytest.raises(ConfigError, match=r"data\.eval_split: 'train' is the split trained on"):
-        read_inputs(DataConfig(path=str(directory), eval_split="train"))
+        plan_inputs(DataConfig(path=str(directory), eval_split="train"))
 
 
 def test_directory_of_jsonl_files_sorted(tmp_path):

@@ -37,11 +37,23 @@ def test_partners_are_deterministic_never_self_and_borrow_each_completion_once(n
         assert partners.tolist() == [1, 0]
 
 
-def test_partners_follow_the_seed_and_refuse_a_single_example():
-    assert not np.array_equal(kl_partners(50, seed=0), kl_partners(50, seed=1))
+def test_partners_are_one_cycle_through_the_split_and_refuse_a_single_example():
+    """The next row in the split's (content-hash) order: one cycle, so a split cut into shards pairs the same."""
+    assert kl_partners(5).tolist() == [1, 2, 3, 4, 0]
     assert kl_partners(0).tolist() == []
     with pytest.raises(ValueError, match="at least 2"):
         kl_partners(1)
+
+
+def test_a_split_paired_shard_by_shard_pairs_as_the_whole_split():
+    """The score stage pairs each shard with the row that follows it: the same pairs as the split at once."""
+    table = unpaired_table(
+        [[i] for i in range(7)], [[20 + i, 30 + i] for i in range(7)], [i % 2 == 0 for i in range(7)]
+    )
+    whole = with_kl_completions(table, max_length=3)
+    cuts = [(0, 3), (3, 5), (5, 7)]
+    parts = [with_kl_completions(table.slice(a, b - a), max_length=3, following=table.slice(b % 7, 1)) for a, b in cuts]
+    assert pa.concat_tables(parts).equals(whole)
 
 
 def unpaired_table(prompts, completions, labels) -> pa.Table:

@@ -1,14 +1,19 @@
-"""The tokenize stage's whole-set logic, without Ray: duplicates, order, the held-out split."""
+"""The tokenize stage's whole-set logic, without Ray: routing to shards, duplicates, order, the held-out split,
+the accounting of every input row."""
 
 import pyarrow as pa
 import pytest
 
+from pipeline.data.accounting import missing_rows
 from pipeline.data.audit import check_strict
+from pipeline.data.checksums import checksum
 from pipeline.data.outcomes import OUTCOME_SCHEMA
-from pipeline.data.split import finish_outcomes, held_out_rows, is_eval
+from pipeline.data.routing import ROUTED_EXTRA, id_shard
+from pipeline.data.split import finish_shard, is_eval
 
 
-def outcomes(rows: list[dict]) -> pa.Table:
+def routed(rows: list[dict]) -> pa.Table:
+    """Outcomes of one shard as `route_outcomes` hands them on: OUTCOME_SCHEMA plus the routing columns."""
     base = {
         "source": "f:1",
         "prompt_ids": [1],
@@ -21,12 +26,22 @@ def outcomes(rows: list[dict]) -> pa.Table:
         "reason": None,
         "raw": None,
     }
-    return pa.Table.from_pylist([{**base, **r} for r in rows], schema=OUTCOME_SCHEMA)
+    table = pa.Table.from_pylist([{**base, **r} for r in rows], schema=OUTCOME_SCHEMA)
+    extra = {"ordinal": [], "first_of_record": [], "last_in_file": [], "held_out": [], "shard": []}
+    for i, r in enumerate(rows):
+        extra["ordinal"].append(r.get("ordinal", i))
+        extra["first_of_record"].append(r.get("first_of_record", True))
+        extra["last_in_file"].append(r.get("last_in_file", i == len(rows) - 1))
+        extra["held_out"].append(r.get("held_out", False))
+        extra["shard"].append(0)
+    for name, values in extra.items():
+        table = table.append_column(name, pa.array(values, ROUTED_EXTRA.field(name).type))
+    return table
 
 
 def test_later_copies_of_a_pair_are_rejected_as_duplicates():
-    good, rejected = finish_outcomes(
-        outcomes(
+    done = finish_shard(
+        routed(
             [
                 {"id": "b", "source": "f:1"},
                 {"id": "a", "source": "f:2"},
@@ -35,12 +50,15 @@ def test_later_copies_of_a_pair_are_rejected_as_duplicates():
             ]
         )
     )
-    assert good["id"].to_pylist() == ["a", "b"]  # sorted by content id: stable and well mixed
-    assert good["source"].to_pylist() == ["f:2", "f:1"]  # the first copy is kept
-    assert sorted(zip(rejected["source"].to_pylist(), rejected["reason"].to_pylist())) == [
-        ("f:3", "duplicate_pair"),
+    assert done.train["id"].to_pylist() == ["a", "b"]  # sorted by content id: stable and well mixed
+    assert done.train["source"].to_pylist() == ["f:2", "f:1"]  # the first copy is kept
+    assert list(zip(done.rejected["source"].to_pylist(), done.rejected["reason"].to_pylist())) == [
+        ("f:3", "duplicate_pair"),  # in input order
         ("f:4", "empty_prompt"),
     ]
+    assert done.summary["reasons"] == {"duplicate_pair": 1, "empty_prompt": 1}
+    assert done.summary["checksums"]["train"] == checksum(["a", "b"]) and done.summary["checksums"]["eval"]["rows"] == 0
+    assert done.summary["records"] == {"0": [4, 0 + 1 + 2 + 3, 3]}  # 4 records, rows 0..3, the last one marked
 
 
 def test_split_is_stable_when_rows_are_added():
@@ -56,25 +74,42 @@ def test_pairs_of_one_prompt_stay_on_one_side():
     assert len(set(split[:10])) == 1 and len(set(split[10:])) == 1
 
 
-def test_a_named_eval_split_holds_out_its_own_rows_and_pairs_also_in_training():
-    good, rejected = finish_outcomes(
-        outcomes(
+def test_a_pair_held_out_by_any_copy_is_held_out_and_kept_once():
+    """A pair in both a training split and data.eval_split: the first copy is kept, and it goes to eval."""
+    done = finish_shard(
+        routed(
             [
                 {"id": "a", "source": "dd/train#0"},
                 {"id": "b", "source": "dd/train#1"},
-                {"id": "c", "source": "dd/test#0"},
-                {"id": "a", "source": "dd/test#1"},  # "a" is in both splits
+                {"id": "c", "source": "dd/test#0", "held_out": True},
+                {"id": "a", "source": "dd/test#1", "held_out": True},  # "a" is in both splits
                 {"id": None, "source": "dd/test#2", "reason": "empty_prompt", "raw": "{}"},
             ]
         )
     )
-    held_out = held_out_rows(
-        good, rejected, eval_sources=frozenset({"dd/test#0", "dd/test#1", "dd/test#2"}), fraction=0.5
-    )
-    assert dict(zip(good["id"].to_pylist(), held_out.tolist())) == {"a": True, "b": False, "c": True}
-    # Without a named split, the prompt hash decides, as is_eval does.
-    no_split = held_out_rows(good, rejected, eval_sources=None, fraction=0.5)
-    assert (no_split == is_eval(good["prompt_ids"], 0.5)).all()
+    assert done.train["id"].to_pylist() == ["b"]
+    assert done.eval["id"].to_pylist() == ["a", "c"] and done.eval["source"].to_pylist() == ["dd/train#0", "dd/test#0"]
+    assert done.summary["reasons"] == {"duplicate_pair": 1, "empty_prompt": 1}
+
+
+def test_routing_sends_every_copy_of_a_pair_to_one_shard_in_content_hash_order():
+    ids = [f"{i * 0x0123456789ABCDEF % 2**64:016x}" for i in range(1, 200)]
+    shards = id_shard(ids, 7)
+    assert shards.min() >= 0 and shards.max() == 6
+    in_order = sorted(ids)
+    assert list(id_shard(in_order, 7)) == sorted(id_shard(in_order, 7))  # shard order is id order
+    assert (id_shard(ids, 7) == id_shard(list(ids), 7)).all()
+
+
+def test_the_accounting_finds_a_lost_and_a_repeated_batch():
+    whole = {"0": [10, sum(range(10)), 9], "1": [3, 3, 2]}
+    assert missing_rows(whole, {0: "a.jsonl", 1: "b.jsonl"}) == []
+    lost = {"0": [8, sum(range(10)) - 3 - 4, 9]}
+    assert missing_rows(lost, {0: "a.jsonl"}) == ["a.jsonl: 8 rows came back for 10 rows read"]
+    repeated = {"0": [12, sum(range(10)) + 3 + 4, 9]}
+    assert missing_rows(repeated, {0: "a.jsonl"}) == ["a.jsonl: 12 rows came back for 10 rows read"]
+    tail = {"0": [7, sum(range(7)), -1]}
+    assert missing_rows(tail, {0: "a.jsonl"}) == ["a.jsonl: its last row came back from no worker (7 rows did)"]
 
 
 def test_strict_makes_chosen_reasons_fatal():
