@@ -61,6 +61,7 @@ def config(tmp_path_factory, tiny_model_dir, ray_local):
         "evaluate.temperatures=[0.0, 1.0]",
         "evaluate.max_tokens=6",
         "evaluate.reward=vader",
+        "evaluate.judge=vader",
         "evaluate.bootstrap_samples=100",
         "evaluate.best_of_n=2",
         "train.report_to=[tensorboard, mlflow, wandb]",  # each read back by its own library below

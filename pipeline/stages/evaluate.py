@@ -46,6 +46,7 @@ from pipeline.evaluation.judgments import JudgeProgress, judge_against_reference
 from pipeline.evaluation.plugins import Reward, check_judge, make_judge, make_reward
 from pipeline.evaluation.report import report_notes, write_report_files
 from pipeline.evaluation.samples import add_kl_and_reward, completions_to_score, sample_rows
+from pipeline.evaluation.scope import describe_skipped, judged_by, skipped_judgments
 from pipeline.evaluation.summary import evaluation_summary
 from pipeline.model.pretrained import load_tokenizer
 from pipeline.model.scoring import SequenceScorer, scorer_options
@@ -231,14 +232,21 @@ def evaluate_policies(run: StageRun, policies: list[Policy]) -> dict:
         tokenizer = load_tokenizer(config.model.reference, trust_remote_code=config.model.trust_remote_code)
         prompts = held_out_prompts(data_dir, ev.num_prompts)
         held, kind = held_out_split(data_dir)
+        skipped = skipped_judgments(ev, held_out_scored=data_dir.manifest("score") is not None)
+        for item in skipped:
+            log.info("evaluate: %s", describe_skipped(item))
 
         sampled = sample_all_models(
             config, policies, prompts, tokenizer.batch_decode(prompts, skip_special_tokens=True), held=held
         )
         rows, kl_bounds = score_samples(sampled, reward_fn, ev)
-        chosen = preferred(data_dir, prompts, tokenizer) if ev.judge_vs_chosen else None
+        chosen = preferred(data_dir, prompts, tokenizer) if ev.judge_vs_chosen and judge is not None else None
         compared = [p.name for p in policies] + ([best_of_n_name(ev.best_of_n)] if ev.best_of_n else [])
-        judgments = judge_all(judge, rows, compared, chosen, ev.temperatures)
+        judgments = (
+            judge_all(judge, rows, compared, chosen, ev.temperatures)
+            if judge is not None
+            else JUDGMENTS.empty_table()  # nothing judged: no judge was asked for
+        )
     accuracy = (
         {}
         if held is None
@@ -259,6 +267,8 @@ def evaluate_policies(run: StageRun, policies: list[Policy]) -> dict:
         num_prompts=len(prompts),
         chosen_texts=chosen.texts if chosen else None,
         candidates=sampled.candidates,
+        skipped=skipped,
+        judge_name=judge.name if judge is not None else None,
     )
 
     write_results(
@@ -424,6 +434,8 @@ def write_results(
             summary_rows=summary["rows"],
             training_metrics=training_metrics,
             notes=notes,
+            header=[judged_by(config.evaluate, summary["judge_name"]), *map(describe_skipped, summary["skipped"])],
+            samples=samples.to_pylist(),
         )
         writer.run.upload_dir(tmp, writer.staging)
 
