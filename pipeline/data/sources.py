@@ -14,6 +14,7 @@ gs://, ...), or a path inside an explicit `filesystem`.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -27,7 +28,15 @@ from pipeline.data.hf_datasets import DEFAULT_SPLIT, is_saved_dataset, read_hub,
 from pipeline.data.readers import KNOWN_SUFFIXES, list_directory, read_directory, read_file
 from pipeline.data.records import RECORD_SCHEMA, InputError, Record, record_table
 
-__all__ = ["RECORD_SCHEMA", "InputError", "hub_dataset", "input_fingerprint", "read_inputs", "read_records"]
+__all__ = [
+    "RECORD_SCHEMA",
+    "InputError",
+    "first_records",
+    "hub_dataset",
+    "input_fingerprint",
+    "read_inputs",
+    "read_records",
+]
 
 _HUB_PREFIX = "hf://datasets/"
 _BARE_HUB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -92,6 +101,24 @@ def _read_path(filesystem: pafs.FileSystem, inner: str, display: str, split: str
     if entries is None:
         return read_file(filesystem, inner, display)
     return read_directory(filesystem, entries, display)
+
+
+def first_records(path: str, *, split: str | None = None, limit: int) -> list[Record] | None:
+    """The first `limit` records of a local or URI input, read as `read_records` reads them; None for a hub
+    dataset (only the network could tell). Raises `InputError` for an input that cannot be read at all."""
+    if hub_dataset(path) is not None or path.startswith("hf://"):
+        return None
+    if "://" in path:
+        try:
+            filesystem, inner = pafs.FileSystem.from_uri(path)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, ValueError) as exc:
+            raise InputError(f"{path}: cannot open this URI with pyarrow: {exc}") from exc
+    else:
+        filesystem, inner = pafs.LocalFileSystem(), os.path.abspath(path)
+    records = list(itertools.islice(_read_path(filesystem, inner, path, split), limit))
+    if not records:
+        raise InputError(f"{path}: no rows (the input is empty)")
+    return records
 
 
 def read_inputs(data: DataConfig) -> tuple[pa.Table, frozenset[str] | None]:

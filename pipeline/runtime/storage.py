@@ -90,6 +90,26 @@ class RunDir:
     def exists(self, *parts: str) -> bool:
         return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
 
+    def writable_problem(self) -> str | None:
+        """Why this run directory cannot be written, in one line naming run_dir; None when it can (or when only
+        the first write can tell: an object store answers with its own error, naming the bucket)."""
+        if "://" in self.uri:
+            return None
+        path = self.root
+        while not os.path.exists(path):
+            path = os.path.dirname(path)
+        if not os.path.isdir(path):
+            return f"run_dir: {self.uri} cannot be made: {path} is a file, not a folder; set run_dir to another path"
+        try:
+            # A real write: access() says yes to root on a read-only file system's folders.
+            with tempfile.NamedTemporaryFile(dir=path, prefix=".raydpo-write-check-"):
+                pass
+        except OSError as err:
+            return (
+                f"run_dir: {self.uri} is not writable ({err.strerror} in {path}); set run_dir to a folder you can write"
+            )
+        return None
+
     # ---- small files -------------------------------------------------------------------------
     def write_text(self, rel: str, text: str) -> None:
         write_atomic(self.fs, self.path(rel), text.encode("utf-8"))

@@ -18,8 +18,9 @@ import ray
 from pipeline.config import Config, ConfigError
 from pipeline.data.audit import audit, check_strict
 from pipeline.data.encode import process_records
+from pipeline.data.preview import explain_no_rows
 from pipeline.data.schemas import TOKENIZED
-from pipeline.data.sources import input_fingerprint, read_inputs
+from pipeline.data.sources import InputError, input_fingerprint, read_inputs
 from pipeline.data.split import finish_outcomes, held_out_rows, with_lengths
 from pipeline.model.pretrained import context_length, load_tokenizer
 from pipeline.runtime.files import RowsLostError
@@ -133,6 +134,8 @@ def tokenize(run: StageRun) -> dict:
     produced_extra = extra_outcomes(records, outcomes)
     good, rejected = finish_outcomes(outcomes)
     reasons = Counter(rejected["reason"].to_pylist())
+    if not good.num_rows:  # a stage that yields nothing fails here, not in the stage that reads it
+        raise InputError(explain_no_rows(records.num_rows, reasons))
     check_strict(config.tokenize.strict, reasons)
     good = with_lengths(good)
     held_out = held_out_rows(good, rejected, eval_sources=eval_sources, fraction=config.data.eval_fraction)

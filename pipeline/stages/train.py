@@ -24,6 +24,7 @@ import ray
 
 from pipeline.config import Config
 from pipeline.runtime.checkpoints import HF_DIR
+from pipeline.runtime.logs import gate_library_consoles
 from pipeline.runtime.resources import Request
 from pipeline.runtime.tracking import check_trackers, flat_params, tracking_run
 from pipeline.stages.base import Stage, StageRun
@@ -126,6 +127,7 @@ def make_trainer(run: StageRun, steps: int):
 
     from pipeline.stages.train_worker import train_loop_per_worker
 
+    gate_library_consoles()  # Ray Train's import may attach consoles of its own: quiet unless --verbose
     config, train, run_dir = run.config, run.config.train, run.run_dir
     source = upstream_stage(config)
     name = attempt_name(run)
