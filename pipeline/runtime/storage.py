@@ -30,7 +30,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.config import refuse_credentials
-from pipeline.runtime.files import differences, list_files, write_atomic
+from pipeline.runtime import history
+from pipeline.runtime.files import differences, list_files, move_dir, write_atomic
 from pipeline.runtime.lease import Lease, held, hold
 
 log = logging.getLogger(__name__)
@@ -213,9 +214,13 @@ class RunDir:
             self.fs.delete_dir(self.path(STAGING))
 
     def begin(self, stage: str) -> StageWriter:
-        """Start a fresh attempt at `stage`: the old manifest goes first, so nothing reads as finished."""
+        """Start a fresh attempt at `stage`. Its finished result moves to history/ first (kept, and no longer
+        read as finished); an unfinished one loses its manifest, so nothing reads as finished."""
         fs = self.fs
-        if self.exists(stage, MANIFEST):
+        manifest = self.manifest(stage)
+        if manifest is not None and "manifest_hash" in manifest and not self.damage(stage, manifest):
+            history.keep(self, stage, manifest)
+        elif self.exists(stage, MANIFEST):
             fs.delete_file(self.path(stage, MANIFEST))
         staging = f"{STAGING}/{stage}-{uuid.uuid4().hex[:8]}"
         fs.create_dir(self.path(staging), recursive=True)
@@ -276,7 +281,7 @@ class StageWriter:
         final = self.run.path(self.stage)
         if self.run.exists(self.stage):
             fs.delete_dir(final)
-        _move_dir(fs, self.path(), final)
+        move_dir(fs, self.path(), final, drop_source=False)
         manifest = {
             "stage": self.stage,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -284,12 +289,11 @@ class StageWriter:
             **manifest,
             "files": list_files(fs, final, skip=(MANIFEST,)),
         }
-        manifest["manifest_hash"] = hashlib.sha256(
-            json.dumps(manifest, sort_keys=True, default=str).encode()
-        ).hexdigest()[:16]
+        manifest["manifest_hash"] = content_hash(manifest)
         self.run.write_json(f"{self.stage}/{MANIFEST}", manifest)
         if fs.get_file_info(self.path()).type != pafs.FileType.NotFound:
             fs.delete_dir(self.path())  # an object store's staging copy, dropped once the commit stands
+        history.drop(self.run, self.stage, manifest["manifest_hash"])  # the same bytes as a kept copy: one is enough
         return manifest
 
     def abort(self) -> None:
@@ -298,17 +302,17 @@ class StageWriter:
             self.run.fs.delete_dir(self.path())
 
 
-def _move_dir(fs: pafs.FileSystem, src: str, dst: str) -> None:
-    if isinstance(fs, pafs.LocalFileSystem):
-        fs.move(src, dst)  # one rename: atomic on a local disk
-        return
-    # Object stores have no directory rename: copy every object; the staging copy is dropped after the
-    # manifest, the commit point, is written.
-    for info in fs.get_file_info(pafs.FileSelector(src, recursive=True)):
-        if info.type == pafs.FileType.File:
-            target = dst + info.path[len(src) :]
-            fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
-            fs.copy_file(info.path, target)
+def content_hash(manifest: dict) -> str:
+    """What ties the stages after this one to it: a hash of what it was made from (its settings' hash and its
+    upstream's) and of its files' bytes; not of when it was written, nor of counters such as throughput. A
+    redo that comes out byte-identical has the same hash, so the stages after it stay finished."""
+    content = {
+        "stage": manifest["stage"],
+        "config_hash": manifest.get("config_hash"),
+        "upstream_hash": manifest.get("upstream_hash"),
+        "files": {rel: [entry["bytes"], entry.get("sha256")] for rel, entry in manifest["files"].items()},
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def check_schema(table: pa.Table, schema: pa.Schema, *, what: str) -> None:

@@ -2,11 +2,12 @@
 
 A stage is declared once (`Stage`): its name, the stage whose output it reads, the config sections that
 decide its output, what it asks of the cluster, and the body that does its work. `execute` is the only
-code that reads the upstream manifest, hashes the config, skips a finished stage, honours --force and
-commits the manifest: the CLI, run planning, sweeps, the resource check and submission ids all read the
-same declarations. It also holds the run directory's writer lease while the stage runs, refuses an
-upstream whose files no longer match its manifest, drops a failed attempt's staging folder, and turns
-marks every failure with the stage's name (`failed_stage`; the CLI prints `dpo: error: <stage>: ...`).
+code that reads the upstream manifest, hashes the config, skips a finished stage, puts back one made
+earlier with the same settings (pipeline/runtime/history.py), honours --force and commits the manifest:
+the CLI, run planning, sweeps, the resource check and submission ids all read the same declarations. It
+also holds the run directory's writer lease while the stage runs, refuses an upstream whose files no
+longer match its manifest, drops a failed attempt's staging folder, and marks every failure with the
+stage's name (`failed_stage`; the CLI prints `dpo: error: <stage>: ...`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pipeline.config import Config, section_hash
+from pipeline.runtime import history
 from pipeline.runtime.resources import Request
 from pipeline.runtime.storage import RunDir, StageWriter
 
@@ -199,6 +201,10 @@ def _attempt(
     if not force and is_current(stage, config, run_dir, tied_to):
         log.info("%s: finished already (%s), skipping", stage.name, run_dir.uri_of(stage.name))
         return run_dir.manifest(stage.name)
+    if not force:  # made earlier with these settings and kept when they changed: put back, not recomputed
+        kept = history.restore(run_dir, stage.name, config_hash=stage.config_hash(config), upstream_hash=tied_to)
+        if kept is not None:
+            return kept
     run = StageRun(stage, config, run_dir, data, upstream, force)
     try:
         fields = body(run)
