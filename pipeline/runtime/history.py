@@ -16,14 +16,25 @@ it: manifests are tied together by content hashes, not by when they were written
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import pyarrow.fs as pafs
 
+from pipeline.config import ConfigError
 from pipeline.runtime.files import differences, move_dir
 
-if TYPE_CHECKING:
-    from pipeline.runtime.storage import RunDir
+
+class RunDir(Protocol):
+    """What of pipeline.runtime.storage.RunDir this module uses (storage imports this module, not back)."""
+
+    @property
+    def fs(self) -> pafs.FileSystem: ...
+    def path(self, *parts: str) -> str: ...
+    def uri_of(self, *parts: str) -> str: ...
+    def exists(self, *parts: str) -> bool: ...
+    def manifest(self, stage: str) -> dict | None: ...
+    def damage(self, stage: str, manifest: dict) -> list[str]: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +66,11 @@ def versions(run: RunDir, stage: str) -> list[tuple[str, dict]]:
     found = []
     for entry in run.fs.get_file_info(pafs.FileSelector(run.path(HISTORY, stage), allow_not_found=True)):
         rel = f"{HISTORY}/{stage}/{entry.base_name}"
-        manifest = run.manifest(rel)
-        if (
-            manifest is not None
-            and "files" in manifest
-            and not differences(manifest["files"], run.fs, run.path(rel), skip=(MANIFEST,))
-        ):
+        try:
+            manifest = run.manifest(rel)
+        except ConfigError:  # OutdatedStageError: kept by another version of raydpo, never put back as this one's
+            continue
+        if manifest is not None and not differences(manifest["files"], run.fs, run.path(rel), skip=(MANIFEST,)):
             found.append((rel, manifest))
     return found
 

@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 # The layout of a stage folder and its manifest. Raised when a stage's output changes shape, so that a run
 # directory written by other code is refused by name (redo it with --force), not read as if it were this one's.
-MANIFEST_FORMAT = 1
+# 2: files carry their SHA-256, the manifest hash is a content hash, model cards (README.md) are unlisted.
+MANIFEST_FORMAT = 2
 
 
 class OutdatedStageError(ConfigError):
@@ -232,8 +233,11 @@ class RunDir:
         """Start a fresh attempt at `stage`. Its finished result moves to history/ first (kept, and no longer
         read as finished); an unfinished one loses its manifest, so nothing reads as finished."""
         fs = self.fs
-        manifest = self.manifest(stage)
-        if manifest is not None and "manifest_hash" in manifest and not self.damage(stage, manifest):
+        try:
+            manifest = self.manifest(stage)
+        except OutdatedStageError:
+            manifest = None  # another version's output, redone by request (--force): not kept
+        if manifest is not None and not self.damage(stage, manifest):
             history.keep(self, stage, manifest)
         elif self.exists(stage, MANIFEST):
             fs.delete_file(self.path(stage, MANIFEST))
