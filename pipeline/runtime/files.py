@@ -40,12 +40,22 @@ def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
         out.write(data)
 
 
+# Files no manifest lists: model cards, which the evaluate stage rewrites after training
+# (pipeline/evaluation/model_card.py) without unfinishing the stage that holds them.
+UNLISTED_NAMES = frozenset({"README.md"})
+
+
 def _files(fs: pafs.FileSystem, root: str, skip: Iterable[str]) -> Iterator[tuple[str, pafs.FileInfo]]:
-    """(path relative to `root`, info) of every file under `root`, but `skip` and `.tmp-` leftovers."""
+    """(path relative to `root`, info) of every file under `root`, but `skip`, model cards and `.tmp-` leftovers."""
     skip = set(skip)
     for info in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True)):
         rel = info.path[len(root) :].lstrip("/")
-        if info.type == pafs.FileType.File and rel not in skip and ".tmp-" not in info.base_name:
+        if (
+            info.type == pafs.FileType.File
+            and rel not in skip
+            and info.base_name not in UNLISTED_NAMES
+            and ".tmp-" not in info.base_name
+        ):
             yield rel, info
 
 

@@ -43,6 +43,7 @@ from pipeline.evaluation.baselines import (
 from pipeline.evaluation.held_out import held_out_from_logps
 from pipeline.evaluation.judges import Judge
 from pipeline.evaluation.judgments import JudgeProgress, judge_against_reference
+from pipeline.evaluation.model_card import CARD, with_evaluation
 from pipeline.evaluation.plugins import Reward, check_judge, make_judge, make_reward
 from pipeline.evaluation.report import report_notes, write_report_files
 from pipeline.evaluation.samples import add_kl_and_reward, completions_to_score, sample_rows
@@ -275,6 +276,7 @@ def evaluate_policies(run: StageRun, policies: list[Policy]) -> dict:
         run.writer, config, policies, samples=samples, judgments=judgments, summary=summary, accuracy=accuracy
     )
     log_to_trackers(policies, summary["rows"], baselines=["reference", *compared[len(policies) :]])
+    add_to_model_cards(policies, summary)
     log.info("evaluate: report in %s", run.run_dir.uri_of("evaluate", "report.md"))
     stats = getattr(judge, "stats", None)  # the API judge's requests, cache hits, parse failures, spend
     return {
@@ -453,6 +455,15 @@ def log_to_trackers(policies: list[Policy], rows: list[dict], *, baselines: list
             trackers.log(summary_metrics(rows, [p.name, *baselines]), step=manifest["steps"])
         finally:
             trackers.close()
+
+
+def add_to_model_cards(policies: list[Policy], summary: dict) -> None:
+    """Each policy's model card (train/final/README.md) with this evaluation's summary for it. Cards are
+    listed in no manifest, so the train stage stays finished."""
+    for p in policies:
+        rel = f"train/final/{CARD}"
+        if p.run_dir.exists(rel):  # a policy trained before cards were written has none to add to
+            p.run_dir.write_text(rel, with_evaluation(p.run_dir.read_text(rel), summary, policy=p.name))
 
 
 def evaluate_requests(config: Config) -> list[Request]:

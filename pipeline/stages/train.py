@@ -23,13 +23,14 @@ import os
 import ray
 
 from pipeline.config import Config
+from pipeline.evaluation.model_card import CARD, model_card
 from pipeline.runtime.checkpoints import HF_DIR
 from pipeline.runtime.logs import gate_library_consoles
 from pipeline.runtime.resources import Request
 from pipeline.runtime.tracking import check_trackers, flat_params, tracking_run
 from pipeline.stages.base import Stage, StageRun
 from pipeline.stages.fit_check import check_fits
-from pipeline.training.losses import is_unpaired, loss_weights, needs_reference
+from pipeline.training.losses import is_unpaired, loss_specs, loss_weights, needs_reference
 from pipeline.training.step import NONFINITE_CHOICES, NONFINITE_REPORT, accumulation, total_steps
 
 log = logging.getLogger(__name__)
@@ -204,6 +205,21 @@ def export_final(run: StageRun, checkpoint) -> list[dict]:
     return [json.loads(line) for line in metrics.splitlines() if line.strip()]
 
 
+def write_card(run: StageRun, steps: int, final_metrics: dict) -> None:
+    """train/final/README.md: the model card (base model, data, loss and its settings, last metrics); the
+    evaluate stage adds its summary."""
+    config = run.config
+    keys = sorted({k for spec in loss_specs(config.train.loss) for k in spec.hyperparameters})
+    card = model_card(
+        config,
+        loss_keys={k: getattr(config.train, k) for k in keys},
+        data_counts=run.data_dir.manifest("tokenize") or run.upstream or {},
+        steps=steps,
+        final_metrics=final_metrics,
+    )
+    run.writer.write_text(f"final/{CARD}", card)
+
+
 def train_stage(run: StageRun) -> dict:
     """Train on `<data_dir>/{score|tokenize}/train` into `<run_dir>/train/` (final/ and metrics.jsonl).
 
@@ -216,6 +232,7 @@ def train_stage(run: StageRun) -> dict:
     if result.checkpoint is None:
         raise RuntimeError("train: the run ended without a checkpoint")
     history = export_final(run, result.checkpoint)
+    write_card(run, steps, history[-1] if history else {})
     log.info("train: %d steps; final policy in %s", steps, run.run_dir.uri_of("train", "final"))
     return {
         "upstream_stage": source,
