@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -33,17 +34,44 @@ def failed_stage(err: BaseException) -> str | None:
     return getattr(err, STAGE_ATTRIBUTE, None)
 
 
+# A line of a traceback that names the exception raised: "ValueError: the tokenizer has no EOS token".
+_RAISED = re.compile(r"^\s*(?:[A-Za-z_][\w.]*\.)?([A-Za-z_]\w*(?:Error|Exception|Reject)): (.+)$")
+# Wrappers that say only that user code failed; the worker's traceback text says what failed.
+_WRAPPERS = ("UserCodeException", "RayDataUserCodeException", "RayTaskError", "RayActorError")
+
+
 def one_line(err: BaseException, *, limit: int = 600) -> str:
     """What happened, in one line: Ray's wrappers unwrapped to the error raised in the worker, the
-    exception's type named unless it is one of the plain ones our own messages use."""
-    while isinstance(getattr(err, "cause", None), BaseException):
-        err = err.cause  # RayTaskError and its kin carry the worker's exception here
+    exception's type named unless it is one of the plain ones our own messages use. Where the innermost
+    error is itself a wrapper (Ray Data's "UDF failed to process a data block": the original is no longer
+    attached once it crossed processes), the worker's traceback names the original."""
+    chain = [err]
+    while True:  # RayTaskError and its kin carry the worker's exception in `cause`; Ray Data chains its own
+        last = chain[-1]
+        cause = getattr(last, "cause", None)
+        if not isinstance(cause, BaseException):
+            cause = last.__cause__ if type(last).__name__.startswith(_WRAPPERS) else None
+        if cause is None or any(cause is seen for seen in chain):
+            break
+        chain.append(cause)
+    err = chain[-1]
+    if type(err).__name__.startswith(_WRAPPERS):
+        text = "\n".join(getattr(e, "traceback_str", None) or str(e) for e in chain)
+        raised = [m for m in map(_RAISED.match, text.splitlines()) if m and not m.group(1).startswith(_WRAPPERS)]
+        if raised:
+            name, message = raised[-1].groups()
+            plain = name in ("ValueError", "RuntimeError", "OSError")
+            return _limited(message if plain else f"{name}: {message}", limit)
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     if lines and lines[0].startswith("Traceback"):
         lines = lines[-1:]  # a message that is a traceback: its last line says what happened
     text = " ".join(lines)
     if not isinstance(err, (ValueError, RuntimeError, OSError)) or not text:
         text = f"{type(err).__name__}: {text}".rstrip(": ")
+    return _limited(text, limit)
+
+
+def _limited(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
