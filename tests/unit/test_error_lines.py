@@ -30,10 +30,9 @@ def test_a_udf_error_reads_as_the_error_its_code_raised():
     shipped = worker_side_error().as_instanceof_cause()  # what ray.get raises in the driver
     assert one_line(shipped) == "conversational rows need a chat template; set data.chat_template"
     # Ray Data raises its own wrapper in the driver, chained to the shipped error.
-    try:
+    with pytest.raises(UserCodeException) as driver_side:
         raise UserCodeException("UDF failed to process a data block.") from shipped
-    except UserCodeException as driver_side:
-        assert one_line(driver_side) == "conversational rows need a chat template; set data.chat_template"
+    assert one_line(driver_side.value) == "conversational rows need a chat template; set data.chat_template"
 
 
 def test_an_error_of_our_own_and_a_plain_cause_are_as_before():
