@@ -176,7 +176,11 @@ def check_order(config: Config, stages: tuple[str, ...], run_dir: RunDir) -> Non
     """A stage whose upstream is neither run by this command nor finished cannot start."""
     for name in stages:
         upstream = by_name(name).upstream(config)
-        if upstream is not None and upstream not in stages and run_dir.manifest(upstream) is None:
+        if upstream is None or upstream in stages:
+            continue
+        with named_errors(name):  # a stage of another raydpo version is refused here, naming --force
+            finished = run_dir.manifest(upstream)
+        if finished is None:
             fail(
                 name,
                 f"needs a finished {upstream} stage under {run_dir.uri_of(upstream)}; run `dpo {upstream}` first, "
@@ -203,7 +207,8 @@ def preflight(config: Config, stages: tuple[str, ...]) -> None:
     check_order(config, stages, run_dir)
     if not config.demo.enabled:  # the demo makes its data and its model in its first step
         check_inputs(config, stages)
-    tokenize = None if "tokenize" in stages else run_dir.manifest("tokenize")
+    with named_errors("tokenize"):
+        tokenize = None if "tokenize" in stages else run_dir.manifest("tokenize")
     if tokenize is not None:
         check_counts(config, tokenize, stages)  # the counts are known: no need to guess from the settings
     elif "evaluate" in stages:

@@ -22,7 +22,7 @@ import os
 
 import ray
 
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
 from pipeline.evaluation.model_card import CARD, model_card
 from pipeline.runtime.checkpoints import HF_DIR
 from pipeline.runtime.logs import gate_library_consoles
@@ -51,14 +51,14 @@ def check_data_kind(config: Config, upstream: dict, *, where: str) -> None:
     kind = upstream.get("data_kind", "pairs")
     if not is_unpaired(config.train.loss):
         if kind == "unpaired":
-            raise ValueError(
+            raise ConfigError(
                 f"train.loss: {'+'.join(names)} trains on pairs, but {where} holds unpaired "
                 "(prompt, completion, label) rows; "
                 "use train.loss: kto"
             )
         return
     if kind != "unpaired":
-        raise ValueError(
+        raise ConfigError(
             f"train.loss: kto trains on unpaired (prompt, completion, label) rows, but {where} holds pairs; "
             "give it unpaired data (data.format: unpaired) or choose a paired loss"
         )
@@ -93,11 +93,11 @@ def check_training(config: Config, upstream: dict, *, where: str) -> int:
     accumulation(train)  # a bad batch layout
     loss_weights(train.loss)  # an unknown loss name
     if train.nonfinite not in NONFINITE_CHOICES:
-        raise ValueError(f"train.nonfinite: {train.nonfinite!r} is not one of {', '.join(NONFINITE_CHOICES)}")
+        raise ConfigError(f"train.nonfinite: {train.nonfinite!r} is not one of {', '.join(NONFINITE_CHOICES)}")
     check_data_kind(config, upstream, where=where)
     check_trackers(train, config.run_dir)
     if train.batch_size > upstream["rows_train"]:
-        raise ValueError(
+        raise ConfigError(
             f"train.batch_size ({train.batch_size}) is larger than the {upstream['rows_train']} training pairs"
         )
     return total_steps(train, upstream["rows_train"])
