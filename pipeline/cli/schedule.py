@@ -21,6 +21,7 @@ import logging
 import os
 from dataclasses import dataclass
 
+from pipeline.cli.preflight import check_counts
 from pipeline.config import Config, ConfigError
 from pipeline.data.sources import InputError, hub_dataset
 from pipeline.demo.prepare import DEMO
@@ -161,11 +162,13 @@ def run_stages(config: Config, stages: tuple[str, ...], *, force: bool | frozens
         manifests = {}
         if config.demo.enabled and "tokenize" in stages:
             manifests["demo"] = DEMO.run(config, force=force is True)  # redone only by --force itself
-        for stage in map(by_name, stages):
+        for i, stage in enumerate(map(by_name, stages)):
             if not stage.enabled(config):
                 log.info("%s: skipped, the configured loss has no use for it", stage.name)
                 continue
             manifests[stage.name] = stage.run(config, force=stage.name in forced)
+            if stage.name == "tokenize":
+                check_counts(config, manifests["tokenize"], stages[i + 1 :])  # now, not after score
     return manifests
 
 

@@ -23,10 +23,11 @@ from concurrent.futures import ThreadPoolExecutor
 import ray
 import yaml
 
+from pipeline.cli.preflight import check_counts, preflight
 from pipeline.cli.schedule import run_stages
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.runtime.storage import RunDir
-from pipeline.stages import EVALUATE, SCORE, TRAIN
+from pipeline.stages import EVALUATE, SCORE, TRAIN, enabled_stages
 from pipeline.stages.base import check
 from pipeline.stages.evaluate import Policy, evaluate_policies
 from pipeline.training.losses import check_loss_config
@@ -117,6 +118,8 @@ def parallel_slots(config: Config) -> int:
 def run(config_path: str, overrides: list[str], *, force: bool = False) -> dict:
     """Tokenize and score once, train every member (in parallel as far as the cluster allows), evaluate all."""
     base, sweep = members(config_path, overrides)
+    for member in sweep:  # every member's settings and the shared inputs, before Ray starts
+        preflight(member.config.replace(run_dir=base.run_dir), tuple(s.name for s in enabled_stages(member.config)))
     data_dir = RunDir(base.run_dir)
     with data_dir.lease():  # the sweep writes the shared stages and its members' folders: one sweep at a time
         return _run(base, sweep, data_dir, force=force)
@@ -134,8 +137,9 @@ def shared_stages_config(base: Config, sweep: list[Member]) -> Config:
 def _run(base: Config, sweep: list[Member], data_dir: RunDir, *, force: bool) -> dict:
     for member in sweep:  # a loss key out of range refuses the sweep before any stage runs
         check_loss_config(member.config.train)
-    run_stages(shared_stages_config(base, sweep), ("tokenize", "score"), force=force)
+    manifests = run_stages(shared_stages_config(base, sweep), ("tokenize", "score"), force=force)
     for member in sweep:
+        check_counts(member.config, manifests["tokenize"], ("train",))  # its batch size against the rows made
         check(TRAIN, member.config)  # a member too large for the cluster's GPUs fails before any trains
     slots = min(len(sweep), parallel_slots(base))
     log.info("sweep: %d members, %d training at a time", len(sweep), slots)

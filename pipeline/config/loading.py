@@ -20,6 +20,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     """Read a YAML file (or start from defaults), apply `a.b=value` overrides, validate, freeze."""
     raw: dict[str, Any] = {}
     if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(
+                f"--config {path}: no such file (configs/ holds examples; `dpo init <data file>` writes a starter)"
+            )
         text = Path(path).read_text()
         raw = yaml.safe_load(text) or {}
         if not isinstance(raw, dict):

@@ -199,8 +199,14 @@ class EvaluateConfig:
     temperatures: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     max_tokens: int = 64
     top_p: float = 1.0
-    reward: str | None = None  # a task reward by name (e.g. "vader"), None where the task has none
-    judge: str = "vader"  # pairwise judge by name: api (any OpenAI-compatible chat endpoint) or a task's, e.g. vader
+    # Evaluation judges only what it is told to judge: with neither a reward nor a judge it reports what needs
+    # neither (held-out implicit-reward accuracy and margins, KL to the reference, samples side by side) and
+    # names the judgments it skipped. A task reward by name (e.g. "vader"); None where the task has none.
+    reward: str | None = None
+    # A pairwise judge by name: api (any OpenAI-compatible chat endpoint, set up by judge_api) or a task's,
+    # e.g. the demo's vader. None: no win rates. Never a default: a sentiment lexicon judging the user's data
+    # would give win rates with intervals that look meaningful and mean nothing.
+    judge: str | None = None
     # ApiJudgeConfig keys (pipeline/evaluation/api_judge/config.py)
     judge_api: dict[str, Any] = field(default_factory=dict)
     bootstrap_samples: int = 2000

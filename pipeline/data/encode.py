@@ -132,18 +132,34 @@ def _encode(tokenizer, examples: list[Example]) -> Iterator[list[list[int]]]:
         yield [by_text[text] for text in group]
 
 
+def check_options(
+    *,
+    format: str,
+    columns: Mapping[str, str],
+    pairing: str,
+    min_score_gap: float,
+    max_prompt_length: int,
+    max_length: int,
+) -> None:
+    """Refuse settings `process_records` cannot use, naming the config key; also run before any stage starts."""
+    _check_config(_RowOptions(format, columns, pairing, min_score_gap), max_prompt_length, max_length)
+
+
 def _check_config(options: _RowOptions, max_prompt_length: int, max_length: int) -> None:
     if options.format not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {options.format!r}")
+        raise ValueError(f"data.format must be one of {', '.join(FORMATS)}, got {options.format!r}")
     if options.pairing not in PAIRINGS:
-        raise ValueError(f"pairing must be one of {PAIRINGS}, got {options.pairing!r}")
+        raise ValueError(f"data.pairing must be one of {', '.join(PAIRINGS)}, got {options.pairing!r}")
     unknown = sorted(set(options.columns) - COLUMN_NAMES)
     if unknown:
-        raise ValueError(f"columns: unknown names {unknown}; the keys are ours, from {sorted(COLUMN_NAMES)}")
+        raise ValueError(f"data.columns: unknown names {unknown}; the keys are ours, from {sorted(COLUMN_NAMES)}")
     if not all(isinstance(v, str) for v in options.columns.values()):
-        raise ValueError("columns: each value must be the name of a column in the data (a string)")
+        raise ValueError("data.columns: each value must be the name of a column in the data (a string)")
     if max_prompt_length < 1 or max_length < 1:
-        raise ValueError(f"max_prompt_length and max_length must be positive, got {max_prompt_length}, {max_length}")
+        raise ValueError(
+            "tokenize.max_prompt_length and tokenize.max_length must be positive, "
+            f"got {max_prompt_length}, {max_length}"
+        )
     gap = options.min_score_gap
     if not (isinstance(gap, (int, float)) and math.isfinite(gap) and gap >= 0):
-        raise ValueError(f"min_score_gap must be a finite number >= 0, got {gap!r}")
+        raise ValueError(f"data.min_score_gap must be a finite number >= 0, got {gap!r}")

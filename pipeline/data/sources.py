@@ -17,6 +17,7 @@ gs://, ...), or a path inside an explicit `filesystem`.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from dataclasses import replace
@@ -28,9 +29,17 @@ import pyarrow.fs as pafs
 from pipeline.config import ConfigError, DataConfig
 from pipeline.data.hf_datasets import DEFAULT_SPLIT
 from pipeline.data.pieces import Piece, hub_dataset, plan_pieces, read_piece
-from pipeline.data.records import RECORD_SCHEMA, InputError, record_table
+from pipeline.data.records import RECORD_SCHEMA, InputError, Record, record_table
 
-__all__ = ["RECORD_SCHEMA", "InputError", "hub_dataset", "input_fingerprint", "plan_inputs", "read_records"]
+__all__ = [
+    "RECORD_SCHEMA",
+    "InputError",
+    "first_records",
+    "hub_dataset",
+    "input_fingerprint",
+    "plan_inputs",
+    "read_records",
+]
 
 
 def read_records(path: str, *, filesystem: pafs.FileSystem | None = None, split: str | None = None) -> pa.Table:
@@ -46,6 +55,18 @@ def read_records(path: str, *, filesystem: pafs.FileSystem | None = None, split:
     """
     pieces = plan_pieces(path, split=split, filesystem=filesystem)
     return record_table(path, chain.from_iterable(read_piece(piece) for piece in pieces))
+
+
+def first_records(path: str, *, split: str | None = None, limit: int) -> list[Record] | None:
+    """The first `limit` records of a local or URI input, read as `read_records` reads them; None for a hub
+    dataset (only the network could tell). Raises `InputError` for an input that cannot be read at all."""
+    if hub_dataset(path) is not None or path.startswith("hf://"):
+        return None
+    pieces = plan_pieces(path, split=split)
+    records = list(itertools.islice(chain.from_iterable(read_piece(piece) for piece in pieces), limit))
+    if not records:
+        raise InputError(f"{path}: no rows (the input is empty)")
+    return records
 
 
 def plan_inputs(data: DataConfig) -> tuple[list[Piece], list[Piece]]:

@@ -18,6 +18,12 @@ if TYPE_CHECKING:
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
+# A plain chat template for tiny models, so conversational rows render without a hub tokenizer: each turn
+# as "<role>: <content>" on its own line, and "assistant:" to open the model's turn.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
 
 
 @dataclass(frozen=True)

@@ -104,7 +104,10 @@ def _average_ranks(values: np.ndarray) -> np.ndarray:
 def describe(name: str, result: dict) -> str:
     """One line for the evaluation report."""
     if result["kind"] == "pairs":
-        return f"Implicit-reward accuracy of {name} on {result['pairs']} held-out pairs: {result['accuracy']:.3f}."
+        return (
+            f"Implicit-reward accuracy of {name} on {result['pairs']} held-out pairs: {result['accuracy']:.3f} "
+            f"(0.5 is chance); mean margin beta * (log-ratio chosen - log-ratio rejected): {result['margin_mean']:.4f}."
+        )
     if result["auc"] is None:
         return (
             f"Implicit-reward separation of {name}: not defined, the {result['rows']} held-out rows "

@@ -35,12 +35,15 @@ def make_reward(name: str | None) -> Reward | None:
     return _load(REWARD_GROUP, name, setting="evaluate.reward", kind="reward", builtin=(), none_allowed=True)
 
 
-def make_judge(evaluate_config: EvaluateConfig, *, api_cache_path: str | None = None) -> Judge:
-    """The judge `evaluate_config.judge` names: "api" (configured by `judge_api`) or a registered one.
+def make_judge(evaluate_config: EvaluateConfig, *, api_cache_path: str | None = None) -> Judge | None:
+    """The judge `evaluate_config.judge` names: "api" (configured by `judge_api`) or a registered one;
+    None when it names none (no win rates are judged).
 
     api_cache_path: the API judge's response cache where `judge_api` does not name one.
     """
     name = evaluate_config.judge
+    if name is None:
+        return None
     if name == API_JUDGE:
         return make_api_judge(evaluate_config.judge_api, where="evaluate.judge_api", default_cache_path=api_cache_path)
     factory: JudgeFactory = _load(JUDGE_GROUP, name, setting="evaluate.judge", kind="judge", builtin=(API_JUDGE,))
@@ -49,7 +52,15 @@ def make_judge(evaluate_config: EvaluateConfig, *, api_cache_path: str | None = 
 
 def check_judge(evaluate_config: EvaluateConfig) -> None:
     """Refuse what `make_judge` would refuse (an unknown name, API judge settings that do not parse)
-    without building a task's judge: the check that runs before any stage does."""
+    without building a task's judge: the check that runs before any stage does. Settings for the API judge
+    under another judge (or none) are refused too: they would be ignored without a word."""
+    if evaluate_config.judge_api and evaluate_config.judge != API_JUDGE:
+        raise ConfigError(
+            f"evaluate.judge_api is set but evaluate.judge is {evaluate_config.judge or 'not set'}; "
+            f"set evaluate.judge: {API_JUDGE} to judge with it, or remove evaluate.judge_api"
+        )
+    if evaluate_config.judge is None:
+        return
     if evaluate_config.judge == API_JUDGE:
         make_api_judge(evaluate_config.judge_api, where="evaluate.judge_api")  # settings only: no request, no cache
     else:

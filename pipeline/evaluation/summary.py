@@ -131,6 +131,8 @@ def evaluation_summary(
     chosen_texts: Sequence[str | None] | None,
     candidates: Sequence[dict],
     engines: Mapping[str, str] | None = None,
+    skipped: Sequence[dict[str, str]] = (),
+    judge_name: str | None = None,
 ) -> dict:
     """The document written as summary.json.
 
@@ -139,7 +141,8 @@ def evaluation_summary(
     None for all when the samples were not judged against preferred responses;
     candidates: the best-of-N candidates drawn (empty without that baseline); engines: the engine that
     sampled each model, named in the summary ("engine": one name when all agree, else the mapping;
-    "engine_requested": evaluate.engine as configured, e.g. "auto").
+    "engine_requested": evaluate.engine as configured, e.g. "auto"); skipped: the judgments left out, each
+    {what, why, enable} (pipeline/evaluation/scope.py); judge_name: the judge as it names itself (api:<model>).
     """
     used = sorted(set((engines or {}).values()))
     verdicts = judgments.to_pandas()
@@ -155,7 +158,9 @@ def evaluation_summary(
         ),
         "implicit_reward_accuracy": accuracy.get(policy_names[0]) if len(policy_names) == 1 else dict(accuracy),
         "judge": ev.judge,
+        "judge_name": judge_name,
         "reward": ev.reward,
+        "skipped": list(skipped),
         "engine_requested": ev.engine,
         "engine": used[0] if len(used) == 1 else dict(engines or {}) or ev.engine,
         "unparsed_verdicts": int(

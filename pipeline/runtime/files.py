@@ -1,12 +1,13 @@
 """What a stage folder holds, written whole or not at all: atomic small files, file listings, row identity.
 
-A manifest lists every file of its stage (`list_files`: path, bytes, and rows for a Parquet shard), and
-a stage is finished only while the folder still holds exactly those files (`differences`). Row identity
+A manifest lists every file of its stage (`list_files`: path, bytes, content hash, and rows for a Parquet
+shard), and a stage is finished only while the folder still holds exactly those files (`differences`). Row identity
 (`check_same_ids`) is how a stage that keeps its upstream's rows proves it lost and duplicated none.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from collections import Counter
@@ -39,25 +40,44 @@ def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
         out.write(data)
 
 
+# Files no manifest lists: model cards, which the evaluate stage rewrites after training
+# (pipeline/evaluation/model_card.py) without unfinishing the stage that holds them.
+UNLISTED_NAMES = frozenset({"README.md"})
+
+
 def _files(fs: pafs.FileSystem, root: str, skip: Iterable[str]) -> Iterator[tuple[str, pafs.FileInfo]]:
-    """(path relative to `root`, info) of every file under `root`, but `skip` and `.tmp-` leftovers."""
+    """(path relative to `root`, info) of every file under `root`, but `skip`, model cards and `.tmp-` leftovers."""
     skip = set(skip)
     for info in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True)):
         rel = info.path[len(root) :].lstrip("/")
-        if info.type == pafs.FileType.File and rel not in skip and ".tmp-" not in info.base_name:
+        if (
+            info.type == pafs.FileType.File
+            and rel not in skip
+            and info.base_name not in UNLISTED_NAMES
+            and ".tmp-" not in info.base_name
+        ):
             yield rel, info
 
 
 def list_files(fs: pafs.FileSystem, root: str, *, skip: Iterable[str] = ()) -> dict[str, dict]:
-    """Every file under `root` by path relative to it: {"bytes": size} plus "rows" for a Parquet shard
-    (read from its footer). `skip`: relative paths left out (the manifest itself)."""
+    """Every file under `root` by path relative to it: {"bytes": size, "sha256": its content's hash} plus
+    "rows" for a Parquet shard (read from its footer). `skip`: relative paths left out (the manifest itself)."""
     files = {}
     for rel, info in _files(fs, root, skip):
-        entry = {"bytes": info.size}
+        entry = {"bytes": info.size, "sha256": sha256_of(fs, info.path)}
         if rel.endswith(".parquet"):
             entry["rows"] = pq.read_metadata(info.path, filesystem=fs).num_rows
         files[rel] = entry
     return dict(sorted(files.items()))
+
+
+def sha256_of(fs: pafs.FileSystem, path: str, *, chunk: int = 8 << 20) -> str:
+    """The SHA-256 of a file's bytes, read in chunks (a model's weights never sit in memory whole)."""
+    digest = hashlib.sha256()
+    with fs.open_input_stream(path) as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def differences(expected: dict[str, dict], fs: pafs.FileSystem, root: str, *, skip: Iterable[str] = ()) -> list[str]:
@@ -72,6 +92,22 @@ def differences(expected: dict[str, dict], fs: pafs.FileSystem, root: str, *, sk
     ]
     problems += [f"{rel}: not in the manifest" for rel in found if rel not in expected]
     return problems
+
+
+def move_dir(fs: pafs.FileSystem, src: str, dst: str, *, drop_source: bool = True) -> None:
+    """Move a folder: one rename on a local disk (atomic); on an object store, which has no folder rename,
+    every object is copied, and then the source deleted unless `drop_source` is False (a stage's commit
+    drops its staging copy only after the manifest, the commit point, is written)."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.move(src, dst)
+        return
+    for info in fs.get_file_info(pafs.FileSelector(src, recursive=True)):
+        if info.type == pafs.FileType.File:
+            target = dst + info.path[len(src) :]
+            fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+            fs.copy_file(info.path, target)
+    if drop_source:
+        fs.delete_dir(src)
 
 
 class RowsLostError(RuntimeError):

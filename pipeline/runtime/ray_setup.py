@@ -9,6 +9,8 @@ import sys
 import ray
 
 from pipeline.config import ConfigError, RayConfig
+from pipeline.runtime import logs
+from pipeline.runtime.logs import take_worker_output
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,9 @@ def init_ray(config: RayConfig) -> None:
         # "local": without it Ray joins any cluster `ray start` left running on this machine (and then
         # refuses num_cpus).
         ray.init(address="local", num_cpus=config.num_cpus, log_to_driver=True)
-    _configure_ray_data(progress_bars=on_a_terminal())
+    take_worker_output()  # quiet by default: the workers' lines into the log file, only ours on the terminal
+    # Ray Data's bars only for a person watching who asked for the libraries' output (--verbose).
+    _configure_ray_data(progress_bars=on_a_terminal() and logs.STATE.library_level <= logging.INFO)
     log.info("Ray resources: %s", ray.cluster_resources())
 
 
@@ -51,3 +55,4 @@ def _configure_ray_data(*, progress_bars: bool) -> None:
     # Bars on a terminal; elsewhere none, since Ray Data would print its progress as periodic log lines instead.
     ctx.enable_progress_bars = progress_bars
     ctx.print_on_execution_start = False
+    logs.gate_library_consoles()  # importing ray.data attached a console handler of its own

@@ -30,7 +30,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.config import ConfigError, refuse_credentials
-from pipeline.runtime.files import differences, list_files, write_atomic
+from pipeline.runtime import history
+from pipeline.runtime.files import differences, list_files, move_dir, write_atomic
 from pipeline.runtime.lease import Lease, held, hold
 from pipeline.runtime.shards import conform
 
@@ -39,7 +40,9 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 # The layout of a stage folder and its manifest. Raised when a stage's output changes shape, so that a run
 # directory written by other code is refused by name (redo it with --force), not read as if it were this one's.
-MANIFEST_FORMAT = 2  # 2: tokenize's rejected rows per shard, its checksums and label counts; score's units
+# 3: tokenize's rejected rows per shard, its checksums and label counts, score's units (format 2); files carry
+# their SHA-256, the manifest hash is a content hash, model cards (README.md) are unlisted.
+MANIFEST_FORMAT = 3
 
 
 class OutdatedStageError(ConfigError):
@@ -99,6 +102,26 @@ class RunDir:
 
     def exists(self, *parts: str) -> bool:
         return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
+
+    def writable_problem(self) -> str | None:
+        """Why this run directory cannot be written, in one line naming run_dir; None when it can (or when only
+        the first write can tell: an object store answers with its own error, naming the bucket)."""
+        if "://" in self.uri:
+            return None
+        path = self.root
+        while not os.path.exists(path):
+            path = os.path.dirname(path)
+        if not os.path.isdir(path):
+            return f"run_dir: {self.uri} cannot be made: {path} is a file, not a folder; set run_dir to another path"
+        try:
+            # A real write: access() says yes to root on a read-only file system's folders.
+            with tempfile.NamedTemporaryFile(dir=path, prefix=".raydpo-write-check-"):
+                pass
+        except OSError as err:
+            return (
+                f"run_dir: {self.uri} is not writable ({err.strerror} in {path}); set run_dir to a folder you can write"
+            )
+        return None
 
     # ---- small files -------------------------------------------------------------------------
     def write_text(self, rel: str, text: str) -> None:
@@ -209,9 +232,16 @@ class RunDir:
             self.fs.delete_dir(self.path(STAGING))
 
     def begin(self, stage: str) -> StageWriter:
-        """Start a fresh attempt at `stage`: the old manifest goes first, so nothing reads as finished."""
+        """Start a fresh attempt at `stage`. Its finished result moves to history/ first (kept, and no longer
+        read as finished); an unfinished one loses its manifest, so nothing reads as finished."""
         fs = self.fs
-        if self.exists(stage, MANIFEST):
+        try:
+            manifest = self.manifest(stage)
+        except OutdatedStageError:
+            manifest = None  # another version's output, redone by request (--force): not kept
+        if manifest is not None and not self.damage(stage, manifest):
+            history.keep(self, stage, manifest)
+        elif self.exists(stage, MANIFEST):
             fs.delete_file(self.path(stage, MANIFEST))
         staging = f"{STAGING}/{stage}-{uuid.uuid4().hex[:8]}"
         fs.create_dir(self.path(staging), recursive=True)
@@ -297,7 +327,7 @@ class StageWriter:
         final = self.run.path(self.stage)
         if self.run.exists(self.stage):
             fs.delete_dir(final)
-        _move_dir(fs, self.path(), final)
+        move_dir(fs, self.path(), final, drop_source=False)
         manifest = {
             "format": MANIFEST_FORMAT,
             "stage": self.stage,
@@ -306,12 +336,11 @@ class StageWriter:
             **manifest,
             "files": list_files(fs, final, skip=(MANIFEST,)),
         }
-        manifest["manifest_hash"] = hashlib.sha256(
-            json.dumps(manifest, sort_keys=True, default=str).encode()
-        ).hexdigest()[:16]
+        manifest["manifest_hash"] = content_hash(manifest)
         self.run.write_json(f"{self.stage}/{MANIFEST}", manifest)
         if fs.get_file_info(self.path()).type != pafs.FileType.NotFound:
             fs.delete_dir(self.path())  # an object store's staging copy, dropped once the commit stands
+        history.drop(self.run, self.stage, manifest["manifest_hash"])  # the same bytes as a kept copy: one is enough
         return manifest
 
     def abort(self) -> None:
@@ -320,17 +349,17 @@ class StageWriter:
             self.run.fs.delete_dir(self.path())
 
 
-def _move_dir(fs: pafs.FileSystem, src: str, dst: str) -> None:
-    if isinstance(fs, pafs.LocalFileSystem):
-        fs.move(src, dst)  # one rename: atomic on a local disk
-        return
-    # Object stores have no directory rename: copy every object; the staging copy is dropped after the
-    # manifest, the commit point, is written.
-    for info in fs.get_file_info(pafs.FileSelector(src, recursive=True)):
-        if info.type == pafs.FileType.File:
-            target = dst + info.path[len(src) :]
-            fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
-            fs.copy_file(info.path, target)
+def content_hash(manifest: dict) -> str:
+    """What ties the stages after this one to it: a hash of what it was made from (its settings' hash and its
+    upstream's) and of its files' bytes; not of when it was written, nor of counters such as throughput. A
+    redo that comes out byte-identical has the same hash, so the stages after it stay finished."""
+    content = {
+        "stage": manifest["stage"],
+        "config_hash": manifest.get("config_hash"),
+        "upstream_hash": manifest.get("upstream_hash"),
+        "files": {rel: [entry["bytes"], entry.get("sha256")] for rel, entry in manifest["files"].items()},
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def read_parquet_dir(run: RunDir, rel: str, *, columns: list[str] | None = None) -> pa.Table:

@@ -4,10 +4,12 @@ metrics.jsonl of a training attempt.
 Rank 0 of training logs every logged step under TRL's metric names (`train/loss`, `train/rewards/chosen`,
 ...) with the config as the run's parameters; the evaluate stage logs its summary (win rates with their
 intervals, reward and KL per temperature) to the same run. A training attempt is one tracking run: a
-resumed worker and the evaluate stage join it through `TrackingRun`, which the train manifest keeps.
+resumed worker and the evaluate stage join it through `TrackingRun`, which the train manifest keeps. A run
+is named `<run_dir name>/train[/<member>]` (a sweep member, or round-<t>) in every tracker; the attempt (a
+hash of the settings and the data) only identifies it.
 
 Where each writes, for a local run directory:
-  tensorboard  <run_dir>/tensorboard/<attempt>/   (`tensorboard --logdir <run_dir>/tensorboard`)
+  tensorboard  <top run_dir>/tensorboard/<run name>/   (`tensorboard --logdir <run_dir>/tensorboard`)
   mlflow       train.mlflow_tracking_uri, else a local file store at <run_dir>/mlruns
   wandb        <run_dir>/wandb/: offline unless WANDB_API_KEY or WANDB_MODE says otherwise
 On s3:// or gs://, the TensorBoard and W&B files are written on the node and copied into the run directory
@@ -51,6 +53,17 @@ class TrackingRun:
     report_to: tuple[str, ...]
     project: str
     mlflow_tracking_uri: str | None
+    name: str = ""  # what a person sees: "<run_dir name>/train[/<member>]" (`run_name`); "": the attempt
+
+    @property
+    def display_name(self) -> str:
+        return self.name or self.attempt
+
+    @property
+    def home(self) -> str:
+        """The run directory whose tensorboard/ folder holds this run: a sweep member's or a round's is the
+        top run directory's, so that one `tensorboard --logdir <run_dir>/tensorboard` shows them all."""
+        return run_name(self.run_dir, "train")[0] if self.name else self.run_dir
 
     @property
     def run_id(self) -> str:
@@ -64,8 +77,26 @@ class TrackingRun:
         return cls(**{**fields, "report_to": tuple(fields["report_to"])})
 
 
+def run_name(run_dir: str, stage: str) -> tuple[str, str]:
+    """(the top run directory, the tracker run's name `<run_dir name>/<stage>[/<member>]`) of a stage writing
+    in `run_dir`: a sweep member's folder `<run_dir>/sweep/<member>`, a round's `<run_dir>/rounds/<t>`
+    (named round-<t>), or the run directory itself."""
+    parts = run_dir.rstrip("/").split("/")
+    if len(parts) >= 3 and parts[-2] in ("sweep", "rounds"):
+        member = parts[-1] if parts[-2] == "sweep" else f"round-{parts[-1]}"
+        return "/".join(parts[:-2]), f"{parts[-3]}/{stage}/{member}"
+    return run_dir, f"{parts[-1]}/{stage}"
+
+
 def tracking_run(train: TrainConfig, run_dir: str, attempt: str) -> TrackingRun:
-    return TrackingRun(run_dir, attempt, tuple(train.report_to), train.tracker_project, train.mlflow_tracking_uri)
+    return TrackingRun(
+        run_dir,
+        attempt,
+        tuple(train.report_to),
+        train.tracker_project,
+        train.mlflow_tracking_uri,
+        name=run_name(run_dir, "train")[1],
+    )
 
 
 def check_trackers(train: TrainConfig, run_dir: str) -> None:
@@ -121,6 +152,8 @@ class Trackers:
         self.run = run
         self._remote = "://" in run.run_dir
         self.root = tempfile.mkdtemp(prefix="raydpo-trackers-") if self._remote else RunDir(run.run_dir).root
+        # TensorBoard's runs of a whole run directory (sweep members, rounds) share its top tensorboard/ folder.
+        self.board_root = os.path.join(self.root, "board") if self._remote else RunDir(run.home).root
         opener = {"tensorboard": _TensorBoard, "mlflow": _Mlflow, "wandb": _Wandb}
         self._writers = [opener[name](self, params, resume_step) for name in run.report_to]
 
@@ -131,8 +164,11 @@ class Trackers:
     def sync(self) -> None:
         """Copy the node-local files of a remote run directory into it (nothing to do for a local one)."""
         if self._remote:
+            board = os.path.join(self.board_root, "tensorboard")
+            if os.path.isdir(board):
+                RunDir(self.run.home).upload_dir(board, "tensorboard")
             for folder in SYNCED:
-                if os.path.isdir(os.path.join(self.root, folder)):
+                if folder != "tensorboard" and os.path.isdir(os.path.join(self.root, folder)):
                     RunDir(self.run.run_dir).upload_dir(os.path.join(self.root, folder), folder)
 
     def close(self) -> None:
@@ -147,10 +183,9 @@ class _TensorBoard:
     def __init__(self, trackers: Trackers, params: dict | None, resume_step: int):
         from torch.utils.tensorboard import SummaryWriter  # deferred: see the module docstring
 
-        self.writer = SummaryWriter(
-            os.path.join(trackers.root, "tensorboard", trackers.run.attempt),
-            purge_step=resume_step + 1 if resume_step else None,
-        )
+        folder = os.path.join(trackers.board_root, "tensorboard", *trackers.run.display_name.split("/"))
+        _set_aside_other_attempt(folder, trackers.run.attempt)
+        self.writer = SummaryWriter(folder, purge_step=resume_step + 1 if resume_step else None)
         if params:  # TensorBoard has no run parameters: the config goes in as text, one line a key
             self.writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in sorted(params.items())))
 
@@ -161,6 +196,28 @@ class _TensorBoard:
 
     def close(self) -> None:
         self.writer.close()
+
+
+ATTEMPT_MARK = ".raydpo-attempt"  # in a TensorBoard run's folder: the training attempt its events belong to
+
+
+def _set_aside_other_attempt(folder: str, attempt: str) -> None:
+    """A TensorBoard run is named by the run directory and stage, so other settings (another attempt) reuse
+    its folder: the other attempt's event files move to `<folder>@<its attempt>`, a run of its own beside,
+    instead of mixing their steps with these. Sub-folders (a sweep member's runs) stay where they are."""
+    mark = os.path.join(folder, ATTEMPT_MARK)
+    if os.path.isfile(mark):
+        with open(mark, encoding="utf-8") as f:
+            before = f.read().strip()
+        if before != attempt:
+            aside = f"{folder}@{before[:8]}"
+            os.makedirs(aside, exist_ok=True)
+            for name in os.listdir(folder):
+                if os.path.isfile(os.path.join(folder, name)):
+                    os.replace(os.path.join(folder, name), os.path.join(aside, name))
+    os.makedirs(folder, exist_ok=True)
+    with open(mark, "w", encoding="utf-8") as f:
+        f.write(attempt)
 
 
 class _Mlflow:
@@ -185,7 +242,9 @@ class _Mlflow:
             self.run_id = found[0].info.run_id
             return
         self.run_id = self.client.create_run(
-            experiment_id, run_name=run.attempt, tags={self.TAG: run.run_id, "raydpo_run_dir": run.run_dir}
+            experiment_id,
+            run_name=run.display_name,
+            tags={self.TAG: run.run_id, "raydpo_run_dir": run.run_dir, "raydpo_attempt": run.attempt},
         ).info.run_id
         items = sorted((params or {}).items())
         for i in range(0, len(items), 100):  # MLflow takes at most 100 parameters a batch
@@ -211,7 +270,7 @@ class _Wandb:
             dir=trackers.root,
             project=run.project,
             id=run.run_id,
-            name=run.attempt,
+            name=run.display_name,
             resume="allow",
             mode=mode,
             config=params or None,

@@ -2,11 +2,12 @@
 
 A stage is declared once (`Stage`): its name, the stage whose output it reads, the config sections that
 decide its output, what it asks of the cluster, and the body that does its work. `execute` is the only
-code that reads the upstream manifest, hashes the config, skips a finished stage, honours --force and
-commits the manifest: the CLI, run planning, sweeps, the resource check and submission ids all read the
-same declarations. It also holds the run directory's writer lease while the stage runs, refuses an
-upstream whose files no longer match its manifest, drops a failed attempt's staging folder, and turns
-marks every failure with the stage's name (`failed_stage`; the CLI prints `dpo: error: <stage>: ...`).
+code that reads the upstream manifest, hashes the config, skips a finished stage, puts back one made
+earlier with the same settings (pipeline/runtime/history.py), honours --force and commits the manifest:
+the CLI, run planning, sweeps, the resource check and submission ids all read the same declarations. It
+also holds the run directory's writer lease while the stage runs, refuses an upstream whose files no
+longer match its manifest, drops a failed attempt's staging folder, and marks every failure with the
+stage's name (`failed_stage`; the CLI prints `dpo: error: <stage>: ...`).
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ import contextlib
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pipeline.config import Config, section_hash
+from pipeline.runtime import history
 from pipeline.runtime.resources import Request
 from pipeline.runtime.storage import RunDir, StageWriter
 
@@ -33,17 +36,44 @@ def failed_stage(err: BaseException) -> str | None:
     return getattr(err, STAGE_ATTRIBUTE, None)
 
 
+# A line of a traceback that names the exception raised: "ValueError: the tokenizer has no EOS token".
+_RAISED = re.compile(r"^\s*(?:[A-Za-z_][\w.]*\.)?([A-Za-z_]\w*(?:Error|Exception|Reject)): (.+)$")
+# Wrappers that say only that user code failed; the worker's traceback text says what failed.
+_WRAPPERS = ("UserCodeException", "RayDataUserCodeException", "RayTaskError", "RayActorError")
+
+
 def one_line(err: BaseException, *, limit: int = 600) -> str:
     """What happened, in one line: Ray's wrappers unwrapped to the error raised in the worker, the
-    exception's type named unless it is one of the plain ones our own messages use."""
-    while isinstance(getattr(err, "cause", None), BaseException):
-        err = err.cause  # RayTaskError and its kin carry the worker's exception here
+    exception's type named unless it is one of the plain ones our own messages use. Where the innermost
+    error is itself a wrapper (Ray Data's "UDF failed to process a data block": the original is no longer
+    attached once it crossed processes), the worker's traceback names the original."""
+    chain = [err]
+    while True:  # RayTaskError and its kin carry the worker's exception in `cause`; Ray Data chains its own
+        last = chain[-1]
+        cause = getattr(last, "cause", None)
+        if not isinstance(cause, BaseException):
+            cause = last.__cause__ if type(last).__name__.startswith(_WRAPPERS) else None
+        if cause is None or any(cause is seen for seen in chain):
+            break
+        chain.append(cause)
+    err = chain[-1]
+    if type(err).__name__.startswith(_WRAPPERS):
+        text = "\n".join(getattr(e, "traceback_str", None) or str(e) for e in chain)
+        raised = [m for m in map(_RAISED.match, text.splitlines()) if m and not m.group(1).startswith(_WRAPPERS)]
+        if raised:
+            name, message = raised[-1].groups()
+            plain = name in ("ValueError", "RuntimeError", "OSError")
+            return _limited(message if plain else f"{name}: {message}", limit)
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     if lines and lines[0].startswith("Traceback"):
         lines = lines[-1:]  # a message that is a traceback: its last line says what happened
     text = " ".join(lines)
     if not isinstance(err, (ValueError, RuntimeError, OSError)) or not text:
         text = f"{type(err).__name__}: {text}".rstrip(": ")
+    return _limited(text, limit)
+
+
+def _limited(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -211,6 +241,10 @@ def _attempt(
     if not force and is_current(stage, config, run_dir, tied_to):
         log.info("%s: finished already (%s), skipping", stage.name, run_dir.uri_of(stage.name))
         return run_dir.manifest(stage.name)
+    if not force:  # made earlier with these settings and kept when they changed: put back, not recomputed
+        kept = history.restore(run_dir, stage.name, config_hash=stage.config_hash(config), upstream_hash=tied_to)
+        if kept is not None:
+            return kept
     run = StageRun(stage, config, run_dir, data, upstream, force)
     try:
         fields = body(run)

@@ -43,9 +43,11 @@ from pipeline.evaluation.baselines import (
 from pipeline.evaluation.held_out import held_out_from_logps
 from pipeline.evaluation.judges import Judge
 from pipeline.evaluation.judgments import JudgeProgress, judge_against_reference
+from pipeline.evaluation.model_card import CARD, with_evaluation
 from pipeline.evaluation.plugins import Reward, check_judge, make_judge, make_reward
 from pipeline.evaluation.report import report_notes, write_report_files
 from pipeline.evaluation.samples import add_kl_and_reward, completions_to_score, sample_rows
+from pipeline.evaluation.scope import describe_skipped, judged_by, skipped_judgments
 from pipeline.evaluation.summary import evaluation_summary
 from pipeline.model.pretrained import load_tokenizer
 from pipeline.model.scoring import SequenceScorer, scorer_options
@@ -231,14 +233,21 @@ def evaluate_policies(run: StageRun, policies: list[Policy]) -> dict:
         tokenizer = load_tokenizer(config.model.reference, trust_remote_code=config.model.trust_remote_code)
         prompts = held_out_prompts(data_dir, ev.num_prompts)
         held, kind = held_out_split(data_dir)
+        skipped = skipped_judgments(ev, held_out_scored=data_dir.manifest("score") is not None)
+        for item in skipped:
+            log.info("evaluate: %s", describe_skipped(item))
 
         sampled = sample_all_models(
             config, policies, prompts, tokenizer.batch_decode(prompts, skip_special_tokens=True), held=held
         )
         rows, kl_bounds = score_samples(sampled, reward_fn, ev)
-        chosen = preferred(data_dir, prompts, tokenizer) if ev.judge_vs_chosen else None
+        chosen = preferred(data_dir, prompts, tokenizer) if ev.judge_vs_chosen and judge is not None else None
         compared = [p.name for p in policies] + ([best_of_n_name(ev.best_of_n)] if ev.best_of_n else [])
-        judgments = judge_all(judge, rows, compared, chosen, ev.temperatures)
+        judgments = (
+            judge_all(judge, rows, compared, chosen, ev.temperatures)
+            if judge is not None
+            else JUDGMENTS.empty_table()  # nothing judged: no judge was asked for
+        )
     accuracy = (
         {}
         if held is None
@@ -259,12 +268,15 @@ def evaluate_policies(run: StageRun, policies: list[Policy]) -> dict:
         num_prompts=len(prompts),
         chosen_texts=chosen.texts if chosen else None,
         candidates=sampled.candidates,
+        skipped=skipped,
+        judge_name=judge.name if judge is not None else None,
     )
 
     write_results(
         run.writer, config, policies, samples=samples, judgments=judgments, summary=summary, accuracy=accuracy
     )
     log_to_trackers(policies, summary["rows"], baselines=["reference", *compared[len(policies) :]])
+    add_to_model_cards(policies, summary)
     log.info("evaluate: report in %s", run.run_dir.uri_of("evaluate", "report.md"))
     stats = getattr(judge, "stats", None)  # the API judge's requests, cache hits, parse failures, spend
     return {
@@ -424,6 +436,8 @@ def write_results(
             summary_rows=summary["rows"],
             training_metrics=training_metrics,
             notes=notes,
+            header=[judged_by(config.evaluate, summary["judge_name"]), *map(describe_skipped, summary["skipped"])],
+            samples=samples.to_pylist(),
         )
         writer.run.upload_dir(tmp, writer.staging)
 
@@ -441,6 +455,15 @@ def log_to_trackers(policies: list[Policy], rows: list[dict], *, baselines: list
             trackers.log(summary_metrics(rows, [p.name, *baselines]), step=manifest["steps"])
         finally:
             trackers.close()
+
+
+def add_to_model_cards(policies: list[Policy], summary: dict) -> None:
+    """Each policy's model card (train/final/README.md) with this evaluation's summary for it. Cards are
+    listed in no manifest, so the train stage stays finished."""
+    for p in policies:
+        rel = f"train/final/{CARD}"
+        if p.run_dir.exists(rel):  # a policy trained before cards were written has none to add to
+            p.run_dir.write_text(rel, with_evaluation(p.run_dir.read_text(rel), summary, policy=p.name))
 
 
 def evaluate_requests(config: Config) -> list[Request]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections import Counter
 
 import pyarrow as pa
 import ray
@@ -29,6 +30,7 @@ from pipeline.data.accounting import SPLITS, add_up, missing_rows
 from pipeline.data.audit import check_strict
 from pipeline.data.encode import process_records
 from pipeline.data.pieces import Piece
+from pipeline.data.preview import explain_no_rows
 from pipeline.data.records import InputError
 from pipeline.data.routing import route_outcomes
 from pipeline.data.schemas import TOKENIZED
@@ -175,7 +177,9 @@ def tokenize(run: StageRun) -> dict:
         raise RowsLostError(f"tokenize: input rows lost or repeated on the way: {'; '.join(problems[:3])}")
     if total["rows_in"] == 0:
         raise InputError(f"{config.data.path}: no rows (the input is empty)")
-    reasons = total["reasons"]
+    reasons = Counter(total["reasons"])
+    if sum(total["checksums"][s]["rows"] for s in SPLITS) == 0:  # a stage that yields nothing fails here
+        raise InputError(explain_no_rows(total["rows_in"], reasons))
     check_strict(config.tokenize.strict, reasons)
     for split in SPLITS:  # a split with no rows still has a (empty) shard, so that readers find the folder
         if total["checksums"][split]["rows"] == 0:

@@ -22,13 +22,22 @@ import os
 import pyarrow.fs as pafs
 import ray
 
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
+from pipeline.evaluation.model_card import CARD, model_card
 from pipeline.runtime.checkpoints import HF_DIR
+from pipeline.runtime.logs import gate_library_consoles
 from pipeline.runtime.resources import Request
 from pipeline.runtime.tracking import check_trackers, flat_params, tracking_run
 from pipeline.stages.base import Stage, StageRun
 from pipeline.stages.fit_check import check_fits
-from pipeline.training.losses import check_loss_config, choice_of, is_unpaired, needs_prefix_logps, needs_reference
+from pipeline.training.losses import (
+    check_loss_config,
+    choice_of,
+    is_unpaired,
+    loss_specs,
+    needs_prefix_logps,
+    needs_reference,
+)
 from pipeline.training.step import NONFINITE_CHOICES, NONFINITE_REPORT, accumulation, total_steps
 
 log = logging.getLogger(__name__)
@@ -49,14 +58,14 @@ def check_data_kind(config: Config, upstream: dict, *, where: str) -> None:
     kind = upstream.get("data_kind", "pairs")
     if not is_unpaired(config.train.loss):
         if kind == "unpaired":
-            raise ValueError(
+            raise ConfigError(
                 f"train.loss: {'+'.join(names)} trains on pairs, but {where} holds unpaired "
                 "(prompt, completion, label) rows; "
                 "use train.loss: kto"
             )
         return
     if kind != "unpaired":
-        raise ValueError(
+        raise ConfigError(
             f"train.loss: kto trains on unpaired (prompt, completion, label) rows, but {where} holds pairs; "
             "give it unpaired data (data.format: unpaired) or choose a paired loss"
         )
@@ -96,11 +105,11 @@ def check_training(config: Config, upstream: dict, *, where: str) -> int:
             "rerun the score stage with this train section (`dpo run` does), or unset train.ld_alpha"
         )
     if train.nonfinite not in NONFINITE_CHOICES:
-        raise ValueError(f"train.nonfinite: {train.nonfinite!r} is not one of {', '.join(NONFINITE_CHOICES)}")
+        raise ConfigError(f"train.nonfinite: {train.nonfinite!r} is not one of {', '.join(NONFINITE_CHOICES)}")
     check_data_kind(config, upstream, where=where)
     check_trackers(train, config.run_dir)
     if train.batch_size > upstream["rows_train"]:
-        raise ValueError(
+        raise ConfigError(
             f"train.batch_size ({train.batch_size}) is larger than the {upstream['rows_train']} training pairs"
         )
     return total_steps(train, upstream["rows_train"])
@@ -131,6 +140,7 @@ def make_trainer(run: StageRun, steps: int):
 
     from pipeline.stages.train_worker import LOOP_KEY, TrainLoopConfig, train_loop_per_worker
 
+    gate_library_consoles()  # Ray Train's import may attach consoles of its own: quiet unless --verbose
     config, train, run_dir = run.config, run.config.train, run.run_dir
     source = upstream_stage(config)
     name = attempt_name(run)
@@ -217,6 +227,21 @@ def export_final(run: StageRun, checkpoint) -> list[dict]:
     return [json.loads(line) for line in metrics.splitlines() if line.strip()]
 
 
+def write_card(run: StageRun, steps: int, final_metrics: dict) -> None:
+    """train/final/README.md: the model card (base model, data, loss and its settings, last metrics); the
+    evaluate stage adds its summary."""
+    config = run.config
+    keys = sorted({k for spec in loss_specs(config.train.loss) for k in spec.hyperparameters})
+    card = model_card(
+        config,
+        loss_keys={k: getattr(config.train, k) for k in keys},
+        data_counts=run.data_dir.manifest("tokenize") or run.upstream or {},
+        steps=steps,
+        final_metrics=final_metrics,
+    )
+    run.writer.write_text(f"final/{CARD}", card)
+
+
 def train_stage(run: StageRun) -> dict:
     """Train on `<data_dir>/{score|tokenize}/train` into `<run_dir>/train/` (final/ and metrics.jsonl).
 
@@ -229,6 +254,7 @@ def train_stage(run: StageRun) -> dict:
     if result.checkpoint is None:
         raise RuntimeError("train: the run ended without a checkpoint")
     history = export_final(run, result.checkpoint)
+    write_card(run, steps, history[-1] if history else {})
     log.info("train: %d steps; final policy in %s", steps, run.run_dir.uri_of("train", "final"))
     return {
         "upstream_stage": source,

@@ -19,6 +19,8 @@ from torch.distributed.tensor import DTensor
 from pipeline.config import TrainConfig
 from pipeline.training.objectives import Objective
 
+LR_SCHEDULES = ("cosine", "linear", "constant")  # train.lr_schedule, after warmup
+
 
 def lr_factor(step: int, *, total: int, warmup: int, schedule: str) -> float:
     """Multiplier of the base learning rate at optimizer step `step` (0-based): warmup, then decay."""
@@ -31,7 +33,7 @@ def lr_factor(step: int, *, total: int, warmup: int, schedule: str) -> float:
         return max(0.0, 1.0 - progress)
     if schedule == "constant":
         return 1.0
-    raise ValueError(f"train.lr_schedule: unknown schedule {schedule!r} (cosine, linear, constant)")
+    raise ValueError(f"train.lr_schedule: unknown schedule {schedule!r} ({', '.join(LR_SCHEDULES)})")
 
 
 def total_steps(train: TrainConfig, num_rows: int) -> int:

@@ -28,9 +28,12 @@ def ray_with_a_labelled_gpu():
 
 @pytest.fixture
 def llama8b_config(tmp_path):
+    from pipeline.demo.tiny_model import train_tokenizer
+
     model = tmp_path / "llama8b"
     model.mkdir()
     (model / "config.json").write_text(json.dumps(LLAMA_8B))
+    train_tokenizer(["a b c"] * 10, vocab_size=300).save_pretrained(model)  # what tokenize and train load first
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
     path = tmp_path / "c.yaml"
@@ -48,23 +51,20 @@ def test_the_gpu_size_comes_from_the_accelerator_label():
     assert found is not None and found.gib == pytest.approx(79.65) and found.source == "accelerator_type H100"
 
 
-def test_dpo_train_refuses_a_run_that_cannot_fit_naming_the_numbers(llama8b_config, capsys):
-    assert main(["train", "--config", str(llama8b_config)]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("dpo: error: train: ddp at train.num_workers=1 needs ")
-    assert (
-        "GiB per GPU (weights " in err
-        and "but this cluster's GPUs have 79.7 GiB (accelerator_type H100), 71.7 usable" in err
-    )
-    assert "fsdp + cpu offload fits on 1" in err and "lora r=16 (ddp) fits on 1" in err
-    assert not (llama8b_config.parent / "run" / "train.work").exists()  # no worker started
-
-
-def test_dpo_run_refuses_it_before_any_stage_runs_naming_the_train_stage(llama8b_config, capsys):
+def test_dpo_run_refuses_it_before_any_stage_runs_naming_the_numbers(llama8b_config, capsys):
+    # The check needs the cluster's GPUs, so it comes after the checks of the config and the files (which
+    # need no Ray) and before the first stage; `dpo train` alone would first need a finished score stage.
     assert main(["run", "--config", str(llama8b_config)]) == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
     assert last.startswith("dpo: error: train: ddp at train.num_workers=1 needs "), last
+    assert (
+        "GiB per GPU (weights " in last
+        and "but this cluster's GPUs have 79.7 GiB (accelerator_type H100), 71.7 usable" in last
+    )
+    assert "fsdp + cpu offload fits on 1" in last and "lora r=16 (ddp) fits on 1" in last
     assert not (llama8b_config.parent / "run" / "tokenize").exists()  # refused before tokenize ran
+    assert not (llama8b_config.parent / "run" / "train.work").exists()  # no worker started
 
 
 def test_a_run_that_fits_passes_and_cpu_runs_are_not_planned(llama8b_config, caplog):

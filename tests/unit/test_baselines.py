@@ -241,7 +241,8 @@ def test_summary_keeps_the_two_baselines_apart():
 
 
 def test_reward_vs_kl_draws_best_of_n_at_its_bound(tmp_path):
-    from pipeline.evaluation.report import SUMMARY_COLUMNS, plot_reward_vs_kl, summary_table
+    from pipeline.evaluation.plots import plot_reward_vs_kl
+    from pipeline.evaluation.report import SUMMARY_COLUMNS, summary_table
 
     rows = [
         {

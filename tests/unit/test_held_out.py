@@ -13,7 +13,10 @@ def test_pair_accuracy_counts_pairs_whose_chosen_reward_is_larger():
     result = pair_accuracy([0.0, 2.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0], beta=0.5)
     assert result["pairs"] == 3 and result["accuracy"] == pytest.approx(2 / 3)
     assert result["margin_mean"] == pytest.approx(0.5 * 1 / 3)
-    assert describe("policy", result) == "Implicit-reward accuracy of policy on 3 held-out pairs: 0.667."
+    assert describe("policy", result) == (
+        "Implicit-reward accuracy of policy on 3 held-out pairs: 0.667 (0.5 is chance); "
+        "mean margin beta * (log-ratio chosen - log-ratio rejected): 0.1667."
+    )
 
 
 def test_unpaired_separation_is_the_probability_a_desirable_reward_wins():

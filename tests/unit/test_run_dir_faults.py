@@ -6,6 +6,7 @@ test_run_dir_writers.py.)"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 
@@ -76,7 +77,11 @@ def test_the_manifest_lists_every_file_and_a_changed_file_unfinishes_the_stage(t
     config = letters_config(str(tmp_path / "run"))
     manifest = execute(LETTERS_STAGE, config)
     assert manifest["files"]["shards/part-00003.parquet"]["rows"] == 4
-    assert manifest["files"]["summary.txt"] == {"bytes": 11}
+    assert manifest["files"]["summary.txt"]["bytes"] == 11
+    assert (
+        manifest["files"]["summary.txt"]["sha256"]
+        == hashlib.sha256((tmp_path / "run/letters/summary.txt").read_bytes()).hexdigest()
+    )
     assert sum(f.get("rows", 0) for f in manifest["files"].values()) == manifest["rows_out"]
     run = RunDir(config.run_dir)
     finished = dict(config_hash=manifest["config_hash"], upstream_hash="letters-v1")

@@ -14,7 +14,8 @@ def counting_stage(name: str, upstream: str | None, calls: list) -> Stage:
     def body(run):
         calls.append(name)
         run.writer.write_text("out.txt", f"{name} of {run.config.train.beta}\n")
-        return {"rows_out": 1, "attempt": len(calls)}  # a redo is a new manifest
+        run.writer.write_text("attempt.txt", str(len(calls)))  # a redo writes other bytes: a new content hash
+        return {"rows_out": 1, "attempt": len(calls)}
 
     return Stage(
         name=name,

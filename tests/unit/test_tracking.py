@@ -14,6 +14,7 @@ from pipeline.runtime.tracking import (
     TrackingRun,
     check_trackers,
     flat_params,
+    run_name,
     summary_metrics,
     tracking_run,
     train_metrics,
@@ -100,6 +101,32 @@ def test_the_tracker_keys_load_and_never_rerun_training(tmp_path):
     run = tracking_run(config.train, "s3://b/run", "abc-123")
     assert TrackingRun.from_dict(json.loads(json.dumps(run.to_dict()))) == run
     assert run.run_id != tracking_run(config.train, "s3://b/other", "abc-123").run_id
+
+
+def test_runs_are_named_by_the_run_directory_and_stage_not_by_hashes(tmp_path):
+    assert run_name("/runs/imdb", "train") == ("/runs/imdb", "imdb/train")
+    assert run_name("s3://b/runs/imdb/sweep/beta-0.5", "train") == ("s3://b/runs/imdb", "imdb/train/beta-0.5")
+    assert run_name("/runs/imdb/rounds/2", "train") == ("/runs/imdb", "imdb/train/round-2")
+    train = load_config(None, ["train.report_to=[tensorboard]"]).train
+    member = tracking_run(train, str(tmp_path / "imdb" / "sweep" / "beta-0.5"), "f4e72adfda5b0a1d-83b38fcd")
+    assert member.display_name == "imdb/train/beta-0.5" and member.home == str(tmp_path / "imdb")
+    trackers = Trackers(member)
+    trackers.log({"train/loss": 0.5}, step=1)
+    trackers.close()
+    # One `tensorboard --logdir <run_dir>/tensorboard` shows the member beside the run's own training.
+    assert list((tmp_path / "imdb" / "tensorboard" / "imdb" / "train" / "beta-0.5").glob("events.out.tfevents.*"))
+
+
+def test_other_settings_set_the_earlier_tensorboard_run_aside_under_its_attempt(tmp_path):
+    train = load_config(None, ["train.report_to=[tensorboard]"]).train
+    for attempt, loss in (("aaaaaaaa1111-x", 0.7), ("bbbbbbbb2222-y", 0.3)):
+        trackers = Trackers(tracking_run(train, str(tmp_path / "imdb"), attempt))
+        trackers.log({"train/loss": loss}, step=1)
+        trackers.close()
+    board = tmp_path / "imdb" / "tensorboard" / "imdb"
+    assert list((board / "train").glob("events.out.tfevents.*")) and list(
+        (board / "train@aaaaaaaa").glob("events.out.tfevents.*")
+    )
 
 
 def test_trackers_that_cannot_work_are_refused_naming_the_fix():
