@@ -5,7 +5,7 @@ the engine `generate.engine` names (vLLM where asked and installed, transformers
 that engine asks of Ray (`sampler_placement`: transformers 1 CPU, vLLM on the CPU 2, on GPUs its GPUs, and
 with `generate.gpus_per_actor` > 1 a placement group of one-GPU bundles per actor for tensor parallelism).
 Seeds are the engines' (keyed by prompt content, pipeline/model/engines/seeding.py), with `generate.seed +
-round`: a rerun draws the same completions, however the prompts fall into batches.
+round`: a rerun draws the same completions on the same engine and machine.
 
 In a round (`pipeline/rounds`), the prompts are the round's slice of the prompt set's pool (`round_positions`);
 the output `<round>/generate/completions/part-*.parquet` holds one row per prompt with its completions (`GENERATED`).

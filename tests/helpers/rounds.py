@@ -77,7 +77,7 @@ def write_rounds_config(
         "run_dir": str(run_dir),
         "data": {"path": str(prompts)},
         "model": {"path": str(model)},
-        "tokenize": {"max_prompt_length": 12, "max_length": 28},
+        "tokenize": {"max_prompt_length": 16, "max_length": 30},
         "rounds": {"count": 2, "prompts": 8, "samples_per_prompt": 4, "eval_prompts": 4},
         "generate": {"max_tokens": 12, "batch_size": 16},
         "label": {"kind": "reward_model", "model": str(reward_model), "batch_size": 32},

@@ -62,12 +62,13 @@ def test_the_reward_model_reads_the_conversation_through_its_own_chat_template(t
     assert templated and text == "user: the movie\nassistant: was great\n"
     assert rm.render("the movie", "was great")[0] == text  # a text prompt is a user turn where there is a template
     (score,) = rm.score([messages], ["was great"])
-    assert score == pytest.approx(alone(templated_dir, rm.tokenizer(text, add_special_tokens=False)["input_ids"]), abs=1e-5)
+    ids = rm.tokenizer(text, add_special_tokens=False)["input_ids"]  # the template writes what it needs
+    assert score == pytest.approx(alone(templated_dir, ids), abs=1e-5)
 
 
 def test_a_conversation_needs_a_chat_template(reward_model_dir):
     rm = RewardModel(str(reward_model_dir))
-    with pytest.raises(ValueError, match="label.chat_template"):
+    with pytest.raises(ValueError, match=r"label\.chat_template"):
         rm.score([[{"role": "user", "content": "hi"}]], ["hello"])
     assert RewardModel(str(reward_model_dir), chat_template="{{ messages[-1]['content'] }}").score(
         [[{"role": "user", "content": "hi"}]], ["hello"]
@@ -90,5 +91,5 @@ def test_a_model_with_more_than_one_output_is_refused(tmp_path):
     rm_dir = make_tiny_reward_model_dir(tmp_path / "one")
     two = GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=32, n_head=1, vocab_size=300, num_labels=2))
     save_pretrained(two, RewardModel(str(rm_dir)).tokenizer, tmp_path / "two")
-    with pytest.raises(ValueError, match="label.model: .* 2 outputs"):
+    with pytest.raises(ValueError, match=r"label\.model: .* 2 outputs"):
         RewardModel(str(tmp_path / "two"))

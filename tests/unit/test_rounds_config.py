@@ -4,6 +4,7 @@ ordinary demo's stage; the per-round table and the trackers' values come from th
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -23,9 +24,8 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def rounds(*overrides: str):
-    return load_config(
-        None, ["run_dir=/runs/r", "data.path=/data/prompts.jsonl", "model.path=/models/sft", "rounds.count=3", *overrides]
-    )
+    base = ["run_dir=/runs/r", "data.path=/data/prompts.jsonl", "model.path=/models/sft", "rounds.count=3"]
+    return load_config(None, [*base, *overrides])
 
 
 def test_round_t_samples_and_trains_from_the_previous_rounds_policy():
@@ -114,7 +114,7 @@ def test_the_demos_rounds_reuse_the_ordinary_demos_stage():
 
 def test_the_per_round_table_and_the_trackers_values():
     rows = [
-        {"round": 0, "temperature": 1.0, "reward_mean": 0.1, "reward_ci_low": 0.0, "reward_ci_high": 0.2, "kl_mean": 0.0},
+        {"round": 0, "temperature": 1.0, "reward_mean": 0.1, "reward_ci_low": 0.0, "reward_ci_high": 0.2},
         {
             "round": 1,
             "temperature": 1.0,
@@ -130,8 +130,17 @@ def test_the_per_round_table_and_the_trackers_values():
             "win_rate_vs_previous_ci_high": 0.9,
         },
     ]
+    rows[0]["kl_mean"] = 0.0
     table = rounds_table(rows).splitlines()
     assert table[2] == "| 0 | 1 | 0.100 [0.000, 0.200] | 0.00 | \u2013 | \u2013 |"
     assert table[3] == "| 1 | 1 | 0.500 [0.400, 0.600] | 3.25 | 0.750 [0.600, 0.900] | 0.750 [0.600, 0.900] |"
     values = tracker_values(rows)
     assert values[1]["rounds/win_rate_vs_initial/T1"] == 0.75 and "rounds/win_rate_vs_initial/T1" not in values[0]
+
+
+def test_the_docs_config_block_loads_and_passes_the_check(tmp_path):
+    docs = Path(__file__).resolve().parents[2] / "docs" / "rounds.md"
+    (block,) = re.findall(r"```yaml\n(.*?)```", docs.read_text(), re.S)
+    path = tmp_path / "rounds.yaml"
+    path.write_text(block)
+    check_rounds(load_config(path))
