@@ -8,8 +8,8 @@ import sqlite3
 import pytest
 from test_api_judge import api_key, make_judge, pairs, server  # noqa: F401  (fixtures: the key, the server)
 
-from pipeline.config import load_config
-from pipeline.evaluation.api_judge import ApiJudgeConfig, cache_key, label_logprobs, read_verdict
+from pipeline.config import ConfigError, load_config
+from pipeline.evaluation.api_judge import ApiJudgeConfig, label_logprobs, read_verdict
 from pipeline.evaluation.api_judge.cache import Reply, SqliteCache
 from pipeline.evaluation.judgments import JudgeProgress
 from pipeline.evaluation.plugins import make_judge as make_judge_from
@@ -137,19 +137,20 @@ def test_logprob_verdicts_decide_where_the_text_is_ambiguous_and_come_back_from_
     assert (fresh.stats.fallbacks, fresh.stats.unparsed) == (4, 4)
 
 
-def test_an_old_sqlite_cache_gains_the_logprobs_column_and_keeps_its_rows(tmp_path):
+def test_a_sqlite_cache_of_another_version_is_refused_naming_the_file(tmp_path):
+    """A cache whose table lacks a column this code writes is not patched up in place: the user is told
+    to delete it (its pairs are then judged again), as run directories of other versions are refused."""
     path = tmp_path / "old.sqlite"
     db = sqlite3.connect(path)
     db.execute(
         "CREATE TABLE replies (key TEXT PRIMARY KEY, model TEXT NOT NULL, text TEXT NOT NULL, "
         "input_tokens INTEGER, output_tokens INTEGER, created REAL NOT NULL)"
     )
-    key = cache_key("m", "rendered", "p", "a", "b")  # the text mode's key is the one of old caches
-    db.execute("INSERT INTO replies VALUES (?, 'm', 'Preferred: B', 10, 2, 0.0)", (key,))
     db.commit()
     db.close()
-    cache = SqliteCache(str(path))
-    assert cache.get(key) == Reply(text="Preferred: B", input_tokens=10, output_tokens=2, label_logprobs=None)
+    with pytest.raises(ConfigError, match=f"{path}: a judge cache written by another version of raydpo; delete it"):
+        SqliteCache(str(path))
+    cache = SqliteCache(str(tmp_path / "new.sqlite"))
     cache.put("k2", "m", Reply("x", None, None, {"A": -0.1}))
     assert cache.get("k2").label_logprobs == {"A": -0.1}
     cache.close()

@@ -85,3 +85,20 @@ def test_the_declarations_name_the_pipeline_in_order(config):
     simpo = load_config(None, ["train.loss=simpo"])
     assert [s.name for s in enabled_stages(simpo)] == ["tokenize", "train", "evaluate"]
     assert by_name("train").upstream(simpo) == "tokenize" and by_name("train").upstream(config) == "score"
+
+
+def test_a_stage_written_by_another_version_is_refused_naming_force(config):
+    """A manifest of another stage format (here: none, as pre-release code wrote) is never read as this
+    code's output: the stage is refused by name until it is redone with --force."""
+    from pipeline.runtime.storage import OutdatedStageError
+
+    calls: list = []
+    first = counting_stage("first", None, calls)
+    manifest = execute(first, config)
+    run = RunDir(config.run_dir)
+    run.write_json("first/manifest.json", {k: v for k, v in manifest.items() if k != "format"})
+    with pytest.raises(OutdatedStageError, match=r"first: written by another version of raydpo.*--force"):
+        execute(first, config)
+    assert calls == ["first"]
+    execute(first, config, force=True)
+    assert calls == ["first", "first"] and run.manifest("first")["format"] == manifest["format"]

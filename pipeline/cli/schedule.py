@@ -26,7 +26,7 @@ from pipeline.data.sources import InputError, hub_dataset
 from pipeline.demo.prepare import DEMO
 from pipeline.runtime.ray_setup import init_ray
 from pipeline.runtime.resources import check_resources
-from pipeline.runtime.storage import RunDir
+from pipeline.runtime.storage import OutdatedStageError, RunDir
 from pipeline.stages import STAGE_NAMES, STAGES, by_name, cluster_requests, enabled_stages
 from pipeline.stages.base import check, fingerprint, is_current, upstream_manifest
 
@@ -60,16 +60,21 @@ class Plan:
 def current_stages(config: Config, stages: tuple[str, ...]) -> tuple[str, ...]:
     """The leading stages whose manifests match this config and their upstream (read-only, no Ray)."""
     run_dir = RunDir(config.run_dir)
-    if config.demo.enabled and not is_current(DEMO, config, run_dir, None):
-        return ()  # the demo makes tokenize's input: until it is ready, nothing downstream is current
+    try:
+        if config.demo.enabled and not is_current(DEMO, config, run_dir, None):
+            return ()  # the demo makes tokenize's input: until it is ready, nothing downstream is current
+    except OutdatedStageError:
+        return ()
     current: list[str] = []
     for name in stages:
         stage = by_name(name)
         try:
             tied_to = fingerprint(stage, config, upstream_manifest(stage, config, run_dir))
-        except (OSError, RuntimeError):
-            break  # the input or the upstream stage is not there (yet): running the stage will say why
-        if tied_to is None or not is_current(stage, config, run_dir, tied_to):
+            if tied_to is None or not is_current(stage, config, run_dir, tied_to):
+                break
+        except (OSError, RuntimeError, OutdatedStageError):
+            # The input or the upstream stage is not there (yet), or was written by other code: running the
+            # stage will say why (an outdated stage is refused, naming --force, unless it is being redone).
             break
         current.append(name)
     return tuple(current)

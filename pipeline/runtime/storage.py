@@ -29,13 +29,22 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.config import refuse_credentials
+from pipeline.config import ConfigError, refuse_credentials
 from pipeline.runtime.files import differences, list_files, write_atomic
 from pipeline.runtime.lease import Lease, held, hold
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+# The layout of a stage folder and its manifest. Raised when a stage's output changes shape, so that a run
+# directory written by other code is refused by name (redo it with --force), not read as if it were this one's.
+MANIFEST_FORMAT = 1
+
+
+class OutdatedStageError(ConfigError):
+    """A finished stage written by a raydpo whose stage layout differs from this one's."""
+
+
 STAGING = ".staging"  # where attempts write before they commit: <run_dir>/.staging/<stage>-<id>/
 SCRATCH = "_scratch"  # inside a staging folder: the attempt's bookkeeping, dropped at the commit
 
@@ -146,12 +155,18 @@ class RunDir:
                 "%s: unreadable manifest (%s): the stage counts as not finished", self.uri_of(stage, MANIFEST), err
             )
             return None
-        return manifest if isinstance(manifest, dict) else None
+        if not isinstance(manifest, dict):
+            return None
+        if manifest.get("format") != MANIFEST_FORMAT:
+            raise OutdatedStageError(
+                f"{self.uri_of(stage)}: written by another version of raydpo (stage format "
+                f"{manifest.get('format', 'none')}, this one reads {MANIFEST_FORMAT}); redo it with "
+                f"`dpo {stage} --force` or `dpo run --from-stage {stage}`, or use a new run_dir"
+            )
+        return manifest
 
     def damage(self, stage: str, manifest: dict) -> list[str]:
         """How the stage folder differs from the files its manifest lists; [] when they agree."""
-        if "files" not in manifest:
-            return ["the manifest lists no files (written before manifests did)"]
         return differences(manifest["files"], self.fs, self.path(stage), skip=(MANIFEST,))
 
     def is_finished(self, stage: str, *, config_hash: str, upstream_hash: str | None) -> bool:
@@ -258,6 +273,7 @@ class StageWriter:
             fs.delete_dir(final)
         _move_dir(fs, self.path(), final)
         manifest = {
+            "format": MANIFEST_FORMAT,
             "stage": self.stage,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "versions": _versions(),

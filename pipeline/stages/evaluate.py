@@ -177,7 +177,7 @@ def held_out_split(data_dir: RunDir) -> tuple[pa.Table | None, str | None]:
     held = read_parquet_dir(data_dir, "score/eval") if manifest is not None else None
     if held is None or not held.num_rows:
         return None, None
-    return held, manifest.get("data_kind", "pairs")
+    return held, manifest["data_kind"]
 
 
 def held_out_measures(data_dir: RunDir, policies: list[Policy], *, config: Config) -> dict[str, dict]:

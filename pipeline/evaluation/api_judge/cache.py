@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from pipeline.config import ConfigError
+
 
 @dataclass(frozen=True)
 class Reply:
@@ -47,9 +49,7 @@ class ResponseCache(Protocol):
 def cache_key(model: str, rendered: str, prompt: str, first: str, second: str, *, verdict: str = "text") -> str:
     """sha256 of what decides the answer: the judge model, the message sent, the pair itself, and how the
     verdict is asked for (a text reply has no log-probs; a JSON one is asked with another prompt anyway)."""
-    # The text mode's key is the one written before verdict modes existed, so those caches still answer.
-    extra = [] if verdict == "text" else [verdict]
-    payload = json.dumps([model, rendered, prompt, first, second, *extra], ensure_ascii=False)
+    payload = json.dumps([model, rendered, prompt, first, second, verdict], ensure_ascii=False)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
@@ -84,8 +84,11 @@ class SqliteCache:
             "label_logprobs TEXT)"
         )
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(replies)")}
-        if "label_logprobs" not in columns:  # a cache written before log-prob verdicts: keep its rows
-            self._db.execute("ALTER TABLE replies ADD COLUMN label_logprobs TEXT")
+        if "label_logprobs" not in columns:
+            self._db.close()
+            raise ConfigError(
+                f"{path}: a judge cache written by another version of raydpo; delete it (its pairs are judged again)"
+            )
 
     def get(self, key: str) -> Reply | None:
         found = self._db.execute(
