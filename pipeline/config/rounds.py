@@ -78,7 +78,7 @@ class LabelConfig:
     # kind reward_model: an AutoModelForSequenceClassification (hub id or directory) with one output, scored
     # with its own tokenizer and chat template; kind judge with judge local: the judging chat model.
     model: str | None = None
-    chat_template: str | None = None  # the reward model's template where its tokenizer has none
+    chat_template: str | None = None  # the reward model's (or the local judge's) template where its tokenizer has none
     max_length: int = 1024  # reward_model: tokens scored per completion; longer texts keep their end (counted)
     batch_size: int = 16  # reward_model: completions per forward pass
     dtype: str | None = None  # reward_model: None is bfloat16 on a GPU and float32 on the CPU

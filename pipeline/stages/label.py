@@ -157,7 +157,10 @@ def make_label_judge(config: Config, *, cache_path: str | None) -> tuple[Judge, 
     found = context_length(lab.model, trust_remote_code=config.model.trust_remote_code)
     room = found[0] - lab.judge_max_tokens if found else None
     tokenizer = load_tokenizer(lab.model, trust_remote_code=config.model.trust_remote_code)
-    return GenerativeJudge(tokenizer, generate, task=lab.judge_task, max_prompt_tokens=room), actor
+    judge = GenerativeJudge(
+        tokenizer, generate, task=lab.judge_task, chat_template=lab.chat_template, max_prompt_tokens=room
+    )
+    return judge, actor
 
 
 def judged_batches(run: StageRun, judge: Judge, counts: RankCounts) -> Iterator[pa.Table]:
@@ -201,6 +204,11 @@ def label_body(run: StageRun) -> dict:
             if "truncated" in batch.column_names:
                 stats["truncated"] += sum(batch["truncated"].to_pylist())
 
+    def start_again() -> None:  # a pool started again writes every shard, and counts every row, anew
+        writer.remove(OUTPUT)
+        stats.clear()
+        gaps.clear()
+
     if lab.kind == "judge":
         with run.run_dir.local_file(JUDGE_CACHE) as cache:
             judge, actor = make_label_judge(config, cache_path=cache)
@@ -215,7 +223,7 @@ def label_body(run: StageRun) -> dict:
             ledger=writer.scratch("in_flight"),
             what="label",
             retries=config.ray.max_retries,
-            reset=lambda: writer.remove(OUTPUT),  # a pool started again writes every shard anew
+            reset=start_again,
         )
     upstream = run.upstream or {}
     if upstream and stats["rows"] != upstream.get("rows_out"):
