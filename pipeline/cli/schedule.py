@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass
 
 from pipeline.cli.preflight import check_counts
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config, ConfigError, section_hash
 from pipeline.data.sources import InputError, hub_dataset
 from pipeline.demo.prepare import DEMO
 from pipeline.runtime.ray_setup import init_ray
@@ -134,10 +134,12 @@ def submission_id(config: Config, stage: str = "run") -> str:
     The hash covers the run directory and the config of `stage` and every stage before it (for "run":
     all stages); a change that reruns the stage changes the id. Resource fields do not count.
     """
-    if stage != "run" and stage not in STAGE_NAMES:
-        raise ConfigError(f"--stage {stage}: expected run or one of {', '.join(STAGE_NAMES)}")
-    stages = STAGES if stage == "run" else STAGES[: STAGE_NAMES.index(stage) + 1]
+    if stage not in ("run", "iterate") and stage not in STAGE_NAMES:
+        raise ConfigError(f"--stage {stage}: expected run, iterate or one of {', '.join(STAGE_NAMES)}")
+    stages = STAGES if stage in ("run", "iterate") else STAGES[: STAGE_NAMES.index(stage) + 1]
     picked = {"run_dir": config.run_dir, **{s.name: s.config_hash(config) for s in stages}}
+    if stage == "iterate":  # the rounds' own sections too (resource fields left out, as for the stages)
+        picked["rounds"] = section_hash(config, ("rounds", "generate", "label", "data"))
     if config.demo.enabled:
         picked["demo"] = DEMO.config_hash(config)
     digest = hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:12]

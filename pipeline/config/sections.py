@@ -9,9 +9,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names the key's path."""
+from pipeline.config.checks import ConfigError, check_gpus_per_actor
+from pipeline.config.rounds import GenerateConfig, LabelConfig, RoundsConfig
 
 
 @dataclass(frozen=True)
@@ -57,12 +56,6 @@ class TokenizeConfig:
     num_shards: int | None = None
     # Tokenizer actors in the Ray Data pool; None: one per CPU of the cluster but one, at least one. Resources only.
     num_actors: int | None = None
-
-
-def check_gpus_per_actor(value: float, *, path: str) -> None:
-    """A GPU fraction (several small models share a GPU) or a whole number of GPUs (one model spread over them)."""
-    if value <= 0 or (value > 1 and value != int(value)):
-        raise ConfigError(f"{path}: {value:g} GPUs; give a fraction up to 1 or a whole number of GPUs")
 
 
 @dataclass(frozen=True)
@@ -268,6 +261,10 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    # On-policy rounds (`dpo iterate`, pipeline/config/rounds.py): the loop, and its generate and label stages.
+    rounds: RoundsConfig = field(default_factory=RoundsConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    label: LabelConfig = field(default_factory=LabelConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

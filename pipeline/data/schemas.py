@@ -83,3 +83,25 @@ JUDGMENTS = pa.schema(
         ("length_diff", pa.int32()),  # model's completion tokens minus the baseline's
     ]
 )
+
+# prompts/{eval,pool}/part-*.parquet: a prompt set's kept prompts, in their seeded order (position 0, 1, ...).
+PROMPTS = pa.schema(
+    [
+        ("id", pa.string()),  # content hash of the rendered prompt
+        ("position", pa.int64()),  # place in the split's order
+        ("prompt_json", pa.string()),  # the prompt as the row gave it: a JSON string or message list
+        ("prompt_text", pa.string()),  # rendered with the chat template where it is a message list
+        ("prompt_ids", _ids),  # BOS where the tokenizer adds one, as tokenize places it
+    ]
+)
+
+# rounds/<t>/generate/part-*.parquet: a prompt of the round and its n sampled completions, in sample order.
+GENERATED = pa.schema(
+    list(PROMPTS)
+    + [
+        ("texts", pa.list_(pa.string())),  # decoded, special tokens skipped
+        ("completion_ids", pa.list_(_ids)),  # generated ids; EOS last where the sample stopped
+        ("logps", pa.list_(pa.float64())),  # sum of log pi(token) under the sampling policy, one per sample
+        ("finish_reasons", pa.list_(pa.string())),  # stop (EOS) | length (max_tokens)
+    ]
+)

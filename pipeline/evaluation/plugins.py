@@ -28,11 +28,12 @@ Reward = Callable[[Sequence[str]], np.ndarray]
 JudgeFactory = Callable[[EvaluateConfig], Judge]
 
 
-def make_reward(name: str | None) -> Reward | None:
-    """The reward registered under `name`; None for None (a task without a reward)."""
+def make_reward(name: str | None, *, setting: str = "evaluate.reward") -> Reward | None:
+    """The reward registered under `name`; None for None (a task without a reward). `setting`: the key that
+    names it, for the error an unknown name raises."""
     if name is None:
         return None
-    return _load(REWARD_GROUP, name, setting="evaluate.reward", kind="reward", builtin=(), none_allowed=True)
+    return _load(REWARD_GROUP, name, setting=setting, kind="reward", builtin=(), none_allowed=True)
 
 
 def make_judge(evaluate_config: EvaluateConfig, *, api_cache_path: str | None = None) -> Judge | None:
@@ -50,21 +51,22 @@ def make_judge(evaluate_config: EvaluateConfig, *, api_cache_path: str | None = 
     return factory(evaluate_config)
 
 
-def check_judge(evaluate_config: EvaluateConfig) -> None:
+def check_judge(evaluate_config: EvaluateConfig, *, section: str = "evaluate") -> None:
     """Refuse what `make_judge` would refuse (an unknown name, API judge settings that do not parse)
-    without building a task's judge: the check that runs before any stage does. Settings for the API judge
-    under another judge (or none) are refused too: they would be ignored without a word."""
+    without building a task's judge: the check that runs before any stage does. `section`: where the
+    judge's keys are (evaluate, or label for the rounds' judge labeller), for the messages. Settings for the
+    API judge under another judge (or none) are refused too: they would be ignored without a word."""
     if evaluate_config.judge_api and evaluate_config.judge != API_JUDGE:
         raise ConfigError(
-            f"evaluate.judge_api is set but evaluate.judge is {evaluate_config.judge or 'not set'}; "
-            f"set evaluate.judge: {API_JUDGE} to judge with it, or remove evaluate.judge_api"
+            f"{section}.judge_api is set but {section}.judge is {evaluate_config.judge or 'not set'}; "
+            f"set {section}.judge: {API_JUDGE} to judge with it, or remove {section}.judge_api"
         )
     if evaluate_config.judge is None:
         return
     if evaluate_config.judge == API_JUDGE:
-        make_api_judge(evaluate_config.judge_api, where="evaluate.judge_api")  # settings only: no request, no cache
+        make_api_judge(evaluate_config.judge_api, where=f"{section}.judge_api")  # settings only: no request, no cache
     else:
-        _load(JUDGE_GROUP, evaluate_config.judge, setting="evaluate.judge", kind="judge", builtin=(API_JUDGE,))
+        _load(JUDGE_GROUP, evaluate_config.judge, setting=f"{section}.judge", kind="judge", builtin=(API_JUDGE,))
 
 
 def registered(group: str) -> list[str]:

@@ -138,13 +138,6 @@ def start_sampler(
     kv_cache_gib is vLLM's (see VLLMEngine). `retries`: how often Ray restarts the actor after its process
     dies, redoing only the calls in flight (pipeline.runtime.actors)."""
     placement = sampler_placement(kind, use_gpu=use_gpu, gpus=gpus)
-    engine_kwargs = {} if placement.engine == "hf" else {"kv_cache_gib": kv_cache_gib}
-    if use_gpu and gpus > 1:
-        engine_kwargs.update(
-            {"gpus": int(gpus)}
-            if placement.engine == "hf"
-            else {"tensor_parallel_size": int(gpus), "distributed_executor_backend": "ray"}
-        )
     return start_placed(
         Sampler,
         placement,
@@ -153,9 +146,23 @@ def start_sampler(
         use_gpu=use_gpu,
         dtype=dtype,
         trust_remote_code=trust_remote_code,
-        engine_kwargs=engine_kwargs,
+        engine_kwargs=sampler_engine_kwargs(placement, use_gpu=use_gpu, gpus=gpus, kv_cache_gib=kv_cache_gib),
         retries=retries,
     )
+
+
+def sampler_engine_kwargs(
+    placement: SamplerPlacement, *, use_gpu: bool, gpus: float, kv_cache_gib: float | None
+) -> dict:
+    """The engine's own arguments for a sampler placed by `placement` (see `start_sampler`)."""
+    engine_kwargs: dict = {} if placement.engine == "hf" else {"kv_cache_gib": kv_cache_gib}
+    if use_gpu and gpus > 1:
+        engine_kwargs.update(
+            {"gpus": int(gpus)}
+            if placement.engine == "hf"
+            else {"tensor_parallel_size": int(gpus), "distributed_executor_backend": "ray"}
+        )
+    return engine_kwargs
 
 
 def start_placed(actor_body: type, placement: SamplerPlacement, *args, retries: int = 0, **kwargs):

@@ -10,7 +10,8 @@ A module may import its own sub-package and the sub-packages of lower tiers, not
     tier 3  runtime | evaluation | planning
                                          Ray plumbing | judges, statistics, reports (no Ray) | the memory plan (no Ray)
     tier 4  stages                       thin Ray layers over the pure parts
-    tier 5  demo | cli                   the demo task (a plug-in) | the command line
+    tier 5  rounds                       on-policy rounds: the loop over the stages (`dpo iterate`)
+    tier 6  demo | cli                   the demo task (a plug-in) | the command line
 
 Packages on one tier never import each other, with one exception: cli may import demo. Nothing else
 imports the demo (evaluation finds its reward and judge through entry points, see pyproject.toml).
@@ -42,8 +43,9 @@ TIERS = {
     "evaluation": 3,
     "planning": 3,
     "stages": 4,
-    "demo": 5,
-    "cli": 5,
+    "rounds": 5,
+    "demo": 6,
+    "cli": 6,
 }
 SAME_TIER_ALLOWED = {("cli", "demo")}  # (importer, imported): the only import across packages of one tier
 NO_RAY = {"config", "data", "model", "training", "evaluation", "planning"}  # ray imported nowhere in these
