@@ -10,8 +10,8 @@ from __future__ import annotations
 from pipeline.config import Config
 from pipeline.demo.prepare import DEMO
 from pipeline.demo.round_prompts import DEMO_PROMPTS
-from pipeline.rounds.checks import check_rounds
 from pipeline.rounds.loop import run_rounds
+from pipeline.rounds.refusals import check_rounds
 from pipeline.runtime.storage import RunDir
 
 __all__ = ["check_rounds", "iterate"]

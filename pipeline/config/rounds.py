@@ -4,7 +4,7 @@ Round t samples `rounds.samples_per_prompt` completions for `rounds.prompts` fre
 (`data.path`) from pi_{t-1} (generate), scores each completion (label), pairs the best with the worst by the
 `scored` rules (`data.pairing`, `data.min_score_gap`), then tokenizes, scores under the reference and trains
 from pi_{t-1} as `dpo run` does. Each section checks here what it alone can know; what needs the registered
-rewards and judges is checked by `pipeline.rounds.checks.check_rounds`.
+rewards and judges is checked by `pipeline.rounds.refusals.check_rounds`.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 The label stage serves the model in a sampler actor (`label.judge: local`) and hands this judge a
 `generate` function: rendered prompts' token ids in, one greedy reply per prompt out. Everything else is
 the API judge's: the prompt of `label.judge_task` ("Preferred: A" / "B" / "Tie" on the last line) and its
-parser (pipeline/evaluation/api_judge/prompts.py). A reply that names no verdict is "unparsed": counted by
+parser (pipeline.evaluation.api_judge.templates.py). A reply that names no verdict is "unparsed": counted by
 the caller, never read as a preference. A small model answers in the form asked only if it was trained to.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from pipeline.evaluation.api_judge.prompts import PROMPT_TEMPLATES, parse_verdict, render_prompt
+from pipeline.evaluation.api_judge.templates import PROMPT_TEMPLATES, parse_verdict, render_prompt
 from pipeline.evaluation.judges import Verdict, check_pair_lengths
 
 # Token ids of rendered prompts -> the model's reply to each, in order.

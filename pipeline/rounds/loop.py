@@ -23,9 +23,9 @@ import logging
 from collections.abc import Callable
 
 from pipeline.config import Config, ConfigError
-from pipeline.rounds.checks import check_rounds
-from pipeline.rounds.plan import chain_hash, evaluate_config, policy, round_config, round_dir
-from pipeline.rounds.report import ROUNDS_REPORT
+from pipeline.rounds.layout import chain_hash, evaluate_config, policy, round_config, round_dir
+from pipeline.rounds.refusals import check_rounds
+from pipeline.rounds.rounds_report import ROUNDS_REPORT
 from pipeline.runtime.ray_setup import init_ray
 from pipeline.runtime.resources import Request, check_resources
 from pipeline.runtime.storage import RunDir

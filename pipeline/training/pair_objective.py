@@ -34,7 +34,7 @@ from pipeline.training.losses import (
 )
 from pipeline.training.metrics import StepMetrics, mean_metrics
 from pipeline.training.policy import policy_sequence_stats
-from pipeline.training.rows import column, step_denominators
+from pipeline.training.step_rows import column, step_denominators
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.rounds.plan import round_config
+from pipeline.rounds.layout import round_config
 from pipeline.runtime.storage import RunDir, read_parquet_dir
 from pipeline.stages import SCORE, TOKENIZE
 

@@ -15,7 +15,7 @@ import pytest
 from pipeline.config import load_config
 from pipeline.model.pretrained import load_tokenizer
 from pipeline.model.reward_model import RewardModel
-from pipeline.rounds.plan import chain_hash, round_config
+from pipeline.rounds.layout import chain_hash, round_config
 from pipeline.runtime.storage import RunDir, read_parquet_dir
 from pipeline.stages import TOKENIZE
 from pipeline.stages.generate import GENERATE, generate_body

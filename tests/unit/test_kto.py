@@ -18,7 +18,7 @@ from pipeline.model.scoring import score_unpaired
 from pipeline.stages.score import is_unpaired
 from pipeline.stages.train import check_data_kind
 from pipeline.training.kto_objective import KtoObjective, KtoStep, kl_logps
-from pipeline.training.rows import step_denominators
+from pipeline.training.step_rows import step_denominators
 from tests.helpers.micro_batches import kto_rows, split
 
 CPU = torch.device("cpu")

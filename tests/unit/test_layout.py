@@ -293,3 +293,13 @@ def test_package_console_script_and_jobs_import_without_ray_train_or_vllm():
     )
     loaded = {target: mods for target, mods in report["added"].items() if mods}
     assert not loaded, f"importing these loaded what should wait until a stage runs: {loaded}"
+
+
+def test_no_two_modules_share_a_file_name():
+    """One name, one concept: a module's file name says what it holds, wherever it lives (an `__init__.py`
+    aside), so `checks.py` or `report.py` in two packages would be two concepts under one name."""
+    where = defaultdict(list)
+    for path in (ROOT / "pipeline").rglob("*.py"):
+        if path.name != "__init__.py":
+            where[path.name].append(str(path.relative_to(ROOT)))
+    assert {name: paths for name, paths in where.items() if len(paths) > 1} == {}

@@ -12,8 +12,8 @@ import pytest
 from pipeline.config import ConfigError, load_config
 from pipeline.demo.prepare import DEMO
 from pipeline.evaluation.rounds_summary import rounds_table, tracker_values
-from pipeline.rounds.checks import check_rounds
-from pipeline.rounds.plan import evaluate_config, policy, reference, round_config
+from pipeline.rounds.layout import evaluate_config, policy, reference, round_config
+from pipeline.rounds.refusals import check_rounds
 from pipeline.stages import SCORE, TOKENIZE, TRAIN
 from pipeline.stages.generate import GENERATE
 from pipeline.stages.label import LABEL

@@ -29,7 +29,13 @@ The settings and errors are in config.py, the prompts and the verdict parser in 
 from pipeline.evaluation.api_judge.cache import cache_key
 from pipeline.evaluation.api_judge.config import ApiJudgeConfig, ApiJudgeError, ApiJudgeStats, BudgetExceeded
 from pipeline.evaluation.api_judge.judge import ApiJudge, make_api_judge
-from pipeline.evaluation.api_judge.prompts import PROMPT_TEMPLATES, TASKS, builtin_prompt, parse_verdict, render_prompt
+from pipeline.evaluation.api_judge.templates import (
+    PROMPT_TEMPLATES,
+    TASKS,
+    builtin_prompt,
+    parse_verdict,
+    render_prompt,
+)
 from pipeline.evaluation.api_judge.verdicts import VERDICT_MODES, VERDICT_SCHEMA, label_logprobs, read_verdict
 
 __all__ = [

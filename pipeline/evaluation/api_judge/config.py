@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.config import ConfigError
-from pipeline.evaluation.api_judge.prompts import TASKS, builtin_prompt
+from pipeline.evaluation.api_judge.templates import TASKS, builtin_prompt
 from pipeline.evaluation.api_judge.verdicts import VERDICT_MODES
 from pipeline.evaluation.judges import Verdict
 

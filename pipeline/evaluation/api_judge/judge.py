@@ -22,7 +22,7 @@ from pipeline.evaluation.api_judge.client import (
     send,
 )
 from pipeline.evaluation.api_judge.config import ApiJudgeConfig, ApiJudgeError, ApiJudgeStats, BudgetExceeded
-from pipeline.evaluation.api_judge.prompts import render_prompt
+from pipeline.evaluation.api_judge.templates import render_prompt
 from pipeline.evaluation.api_judge.verdicts import read_verdict
 from pipeline.evaluation.judges import Verdict, check_pair_lengths
 

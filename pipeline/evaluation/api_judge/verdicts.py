@@ -19,7 +19,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pipeline.evaluation.api_judge.prompts import LABELS, parse_verdict
+from pipeline.evaluation.api_judge.templates import LABELS, parse_verdict
 from pipeline.evaluation.judges import Verdict
 
 VERDICT_MODES = ("json", "logprobs", "text")

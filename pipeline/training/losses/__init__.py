@@ -17,10 +17,10 @@ Imports torch (and pipeline.config) only. The table of every loss is docs/losses
 """
 
 from pipeline.training.losses.anchored import RewardMean
-from pipeline.training.losses.checks import check_loss_config
 from pipeline.training.losses.compute import ChoiceOutput, compute_loss, denominators
 from pipeline.training.losses.interface import KtoLogps, LossOutput, PairLogps, Reduction, StepPairs
 from pipeline.training.losses.kto import kto_loss, kto_reference_point
+from pipeline.training.losses.loss_config import check_loss_config
 from pipeline.training.losses.modifiers import length_desensitised, wpo_weights
 from pipeline.training.losses.registry import (
     ALIASES,

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from pipeline.training.losses.checks import check_modifiers, check_values
 from pipeline.training.losses.interface import KtoLogps, LossOutput, PairLogps, Reduction
+from pipeline.training.losses.loss_config import check_modifiers, check_values
 from pipeline.training.losses.modifiers import length_desensitised, wpo_weights
 from pipeline.training.losses.registry import HYPERPARAMETERS, LOSSES, MODIFIERS, LossChoice, LossSpec, loss_weights
 

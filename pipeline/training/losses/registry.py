@@ -4,7 +4,7 @@
 weighted mix such as {"dpo": 1.0, "sft": 0.1} (a `LossChoice`); TRL's names are accepted where ours
 differ (`ALIASES`). The pipeline never branches on a loss's name: it asks `needs_reference`,
 `is_unpaired`, `reads_rejected`, `is_batch_wise`, `loss_states`, `needs_prefix_logps` and
-`needs_sq_logps` of the choice; `pipeline.training.losses.checks.check_loss_config` checks the keys up
+`needs_sq_logps` of the choice; `pipeline.training.losses.loss_config.check_loss_config` checks the keys up
 front and `pipeline.training.losses.compute.compute_loss` runs the losses.
 """
 

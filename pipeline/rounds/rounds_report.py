@@ -13,7 +13,7 @@ import tempfile
 
 from pipeline.config import Config
 from pipeline.evaluation.rounds_summary import plot_rounds_reward_vs_kl, rounds_report, tracker_values
-from pipeline.rounds.plan import round_dir
+from pipeline.rounds.layout import round_dir
 from pipeline.runtime.storage import RunDir
 from pipeline.runtime.tracking import Trackers, TrackingRun, flat_params
 from pipeline.stages.base import Stage, StageRun
