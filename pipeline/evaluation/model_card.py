@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pipeline.config import Config
+from pipeline.training.losses import choice_of
 
 CARD = "README.md"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -91,7 +92,8 @@ def model_card(
     metrics.jsonl row; evaluation: the evaluate stage's summary.json document, or None before it ran; policy:
     the model's name in that summary (a sweep member's name)."""
     train, name = config.train, config.run_dir.rstrip("/").rsplit("/", 1)[-1]
-    loss = train.loss if isinstance(train.loss, str) else " + ".join(f"{w:g}·{k}" for k, w in train.loss.items())
+    weights = choice_of(train)  # a mapping, or TRL's list with train.loss_weights, as {name: weight}
+    loss = train.loss if isinstance(train.loss, str) else " + ".join(f"{w:g}·{k}" for k, w in weights.items())
     dropped = data_counts.get("dropped")
     lines = [
         *_front_matter(config),

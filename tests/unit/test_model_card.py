@@ -63,6 +63,13 @@ def test_the_card_names_base_model_data_loss_settings_and_metrics():
     assert "Not evaluated yet" in text
 
 
+def test_a_mix_of_losses_is_named_with_its_weights_in_either_form():
+    """train.loss as a mapping, or as TRL's list with train.loss_weights: the card names each loss and weight."""
+    assert "# helpful: 1·dpo + 0.1·sft on prefs" in card(**{"train.loss": "{dpo: 1.0, sft: 0.1}"})
+    mixed = card(**{"train.loss": "[sigmoid, bco_pair]", "train.loss_weights": "[0.8, 0.2]"})
+    assert "# helpful: 0.8·dpo + 0.2·bco_pair on prefs" in mixed
+
+
 def test_the_evaluation_is_added_in_place_of_the_placeholder():
     text = with_evaluation(card(), SUMMARY)
     assert "Not evaluated yet" not in text and text.count("## Evaluation") == 1
