@@ -45,7 +45,7 @@ check: venv
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && RAYDPO_REQUIRE_VLLM=1 $(PY) -X faulthandler -m pytest -q tests/unit
 
 lint: venv
-	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/pyright
 
 # The documentation site (mkdocs.yml, pages in docs/) into site/; --strict: a broken link or anchor, or a
 # page left out of the nav, fails the build (tests/unit/test_docs_site.py builds it in `make test` too).

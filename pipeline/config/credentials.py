@@ -27,10 +27,13 @@ def refuse_credentials(value: str, *, where: str) -> None:
     URI we use is printed and written (manifests, logs, report.md, Ray Train's storage path). The
     message shows the URI with the secret cut out and names the environment variables to use."""
     userinfo, query = _USERINFO.match(value), _SECRET_QUERY.search(value)
-    if not userinfo and not query:
-        return
     scheme = value.split("://", 1)[0].lower()
-    shown = f"{scheme}://***@{value[userinfo.end() :]}" if userinfo else value[: query.start()] + "?***"
+    if userinfo:
+        shown = f"{scheme}://***@{value[userinfo.end() :]}"
+    elif query:
+        shown = value[: query.start()] + "?***"
+    else:
+        return
     env = CREDENTIAL_ENV.get(scheme, "the filesystem's own environment variables")
     raise ConfigError(
         f"{where}: {shown} carries credentials inside the URI, which would be printed and written "

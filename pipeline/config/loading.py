@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from pipeline.config.sections import Config, ConfigError
 from pipeline.config.typed_yaml import build
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Read a YAML file (or start from defaults), apply `a.b=value` overrides, validate, freeze."""
     raw: dict[str, Any] = {}
     if path is not None:

@@ -43,7 +43,7 @@ def _checked_message(message) -> dict:
         raise Reject("missing_field")
     if not isinstance(role, str):
         raise Reject("wrong_type")
-    checked = {"role": role}
+    checked: dict[str, object] = {"role": role}
     if content is not None:
         checked["content"] = content if isinstance(content, str) else _checked_parts(content)
     if tool_calls is not None:

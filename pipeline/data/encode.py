@@ -16,6 +16,7 @@ import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import cast
 
 import pyarrow as pa
 
@@ -94,8 +95,8 @@ def process_records(
 
 
 def _records(table: pa.Table) -> Iterator[tuple[str, str, str | None]]:
-    sources = table.column("source").to_pylist()
-    raws = table.column("raw").to_pylist()
+    sources = cast("list[str]", table.column("source").to_pylist())
+    raws = cast("list[str]", table.column("raw").to_pylist())
     has_errors = "read_error" in table.column_names
     read_errors = table.column("read_error").to_pylist() if has_errors else [None] * len(sources)
     return zip(sources, raws, read_errors)

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from typing import cast
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from pipeline.data.readers import chain, list_directory, read_arrow
@@ -105,7 +107,7 @@ def read_hub(name: str, split: str | None, *, bare: bool = False) -> Iterator[Re
         raise InputError(f"{display}: {_why_not_loaded(datasets, name, split, exc)}") from exc
     arrow = dataset.with_format("arrow")
     check_schema(arrow.data.schema, display)
-    tables = arrow.iter(batch_size=ARROW_BATCH_ROWS)
+    tables = cast("Iterator[pa.Table]", arrow.iter(batch_size=ARROW_BATCH_ROWS))  # arrow format: one Table a batch
     return rows_from_batches((batch for table in tables for batch in table.to_batches()), source)
 
 

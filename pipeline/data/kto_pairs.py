@@ -15,6 +15,8 @@ on its workers, never reading a split whole.
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import pyarrow as pa
 
@@ -46,17 +48,17 @@ def with_kl_completions(table: pa.Table, *, max_length: int, following: pa.Table
     if table["label"].null_count:
         raise ValueError("with_kl_completions: every row must be unpaired (label set); found paired rows")
     ids = table["id"].to_pylist()
-    completions = table["chosen_ids"].to_pylist()
+    completions = cast("list[list[int]]", table["chosen_ids"].to_pylist())
     if following is None:
         partners = kl_partners(table.num_rows)
         partner_ids = [ids[j] for j in partners]
         partner_completions = [completions[j] for j in partners]
     else:
         partner_ids = ids[1:] + following["id"].to_pylist()[:1]
-        partner_completions = completions[1:] + following["chosen_ids"].to_pylist()[:1]
+        partner_completions = completions[1:] + cast("list[list[int]]", following["chosen_ids"].to_pylist())[:1]
         if partner_ids and partner_ids[-1] == ids[-1]:
             raise ValueError("with_kl_completions: the row after the last one is the last one itself")
-    prompts = table["prompt_ids"].to_pylist()
+    prompts = cast("list[list[int]]", table["prompt_ids"].to_pylist())
     kl_ids = [c[: max(1, max_length - len(p))] for p, c in zip(prompts, partner_completions)]
     return table.append_column("kl_partner_id", pa.array(partner_ids, pa.string())).append_column(
         "kl_completion_ids", pa.array(kl_ids, pa.list_(pa.int32()))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
+from typing import cast
 
 import numpy as np
 import pyarrow as pa
@@ -119,7 +120,7 @@ def kept_in_order(outcomes: pa.Table, *, seed: int) -> tuple[pa.Table, np.ndarra
     the outcomes' own with those added (None for a kept row).
     """
     reasons = np.array(outcomes["reason"].to_pylist(), dtype=object)
-    texts = outcomes["prompt_text"].to_pylist()
+    texts = cast("list[str]", outcomes["prompt_text"].to_pylist())
     seen: set[str] = set()
     for i, text in enumerate(texts):
         if reasons[i] is not None:
@@ -129,10 +130,10 @@ def kept_in_order(outcomes: pa.Table, *, seed: int) -> tuple[pa.Table, np.ndarra
         seen.add(text)
     keep = np.array([r is None for r in reasons], dtype=bool)
     kept = outcomes.filter(pa.array(keep)).select(["prompt_json", "prompt_text", "prompt_ids"])
-    keys = [order_key(seed, t) for t in kept["prompt_text"].to_pylist()]
+    keys = [order_key(seed, t) for t in cast("list[str]", kept["prompt_text"].to_pylist())]
     order = np.argsort(np.array(keys, dtype=object), kind="stable")
     kept = kept.take(pa.array(order, pa.int64()))
-    ids = [hashlib.sha256(t.encode()).hexdigest()[:16] for t in kept["prompt_text"].to_pylist()]
+    ids = [hashlib.sha256(t.encode()).hexdigest()[:16] for t in cast("list[str]", kept["prompt_text"].to_pylist())]
     kept = kept.add_column(0, "id", pa.array(ids, pa.string()))
     kept = kept.add_column(1, "position", pa.array(np.arange(kept.num_rows), pa.int64()))
     return kept, reasons

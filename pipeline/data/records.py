@@ -139,7 +139,8 @@ def _undecodable_row(row: pa.RecordBatch) -> str:
         except UnicodeDecodeError:
             try:
                 value = column.cast(pa.large_binary()).to_pylist()[0]
-                out[name] = value.decode("utf-8", errors="backslashreplace")
+                # a null has no decode: the AttributeError is caught below
+                out[name] = value.decode("utf-8", errors="backslashreplace")  # pyright: ignore[reportOptionalMemberAccess]
             except (pa.ArrowException, AttributeError):
                 out[name] = "<undecodable>"
     return to_raw_json(out)

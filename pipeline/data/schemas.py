@@ -24,8 +24,8 @@ TOKENIZED = pa.schema(
 SCORED = pa.schema(
     list(TOKENIZED)
     + [
-        ("ref_chosen_logps", pa.float64()),  # sum over response tokens of log pi_ref
-        ("ref_rejected_logps", pa.float64()),
+        pa.field("ref_chosen_logps", pa.float64()),  # sum over response tokens of log pi_ref
+        pa.field("ref_rejected_logps", pa.float64()),
     ]
 )
 
@@ -35,8 +35,8 @@ SCORED = pa.schema(
 SCORED_PREFIX = pa.schema(
     list(SCORED)
     + [
-        ("ref_chosen_prefix_logps", pa.float64()),
-        ("ref_rejected_prefix_logps", pa.float64()),
+        pa.field("ref_chosen_prefix_logps", pa.float64()),
+        pa.field("ref_rejected_prefix_logps", pa.float64()),
     ]
 )
 
@@ -47,9 +47,9 @@ SCORED_PREFIX = pa.schema(
 SCORED_KTO = pa.schema(
     list(SCORED)
     + [
-        ("kl_partner_id", pa.string()),  # id of the row whose completion is borrowed
-        ("kl_completion_ids", _ids),  # that completion, cut to fit max_length after this row's prompt
-        ("ref_kl_logps", pa.float64()),  # sum over kl_completion_ids of log pi_ref(. | this row's prompt)
+        pa.field("kl_partner_id", pa.string()),  # id of the row whose completion is borrowed
+        pa.field("kl_completion_ids", _ids),  # that completion, cut to fit max_length after this row's prompt
+        pa.field("ref_kl_logps", pa.float64()),  # sum over kl_completion_ids of log pi_ref(. | this row's prompt)
     ]
 )
 
@@ -99,9 +99,9 @@ PROMPTS = pa.schema(
 GENERATED = pa.schema(
     list(PROMPTS)
     + [
-        ("texts", pa.list_(pa.string())),  # decoded, special tokens skipped
-        ("completion_ids", pa.list_(_ids)),  # generated ids; EOS last where the sample stopped
-        ("logps", pa.list_(pa.float64())),  # sum of log pi(token) under the sampling policy, one per sample
-        ("finish_reasons", pa.list_(pa.string())),  # stop (EOS) | length (max_tokens)
+        pa.field("texts", pa.list_(pa.string())),  # decoded, special tokens skipped
+        pa.field("completion_ids", pa.list_(_ids)),  # generated ids; EOS last where the sample stopped
+        pa.field("logps", pa.list_(pa.float64())),  # sum of log pi(token) under the sampling policy, one per sample
+        pa.field("finish_reasons", pa.list_(pa.string())),  # stop (EOS) | length (max_tokens)
     ]
 )

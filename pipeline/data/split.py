@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import pyarrow as pa
@@ -46,14 +47,14 @@ def is_eval(prompt_ids: pa.Array | pa.ChunkedArray, fraction: float) -> np.ndarr
     def bucket(ids: list[int]) -> int:
         return int(hashlib.sha256(np.asarray(ids, dtype=np.int32).tobytes()).hexdigest()[:8], 16)
 
-    buckets = np.array([bucket(ids) for ids in prompt_ids.to_pylist()], dtype=np.float64)
+    buckets = np.array([bucket(ids) for ids in cast("list[list[int]]", prompt_ids.to_pylist())], dtype=np.float64)
     return buckets / 2**32 < fraction
 
 
 def with_lengths(good: pa.Table) -> pa.Table:
     """The rows with prompt_len, chosen_len and rejected_len (int32) appended."""
     for name in ("prompt", "chosen", "rejected"):
-        lengths = [chunk.value_lengths() for chunk in good[f"{name}_ids"].chunks]
+        lengths = [cast(pa.ListArray, chunk).value_lengths() for chunk in good[f"{name}_ids"].chunks]
         good = good.append_column(f"{name}_len", pa.chunked_array(lengths, pa.int32()).cast(pa.int32()))
     return good
 
@@ -84,7 +85,7 @@ def finish_shard(rows: pa.Table) -> FinishedShard:
         "outcomes": rows.num_rows,
         "records": records_seen(rows),
         "reasons": dict(Counter(rejected["reason"].to_pylist())),
-        "checksums": {s: checksum(t["id"].to_pylist()) for s, t in splits.items()},
+        "checksums": {s: checksum(cast("list[str]", t["id"].to_pylist())) for s, t in splits.items()},
         "labels": {s: label_counts(t) for s, t in splits.items()},
         "audit": partial_audit(kept),
     }

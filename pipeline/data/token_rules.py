@@ -35,7 +35,7 @@ class TokenRules:
 
         Raises `Reject` (empty_prompt, too_long, identical_after_truncation).
         """
-        if self.add_bos and prompt_ids[:1] != [self.bos_id]:
+        if self.add_bos and self.bos_id is not None and prompt_ids[:1] != [self.bos_id]:
             prompt_ids = [self.bos_id, *prompt_ids]
             full_ids = [[self.bos_id, *f] for f in full_ids]
         # Cut where every whole text still agrees with the prompt's ids, so chosen and rejected share a prompt.

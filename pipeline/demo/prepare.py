@@ -27,7 +27,7 @@ from pipeline.config import Config, DataConfig, ModelConfig
 from pipeline.demo import task
 from pipeline.demo.tiny_model import TinyShape, build_tiny_model, train_tokenizer
 from pipeline.model.pretrained import load_tokenizer, save_pretrained
-from pipeline.runtime.sampler import start_sampler
+from pipeline.runtime.sampler import start_sampler, stop_sampler
 from pipeline.runtime.storage import RunDir
 from pipeline.stages import TOKENIZE, TRAIN
 from pipeline.stages.base import Stage, StageRun
@@ -86,7 +86,7 @@ def preference_pairs(config: Config, reference: str) -> tuple[list[str], list[di
         params = dict(n=d.samples_per_prompt, temperature=1.0, top_p=1.0, max_tokens=d.max_new_tokens, seed=3)
         completions = ray.get(actor.generate.remote(prompt_ids, params))
     finally:
-        ray.kill(actor)
+        stop_sampler(actor)
     pairs = []
     for prompt, samples in zip(prompts, completions):
         pairs += task.label_pairs(prompt, [s["text"] for s in samples], min_gap=d.min_reward_gap)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 import pyarrow as pa
@@ -101,9 +102,9 @@ def preferred_responses(eval_pairs: pa.Table, prompts: Sequence[Sequence[int]]) 
     """
     first: dict[tuple[int, ...], list[int]] = {}
     labels = eval_pairs["label"].to_pylist() if "label" in eval_pairs.column_names else [None] * eval_pairs.num_rows
-    for prompt, chosen, label in zip(
-        eval_pairs["prompt_ids"].to_pylist(), eval_pairs["chosen_ids"].to_pylist(), labels
-    ):
+    prompt_ids = cast("list[list[int]]", eval_pairs["prompt_ids"].to_pylist())
+    chosen_ids = cast("list[list[int]]", eval_pairs["chosen_ids"].to_pylist())
+    for prompt, chosen, label in zip(prompt_ids, chosen_ids, labels):
         if label is False:
             continue
         first.setdefault(tuple(prompt), chosen)

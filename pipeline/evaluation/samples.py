@@ -53,7 +53,9 @@ def completions_to_score(prompts: Sequence[Sequence[int]], rows: Sequence[dict])
     )
 
 
-def add_kl_and_reward(rows: Sequence[dict], ref_logps: np.ndarray, rewards: Sequence[float | None]) -> None:
+def add_kl_and_reward(
+    rows: Sequence[dict], ref_logps: np.ndarray, rewards: np.ndarray | Sequence[float | None]
+) -> None:
     """Set each row's ref_logps, its one-sample KL estimate logps - ref_logps, and its reward (None where
     the task has none), in place. ref_logps and rewards: one per row, in row order."""
     for r, lp, rw in zip(rows, ref_logps, rewards):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -53,10 +54,10 @@ def summarize(
     costs, kl_bounds = costs or {}, kl_bounds or {}
     frame, verdicts = samples.to_pandas(), judgments.to_pandas()
     rows = []
-    for model in dict.fromkeys(samples["model"].to_pylist()):
+    for model in dict.fromkeys(cast("list[str]", samples["model"].to_pylist())):
         for t in temperatures:
             part = frame[(frame.model == model) & (frame.temperature == t)]
-            mine = verdicts[(verdicts.model == model) & (verdicts.temperature == t)]
+            mine = _where(verdicts, (verdicts.model == model) & (verdicts.temperature == t))
             cost = costs.get((model, t), {})
             rows.append(
                 {
@@ -69,11 +70,19 @@ def summarize(
                     "samples_per_answer": cost.get("samples_per_answer"),
                     "tokens_per_answer": cost.get("tokens_per_answer"),
                     **_judged(
-                        mine[mine.baseline == "reference"], mine[mine.baseline == "chosen"], n_boot=n_boot, seed=seed
+                        _where(mine, mine.baseline == "reference"),
+                        _where(mine, mine.baseline == "chosen"),
+                        n_boot=n_boot,
+                        seed=seed,
                     ),
                 }
             )
     return rows
+
+
+def _where(frame: pd.DataFrame, mask: pd.Series) -> pd.DataFrame:
+    """frame[mask]: the rows where the boolean Series `mask` holds (pandas types a [] lookup more widely)."""
+    return cast(pd.DataFrame, frame[mask])
 
 
 def _mean(column: pd.Series) -> float | None:
@@ -82,7 +91,7 @@ def _mean(column: pd.Series) -> float | None:
 
 def _judged(vs_reference: pd.DataFrame, vs_chosen: pd.DataFrame, *, n_boot: int, seed: int) -> dict:
     """The judged columns of one summary row, from its comparisons against each baseline."""
-    row = dict.fromkeys(_JUDGED_COLUMNS)
+    row: dict[str, Any] = dict.fromkeys(_JUDGED_COLUMNS)
     row.update(judged_vs_chosen=len(vs_chosen), unparsed_vs_chosen=unparsed_comparisons(vs_chosen))
     # Intervals resample prompts: a prompt's comparisons are correlated (stats.py).
     if len(vs_chosen):
@@ -167,7 +176,7 @@ def evaluation_summary(
             sum(v == "unparsed" for col in ("verdict_first", "verdict_second") for v in judgments[col].to_pylist())
         ),
         "unparsed_comparisons_by_baseline": {
-            b: unparsed_comparisons(verdicts[verdicts.baseline == b]) for b in ("reference", "chosen")
+            b: unparsed_comparisons(_where(verdicts, verdicts.baseline == b)) for b in ("reference", "chosen")
         },
         "num_prompts": num_prompts,
         "preferred_responses": {

@@ -73,7 +73,7 @@ def load_model(
     path: str,
     *,
     dtype: torch.dtype = torch.float32,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
     spread: bool = False,
@@ -90,7 +90,8 @@ def load_model(
     if spread:
         extra["device_map"] = "auto"
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
-    return model if spread else model.to(device)
+    # transformers wraps .to with functools.wraps, which pyright does not bind as a method (self unfilled)
+    return model if spread else model.to(device)  # pyright: ignore[reportArgumentType]
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:

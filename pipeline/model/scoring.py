@@ -7,6 +7,8 @@ evaluate runs each trained policy through it for held-out accuracy. The log-prob
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pyarrow as pa
 import torch
@@ -187,7 +189,9 @@ class SequenceScorer:
         if compile:
             compile_decoder_layers(self.model)
         self.pad_id = load_tokenizer(model_path, trust_remote_code=trust_remote_code).pad_token_id
-        self.options = dict(micro_batch=micro_batch, packing=packing, chunk_size=chunk_size, prefix=prefix)
+        self.options: dict[str, Any] = dict(
+            micro_batch=micro_batch, packing=packing, chunk_size=chunk_size, prefix=prefix
+        )
         self.prefix_logps = prefix_logps
 
     def __call__(self, batch: pa.Table) -> pa.Table:

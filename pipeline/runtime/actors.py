@@ -17,6 +17,7 @@ from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
 import ray
+import ray.exceptions
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,7 @@ import subprocess
 from dataclasses import dataclass
 
 import ray
+import ray.exceptions
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline.runtime.resources import autoscaler_groups
@@ -81,10 +82,13 @@ def cluster_gpu_memory(*, timeout_s: float = 60.0) -> GpuMemory | None:
         measured = [None] * len(nodes)
     found: list[tuple[float, str]] = []
     for node, gib in zip(nodes, measured):
-        label = None if gib is not None else _from_label(node["Resources"])
-        if gib is None and label is None:
+        if gib is not None:
+            found.append((gib, "nvidia-smi"))
+            continue
+        label = _from_label(node["Resources"])
+        if label is None:
             return None  # a GPU node of unknown size: the smallest GPU is unknown too
-        found.append((gib, "nvidia-smi") if gib is not None else label)
+        found.append(label)
     for group in autoscaler_groups():
         shape = {k: float(v) for k, v in group.resources.items()}
         if shape.get("GPU", 0) > 0:

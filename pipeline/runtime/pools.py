@@ -30,6 +30,7 @@ from typing import TypeVar
 import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
+import ray.exceptions
 
 from pipeline.runtime.storage import RunDir
 

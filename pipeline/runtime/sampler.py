@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
@@ -169,7 +170,7 @@ def start_placed(actor_body: type, placement: SamplerPlacement, *args, retries: 
     """Start `actor_body(*args, **kwargs)` as an actor holding `placement`: in a new placement group of its
     bundles when it has any (the actor in the first one, and every task or actor it starts inside the group),
     else with its own CPUs and GPUs. `stop_sampler` kills it and removes the group."""
-    options = dict(num_cpus=placement.num_cpus, num_gpus=placement.num_gpus, **actor_options(retries))
+    options: dict[str, Any] = dict(num_cpus=placement.num_cpus, num_gpus=placement.num_gpus, **actor_options(retries))
     if placement.env:
         options["runtime_env"] = {"env_vars": placement.env}
     group = None

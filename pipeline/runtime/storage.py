@@ -283,7 +283,9 @@ class StageWriter:
         if schema is not None:
             table = conform(table, schema, what=f"{self.stage}/{rel}", keep_extra=keep_extra)
         if metadata:
-            table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
+            # the footer's bytes keys and our str keys in one dict: pyarrow takes both, its stubs one kind a dict
+            merged: dict[Any, Any] = {**(table.schema.metadata or {}), **metadata}
+            table = table.replace_schema_metadata(merged)
         fs = self.run.fs
         path = self.path(rel)
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)

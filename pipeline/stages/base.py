@@ -240,7 +240,10 @@ def _attempt(
     tied_to = upstream_hash or fingerprint(stage, config, upstream)
     if not force and is_current(stage, config, run_dir, tied_to):
         log.info("%s: finished already (%s), skipping", stage.name, run_dir.uri_of(stage.name))
-        return run_dir.manifest(stage.name)
+        manifest = run_dir.manifest(stage.name)
+        if manifest is None:  # is_current read it a moment ago
+            raise RuntimeError(f"{stage.name}: its manifest went missing under {run_dir.uri_of(stage.name)}")
+        return manifest
     if not force:  # made earlier with these settings and kept when they changed: put back, not recomputed
         kept = history.restore(run_dir, stage.name, config_hash=stage.config_hash(config), upstream_hash=tied_to)
         if kept is not None:

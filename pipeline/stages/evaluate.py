@@ -24,6 +24,7 @@ import json
 import logging
 import tempfile
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import pyarrow as pa
@@ -66,7 +67,7 @@ def held_out_prompts(run_dir: RunDir, limit: int) -> list[list[int]]:
     """Distinct prompts of the eval split, in id order, at most `limit`."""
     table = read_parquet_dir(run_dir, "tokenize/eval")
     seen, prompts = set(), []
-    for ids in table["prompt_ids"].to_pylist():
+    for ids in cast("list[list[int]]", table["prompt_ids"].to_pylist()):
         key = tuple(ids)
         if key not in seen:
             seen.add(key)
@@ -176,8 +177,10 @@ def logps(results: list) -> tuple[np.ndarray, np.ndarray]:
 def held_out_split(data_dir: RunDir) -> tuple[pa.Table | None, str | None]:
     """The scored held-out split and its data kind ("pairs" or "unpaired"); (None, None) without one."""
     manifest = data_dir.manifest("score")
-    held = read_parquet_dir(data_dir, "score/eval") if manifest is not None else None
-    if held is None or not held.num_rows:
+    if manifest is None:
+        return None, None
+    held = read_parquet_dir(data_dir, "score/eval")
+    if not held.num_rows:
         return None, None
     return held, manifest["data_kind"]
 
@@ -186,7 +189,7 @@ def held_out_measures(data_dir: RunDir, policies: list[Policy], *, config: Confi
     """held_out_from_logps over the scored held-out split, every policy scored side by side. {} without a
     score stage."""
     held, kind = held_out_split(data_dir)
-    if held is None:
+    if held is None or kind is None:  # both or neither
         return {}
     with ActorJobs(config.evaluate.max_actors, label="evaluate") as jobs:
         for p in policies:
@@ -196,7 +199,7 @@ def held_out_measures(data_dir: RunDir, policies: list[Policy], *, config: Confi
         held,
         kind,
         betas={p.name: p.beta for p in policies},
-        policy_logps={name: logps(r) for name, r in results.items()},
+        policy_logps={p.name: logps(results[p.name]) for p in policies},  # results: in this order
     )
 
 
@@ -250,7 +253,7 @@ def evaluate_policies(run: StageRun, policies: list[Policy]) -> dict:
         )
     accuracy = (
         {}
-        if held is None
+        if held is None or kind is None  # both or neither
         else held_out_from_logps(
             held, kind, betas={p.name: p.beta for p in policies}, policy_logps=sampled.held_out_logps
         )
@@ -374,6 +377,8 @@ def score_samples(sampled: Sampled, reward_fn: Reward | None, ev: EvaluateConfig
     if not ev.best_of_n:
         return rows, {}
     # The task's reward picks the best of N (see pipeline/evaluation/baselines.py).
+    if reward_fn is None:  # check_evaluate refuses this before any stage runs
+        raise ConfigError("evaluate.best_of_n needs evaluate.reward: the task's reward picks the best of N")
     rows = rows + best_of_n_rows(sampled.candidates, reward_fn, ev.best_of_n)
     return rows, best_of_n_kl_bounds(ev.best_of_n, ev.temperatures)
 

@@ -65,7 +65,8 @@ class GenerateBatch(LedgerBatches):
         self.params = params
 
     def process(self, batch: pa.Table) -> pa.Table:
-        return with_completions(batch, self.sampler.generate(batch["prompt_ids"].to_pylist(), self.params))
+        prompt_ids = cast("list[list[int]]", batch["prompt_ids"].to_pylist())
+        return with_completions(batch, self.sampler.generate(prompt_ids, self.params))
 
     def __del__(self):
         # Ray Data lets go of a finished pool's actors gracefully: stop vLLM's engine processes in order.
@@ -167,10 +168,13 @@ def generate_body(run: StageRun, *, round_index: int | None = None) -> dict:
             out = sampling_pool(ray.data.from_arrow(prompts), config, params, ledger, groups)
             for i, batch in enumerate(arrow_batches(out, SHARD_ROWS)):
                 writer.write_table(f"{OUTPUT}/part-{i:05d}.parquet", batch, GENERATED)
-                ids += batch["id"].to_pylist()
-                counts.update(r for reasons in batch["finish_reasons"].to_pylist() for r in reasons)
-                counts["tokens"] += sum(len(c) for row in batch["completion_ids"].to_pylist() for c in row)
-        check_same_ids(prompts["id"].to_pylist(), ids, what="generate (against the round's prompts)")
+                ids += cast("list[str]", batch["id"].to_pylist())
+                finish_reasons = cast("list[list[str]]", batch["finish_reasons"].to_pylist())
+                counts.update(r for reasons in finish_reasons for r in reasons)
+                completion_ids = cast("list[list[list[int]]]", batch["completion_ids"].to_pylist())
+                counts["tokens"] += sum(len(c) for row in completion_ids for c in row)
+        expected = cast("list[str]", prompts["id"].to_pylist())
+        check_same_ids(expected, ids, what="generate (against the round's prompts)")
         return dict(counts)
 
     counts = run_pool(

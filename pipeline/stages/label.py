@@ -24,6 +24,7 @@ import logging
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict
+from typing import cast
 
 import numpy as np
 import pyarrow as pa
@@ -62,14 +63,14 @@ def task_reward_scores(batch: pa.Table, reward: str) -> pa.Table:
     """Ray Data task: the batch with a `scores` column, the task reward of prompt text + each completion."""
     reward_fn = make_reward(reward)
     assert reward_fn is not None
-    texts = batch["texts"].to_pylist()
-    flat = [p + t for p, ts in zip(batch["prompt_text"].to_pylist(), texts) for t in ts]
+    texts = cast("list[list[str]]", batch["texts"].to_pylist())
+    flat = [p + t for p, ts in zip(cast("list[str]", batch["prompt_text"].to_pylist()), texts) for t in ts]
     return with_scores(batch, np.asarray(reward_fn(flat), dtype=np.float64) if flat else np.zeros(0))
 
 
 def with_scores(batch: pa.Table, flat: np.ndarray) -> pa.Table:
     """`flat` (one score per completion, in row then sample order) as a list column `scores`."""
-    sizes = [len(ts) for ts in batch["texts"].to_pylist()]
+    sizes = [len(ts) for ts in cast("list[list[str]]", batch["texts"].to_pylist())]
     if flat.shape != (sum(sizes),):
         raise ValueError(f"label: {flat.shape} scores for {sum(sizes)} completions")
     if not np.all(np.isfinite(flat)):
@@ -104,7 +105,8 @@ def scored_batches(run: StageRun) -> Iterator[pa.Table]:
     if lab.kind == "reward":
         assert lab.reward is not None  # check_label refused a reward kind without one
         out = ds.map_batches(
-            functools.partial(task_reward_scores, reward=lab.reward),
+            # Ray types fn as taking any batch format; batch_format="pyarrow" hands it a Table
+            functools.partial(task_reward_scores, reward=lab.reward),  # pyright: ignore[reportArgumentType]
             batch_format="pyarrow",
             batch_size=256,
             num_cpus=0.5,
@@ -139,7 +141,10 @@ def make_label_judge(config: Config, *, cache_path: str | None) -> tuple[Judge, 
     if lab.judge == API_JUDGE:
         return make_api_judge(lab.judge_api, where="label.judge_api", default_cache_path=cache_path), None
     if lab.judge != LOCAL_JUDGE:
-        return make_judge(EvaluateConfig(judge=lab.judge, judge_api=dict(lab.judge_api))), None
+        judge = make_judge(EvaluateConfig(judge=lab.judge, judge_api=dict(lab.judge_api)))
+        if judge is None:  # check_label refuses a judge kind without a judge before any stage runs
+            raise ConfigError("label.judge: not set; a judge labeller needs one")
+        return judge, None
     assert lab.model is not None
     actor = start_sampler(
         lab.judge_engine,
@@ -167,7 +172,8 @@ def judged_batches(run: StageRun, judge: Judge, counts: RankCounts) -> Iterator[
     """generate's rows with `scores` from ranking each prompt's completions with `judge`, counting its verdicts."""
     ds = ray.data.read_parquet(run.data_dir.uri_of(UPSTREAM, "completions"))
     for batch in arrow_batches(ds, 64):
-        scores, batch_counts = rank_by_judge(judge, batch["prompt_text"].to_pylist(), batch["texts"].to_pylist())
+        prompts = cast("list[str]", batch["prompt_text"].to_pylist())
+        scores, batch_counts = rank_by_judge(judge, prompts, cast("list[list[str]]", batch["texts"].to_pylist()))
         counts.add(batch_counts)
         yield with_scores(batch, np.array([s for row in scores for s in row], dtype=np.float64))
 
@@ -197,12 +203,12 @@ def label_body(run: StageRun) -> dict:
         for i, batch in enumerate(batches):
             writer.write_text(f"{OUTPUT}/part-{i:05d}.jsonl", scored_rows(batch))
             stats["rows"] += batch.num_rows
-            for scores in batch["scores"].to_pylist():
+            for scores in cast("list[list[float]]", batch["scores"].to_pylist()):
                 stats["completions"] += len(scores)
                 gaps.append(max(scores) - min(scores))
                 stats["no_spread"] += max(scores) == min(scores)
             if "truncated" in batch.column_names:
-                stats["truncated"] += sum(batch["truncated"].to_pylist())
+                stats["truncated"] += sum(cast("list[int]", batch["truncated"].to_pylist()))
 
     def start_again() -> None:  # a pool started again writes every shard, and counts every row, anew
         writer.remove(OUTPUT)

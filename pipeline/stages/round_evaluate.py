@@ -14,6 +14,7 @@ stage's scorer for log pi_0.
 from __future__ import annotations
 
 import logging
+from typing import cast
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -91,7 +92,8 @@ def evaluate_round(
     config, ev = run.config, run.config.evaluate
     check_evaluate(config)
     held = read_parquet_dir(prompts_dir, "prompts/eval")
-    prompts, texts = held["prompt_ids"].to_pylist(), held["prompt_text"].to_pylist()
+    prompts = cast("list[list[int]]", held["prompt_ids"].to_pylist())
+    texts = cast("list[str]", held["prompt_text"].to_pylist())
     rows, engine = sample_policy(config, policy, prompts, texts, round_name(round_index))
     judged: list[dict] = []
     if ev.judge is not None and baselines:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import uuid
+from typing import cast
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -108,7 +109,7 @@ class ReferenceScorer(LedgerBatches):
         scored = self.noted(rows, lambda: self.scorer(rows))
         if scored["id"].to_pylist() != rows["id"].to_pylist():
             raise RowsLostError(f"score/{unit.name}: the scorer returned {scored.num_rows} rows for {rows.num_rows}")
-        sums = checksum(rows["id"].to_pylist())
+        sums = checksum(cast("list[str]", rows["id"].to_pylist()))
         self.writer.write_table(
             unit.name,
             scored,

@@ -115,10 +115,17 @@ def check_training(config: Config, upstream: dict, *, where: str) -> int:
     return total_steps(train, upstream["rows_train"])
 
 
+def _upstream(run: StageRun) -> dict:
+    """The manifest train reads (score's or tokenize's): train always has an upstream stage."""
+    if run.upstream is None:
+        raise RuntimeError("train: no upstream manifest (train reads score's or tokenize's)")
+    return run.upstream
+
+
 def attempt_name(run: StageRun) -> str:
     """The attempt's folder under train.work, tied to this config and this data: a rerun of the same work
     resumes from its last checkpoint (and its tracking run); changed work starts fresh."""
-    return f"{run.stage.config_hash(run.config)}-{run.upstream['manifest_hash'][:8]}"
+    return f"{run.stage.config_hash(run.config)}-{_upstream(run)['manifest_hash'][:8]}"
 
 
 # Ray Train V2 sends a worker's print() to its log file and, when sys.stdout is not the process's own (in
@@ -248,7 +255,7 @@ def train_stage(run: StageRun) -> dict:
     data_dir is the run's own unless a sweep points many runs at one, so that they share one score stage.
     """
     source = upstream_stage(run.config)
-    steps = check_training(run.config, run.upstream, where=run.data_dir.uri_of(source))
+    steps = check_training(run.config, _upstream(run), where=run.data_dir.uri_of(source))
     result = make_trainer(run, steps).fit()
     check_finite(result.return_value or {})
     if result.checkpoint is None:
@@ -258,7 +265,7 @@ def train_stage(run: StageRun) -> dict:
     log.info("train: %d steps; final policy in %s", steps, run.run_dir.uri_of("train", "final"))
     return {
         "upstream_stage": source,
-        "rows_in": run.upstream["rows_train"],
+        "rows_in": _upstream(run)["rows_train"],
         "steps": steps,
         "final_metrics": history[-1] if history else {},
         "checkpoint": result.checkpoint.path,

@@ -19,7 +19,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import ray.train
 import ray.train.torch
@@ -72,7 +72,7 @@ class Worker:
     @property
     def bare_model(self) -> torch.nn.Module:
         """The model without DDP's wrapper: what is saved (an FSDP model is its own)."""
-        return self.model.module if hasattr(self.model, "module") else self.model
+        return cast(torch.nn.Module, self.model.module) if hasattr(self.model, "module") else self.model
 
 
 def train_loop_per_worker(ray_config: dict) -> dict | None:
@@ -191,7 +191,7 @@ def nonfinite_stop(result: StepResult, batches, *, step: int, world: int) -> dic
     The pairs named are those of the workers whose own loss was not finite, or every pair of the step
     when only the gradient norm was."""
     mine = ([str(i) for batch in batches for i in batch["id"]], result.local_loss_finite)
-    gathered = [mine]
+    gathered: list[Any] = [mine]  # under several workers, None slots that all_gather_object fills
     if world > 1:
         gathered = [None] * world
         torch.distributed.all_gather_object(gathered, mine)

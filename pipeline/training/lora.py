@@ -13,6 +13,7 @@ where adapters are made.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -38,7 +39,7 @@ def add_adapters(model: torch.nn.Module, lora: LoraConfig, *, base_path: str) ->
 
     config = PeftLoraConfig(
         r=lora.r,
-        lora_alpha=lora.alpha,
+        lora_alpha=lora.alpha,  # pyright: ignore[reportArgumentType]  # peft annotates int; it divides a float as well
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
         task_type="CAUSAL_LM",
@@ -63,13 +64,19 @@ def init_adapters(model: torch.nn.Module, *, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     values = {}
     for prefix, module in sorted(lora_modules(model).items()):
-        r, fan_in = module.lora_A[ADAPTER].weight.shape
+        r, fan_in = _adapter_weight(module, "lora_A").shape
         bound = 1.0 / math.sqrt(fan_in)
         values[f"{prefix}.lora_A.{ADAPTER}.weight"] = torch.empty(r, fan_in).uniform_(
             -bound, bound, generator=generator
         )
-        values[f"{prefix}.lora_B.{ADAPTER}.weight"] = torch.zeros(module.lora_B[ADAPTER].weight.shape)
+        values[f"{prefix}.lora_B.{ADAPTER}.weight"] = torch.zeros(_adapter_weight(module, "lora_B").shape)
     set_model_state_dict(model, values, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def _adapter_weight(layer: torch.nn.Module, which: str) -> torch.Tensor:
+    """`layer.<which>[ADAPTER].weight` of a PEFT LoRA layer, `which` being lora_A or lora_B: PEFT keeps each
+    adapter's Linear in a ModuleDict, which nn.Module's attribute type (Tensor | Module) does not say."""
+    return cast(torch.nn.Linear, cast(torch.nn.ModuleDict, getattr(layer, which))[ADAPTER]).weight
 
 
 def split_export(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
@@ -80,7 +87,7 @@ def split_export(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> tupl
     merged = {base_key(key): value for key, value in state.items() if "lora_" not in key}  # read, never written
     for prefix, module in lora_modules(model).items():
         a, b = state[f"{prefix}.lora_A.{ADAPTER}.weight"], state[f"{prefix}.lora_B.{ADAPTER}.weight"]
-        delta = (b.double() @ a.double()) * module.scaling[ADAPTER]
+        delta = (b.double() @ a.double()) * cast("dict[str, float]", module.scaling)[ADAPTER]  # PEFT's plain dict
         if getattr(module, "fan_in_fan_out", False):  # GPT-2's Conv1D keeps its weight as (in, out)
             delta = delta.T
         name = base_key(prefix) + ".weight"

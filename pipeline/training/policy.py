@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import nullcontext
+from typing import Any
 
 import torch
 
@@ -35,7 +36,7 @@ def load_policy(
     resuming: the weights that train come from a checkpoint next, so under fsdp without LoRA the
     base weights are not read from `model_path` first (a frozen LoRA base always is).
     """
-    options = dict(
+    options: dict[str, Any] = dict(
         dtype=base_dtype(train, device), trust_remote_code=trust_remote_code, attn_implementation=attn_implementation
     )
     sharded = train.strategy == "fsdp"
@@ -62,7 +63,8 @@ def prepare_policy(
     if train.lora:
         model = add_adapters(model, train.lora, base_path=base_path)
     if train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers' (or PEFT's) method, which nn.Module's typing sees as a Tensor | Module attribute
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # pyright: ignore[reportCallIssue]
     if train.compile:
         compile_decoder_layers(model)
     model.train()

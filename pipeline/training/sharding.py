@@ -22,15 +22,19 @@ import glob
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import cast
 
 import torch
-import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_state_dict,
 )
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+from torch.distributed.checkpoint.storage import StorageReader
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
@@ -56,7 +60,8 @@ def parameters_on_meta() -> Iterator[None]:
         if param is not None and param.device.type != "meta":
             module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
 
-    torch.nn.Module.register_parameter = on_meta
+    # patched for the block's duration; pyright holds the replacement to the method's exact signature
+    torch.nn.Module.register_parameter = on_meta  # pyright: ignore[reportAttributeAccessIssue]
     try:
         yield
     finally:
@@ -131,7 +136,7 @@ def load_safetensors(model: torch.nn.Module, path: str) -> None:
     for name in files:
         with safe_open(name, framework="pt") as f:
             in_files.update(f.keys())
-    state = get_model_state_dict(model)
+    state = cast("dict[str, torch.Tensor]", get_model_state_dict(model))  # a model's state holds tensors only
     names = hf_names(state)
     wanted = {file_key: state[key] for key, file_key in names.items() if file_key in in_files}
     loaded = {_storage(tensor) for tensor in wanted.values()}
@@ -140,7 +145,9 @@ def load_safetensors(model: torch.nn.Module, path: str) -> None:
     ]  # a tied weight is there once
     if missing:
         raise KeyError(f"{path}: the checkpoint lacks {', '.join(missing[:3])}")
-    dcp.load(wanted, storage_reader=dcp.HuggingFaceStorageReader(path))  # in place, into the shards
+    from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader  # looked up here, as before
+
+    dcp_load(wanted, storage_reader=HuggingFaceStorageReader(path))  # in place, into the shards
 
 
 def _state_options(model: torch.nn.Module) -> StateDictOptions:
@@ -156,11 +163,11 @@ def save_checkpoint(directory: str, model: torch.nn.Module, optimizer: torch.opt
     merged into one are the whole checkpoint: what Ray Train does with the directories each reports.
     """
     model_state, optim_state = get_state_dict(model, optimizer, options=_state_options(model))
-    dcp.save({"model": model_state, "optim": optim_state}, storage_writer=dcp.FileSystemWriter(directory))
+    dcp_save({"model": model_state, "optim": optim_state}, storage_writer=FileSystemWriter(directory))
 
 
 def load_checkpoint(
-    directory: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, reader: dcp.StorageReader | None = None
+    directory: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, reader: StorageReader | None = None
 ) -> None:
     """Read the trained weights and the optimizer state of `save_checkpoint` back, each rank its shards.
 
@@ -169,11 +176,12 @@ def load_checkpoint(
     options = _state_options(model)
     model_state, optim_state = get_state_dict(model, optimizer, options=options)
     state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, storage_reader=reader or dcp.FileSystemReader(directory))
+    dcp_load(state, storage_reader=reader or FileSystemReader(directory))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict as each rank holds it: FSDP's shards (DTensors, nothing gathered), or a plain
     model's own tensors."""
-    return get_model_state_dict(model) if is_sharded(model) else model.state_dict()
+    # a model's state holds tensors only (get_model_state_dict's type covers optimizer state too)
+    return cast("dict[str, torch.Tensor]", get_model_state_dict(model)) if is_sharded(model) else model.state_dict()

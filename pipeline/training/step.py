@@ -103,7 +103,8 @@ def train_step(
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     for i, batch in enumerate(batches):
         defer = ddp and world > 1 and i < len(batches) - 1
-        with model.no_sync() if defer else nullcontext():
+        # defer holds only under DDP, whose no_sync nn.Module's typing cannot see on a plain Module
+        with model.no_sync() if defer else nullcontext():  # pyright: ignore[reportCallIssue]
             share, batch_metrics = objective.micro_batch_loss(model, batch, shared, index=i)
             (share * world).backward()
         metrics += batch_metrics

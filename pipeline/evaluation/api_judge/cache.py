@@ -114,7 +114,7 @@ class SqliteCache:
 class JsonlCache:
     """One JSON line per reply, appended and flushed; read whole when opened."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str | Path):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._rows: dict[str, dict] = {}

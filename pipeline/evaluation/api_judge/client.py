@@ -90,10 +90,10 @@ class Usage:
         with self._lock:
             self._stats.input_tokens += reply.input_tokens or 0
             self._stats.output_tokens += reply.output_tokens or 0
-            if cfg.priced:
+            input_price, output_price = cfg.price_per_1k_input_tokens, cfg.price_per_1k_output_tokens
+            if input_price is not None and output_price is not None:  # cfg.priced, spelled out for the checker
                 self._stats.cost_usd += (
-                    (reply.input_tokens or 0) * cfg.price_per_1k_input_tokens
-                    + (reply.output_tokens or 0) * cfg.price_per_1k_output_tokens
+                    (reply.input_tokens or 0) * input_price + (reply.output_tokens or 0) * output_price
                 ) / 1000.0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from transformers import GenerationConfig, LogitsProcessorList
@@ -79,7 +80,9 @@ class HFEngine:
             outs = self._generate_batch([prompts[i] for i, _ in batch_rows], seeds, params)
             for r, completion in zip(chunk, outs):
                 done[r] = completion
-        return [[done[i * copies + (0 if params.greedy else j)] for j in range(params.n)] for i in range(len(prompts))]
+        filled = cast("list[Completion]", done)  # every row was generated above
+        n = params.n
+        return [[filled[i * copies + (0 if params.greedy else j)] for j in range(n)] for i in range(len(prompts))]
 
     def _check_prompts(self, prompts: list[list[int]], *, max_tokens: int) -> None:
         for i, p in enumerate(prompts):
@@ -102,7 +105,11 @@ class HFEngine:
             processors.append(
                 _SeededSampler(uniforms, prompt_width=width, temperature=params.temperature, top_p=params.top_p)
             )
-        out = self.model.generate(
+        model = self.model
+        if model is None:
+            raise RuntimeError("engine is closed")
+        # transformers types generate's self as a protocol its own model classes do not meet
+        out = model.generate(  # pyright: ignore[reportAttributeAccessIssue]
             input_ids=input_ids.to(self.device),
             attention_mask=attention_mask.to(self.device),
             logits_processor=processors,

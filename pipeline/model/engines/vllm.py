@@ -16,13 +16,16 @@ import gc
 import multiprocessing
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from transformers import AutoConfig
 
 from pipeline.model.engines.contract import Completion, SamplingParams
 from pipeline.model.engines.seeding import prompt_stream_keys, stream_seed
+
+if TYPE_CHECKING:
+    from vllm.inputs import TokensPrompt  # optional and heavy: for the checker only
 
 # On the CPU vLLM sizes its KV cache as a fraction of the machine's whole memory (gpu_memory_utilization,
 # 0.9 by default) and refuses to start when that much is not free; a fixed size does not depend on what
@@ -121,7 +124,9 @@ class VLLMEngine:
             )
             for i in range(len(prompts))
         ]
-        outputs = self._llm.generate([{"prompt_token_ids": p} for p in prompts], per_prompt, use_tqdm=False)
+        # TokensPrompts; a cast, as under pythonVersion 3.10 pyright reads vLLM's NotRequired keys as required
+        requests = cast("list[TokensPrompt]", [{"prompt_token_ids": p} for p in prompts])
+        outputs = self._llm.generate(requests, per_prompt, use_tqdm=False)
         results = []
         for request in outputs:  # LLM.generate returns requests in input order
             samples = [self._completion(o) for o in sorted(request.outputs, key=lambda o: o.index)]
