@@ -233,8 +233,8 @@ def run_child(kind: str, rows: int, work: Path, num_cpus: int, *, tries: int = 6
 
 def table(results: list[dict]) -> str:
     lines = [
-        "| pairs | run | wall | rows/s | driver peak RSS (of it, before the first row) | vs bare: RSS, RSS above "
-        "the start, wall | load avg (1 min) before, after |",
+        "| pairs | run | wall | rows/s | driver peak RSS (of it, before the first row) | vs bare: RSS, growth "
+        "after the first row (this run's, the bare one's), wall | load avg (1 min) before, after |",
         "|---:|---|---:|---:|---:|---|---|",
     ]
     bare = {(r["rows"], r["kind"].removeprefix("bare_")): r for r in results if r["kind"].startswith("bare_")}
@@ -245,7 +245,7 @@ def table(results: list[dict]) -> str:
         if ref:
             ref_grown = ref["peak_rss_mb"] - ref["baseline_rss_mb"]
             ratio = (
-                f"{r['peak_rss_mb'] / ref['peak_rss_mb']:.2f}x, {grown / ref_grown:.2f}x, "
+                f"{r['peak_rss_mb'] / ref['peak_rss_mb']:.2f}x, +{grown:,.0f} MB against +{ref_grown:,.0f} MB, "
                 f"{r['wall_s'] / ref['wall_s']:.2f}x"
             )
         lines.append(
