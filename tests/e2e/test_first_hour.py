@@ -85,7 +85,8 @@ def test_a_batch_larger_than_the_data_is_refused_when_tokenize_finishes_not_afte
 def test_a_tokenize_that_yields_nothing_fails_naming_its_reasons_and_commits_nothing(home, config):
     run = home / "runs" / "prefs"
     finished = (run / "tokenize" / "manifest.json").read_text()
-    done = dpo(home, "tokenize", "--config", str(config), *sets(*QUICK, "tokenize.max_length=8"))
+    # Every prompt here is 3 tokens or more ("review 12:"): 2 leaves no room for any response token.
+    done = dpo(home, "tokenize", "--config", str(config), *sets(*QUICK, "tokenize.max_length=2"))
     assert done.returncode == 2, done.stderr
     assert done.stderr.splitlines()[-1].startswith(
         "dpo: error: tokenize: 48 rows in, 0 out (dropped: {'too_long': 48}); every pair is longer than the "
