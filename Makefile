@@ -38,7 +38,7 @@ demo-rounds: demo
 # -X faulthandler: a native crash, even at interpreter exit after the last test, prints its stack.
 # RAYDPO_REQUIRE_VLLM: the vLLM tests fail, rather than skip, where vLLM is missing.
 test: venv
-	RAYDPO_REQUIRE_VLLM=1 $(PY) -X faulthandler -m pytest -q
+	RAYDPO_REQUIRE_VLLM=1 $(PY) -X faulthandler -m pytest -q --durations=25
 
 # The fast gate: ruff's lint and format check, then the unit tier (tests/unit: no Ray, no vLLM, no dpo process).
 check: venv

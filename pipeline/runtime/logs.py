@@ -100,6 +100,20 @@ def setup(*, verbose: bool = False) -> None:
     gate_library_consoles()
 
 
+def writes_to_a_console(handler: logging.Handler) -> bool:
+    """A stream handler over a real file descriptor (a terminal, a pipe): what a library prints to. A handler
+    over an in-memory stream (a test harness capturing records, such as pytest's) is no console: gating it
+    would hide records from whoever collects them."""
+    stream = getattr(handler, "stream", None)
+    if not isinstance(handler, logging.StreamHandler) or stream is None:
+        return False
+    try:
+        stream.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both of the last two
+        return False
+    return True
+
+
 def gate_library_consoles() -> None:
     """Put the gate on every console handler the libraries attached to their own loggers (Ray's, Ray Data's)
     and hand their records to the log file too (those loggers do not propagate to the root)."""
@@ -108,7 +122,7 @@ def gate_library_consoles() -> None:
     ]
     for logger in loggers:
         for handler in logger.handlers:
-            if isinstance(handler, (_Console, logging.FileHandler)) or not isinstance(handler, logging.StreamHandler):
+            if isinstance(handler, (_Console, logging.FileHandler)) or not writes_to_a_console(handler):
                 continue
             if not any(isinstance(f, _Gate) for f in handler.filters):
                 handler.addFilter(_Gate())

@@ -73,6 +73,7 @@ def dpo(judge, run_dir):
         OUTPUTS.append(done.stdout + done.stderr)
         return done
 
+    run.sets = sets  # type: ignore[attr-defined]  # the overrides, for a test that loads the same config
     return run
 
 
@@ -218,7 +219,8 @@ def test_rerun_is_a_no_op_and_one_stage_can_be_forced(dpo, run_dir):
     from pipeline.config import load_config
     from pipeline.stages import STAGE_NAMES as STAGES
 
-    assert current_stages(load_config(ROOT / "configs/demo_smoke.yaml", [f"run_dir={run_dir}"]), STAGES) == STAGES
+    # The config the runs used (the API judge's settings are part of evaluate's hash), read as `dpo run` reads it.
+    assert current_stages(load_config(ROOT / "configs/demo_smoke.yaml", dpo.sets), STAGES) == STAGES
 
 
 def test_the_judge_key_is_used_but_never_written(judge, run_dir):
