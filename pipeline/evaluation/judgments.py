@@ -16,15 +16,21 @@ log = logging.getLogger(__name__)
 
 
 class JudgeProgress:
-    """A judge that logs, after each batch, how many of the `total` verdicts asked of it are in, with the
-    request, cache and parse counts of a judge that keeps them (the API judge's `stats`)."""
+    """A judge that logs how many of the `total` verdicts asked of it are in, with the request, cache and
+    parse counts of a judge that keeps them (the API judge's `stats`): after the batch that crosses each
+    tenth of the total, and after the last, so a long evaluation logs about ten lines, not one a batch."""
 
     def __init__(self, judge: Judge, total: int):
         self.inner, self.name, self.total, self.done = judge, judge.name, total, 0
+        self.tenths_logged = 0
 
     def judge(self, prompts: Sequence[str], first: Sequence[str], second: Sequence[str]) -> list[Verdict]:
         verdicts = self.inner.judge(prompts, first, second)
         self.done += len(verdicts)
+        tenths = self.done * 10 // max(self.total, 1)
+        if tenths <= self.tenths_logged and self.done < self.total:
+            return verdicts
+        self.tenths_logged = tenths
         stats = getattr(self.inner, "stats", None)
         counts = (
             f"; {stats.requests} requests, {stats.cache_hits} from the cache, {stats.unparsed} unparsed"

@@ -166,6 +166,21 @@ def test_judge_progress_counts_every_verdict(server, caplog):
     assert "judged 8 of 8" in caplog.text and judge.name == "api:judge-model"
 
 
+def test_judge_progress_logs_about_ten_lines_however_many_batches(caplog):
+    class Agrees:
+        name = "agrees"
+
+        def judge(self, prompts, first, second):
+            return ["A"] * len(prompts)
+
+    judge = JudgeProgress(Agrees(), total=200)
+    with caplog.at_level(logging.INFO, logger="pipeline.evaluation.judgments"):
+        for _ in range(100):
+            judge.judge(["p", "q"], ["a", "b"], ["c", "d"])
+    lines = [r.getMessage() for r in caplog.records if "judged" in r.getMessage()]
+    assert len(lines) == 10 and lines[0].startswith("evaluate: judged 20 of 200") and "200 of 200" in lines[-1]
+
+
 def test_a_remote_run_dirs_file_is_fetched_and_written_back(tmp_path):
     remote = RunDir(f"file://{tmp_path}/run")  # a URI: taken down to a local copy and back, as on S3
     with remote.local_file("judge_cache.sqlite") as path:
