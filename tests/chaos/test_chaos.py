@@ -234,6 +234,14 @@ def in_flight(run_dir: Path, stage: str) -> list[dict]:
     return notes
 
 
+def written(run_dir: Path, stage: str) -> int:
+    """The shards the stage's attempt has written so far (whole files, not the bookkeeping)."""
+    return sum(
+        "_scratch" not in path.parts and ".tmp-" not in path.name
+        for path in run_dir.glob(f".staging/{stage}-*/**/*.parquet")
+    )
+
+
 def until(driver: Driver, condition, *, timeout: float) -> None:
     """Wait for `condition` while the driver runs (failing at once, with its output, if it fails)."""
     wait_for_condition(
@@ -243,7 +251,8 @@ def until(driver: Driver, condition, *, timeout: float) -> None:
 
 
 def hurt_the_score_stage(cluster, workers: list, run_dir: Path, driver: Driver) -> None:
-    """SIGKILL the scorer with a batch in flight; once its restart has another batch in flight, remove its node."""
+    """SIGKILL the scorer with a batch in flight; once its restart has another batch in flight and a shard is
+    written (so that a pool started again has shards to skip), remove its node."""
     until(driver, lambda: in_flight(run_dir, "score"), timeout=240)
     first = in_flight(run_dir, "score")[0]
     (scorer,) = alive("ReferenceScorer")
@@ -251,7 +260,10 @@ def hurt_the_score_stage(cluster, workers: list, run_dir: Path, driver: Driver) 
     os.kill(scorer.pid, signal.SIGKILL)
     until(
         driver,
-        lambda: any(n["pid"] != first["pid"] and n["first"] != first["first"] for n in in_flight(run_dir, "score")),
+        lambda: (
+            any(n["pid"] != first["pid"] and n["first"] != first["first"] for n in in_flight(run_dir, "score"))
+            and written(run_dir, "score") > 0
+        ),
         timeout=120,
     )
     (scorer,) = alive("ReferenceScorer")
