@@ -24,6 +24,7 @@ from pipeline.data.chat import ChatRenderer
 from pipeline.data.outcomes import Example, OutcomeColumns, Reject
 from pipeline.data.rows import COLUMN_NAMES, FORMATS, detect_format, map_columns, parse_row, row_examples
 from pipeline.data.scored import PAIRINGS
+from pipeline.data.token_ids import token_ids
 from pipeline.data.token_rules import TokenRules
 
 _NO_COLUMNS: Mapping[str, str] = MappingProxyType({})
@@ -126,8 +127,7 @@ def _encode(tokenizer, examples: list[Example]) -> Iterator[list[list[int]]]:
     """
     per_example = [[e.prompt, *(e.prompt + r for r in e.responses)] for e in examples]
     texts = list(dict.fromkeys(text for group in per_example for text in group))
-    # truncation=False overrides any truncation a loaded tokenizer.json switched on: we cut, by our rules.
-    ids = tokenizer(texts, add_special_tokens=False, truncation=False)["input_ids"] if texts else []
+    ids = token_ids(tokenizer, texts)  # never truncated: we cut, by our rules
     by_text = dict(zip(texts, ids))
     for group in per_example:
         yield [by_text[text] for text in group]

@@ -36,6 +36,7 @@ from pipeline.data.routing import route_outcomes
 from pipeline.data.schemas import TOKENIZED
 from pipeline.data.sources import input_fingerprint, plan_inputs
 from pipeline.data.split import finish_shard
+from pipeline.model.locate import context_from_config
 from pipeline.model.pretrained import context_length, load_tokenizer
 from pipeline.runtime.datasource import PiecesDatasource
 from pipeline.runtime.files import RowsLostError
@@ -139,9 +140,24 @@ def tokenize_pipeline(config: Config, pieces: list[Piece], *, shards: int, write
     )
 
 
+def model_context(config: Config) -> tuple[int, str] | None:
+    """The model's context and the config field that says so: read from its config.json where this process
+    finds one (importing transformers would add ~180 MB to the driver for this alone), else asked of
+    transformers in a Ray task (a hub id not cached here, or a config that names no such field)."""
+    found = context_from_config(config.model.path)
+    if found is not None:
+        return found
+    ask = ray.remote(num_cpus=0)(_context_length)
+    return ray.get(ask.remote(config.model.path, config.model.trust_remote_code))
+
+
+def _context_length(path: str, trust_remote_code: bool) -> tuple[int, str] | None:
+    return context_length(path, trust_remote_code=trust_remote_code)
+
+
 def check_context(config: Config) -> None:
     """A pair longer than the model's context cannot be scored or trained: refuse such a max_length."""
-    found = context_length(config.model.path, trust_remote_code=config.model.trust_remote_code)
+    found = model_context(config)
     if found and config.tokenize.max_length > found[0]:
         raise ConfigError(
             f"tokenize.max_length ({config.tokenize.max_length}) is beyond the context of the model "

@@ -127,3 +127,24 @@ def test_an_input_that_breaks_midway_is_one_error_line_naming_it(ray_local, tiny
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith(f"dpo: error: tokenize: {broken}: cannot read"), last
     assert RunDir(str(tmp_path / "run")).manifest("tokenize") is None
+
+
+def test_a_context_the_config_file_leaves_to_its_class_default_is_still_checked(ray_local, tiny_model_dir, tmp_path):
+    """The driver reads the context from config.json; where the file names none (GPT-2's class default, 1024
+    positions), transformers is asked in a Ray task, and a max_length beyond it is refused all the same."""
+    import shutil
+
+    from pipeline.config import ConfigError
+    from pipeline.stages.tokenize import check_context, model_context
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    config_file = model / "config.json"
+    fields = json.loads(config_file.read_text())
+    for name in ("n_positions", "max_position_embeddings", "n_ctx"):
+        fields.pop(name, None)
+    config_file.write_text(json.dumps(fields))
+    config = load_config(None, [f"model.path={model}", "tokenize.max_length=2048"])
+    assert model_context(config)[0] == 1024
+    with pytest.raises(ConfigError, match=r"tokenize.max_length \(2048\) is beyond the context .* at most 1024"):
+        check_context(config)

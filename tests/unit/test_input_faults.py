@@ -54,7 +54,7 @@ def test_max_length_beyond_the_models_context_is_a_config_error(tiny_model_dir):
     with pytest.raises(
         ConfigError,
         match=r"tokenize.max_length \(512\) is beyond the context of the model at .* "
-        r"\(128 positions, its config's max_position_embeddings\); set tokenize.max_length to at most 128",
+        r"\(128 positions, its config's n_positions\); set tokenize.max_length to at most 128",
     ):
         check_context(beyond)
 
