@@ -142,7 +142,7 @@ def tokenize_pipeline(config: Config, pieces: list[Piece], *, shards: int, write
 
 def model_context(config: Config) -> tuple[int, str] | None:
     """The model's context and the config field that says so: read from its config.json where this process
-    finds one (importing transformers would add ~180 MB to the driver for this alone), else asked of
+    finds one (importing transformers added ~140 MB to the driver for this alone), else asked of
     transformers in a Ray task (a hub id not cached here, or a config that names no such field)."""
     found = context_from_config(config.model.path)
     if found is not None:
