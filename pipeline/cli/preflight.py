@@ -30,6 +30,7 @@ from pipeline.runtime.tracking import check_trackers
 from pipeline.stages import by_name
 from pipeline.stages.base import named_errors
 from pipeline.stages.evaluate import check_evaluate
+from pipeline.stages.tokenize import refuse_beyond_context
 from pipeline.training.losses import check_loss_config, is_unpaired, loss_specs
 from pipeline.training.step import LR_SCHEDULES, NONFINITE_CHOICES, accumulation
 
@@ -96,12 +97,7 @@ def check_data(config: Config, view: Preview | None) -> None:
         )
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    context = context_from_config(config.model.path)
-    if context and tok.max_length > context[0]:
-        raise ConfigError(
-            f"tokenize.max_length ({tok.max_length}) is beyond the context of the model at {config.model.path} "
-            f"({context[0]} positions, its config's {context[1]}); set tokenize.max_length to at most {context[0]}"
-        )
+    refuse_beyond_context(config, context_from_config(config.model.path))  # the stage asks transformers too
     if view is None:
         return
     problem = fits_format(data, view)

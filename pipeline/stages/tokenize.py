@@ -157,7 +157,11 @@ def _context_length(path: str, trust_remote_code: bool) -> tuple[int, str] | Non
 
 def check_context(config: Config) -> None:
     """A pair longer than the model's context cannot be scored or trained: refuse such a max_length."""
-    found = model_context(config)
+    refuse_beyond_context(config, model_context(config))
+
+
+def refuse_beyond_context(config: Config, found: tuple[int, str] | None) -> None:
+    """A ConfigError when tokenize.max_length passes `found`, the model's context (positions, config field)."""
     if found and config.tokenize.max_length > found[0]:
         raise ConfigError(
             f"tokenize.max_length ({config.tokenize.max_length}) is beyond the context of the model "
