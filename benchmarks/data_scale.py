@@ -16,8 +16,8 @@ runs, each in a fresh process with an embedded local Ray of `--num-cpus` CPUs:
 and prints, per run, the wall time (from the first Ray Data call to the last shard written; Ray's own
 start excluded), rows per second and the peak RSS of the driver process (`getrusage(RUSAGE_SELF)` in the
 process that runs the pipeline; Ray's workers are other processes), also as it stood before the first row
-(Ray joined, the code imported: the stages import torch and transformers, which the bare pipeline's driver
-does not), beside the machine and its load average before and after. The ratios against the bare pipeline
+(Ray joined, the code imported: like the bare pipeline's, the stages' drivers import neither torch nor
+transformers; their actors do), beside the machine and its load average before and after. The ratios against the bare pipeline
 are what issue 24 asks about: the driver's memory must not grow with the data.
 """
 

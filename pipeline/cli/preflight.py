@@ -32,7 +32,7 @@ from pipeline.stages.base import named_errors
 from pipeline.stages.evaluate import check_evaluate
 from pipeline.stages.tokenize import refuse_beyond_context
 from pipeline.training.losses import check_loss_config, is_unpaired, loss_specs
-from pipeline.training.step import LR_SCHEDULES, NONFINITE_CHOICES, accumulation
+from pipeline.training.step_plan import LR_SCHEDULES, NONFINITE_CHOICES, accumulation
 
 # Model keys and the stages that load them: the error names the first of those this command runs.
 MODEL_USERS = {"model.path": ("tokenize", "train", "evaluate"), "model.ref_path": ("score", "evaluate")}

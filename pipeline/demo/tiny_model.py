@@ -1,8 +1,8 @@
 """The demo's tiny model, built offline: a byte-level BPE tokenizer trained on a corpus and a small GPT-2.
 
 The demo trains its base model from these, and the tests use them for a checkpoint that needs no hub.
-tokenizers and transformers are imported inside the functions: the CLI imports the demo at start-up,
-and they cost seconds that `dpo --help` should not pay.
+tokenizers, transformers and torch are imported inside the functions: the CLI imports the demo at
+start-up, and they cost seconds that `dpo --help` should not pay (torch, the driver's memory too).
 """
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-
-import torch
 
 if TYPE_CHECKING:
     from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
@@ -60,6 +58,7 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 1000) -> PreTrain
 
 def build_tiny_model(tokenizer, shape: TinyShape = TinyShape(), *, seed: int = 0) -> GPT2LMHeadModel:
     """A randomly initialised GPT-2 language model sized for `tokenizer`."""
+    import torch
     from transformers import GPT2Config, GPT2LMHeadModel  # slow: see the module docstring
 
     torch.manual_seed(seed)

@@ -1,16 +1,19 @@
 """Model and tokenizer loading and saving, regional compilation, and the device a worker runs on.
 
 Loading takes a Hugging Face hub id or a local directory (the tests and the demo build theirs offline
-with pipeline.demo.tiny_model). transformers is imported where a model or tokenizer is loaded: the CLI
-imports this module at start-up, and transformers costs seconds there.
+with pipeline.demo.tiny_model). transformers and torch are imported where a model or tokenizer is loaded:
+the CLI imports this module at start-up, where transformers costs seconds and torch ~180 MB of the
+driver's memory.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def save_pretrained(model, tokenizer, directory: str | Path) -> None:
@@ -72,24 +75,27 @@ def context_length(path: str, *, trust_remote_code: bool = False) -> tuple[int, 
 def load_model(
     path: str,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
     spread: bool = False,
 ):
-    """Load a causal LM from a hub id or a directory, in `dtype`, on `device`.
+    """Load a causal LM from a hub id or a directory, in `dtype` (None: float32), on `device`.
 
     spread: place the layers over every GPU this process sees (accelerate's device_map="auto"), for a
     model larger than one GPU; inputs then go to the first (`device="cuda"`), and accelerate's hooks
     move activations from GPU to GPU. Needs accelerate (installed with the peft extra).
     """
+    import torch
     from transformers import AutoModelForCausalLM  # slow: see the module docstring
 
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if spread:
         extra["device_map"] = "auto"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32 if dtype is None else dtype, trust_remote_code=trust_remote_code, **extra
+    )
     # transformers wraps .to with functools.wraps, which pyright does not bind as a method (self unfilled)
     return model if spread else model.to(device)  # pyright: ignore[reportArgumentType]
 
@@ -116,6 +122,8 @@ def compile_decoder_layers(model) -> None:
 
 
 def pick_device(use_gpu: bool) -> str:
+    import torch
+
     if use_gpu and not torch.cuda.is_available():
         raise RuntimeError("use_gpu is true but torch sees no CUDA device on this worker")
     return "cuda" if use_gpu else "cpu"

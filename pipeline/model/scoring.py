@@ -1,6 +1,7 @@
 """Sequence log-probs of a frozen model over Arrow tables of tokenized rows (torch; no Ray).
 
-The score stage runs the reference model through `SequenceScorer` and writes the columns as ref_*;
+The score stage runs the reference model through `SequenceScorer` (its options from a config:
+`pipeline.model.scorer_options`) and writes the columns as ref_*;
 evaluate runs each trained policy through it for held-out accuracy. The log-probs come from
 `pipeline.model.logps.dispatch.batch_sequence_logps`, the very function the trainer calls on the policy.
 """
@@ -13,7 +14,6 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.config import Config
 from pipeline.model.logps.dispatch import batch_sequence_stats
 from pipeline.model.pretrained import compile_decoder_layers, load_model, load_tokenizer, pick_device
 
@@ -133,23 +133,6 @@ def score_unpaired(
         table.append_column(f"{prefix}chosen_logps", pa.array(completion_logps))
         .append_column(f"{prefix}rejected_logps", pa.array(np.zeros(table.num_rows)))
         .append_column(f"{prefix}kl_logps", pa.array(kl_logps))
-    )
-
-
-def scorer_options(config: Config, *, use_gpu: bool, gpus: float = 1.0) -> dict:
-    """SequenceScorer's keyword arguments for `config`: the score section's switches, the model's dtype;
-    `gpus` is what the actor holds, and more than one spreads the model over them."""
-    score = config.score
-    return dict(
-        dtype=config.model.dtype,
-        use_gpu=use_gpu,
-        spread=use_gpu and gpus > 1,
-        micro_batch=score.batch_size,
-        trust_remote_code=config.model.trust_remote_code,
-        attn_implementation=config.model.attn_implementation,
-        packing=score.packing,
-        chunk_size=score.logps_chunk_size if score.chunked_logps else None,
-        compile=score.compile,
     )
 
 

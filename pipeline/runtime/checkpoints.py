@@ -11,7 +11,8 @@ Every rank writes its part into a local directory and reports it to Ray Train, w
 the run's storage; a resumed worker reads its own shards back from the merged directory where it lies
 (`read_checkpoint` on the storage's pyarrow filesystem: a local disk, s3://, gs://), fetching only the byte
 ranges of its own shards and the metadata, never a copy of the whole checkpoint. No pickle of ours: DCP's
-tensor files and JSON.
+tensor files and JSON. The names of the parts and the JSON's readers are `pipeline.runtime.checkpoint_layout`
+(no torch: the driver reads them).
 """
 
 from __future__ import annotations
@@ -25,12 +26,9 @@ import pyarrow.fs as pafs
 import torch
 from torch.distributed.checkpoint.filesystem import FileSystemBase, FileSystemReader
 
+from pipeline.runtime.checkpoint_layout import HF_DIR, STATE_DIR, STATE_FILE, read_history
 from pipeline.training.export import export_pretrained
 from pipeline.training.sharding import load_checkpoint, save_checkpoint
-
-STATE_DIR = "state"
-STATE_FILE = "trainer_state.json"
-HF_DIR = "hf"
 
 
 def write_checkpoint(
@@ -78,25 +76,6 @@ def read_checkpoint(
         state = f"{str(directory).rstrip('/')}/{STATE_DIR}"
         load_checkpoint(state, model, optimizer, reader=ArrowCheckpointReader(filesystem, state))
     return read_history(directory, filesystem=filesystem)
-
-
-def read_trainer_state(directory: str | Path, *, filesystem: pafs.FileSystem | None = None) -> dict:
-    """The checkpoint's trainer_state.json, read locally or, with `filesystem`, where it lies."""
-    if filesystem is None:
-        return json.loads((Path(directory) / STATE_FILE).read_text())
-    with filesystem.open_input_stream(f"{str(directory).rstrip('/')}/{STATE_FILE}") as f:
-        return json.loads(f.read())
-
-
-def read_history(directory: str | Path, *, filesystem: pafs.FileSystem | None = None) -> tuple[int, list[dict]]:
-    """(step, metrics history) of a checkpoint directory."""
-    meta = read_trainer_state(directory, filesystem=filesystem)
-    return meta["step"], meta["history"]
-
-
-def read_objective_state(directory: str | Path, *, filesystem: pafs.FileSystem | None = None) -> dict[str, dict]:
-    """The losses' running states a checkpoint directory holds ({} for losses that keep none)."""
-    return read_trainer_state(directory, filesystem=filesystem).get("objective", {})
 
 
 class ArrowFileSystem(FileSystemBase):

@@ -51,7 +51,7 @@ from pipeline.evaluation.samples import add_kl_and_reward, completions_to_score,
 from pipeline.evaluation.scope import describe_skipped, judged_by, skipped_judgments
 from pipeline.evaluation.summary import evaluation_summary
 from pipeline.model.pretrained import load_tokenizer
-from pipeline.model.scoring import SequenceScorer, scorer_options
+from pipeline.model.scorer_options import scorer_options
 from pipeline.runtime.actors import ActorJobs, actor_options
 from pipeline.runtime.model_copy import local_model
 from pipeline.runtime.resources import Request
@@ -147,6 +147,8 @@ class ModelScorer:
     """Actor body: the score stage's scorer over a model given by path, hub id or URI (fetched on this node)."""
 
     def __init__(self, model_uri: str, **scorer_kwargs):
+        from pipeline.model.scoring import SequenceScorer  # torch: in the actor only, never in the driver
+
         with local_model(model_uri) as path:
             self.scorer = SequenceScorer(path, **scorer_kwargs)
 

@@ -38,7 +38,6 @@ from pipeline.evaluation.judges import Judge
 from pipeline.evaluation.plugins import API_JUDGE, check_judge, make_judge, make_reward
 from pipeline.evaluation.ranking import RankCounts, rank_by_judge
 from pipeline.model.pretrained import context_length, load_tokenizer, pick_device
-from pipeline.model.reward_model import RewardModel
 from pipeline.runtime.model_copy import local_model
 from pipeline.runtime.pools import LedgerBatches, pool_options, run_pool
 from pipeline.runtime.resources import Request
@@ -85,6 +84,8 @@ class RewardModelBatch(LedgerBatches):
 
     def __init__(self, model_uri: str, *, use_gpu: bool, ledger: str | None = None, **model_kwargs):
         super().__init__(ledger, key="id")
+        from pipeline.model.reward_model import RewardModel  # torch: in the actor only, never in the driver
+
         with local_model(model_uri) as path:
             self.model = RewardModel(path, device=pick_device(use_gpu), **model_kwargs)
 

@@ -31,7 +31,7 @@ from pipeline.data.checksums import checksum, combine
 from pipeline.data.kto_pairs import with_kl_completions
 from pipeline.data.schemas import SCORED, SCORED_KTO, SCORED_PREFIX
 from pipeline.data.score_units import Unit, plan_units
-from pipeline.model.scoring import SequenceScorer, scorer_options
+from pipeline.model.scorer_options import scorer_options
 from pipeline.runtime.files import RowsLostError
 from pipeline.runtime.pools import LedgerBatches, pool_options, run_pool
 from pipeline.runtime.resources import Request
@@ -91,6 +91,8 @@ class ReferenceScorer(LedgerBatches):
         self.max_length = max_length
         self.unpaired = unpaired
         self.schema = schema
+        from pipeline.model.scoring import SequenceScorer  # torch: in the actor only, never in the driver
+
         self.scorer = SequenceScorer(**scorer_kwargs)
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -24,7 +24,7 @@ import ray
 
 from pipeline.config import Config, ConfigError
 from pipeline.evaluation.model_card import CARD, model_card
-from pipeline.runtime.checkpoints import HF_DIR
+from pipeline.runtime.checkpoint_layout import HF_DIR
 from pipeline.runtime.logs import gate_library_consoles
 from pipeline.runtime.resources import Request
 from pipeline.runtime.tracking import check_trackers, flat_params, tracking_run
@@ -38,7 +38,7 @@ from pipeline.training.losses import (
     needs_prefix_logps,
     needs_reference,
 )
-from pipeline.training.step import NONFINITE_CHOICES, NONFINITE_REPORT, accumulation, total_steps
+from pipeline.training.step_plan import NONFINITE_CHOICES, NONFINITE_REPORT, accumulation, total_steps
 
 log = logging.getLogger(__name__)
 

@@ -27,12 +27,14 @@ import torch
 
 from pipeline.config import TrainConfig
 from pipeline.model.pretrained import load_tokenizer
-from pipeline.runtime.checkpoints import read_checkpoint, read_objective_state, write_checkpoint, write_export
+from pipeline.runtime.checkpoint_layout import read_objective_state
+from pipeline.runtime.checkpoints import read_checkpoint, write_checkpoint, write_export
 from pipeline.runtime.storage import RunDir
 from pipeline.runtime.tracking import MetricsLog, Trackers, TrackingRun, train_metrics
 from pipeline.training.objectives import Objective, objective_for
 from pipeline.training.policy import load_policy, make_optimizer
-from pipeline.training.step import NONFINITE_REPORT, StepResult, accumulation, checkpoint_every, lr_factor, train_step
+from pipeline.training.step import StepResult, train_step
+from pipeline.training.step_plan import NONFINITE_REPORT, accumulation, checkpoint_every, lr_factor
 
 
 @dataclass(frozen=True)

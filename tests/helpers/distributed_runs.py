@@ -19,10 +19,12 @@ from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.config import TrainConfig
 from pipeline.model.pretrained import load_tokenizer
-from pipeline.runtime.checkpoints import read_checkpoint, read_objective_state, write_checkpoint, write_export
+from pipeline.runtime.checkpoint_layout import read_objective_state
+from pipeline.runtime.checkpoints import read_checkpoint, write_checkpoint, write_export
 from pipeline.training.objectives import objective_for
 from pipeline.training.policy import load_policy, make_optimizer
-from pipeline.training.step import accumulation, train_step
+from pipeline.training.step import train_step
+from pipeline.training.step_plan import accumulation
 from tests.helpers.micro_batches import split
 
 CPU = torch.device("cpu")

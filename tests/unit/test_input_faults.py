@@ -19,7 +19,8 @@ from pipeline.model.pretrained import load_model, load_tokenizer
 from pipeline.stages.base import one_line
 from pipeline.stages.tokenize import check_context
 from pipeline.training.objectives import objective_for
-from pipeline.training.step import checkpoint_every, train_step
+from pipeline.training.step import train_step
+from pipeline.training.step_plan import checkpoint_every
 from tests.helpers.micro_batches import pair_rows
 
 CPU = torch.device("cpu")

@@ -49,7 +49,7 @@ M = (1.0, -1.5)
 
 
 def losses(name: str, batch: PairLogps = BATCH, **params) -> torch.Tensor:
-    return LOSSES[name].fn(batch, **{"beta": BETA, **params}).losses
+    return LOSSES[name].function(batch, **{"beta": BETA, **params}).losses
 
 
 def test_sigmoid_norm_divides_each_log_ratio_by_its_length():
@@ -103,7 +103,7 @@ def test_nca_pair_classifies_the_chosen_response_against_noise():
 def test_bco_pair_shifts_both_rewards_by_its_running_mean():
     """BCO (Jung et al. 2024): -logsigmoid(r_w - delta) - logsigmoid(-(r_l - delta)), delta = 0.25 here;
     the state takes the sum of the four rewards, 0.5 - 1 - 0.5 + 0.5 = -0.5, over 4."""
-    out = LOSSES["bco_pair"].fn(BATCH, beta=BETA, state=RewardMean(mean=0.25, steps=3))
+    out = LOSSES["bco_pair"].function(BATCH, beta=BETA, state=RewardMean(mean=0.25, steps=3))
     assert_close(out.losses, t(*[softplus(-(w - 0.25)) + softplus(lo - 0.25) for w, lo in zip(R_W, R_L)]))
     assert_close(out.state_sums, t(-0.5, 4.0))
 
@@ -147,9 +147,9 @@ def test_aot_matches_the_policy_margins_with_the_reference_margins_quantile_by_q
     """AOT paired (Melnyk et al. 2024): sort a = (1, -2, 4) -> (-2, 1, 4) and b = (0.5, 1, -1) -> (-1, 0.5, 1);
     d_k = (-1, 0.5, 3). Row 0 (a = 1, rank 1) carries softplus(-0.5), row 1 (rank 0) softplus(1), row 2
     softplus(-3); their mean is the sorted loss. With eps = 0.2 each term is 0.8 softplus(-d) + 0.2 softplus(d)."""
-    out = LOSSES["aot"].fn(AOT, beta=1.0)
+    out = LOSSES["aot"].function(AOT, beta=1.0)
     assert_close(out.losses, t(softplus(-0.5), softplus(1.0), softplus(-3.0)))
-    smoothed = LOSSES["aot"].fn(AOT, beta=1.0, label_smoothing=0.2).losses
+    smoothed = LOSSES["aot"].function(AOT, beta=1.0, label_smoothing=0.2).losses
     assert_close(smoothed, t(*[0.8 * softplus(-d) + 0.2 * softplus(d) for d in (0.5, -1.0, 3.0)]))
 
 
@@ -161,7 +161,7 @@ def test_aot_unpaired_matches_chosen_and_rejected_log_ratios_by_rank():
     1 (rank 2) -> sigmoid(-2), -2 (rank 0) -> sigmoid(0)."""
     rejected = AOT.policy_rejected_logps.clone().requires_grad_()
     batch = PairLogps(**{**AOT.__dict__, "policy_rejected_logps": rejected})
-    out = LOSSES["aot_unpaired"].fn(batch, beta=1.0)
+    out = LOSSES["aot_unpaired"].function(batch, beta=1.0)
     assert_close(out.losses.detach(), t(softplus(-0.5), softplus(0.0), softplus(-2.0)))
     out.losses.sum().backward()
     assert_close(rejected.grad, t(sigmoid(-0.5), sigmoid(-2.0), sigmoid(0.0)))
@@ -173,10 +173,10 @@ def test_aot_over_a_step_matches_rows_across_micro_batches():
     step = StepPairs(AOT.policy_chosen_logps, AOT.policy_rejected_logps, AOT.ref_chosen_logps, AOT.ref_rejected_logps)
     part = PairLogps(**{k: v[1:] for k, v in AOT.__dict__.items() if v is not None})
     for name in ("aot", "aot_unpaired"):
-        whole = LOSSES[name].fn(AOT, beta=1.0).losses
+        whole = LOSSES[name].function(AOT, beta=1.0).losses
         at = lambda offset: PairLogps(**{**part.__dict__, "step": dataclasses.replace(step, offset=offset)})
-        assert_close(LOSSES[name].fn(at(1), beta=1.0).losses, whole[1:], msg=name)
-        assert not torch.allclose(LOSSES[name].fn(at(0), beta=1.0).losses, whole[1:])  # the offset matters
+        assert_close(LOSSES[name].function(at(1), beta=1.0).losses, whole[1:], msg=name)
+        assert not torch.allclose(LOSSES[name].function(at(0), beta=1.0).losses, whole[1:])  # the offset matters
 
 
 # f-DPO: f'(u) of the paper's Table 1 for u = pi / ref = e^(log-ratio); a margin is f'(u_w) - f'(u_l).

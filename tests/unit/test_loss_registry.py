@@ -17,6 +17,7 @@ from pipeline.training.losses import (
     LossOutput,
     LossSpec,
     PairLogps,
+    RewardMean,
     compute_loss,
     is_unpaired,
     loss_hyperparameters,
@@ -57,7 +58,7 @@ def outputs_equal(a: LossOutput, b: LossOutput, fields=FIELDS) -> bool:
 
 @pytest.mark.parametrize("name", [n for n in PAIRED if LOSSES[n].reference_free])
 def test_a_reference_free_loss_gives_the_same_output_whatever_the_reference(name):
-    fn = LOSSES[name].fn
+    fn = LOSSES[name].function
     no_ref = fn(replace(BATCH, ref_chosen_logps=None, ref_rejected_logps=None), beta=2.0)
     assert torch.isfinite(no_ref.losses).all()
     nan = torch.full((4,), float("nan"), dtype=torch.float64)
@@ -68,7 +69,7 @@ def test_a_reference_free_loss_gives_the_same_output_whatever_the_reference(name
 
 @pytest.mark.parametrize("name", [n for n in PAIRED if not LOSSES[n].reference_free])
 def test_a_loss_declared_to_need_the_reference_reads_it(name):
-    fn = LOSSES[name].fn
+    fn = LOSSES[name].function
     shifted = replace(BATCH, ref_chosen_logps=BATCH.ref_chosen_logps + 0.7)
     assert not torch.allclose(fn(BATCH, beta=0.5).losses, fn(shifted, beta=0.5).losses), name
 
@@ -76,7 +77,7 @@ def test_a_loss_declared_to_need_the_reference_reads_it(name):
 @pytest.mark.parametrize("name", [n for n in PAIRED if not LOSSES[n].reads_rejected])
 def test_a_loss_that_does_not_read_the_rejected_response_ignores_it(name):
     """What the trainer feeds such a loss instead of a forward pass (zeros, length 1) changes nothing it trains on."""
-    fn = LOSSES[name].fn
+    fn = LOSSES[name].function
     skipped = replace(BATCH, policy_rejected_logps=torch.zeros(4, dtype=torch.float64), rejected_lengths=torch.ones(4))
     policy = BATCH.policy_chosen_logps.clone().requires_grad_()
     grads = []
@@ -90,7 +91,7 @@ def test_a_loss_that_does_not_read_the_rejected_response_ignores_it(name):
 
 @pytest.mark.parametrize("name", [n for n in PAIRED if LOSSES[n].reads_rejected])
 def test_a_loss_declared_to_read_the_rejected_response_reads_it(name):
-    fn = LOSSES[name].fn
+    fn = LOSSES[name].function
     moved = replace(BATCH, policy_rejected_logps=BATCH.policy_rejected_logps - 0.9)
     assert not torch.allclose(fn(BATCH, beta=0.5).losses, fn(moved, beta=0.5).losses), name
 
@@ -110,10 +111,30 @@ def test_declared_hyperparameters_are_train_keys_and_the_signature():
     train = TrainConfig(loss="simpo", beta=2.0, gamma=0.3)
     assert_close(
         compute_loss("simpo", BATCH, **loss_hyperparameters(train)).terms[0][2].losses,
-        LOSSES["simpo"].fn(BATCH, beta=2.0, gamma=0.3).losses,
+        LOSSES["simpo"].function(BATCH, beta=2.0, gamma=0.3).losses,
     )
     with pytest.raises(TypeError, match="beta"):
         compute_loss("dpo", BATCH, beta=0.1, temperature=1.0)
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_every_loss_declared_by_path_loads_a_function_that_takes_what_it_declares(name):
+    spec = LOSSES[name]
+    assert isinstance(spec.fn, str), "our losses are named by path, so asking what a choice needs imports no torch"
+    fn = spec.function  # checks the signature against the declaration
+    assert callable(fn) and fn.__module__ == spec.fn.partition(":")[0]
+
+
+def test_a_declaration_that_differs_from_its_function_is_refused_when_it_loads():
+    where = "pipeline.training.losses.reference_free:simpo_loss"
+    with pytest.raises(ValueError, match=r"declared to take beta, but its function takes beta, gamma"):
+        _ = LossSpec("simpo_drift", where, ("beta",)).function
+    with pytest.raises(ValueError, match=r"declare state= exactly"):
+        _ = LossSpec("simpo_state", where, ("beta", "gamma"), state=RewardMean).function
+    with pytest.raises(ValueError, match=r"cannot load its function"):
+        _ = LossSpec("missing", "pipeline.training.losses.reference_free:no_such_loss", ("beta",)).function
+    with pytest.raises(ValueError, match=r"declare the train\.\* keys it reads with takes"):
+        LossSpec("untold", where)
 
 
 def test_what_callers_ask_of_a_loss_choice():

@@ -16,7 +16,8 @@ import torch
 from pipeline.config import TrainConfig
 from pipeline.model.pretrained import load_model
 from pipeline.model.scoring import score_pairs
-from pipeline.runtime.checkpoints import read_objective_state, write_checkpoint
+from pipeline.runtime.checkpoint_layout import read_objective_state
+from pipeline.runtime.checkpoints import write_checkpoint
 from pipeline.training.losses import LOSSES, PairLogps
 from pipeline.training.objectives import objective_for
 from pipeline.training.step import train_step
@@ -186,7 +187,7 @@ def test_every_paired_loss_at_step_zero_pushes_the_margin_up(name):
     later, is zero) and the rejected one's never negative. (DiscoPOP is the exception: next test.)"""
     batch, pi_w, pi_l = step_zero_batch()
     params = {"label_smoothing": 0.1} if "label_smoothing" in LOSSES[name].hyperparameters else {}
-    loss = LOSSES[name].fn(batch, beta=BETA, **params).losses.sum()
+    loss = LOSSES[name].function(batch, beta=BETA, **params).losses.sum()
     grad_w, grad_l = torch.autograd.grad(loss, [pi_w, pi_l], allow_unused=True)
     grad_l = torch.zeros_like(pi_l) if grad_l is None else grad_l  # sft never reads the rejected response
     assert (grad_w - grad_l < 0).all(), (name, grad_w, grad_l)
@@ -199,7 +200,7 @@ def test_discopop_at_a_zero_margin_pushes_it_down_below_its_temperature():
     at tau = 0.05 that is +0.784 (the margin is pushed down), at tau = 1 it is -0.673. d/d pi_w = beta f'."""
     for tau in (0.05, 1.0):
         batch, pi_w, _ = step_zero_batch()
-        LOSSES["discopop"].fn(batch, beta=BETA, discopop_tau=tau).losses.sum().backward()
+        LOSSES["discopop"].function(batch, beta=BETA, discopop_tau=tau).losses.sum().backward()
         expected = BETA * ((1 - LOG2) / (4 * tau) - 0.75)
         assert pi_w.grad is not None
         torch.testing.assert_close(pi_w.grad, torch.full((2,), expected, dtype=torch.float64))

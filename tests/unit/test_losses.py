@@ -70,7 +70,7 @@ def check(out: LossOutput, expected_losses: list[float]) -> None:
 
 def test_dpo_values_and_asymptotics():
     # -logsigmoid(m) = softplus(-m): log(1 + e^-0.5), log(1 + e^1), ~e^-50, ~50.
-    out = LOSSES["dpo"].fn(BATCH, beta=BETA)
+    out = LOSSES["dpo"].function(BATCH, beta=BETA)
     check(out, [math.log1p(math.exp(-0.5)), math.log1p(math.exp(1.0)), math.exp(-50.0), 50.0 + math.exp(-50.0)])
     assert_close(out.chosen_rewards, t(0.25, -0.5, 0.0, -50.0))
     assert_close(out.rejected_rewards, t(-0.25, 0.5, -50.0, 0.0))
@@ -85,7 +85,7 @@ def test_dpo_step_zero_is_log2():
 
 def test_cdpo_values():
     # eps = 0.1: 0.9 softplus(-m) + 0.1 softplus(m).
-    out = LOSSES["dpo"].fn(BATCH, beta=BETA, label_smoothing=0.1)
+    out = LOSSES["dpo"].function(BATCH, beta=BETA, label_smoothing=0.1)
     check(out, [0.9 * softplus(-m) + 0.1 * softplus(m) for m in MARGINS])
     # at m = +50: 0.1 * 50 = 5 (a confident pair pays for the chance its label is flipped)
     assert_close(out.losses[2], t(5.0)[0], atol=1e-12, rtol=0)
@@ -94,18 +94,18 @@ def test_cdpo_values():
 def test_ipo_values():
     # Per-token log-ratios u / len: chosen 0.5/2, -1/3, 0/5, -100/10; rejected -0.5/4, 1/1, -100/10, 0/5.
     # Margins 0.375, -4/3, 10, -10; beta = 0.5, target 1/(2 beta) = 1: (0.375 - 1)^2, (7/3)^2, 9^2, 11^2.
-    out = LOSSES["ipo"].fn(BATCH, beta=BETA)
+    out = LOSSES["ipo"].function(BATCH, beta=BETA)
     check(out, [0.390625, 49.0 / 9.0, 81.0, 121.0])
 
 
 def test_hinge_values():
     # relu(1 - beta h) = relu(1 - 0.5), relu(1 + 1), relu(1 - 50), relu(1 + 50).
-    check(LOSSES["hinge"].fn(BATCH, beta=BETA), [0.5, 2.0, 0.0, 51.0])
+    check(LOSSES["hinge"].function(BATCH, beta=BETA), [0.5, 2.0, 0.0, 51.0])
 
 
 def test_robust_values():
     # eps = 0.1: (0.9 softplus(-m) - 0.1 softplus(m)) / 0.8; at m = +50: -5/0.8 = -6.25, at -50: 45/0.8.
-    out = LOSSES["robust"].fn(BATCH, beta=BETA, label_smoothing=0.1)
+    out = LOSSES["robust"].function(BATCH, beta=BETA, label_smoothing=0.1)
     check(out, [(0.9 * softplus(-m) - 0.1 * softplus(m)) / 0.8 for m in MARGINS])
     assert_close(out.losses[2:], t(-6.25, 56.25), atol=1e-12, rtol=0)
 
@@ -117,7 +117,7 @@ def test_simpo_values():
     batch = pairs(
         pi_w=[-6.0, -1.0, 0.0, -100.0], pi_l=[-12.0, -1.0, -100.0, 0.0], len_w=[3, 1, 1, 4], len_l=[4, 2, 4, 1]
     )
-    out = LOSSES["simpo"].fn(batch, beta=2.0, gamma=0.5)
+    out = LOSSES["simpo"].function(batch, beta=2.0, gamma=0.5)
     check(out, [softplus(-1.5), softplus(1.5), softplus(-49.5), softplus(50.5)])
     assert_close(out.chosen_rewards, t(-4.0, -2.0, 0.0, -50.0))
     assert_close(out.rejected_rewards, t(-6.0, -1.0, -50.0, 0.0))
@@ -135,7 +135,7 @@ def test_orpo_values():
 
     lo_w0, lo_l0 = -0.5 - math.log(1 - math.exp(-0.5)), -2.0 - math.log(1 - math.exp(-2.0))
     lo_w1, lo_l1 = log_odds(-1e-9), log_odds(-50.0)
-    out = LOSSES["orpo"].fn(batch, beta=0.1, alpha=alpha)
+    out = LOSSES["orpo"].function(batch, beta=0.1, alpha=alpha)
     check(out, [0.5 + alpha * softplus(-(lo_w0 - lo_l0)), 1e-9 + alpha * softplus(-(lo_w1 - lo_l1))])
     assert_close(out.chosen_rewards, t(-0.05, -1e-10))
 
@@ -150,14 +150,14 @@ def test_orpo_and_unlikelihood_finite_at_probability_one():
             chosen_lengths=torch.tensor([2, 3]),
             rejected_lengths=torch.tensor([2, 3]),
         )
-        out = LOSSES[name].fn(batch, beta=0.1)
+        out = LOSSES[name].function(batch, beta=0.1)
         out.losses.sum().backward()
         assert torch.isfinite(out.losses).all() and torch.isfinite(logps.grad).all(), name
 
 
 def test_rpo_values():
     # dpo + alpha * (-pi_w / len_w); chosen means -1/2, -3/3, -10/5, -110/10.
-    out = LOSSES["rpo"].fn(BATCH, beta=BETA, alpha=0.5)
+    out = LOSSES["rpo"].function(BATCH, beta=BETA, alpha=0.5)
     nll = [0.5, 1.0, 2.0, 11.0]
     check(out, [softplus(-m) + 0.5 * n for m, n in zip(MARGINS, nll)])
 
@@ -165,7 +165,7 @@ def test_rpo_values():
 def test_sft_values():
     # per pair: the summed NLL 2, 9; reduced over chosen tokens: (2 + 9) / (1 + 3) = 2.75, the token mean.
     batch = pairs(pi_w=[-2.0, -9.0], pi_l=[-5.0, -5.0], len_w=[1, 3], len_l=[2, 2])
-    out = LOSSES["sft"].fn(batch, beta=0.1)
+    out = LOSSES["sft"].function(batch, beta=0.1)
     assert_close(out.losses, t(2.0, 9.0))
     assert_close(compute_loss("sft", batch, beta=0.1).loss, t(2.75)[0])
     assert_close(out.chosen_rewards, t(-0.2, -0.9))
@@ -175,7 +175,7 @@ def test_unlikelihood_values():
     # -pi_w/len_w - alpha log(1 - e^(pi_l/len_l)); pair 0: 1 - log(1 - e^-1);
     # pair 1: rejected mean -50, its term ~ e^-50: 3 + e^-50.
     batch = pairs(pi_w=[-2.0, -9.0], pi_l=[-3.0, -100.0], len_w=[2, 3], len_l=[3, 2])
-    out = LOSSES["unlikelihood"].fn(batch, beta=0.1, alpha=1.0)
+    out = LOSSES["unlikelihood"].function(batch, beta=0.1, alpha=1.0)
     check(out, [1.0 - math.log(1.0 - math.exp(-1.0)), 3.0 + math.exp(-50.0)])
 
 
@@ -198,7 +198,7 @@ def test_kto_values():
     check(out, expected)
     assert_close(out.chosen_rewards, t(0.5, 0.0))  # desirable examples only
     assert_close(out.rejected_rewards, t(-1.0, 50.0))
-    assert LOSSES["kto"].fn is kto_loss
+    assert LOSSES["kto"].function is kto_loss
 
 
 def test_kto_reference_point_clamped_and_detached():
@@ -248,7 +248,7 @@ def test_gradcheck(name):
             rejected_lengths=lengths[1],
         )
         params = {"label_smoothing": 0.2} if "label_smoothing" in LOSSES[name].hyperparameters else {}
-        out = LOSSES[name].fn(batch, beta=0.7, **params)
+        out = LOSSES[name].function(batch, beta=0.7, **params)
         return out.losses.sum() if batch_wise else (out.losses.sum(), out.losses)
 
     assert torch.autograd.gradcheck(f, inputs)
@@ -273,7 +273,7 @@ def test_ipo_minimum_at_half_inverse_beta():
         pi_w = t(h - 4.0).requires_grad_()  # pi_w - ref_w = h, pi_l - ref_l = 0
         batch = pairs(pi_w=[0.0], pi_l=[-1.0], ref_w=[-4.0], ref_l=[-1.0], len_w=[1], len_l=[1])
         batch = replace(batch, policy_chosen_logps=pi_w)
-        loss = LOSSES["ipo"].fn(batch, beta=beta).losses.sum()
+        loss = LOSSES["ipo"].function(batch, beta=beta).losses.sum()
         loss.backward()
         return loss.detach(), pi_w.grad
 
@@ -299,7 +299,7 @@ def test_float32_extremes_finite():
             rejected_lengths=torch.tensor([1, 1]),
         )
         params = {"label_smoothing": 0.1} if name == "exo_pair" else {}
-        out = LOSSES[name].fn(batch, beta=1.0, **params)
+        out = LOSSES[name].function(batch, beta=1.0, **params)
         out.losses.sum().backward()
         assert torch.isfinite(out.losses).all() and torch.isfinite(pi_w.grad).all(), name
 
@@ -310,8 +310,8 @@ def test_float32_extremes_finite():
 
 @pytest.mark.parametrize("name", ["dpo", "robust"])
 def test_zero_label_smoothing_is_dpo(name):
-    plain = LOSSES["dpo"].fn(BATCH, beta=BETA)
-    smoothed = LOSSES[name].fn(BATCH, beta=BETA, label_smoothing=0.0)
+    plain = LOSSES["dpo"].function(BATCH, beta=BETA)
+    smoothed = LOSSES[name].function(BATCH, beta=BETA, label_smoothing=0.0)
     assert_close(smoothed.losses, plain.losses)
 
 
@@ -324,16 +324,16 @@ def test_robust_rejects_half_or_more():
 def test_missing_field_is_named():
     no_ref = replace(BATCH, ref_chosen_logps=None)
     with pytest.raises(ValueError, match="ref_chosen_logps"):
-        LOSSES["dpo"].fn(no_ref, beta=BETA)
+        LOSSES["dpo"].function(no_ref, beta=BETA)
     no_len = replace(BATCH, chosen_lengths=None)
     with pytest.raises(ValueError, match="chosen_lengths"):
-        LOSSES["simpo"].fn(no_len, beta=BETA)
+        LOSSES["simpo"].function(no_len, beta=BETA)
 
 
 def test_compute_loss_weighted_sum():
     # each term reduced by its own declaration: dpo's mean over pairs, sft's mean over chosen tokens.
     mixed = compute_loss({"dpo": 1.0, "sft": 0.5}, BATCH, beta=BETA)
-    dpo = LOSSES["dpo"].fn(BATCH, beta=BETA)
+    dpo = LOSSES["dpo"].function(BATCH, beta=BETA)
     sft_token_mean = (1.0 + 3.0 + 10.0 + 110.0) / (2 + 3 + 5 + 10)
     assert_close(mixed.loss, dpo.losses.mean() + 0.5 * sft_token_mean)
     assert [(spec.name, weight) for spec, weight, _ in mixed.terms] == [("dpo", 1.0), ("sft", 0.5)]
@@ -345,9 +345,9 @@ def test_compute_loss_weighted_sum():
 def test_compute_loss_passes_only_accepted_params():
     # simpo takes neither label_smoothing nor alpha; dpo takes no gamma.
     by_name = compute_loss("simpo", BATCH, beta=2.0, label_smoothing=0.1, gamma=0.3, alpha=0.2)
-    assert_close(by_name.terms[0][2].losses, LOSSES["simpo"].fn(BATCH, beta=2.0, gamma=0.3).losses)
+    assert_close(by_name.terms[0][2].losses, LOSSES["simpo"].function(BATCH, beta=2.0, gamma=0.3).losses)
     by_name = compute_loss("dpo", BATCH, beta=BETA, label_smoothing=0.1, gamma=0.3)
-    assert_close(by_name.terms[0][2].losses, LOSSES["dpo"].fn(BATCH, beta=BETA, label_smoothing=0.1).losses)
+    assert_close(by_name.terms[0][2].losses, LOSSES["dpo"].function(BATCH, beta=BETA, label_smoothing=0.1).losses)
 
 
 def test_compute_loss_unknown_name():

@@ -10,7 +10,8 @@ from pipeline.config import TrainConfig
 from pipeline.model.pretrained import load_model
 from pipeline.training.metrics import StepMetrics
 from pipeline.training.objectives import PairObjective, objective_for
-from pipeline.training.step import accumulation, lr_factor, train_step
+from pipeline.training.step import train_step
+from pipeline.training.step_plan import accumulation, lr_factor
 from tests.helpers.micro_batches import kto_rows, pair_rows, split
 
 CPU = torch.device("cpu")

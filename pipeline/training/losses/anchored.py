@@ -7,13 +7,12 @@ and APO (zero and down anchors). Notation: `pipeline.training.losses.ratios`. Im
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
 from pipeline.training.losses.interface import LossOutput, PairLogps
 from pipeline.training.losses.ratios import log_ratios
+from pipeline.training.losses.reward_mean import RewardMean
 
 
 def nca_pair_loss(batch: PairLogps, *, beta: float) -> LossOutput:
@@ -29,27 +28,6 @@ def nca_pair_loss(batch: PairLogps, *, beta: float) -> LossOutput:
     r_w, r_l = beta * chosen, beta * rejected
     losses = -F.logsigmoid(r_w) - 0.5 * F.logsigmoid(-r_w) - 0.5 * F.logsigmoid(-r_l)
     return LossOutput.of(losses, r_w, r_l)
-
-
-@dataclass(frozen=True)
-class RewardMean:
-    """BCO's reward shift delta: the running mean of the implicit rewards over the optimizer steps so far.
-
-    Each step contributes the mean of its 2G rewards beta u (chosen and rejected, over every worker and
-    micro-batch); delta is the mean of those step means. A step uses the delta of the steps before it
-    (0 at the first), so every micro-batch and worker of a step sees the same number and the state is
-    one (mean, steps) pair that a checkpoint keeps.
-    """
-
-    mean: float = 0.0
-    steps: int = 0
-
-    def updated(self, total: float, count: float) -> RewardMean:
-        """The state after a step whose rewards sum to `total` over `count` of them."""
-        if not count:
-            return self
-        step_mean = total / count
-        return RewardMean(self.mean + (step_mean - self.mean) / (self.steps + 1), self.steps + 1)
 
 
 def bco_pair_loss(batch: PairLogps, *, beta: float, state: RewardMean = RewardMean()) -> LossOutput:

@@ -16,10 +16,11 @@ from typing import Any
 
 import torch
 
-from pipeline.training.losses.interface import KtoLogps, LossOutput, PairLogps, Reduction
+from pipeline.training.losses.interface import KtoLogps, LossOutput, PairLogps
 from pipeline.training.losses.loss_config import check_modifiers, check_values
+from pipeline.training.losses.loss_spec import HYPERPARAMETERS, MODIFIERS, LossSpec, Reduction
 from pipeline.training.losses.modifiers import length_desensitised, wpo_weights
-from pipeline.training.losses.registry import HYPERPARAMETERS, LOSSES, MODIFIERS, LossChoice, LossSpec, loss_weights
+from pipeline.training.losses.registry import LOSSES, LossChoice, loss_weights
 
 
 def denominators(batch: PairLogps | KtoLogps) -> dict[Reduction, float]:
@@ -110,7 +111,7 @@ def compute_loss(
         params = {k: v for k, v in hyperparameters.items() if k in spec.hyperparameters}
         if spec.state is not None:
             params["state"] = (states or {}).get(spec.name) or spec.state()
-        out = spec.fn(batch, **params)
+        out = spec.function(batch, **params)
         if row_weights is not None:
             out = dataclasses.replace(out, losses=out.losses * row_weights.to(out.losses.dtype))
         terms.append((spec, choice[spec.name], out))

@@ -1,27 +1,15 @@
 """What every loss takes and returns: `PairLogps` or `KtoLogps` in, a `LossOutput` of per-row values out.
 
-A loss never averages: it returns one value per row, and its declaration (`LossSpec.reduction`) says how
-the rows of an optimizer step become the number that trains (`Reduction`). The objective applies that
+A loss never averages: it returns one value per row, and its declaration (`LossSpec.reduction`, a `Reduction`) says
+how the rows of an optimizer step become the number that trains. The objective applies that
 reduction once, over the whole step (every micro-batch, every worker). Imports torch only.
 """
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
 import torch
-
-
-class Reduction(enum.Enum):
-    """How a loss's per-row values become the step's loss: their sum over a denominator of the whole step.
-
-    ROWS: the mean over rows (pairs, or KTO examples). CHOSEN_TOKENS: the sum over the chosen responses'
-    tokens (sft: each token weighs the same, as in ordinary supervised fine-tuning).
-    """
-
-    ROWS = "rows"
-    CHOSEN_TOKENS = "chosen_tokens"
 
 
 @dataclass(frozen=True)

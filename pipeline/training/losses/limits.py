@@ -1,4 +1,4 @@
-"""The allowed range of a numeric train.* key, and the ranges every loss needs (`KEY_RANGES`)."""
+"""The allowed range of a numeric train.* key, the ranges every loss needs (`KEY_RANGES`), f-DPO's divergences."""
 
 from __future__ import annotations
 
@@ -48,3 +48,6 @@ KEY_RANGES = {
     "f_alpha_divergence_coef": Range(),
     "ld_alpha": Range(0.0, 1.0, why="1 keeps every token, 0 drops the longer response's excess"),
 }
+
+# The f-divergences of f-DPO (Wang et al. 2023, "Beyond Reverse KL", Table 1) by TRL's names.
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")

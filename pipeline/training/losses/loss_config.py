@@ -12,8 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from pipeline.config import ConfigError, TrainConfig
-from pipeline.training.losses.limits import KEY_RANGES
-from pipeline.training.losses.ratios import F_DIVERGENCES
+from pipeline.training.losses.limits import F_DIVERGENCES, KEY_RANGES
 from pipeline.training.losses.registry import HYPERPARAMETERS, LOSSES, LossSpec, choice_of, loss_hyperparameters
 
 log = logging.getLogger(__name__)

@@ -19,9 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.training.losses.interface import PairLogps
-
-# The f-divergences of f-DPO (Wang et al. 2023, "Beyond Reverse KL", Table 1) by TRL's names.
-F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+from pipeline.training.losses.limits import F_DIVERGENCES
 
 
 def need(batch: PairLogps, field: str, *, loss: str) -> torch.Tensor:

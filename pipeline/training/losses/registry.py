@@ -10,92 +10,18 @@ front and `pipeline.training.losses.compute.compute_loss` runs the losses.
 
 from __future__ import annotations
 
-import functools
-import inspect
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pipeline.config import ConfigError, TrainConfig
-from pipeline.training.losses import anchored, kto, paired, reference_free, transport
-from pipeline.training.losses.interface import LossOutput, Reduction
 from pipeline.training.losses.limits import Range
+from pipeline.training.losses.loss_spec import HYPERPARAMETERS, MODIFIERS, LossSpec, Reduction
+from pipeline.training.losses.reward_mean import RewardMean
 
 LossChoice = str | Sequence[str] | Mapping[str, float]  # train.loss: a name, names (with loss_weights), {name: weight}
 
-# The train.* keys a loss may take as keyword parameters. Each loss takes only those its signature
-# names, with its own defaults, so one config carries gamma for simpo and alpha for orpo.
-HYPERPARAMETERS = (
-    "beta",
-    "label_smoothing",
-    "gamma",
-    "alpha",
-    "desirable_weight",
-    "undesirable_weight",
-    "discopop_tau",
-    "dpop_lambda",
-    "f_divergence_type",
-    "f_alpha_divergence_coef",
-)
-# The train.* keys that change every paired loss of a choice, applied by compute_loss (modifiers.py).
-MODIFIERS = ("ld_alpha", "use_weighting")
-
 # TRL's loss_type names where ours differ: a TRL user's settings carry over.
 ALIASES = {"sigmoid": "dpo"}
-
-
-@functools.cache
-def _params_of(fn: Callable[..., LossOutput]) -> frozenset[str]:
-    """Keyword parameters of fn, its batch left out (cached: inspect is slow next to a training step)."""
-    params = inspect.signature(fn).parameters
-    return frozenset(name for name, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY)
-
-
-@dataclass(frozen=True)
-class LossSpec:
-    """One loss: its function and what it needs.
-
-    fn(batch, **hyperparameters) -> LossOutput of per-row values; batch is a KtoLogps when `unpaired`,
-    else a PairLogps.
-    reference_free: fn never reads ref_*; when every loss in use is, the score stage is skipped.
-    unpaired: trains on single labelled completions (KTO); such a loss is never mixed with others.
-    reads_rejected: fn reads the rejected response; when no loss in use does, the trainer skips its
-    forward pass.
-    batch_wise: fn compares rows with each other (AOT sorts them), so it gets the whole optimizer step's
-    pairs (`PairLogps.step`, gathered over workers and micro-batches) beside its own rows.
-    state: the type of a running state fn takes as `state=` (BCO's reward mean), None for none; it
-    starts as `state()`, is updated after each step from the loss's `state_sums`, and is checkpointed.
-    reduction: how the step's per-row values become the loss that trains (`Reduction`).
-    limits: ranges of a train.* key that this loss needs beyond the key's own (checks.py).
-    trl: whether TRL 1.16 ships this loss (under its own name or an alias), for the docs' table.
-    """
-
-    name: str
-    fn: Callable[..., LossOutput]
-    reference_free: bool = False
-    unpaired: bool = False
-    reads_rejected: bool = True
-    batch_wise: bool = False
-    state: type | None = None
-    reduction: Reduction = Reduction.ROWS
-    limits: Mapping[str, Range] = field(default_factory=dict)
-    trl: bool = False
-
-    def __post_init__(self) -> None:
-        unknown = sorted(self.hyperparameters - set(HYPERPARAMETERS))
-        if unknown:
-            raise ValueError(
-                f"loss {self.name!r} takes {', '.join(unknown)}, which no train.* key sets "
-                f"(a loss may take: {', '.join(HYPERPARAMETERS)})"
-            )
-        if (self.state is not None) != ("state" in _params_of(self.fn)):
-            raise ValueError(f"loss {self.name!r}: declare state= exactly when its function takes state=")
-
-    @property
-    def hyperparameters(self) -> frozenset[str]:
-        """The train.* keys this loss reads: the keyword parameters of fn (its running state aside)."""
-        return _params_of(self.fn) - {"state"}
-
 
 LIMITS = {
     "robust": {"label_smoothing": Range(0.0, 0.5, high_open=True, why="it divides by 1 - 2 label_smoothing")},
@@ -104,37 +30,59 @@ LIMITS = {
     },
 }
 
+# The keyword parameters of our losses, as their signatures name them (each is checked against its
+# signature when it loads, and every one by tests/unit/test_loss_registry.py).
+BETA = ("beta",)
+F_DPO = ("beta", "f_divergence_type", "f_alpha_divergence_coef")
+SMOOTHED = ("beta", "label_smoothing")
+
+
+def _ours(where: str) -> str:
+    """ "module.function" of this package as the "pipeline.training.losses.module:function" LossSpec loads."""
+    module, _, function = where.rpartition(".")
+    return f"pipeline.training.losses.{module}:{function}"
+
+
 LOSSES: dict[str, LossSpec] = {
     spec.name: spec
     for spec in (
-        LossSpec("dpo", paired.dpo_loss, trl=True),
-        LossSpec("sigmoid_norm", paired.sigmoid_norm_loss, trl=True),
-        LossSpec("ipo", paired.ipo_loss, trl=True),
-        LossSpec("hinge", paired.hinge_loss, trl=True),
-        LossSpec("robust", paired.robust_loss, limits=LIMITS["robust"], trl=True),
-        LossSpec("exo_pair", paired.exo_pair_loss, limits=LIMITS["exo_pair"], trl=True),
-        LossSpec("discopop", paired.discopop_loss, trl=True),
-        LossSpec("dpop", paired.dpop_loss),
-        LossSpec("rpo", paired.rpo_loss),
-        LossSpec("nca_pair", anchored.nca_pair_loss, trl=True),
-        LossSpec("bco_pair", anchored.bco_pair_loss, state=anchored.RewardMean, trl=True),
-        LossSpec("sppo_hard", anchored.sppo_hard_loss, trl=True),
-        LossSpec("apo_zero", anchored.apo_zero_loss, trl=True),
-        LossSpec("apo_down", anchored.apo_down_loss, trl=True),
-        LossSpec("aot", transport.aot_loss, batch_wise=True, trl=True),
-        LossSpec("aot_unpaired", transport.aot_unpaired_loss, batch_wise=True, trl=True),
-        LossSpec("simpo", reference_free.simpo_loss, reference_free=True),
-        LossSpec("orpo", reference_free.orpo_loss, reference_free=True),
+        LossSpec("dpo", _ours("paired.dpo_loss"), (*F_DPO, "label_smoothing"), trl=True),
+        LossSpec("sigmoid_norm", _ours("paired.sigmoid_norm_loss"), F_DPO, trl=True),
+        LossSpec("ipo", _ours("paired.ipo_loss"), F_DPO, trl=True),
+        LossSpec("hinge", _ours("paired.hinge_loss"), F_DPO, trl=True),
+        LossSpec("robust", _ours("paired.robust_loss"), (*F_DPO, "label_smoothing"), limits=LIMITS["robust"], trl=True),
+        LossSpec(
+            "exo_pair", _ours("paired.exo_pair_loss"), (*F_DPO, "label_smoothing"), limits=LIMITS["exo_pair"], trl=True
+        ),
+        LossSpec("discopop", _ours("paired.discopop_loss"), (*F_DPO, "discopop_tau"), trl=True),
+        LossSpec("dpop", _ours("paired.dpop_loss"), ("beta", "dpop_lambda")),
+        LossSpec("rpo", _ours("paired.rpo_loss"), (*SMOOTHED, "alpha")),
+        LossSpec("nca_pair", _ours("anchored.nca_pair_loss"), BETA, trl=True),
+        LossSpec("bco_pair", _ours("anchored.bco_pair_loss"), BETA, state=RewardMean, trl=True),
+        LossSpec("sppo_hard", _ours("anchored.sppo_hard_loss"), BETA, trl=True),
+        LossSpec("apo_zero", _ours("anchored.apo_zero_loss"), BETA, trl=True),
+        LossSpec("apo_down", _ours("anchored.apo_down_loss"), BETA, trl=True),
+        LossSpec("aot", _ours("transport.aot_loss"), SMOOTHED, batch_wise=True, trl=True),
+        LossSpec("aot_unpaired", _ours("transport.aot_unpaired_loss"), SMOOTHED, batch_wise=True, trl=True),
+        LossSpec("simpo", _ours("reference_free.simpo_loss"), ("beta", "gamma"), reference_free=True),
+        LossSpec("orpo", _ours("reference_free.orpo_loss"), ("beta", "alpha"), reference_free=True),
         LossSpec(
             "sft",
-            reference_free.sft_loss,
+            _ours("reference_free.sft_loss"),
+            BETA,
             reference_free=True,
             reads_rejected=False,
             reduction=Reduction.CHOSEN_TOKENS,
             trl=True,
         ),
-        LossSpec("unlikelihood", reference_free.unlikelihood_loss, reference_free=True),
-        LossSpec("kto", kto.kto_loss, unpaired=True, reads_rejected=False),
+        LossSpec("unlikelihood", _ours("reference_free.unlikelihood_loss"), ("beta", "alpha"), reference_free=True),
+        LossSpec(
+            "kto",
+            _ours("kto.kto_loss"),
+            ("beta", "desirable_weight", "undesirable_weight"),
+            unpaired=True,
+            reads_rejected=False,
+        ),
     )
 }
 
