@@ -32,6 +32,7 @@ def init_ray(config: RayConfig) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
+        refuse_one_cpu(config.num_cpus)
         # "local": without it Ray joins any cluster `ray start` left running on this machine (and then
         # refuses num_cpus).
         ray.init(address="local", num_cpus=config.num_cpus, log_to_driver=True)
@@ -39,6 +40,20 @@ def init_ray(config: RayConfig) -> None:
     # Ray Data's bars only for a person watching who asked for the libraries' output (--verbose).
     _configure_ray_data(progress_bars=on_a_terminal() and logs.STATE.library_level <= logging.INFO)
     log.info("Ray resources: %s", ray.cluster_resources())
+
+
+def refuse_one_cpu(num_cpus: int | None) -> None:
+    """A local Ray of one CPU never finishes a stage: each runs an actor beside Ray Data's tasks, and on one
+    CPU they wait for each other forever. Refused before Ray starts, naming the key that mends it."""
+    cpus = (os.cpu_count() or 1) if num_cpus is None else num_cpus
+    if cpus < 2:
+        said = (
+            f"ray.num_cpus: {cpus}" if num_cpus is not None else f"this machine shows {cpus} CPU (ray.num_cpus unset)"
+        )
+        raise ConfigError(
+            f"{said}: a local Ray needs 2 CPUs or more (each stage runs an actor beside Ray Data's tasks, and on "
+            "one CPU they wait for each other forever); set ray.num_cpus: 2 (Ray's CPUs are slots: one core runs two)"
+        )
 
 
 def on_a_terminal() -> bool:

@@ -82,6 +82,11 @@ MISTAKES = [
         r"set model\.path",
     ),
     (
+        "one CPU for the local Ray",
+        "tokenize --set ray.num_cpus=1",
+        r"tokenize: ray\.num_cpus: 1: a local Ray needs 2 CPUs or more .*; set ray\.num_cpus: 2",
+    ),
+    (
         "a hub id, offline",
         "run --set model.path=my-org/my-sft-model",
         r"tokenize: model\.path: my-org/my-sft-model is not found locally and the hub is unreachable; set model\.path",
