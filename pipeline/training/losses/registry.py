@@ -38,7 +38,7 @@ SMOOTHED = ("beta", "label_smoothing")
 
 
 def _ours(where: str) -> str:
-    """ "module.function" of this package as the "pipeline.training.losses.module:function" LossSpec loads."""
+    """This package's "module.function" as the "pipeline.training.losses.module:function" that LossSpec loads."""
     module, _, function = where.rpartition(".")
     return f"pipeline.training.losses.{module}:{function}"
 
